@@ -1,0 +1,11 @@
+"""edt-kernels: fused kernels for diffusion transformers (DiT, MDT, EDT).
+
+    >>> from edt_kernels import amm_attention
+    >>> out = amm_attention(q, k, v, rel_pos_bias=table, grid=16, positions=ids_keep, amm=True)
+"""
+from .amm import AMM, amm_offset_table, modulation_matrix, relative_position_index  # noqa: F401
+from .attention import amm_attention, available_backends  # noqa: F401
+from .reference import reference_attention  # noqa: F401
+# -- more exports below (one line per module) --
+
+__version__ = "0.1.0"

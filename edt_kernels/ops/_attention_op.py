@@ -1,0 +1,101 @@
+"""Shared plumbing that turns a backend's forward/backward kernels into a
+``torch.library`` custom op with a fake (meta) kernel and autograd.
+
+Every compiled backend (Triton, C++) exposes the same two entry points:
+
+``fwd(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols)
+    -> (out [B, H, N, D] in q.dtype, lse [B, H, N] float32, natural log)``
+
+``bwd(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
+      scale, rows, cols, need_dtable, need_dbias)
+    -> (dq, dk, dv, dtable (table's shape, float32, or empty), dbias (bias's shape, float32, or empty))``
+
+where ``table`` is the learned ``[rows_t, H]`` bias table, ``positions`` int64
+``[B, N]`` or ``[N]`` flat grid indices, ``amm_table`` the float32 AMM per grid
+offset (``edt_kernels.amm.amm_offset_table``), ``bias``/``modulation`` dense
+4-d tensors broadcastable to ``[B, H, N, N]``.  Optional tensors are ``None``.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+__all__ = ["register_attention_op"]
+
+
+def _empty_like_out(q: torch.Tensor) -> torch.Tensor:
+    B, H, N, D = q.shape
+    # [B, N, H, D] memory so that out.transpose(1, 2).reshape(B, N, H * D) is free.
+    return q.new_empty((B, N, H, D)).transpose(1, 2)
+
+
+def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
+                          device_types: Optional[Sequence[str]] = None):
+    """Register ``edt_kernels::{name}_fwd`` / ``_bwd`` and return a callable
+    ``apply(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols) -> out``
+    that is differentiable in q, k, v, table and bias."""
+    fwd_name = f"edt_kernels::{name}_fwd"
+    bwd_name = f"edt_kernels::{name}_bwd"
+
+    @torch.library.custom_op(fwd_name, mutates_args=(), device_types=device_types)
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            table: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+            amm_table: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            modulation: Optional[torch.Tensor], scale: float, rows: int,
+            cols: int) -> List[torch.Tensor]:
+        out, lse = fwd_impl(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols)
+        return [out, lse]
+
+    @fwd.register_fake
+    def _(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
+        B, H, N, D = q.shape
+        return [_empty_like_out(q), q.new_empty((B, H, N), dtype=torch.float32)]
+
+    @torch.library.custom_op(bwd_name, mutates_args=(), device_types=device_types)
+    def bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, table: Optional[torch.Tensor],
+            positions: Optional[torch.Tensor], amm_table: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor], modulation: Optional[torch.Tensor],
+            scale: float, rows: int, cols: int, need_dtable: bool,
+            need_dbias: bool) -> List[torch.Tensor]:
+        return list(bwd_impl(dout, q, k, v, out, lse, table, positions, amm_table, bias,
+                             modulation, scale, rows, cols, need_dtable, need_dbias))
+
+    @bwd.register_fake
+    def _(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation, scale,
+          rows, cols, need_dtable, need_dbias):
+        dtable = (table.new_empty(table.shape, dtype=torch.float32) if need_dtable
+                  else q.new_empty((0,), dtype=torch.float32))
+        dbias = (bias.new_empty(bias.shape, dtype=torch.float32) if need_dbias
+                 else q.new_empty((0,), dtype=torch.float32))
+        return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable, dbias]
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, table, positions, amm_table, bias, modulation)
+        ctx.scale, ctx.rows, ctx.cols = scale, rows, cols
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, table, positions, amm_table, bias, modulation = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_dtable = table is not None and bool(need[3])
+        need_dbias = bias is not None and bool(need[6])
+        dq, dk, dv, dtable, dbias = bwd(dout, q, k, v, out, lse, table, positions, amm_table,
+                                        bias, modulation, ctx.scale, ctx.rows, ctx.cols,
+                                        need_dtable, need_dbias)
+        dtable = dtable.to(table.dtype) if need_dtable else None
+        dbias = dbias.to(bias.dtype) if need_dbias else None
+        return dq, dk, dv, dtable, None, None, dbias, None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+    def apply(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
+        return fwd(q, k, v, table, positions, amm_table, bias, modulation, float(scale),
+                   int(rows), int(cols))[0]
+
+    apply.fwd_op = fwd
+    apply.bwd_op = bwd
+    return apply
