@@ -116,6 +116,7 @@ def available_backends() -> List[str]:
 
 
 _optional_loaded = False
+_IMPORT_ERRORS: Dict[str, str] = {}
 
 
 def _load_optional_backends() -> None:
@@ -124,11 +125,13 @@ def _load_optional_backends() -> None:
     if _optional_loaded:
         return
     _optional_loaded = True
-    from .ops import amm_attention as _triton_op  # noqa: F401  registers "triton"
-    try:
-        from .ops import amm_attention_cpp as _cpp_op  # noqa: F401  registers "cpp"
-    except ImportError:
-        pass
+    import importlib
+
+    for mod in ("amm_attention", "amm_attention_cpp"):  # register "triton" and "cpp"
+        try:
+            importlib.import_module(f"{__package__}.ops.{mod}")
+        except ImportError as exc:  # triton missing / module absent: backend not offered
+            _IMPORT_ERRORS[mod] = repr(exc)
 
 
 register_backend(TorchBackend(), auto_rank=100)
