@@ -79,6 +79,11 @@ class AttentionBackend:
     def not_supported_reasons(self, inp: AttentionInputs) -> List[str]:
         raise NotImplementedError
 
+    def auto_reasons(self, inp: AttentionInputs) -> List[str]:
+        """Why ``backend="auto"`` should not pick this backend (default: the same
+        as for an explicit request)."""
+        return self.not_supported_reasons(inp)
+
     def apply(self, inp: AttentionInputs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -148,7 +153,7 @@ def select_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBack
     if backend == "auto":
         reasons = {}
         for name in _AUTO_ORDER:
-            why = _BACKENDS[name].not_supported_reasons(inp)
+            why = _BACKENDS[name].auto_reasons(inp)
             if not why:
                 return _BACKENDS[name]
             reasons[name] = why

@@ -78,7 +78,8 @@ def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
         ctx.scale, ctx.rows, ctx.cols = scale, rows, cols
         ctx.mark_non_differentiable(lse)
 
-    def backward(ctx, dout, dlse):
+    def backward(ctx, grads):
+        dout = grads[0]  # the LSE output is not differentiable
         q, k, v, out, lse, table, positions, amm_table, bias, modulation = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_dtable = table is not None and bool(need[3])

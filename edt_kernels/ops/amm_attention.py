@@ -1,0 +1,477 @@
+"""Fused AMM attention in Triton: forward, backward, custom op, backend.
+
+    out = (softmax(q k^T * scale + T[idx(p_i, p_j), h] + bias) ⊙ M(p_i, p_j) ⊙ W) v
+
+Layout of this file (STYLE.md): ``@triton.jit`` kernels, launchers that
+allocate and pick block sizes, the ``torch.library`` custom op (through
+``_attention_op.register_attention_op``) and the ``"triton"`` backend that
+``edt_kernels.amm_attention`` dispatches to.
+
+Design notes
+- Flash-style: one program per (query block, batch, head), online softmax
+  over key blocks; the forward saves only the log-sum-exp ``[B, H, N]``.
+- The relative-position bias and EDT's AMM depend on a pair of tokens only
+  through their grid offset, so both are read from small per-offset tables
+  with the integer index ``u_i - u_j + const``, ``u = row * (2 cols - 1) + col``
+  (``edt_kernels.amm``): no ``N x N`` tensor exists, with or without
+  ``positions`` (masked token subsets).
+- AMM is post-softmax without renormalisation: the running max and the
+  denominator come from the unmodulated scores; the numerator accumulates
+  ``exp(s - m) * M``.  The backward uses ``Delta_i = dO_i . O_i``, which stays
+  exact with the modulation because ``O`` already contains it.
+- Scores are kept in the log2 domain (scale folded with log2 e) so ``exp2`` is used.
+- Head dims that are not powers of two are handled by masked loads of a
+  padded ``BLOCK_D`` tile; inputs are read through their strides, never copied.
+- The grid is 1-D (``B * H * cdiv(N, BLOCK_M)`` programs), so batch * heads
+  beyond 65535 is fine; offsets into q/k/v use int64.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+
+import triton
+import triton.language as tl
+
+from ..attention import AttentionBackend, AttentionInputs, register_backend
+from ._attention_op import _empty_like_out, register_attention_op
+
+__all__ = ["amm_attention_forward", "amm_attention_backward", "TritonBackend"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ============================================================================ kernels
+
+@triton.jit
+def _tile_scores(q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_n_ptr,
+                 stride_pb, stride_pn, stride_tr, stride_th, n_table,
+                 stride_bb, stride_bh, stride_bm, stride_bn,
+                 m_valid, n_valid, qk_scale, COLS,
+                 HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores of one tile in the log2 domain and the grid-offset index."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    pair_valid = m_valid[:, None] & n_valid[None, :]
+    idx = tl.zeros_like(s).to(tl.int32)
+    if HAS_GRID:
+        if HAS_POS:
+            pos_n = tl.load(pos_n_ptr + b * stride_pb + offs_n * stride_pn, mask=n_valid, other=0).to(tl.int32)
+        else:
+            pos_n = offs_n
+        u_n = (pos_n // COLS) * (2 * COLS - 1) + pos_n % COLS
+        idx = u_m[:, None] - u_n[None, :]
+        # Out-of-range offsets (impossible for validated positions) are never read.
+        pair_valid = pair_valid & (idx >= 0) & (idx < n_table)
+    if HAS_TABLE:
+        tb = tl.load(table_ptr + idx * stride_tr + h * stride_th, mask=pair_valid, other=0.0)
+        s += tb.to(tl.float32) * 1.4426950408889634
+    if HAS_BIAS:
+        bb = tl.load(bias_ptr + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm
+                     + offs_n[None, :] * stride_bn, mask=pair_valid, other=0.0)
+        s += bb.to(tl.float32) * 1.4426950408889634
+    s = tl.where(n_valid[None, :], s, float("-inf"))
+    return s, idx, pair_valid
+
+
+@triton.jit
+def _tile_weights(amm_ptr, mod_ptr, b, h, idx, offs_m, offs_n, pair_valid,
+                  stride_mb, stride_mh, stride_mm, stride_mn,
+                  HAS_AMM: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Post-softmax multiplier of one tile (AMM ⊙ modulation); 1 where absent."""
+    w = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+    if HAS_AMM:
+        w = tl.load(amm_ptr + idx, mask=pair_valid, other=0.0).to(tl.float32)
+    if HAS_MOD:
+        mv = tl.load(mod_ptr + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+                     + offs_n[None, :] * stride_mn, mask=pair_valid, other=0.0)
+        w = w * mv.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _row_index(pos_ptr, b, offs_m, m_valid, stride_pb, stride_pn, COLS, IDX_OFF,
+               HAS_POS: tl.constexpr):
+    if HAS_POS:
+        pos_m = tl.load(pos_ptr + b * stride_pb + offs_m * stride_pn, mask=m_valid, other=0).to(tl.int32)
+    else:
+        pos_m = offs_m
+    return (pos_m // COLS) * (2 * COLS - 1) + pos_m % COLS + IDX_OFF
+
+
+@triton.jit
+def _amm_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    table_ptr, pos_ptr, amm_ptr, bias_ptr, mod_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_tr, stride_th, stride_pb, stride_pn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N, D, n_table, num_m_blocks, qk_scale, COLS, IDX_OFF,
+    HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
+    HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_D >= 16)
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < N
+    d_valid = offs_d < D
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    u_m = offs_m
+    if HAS_GRID:
+        u_m = _row_index(pos_ptr, b, offs_m, m_valid, stride_pb, stride_pn, COLS, IDX_OFF, HAS_POS)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s, idx, pair_valid = _tile_scores(
+            q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_ptr,
+            stride_pb, stride_pn, stride_tr, stride_th, n_table,
+            stride_bb, stride_bh, stride_bm, stride_bn, m_valid, n_valid, qk_scale, COLS,
+            HAS_GRID, HAS_POS, HAS_TABLE, HAS_BIAS, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows whose scores are all -inf so far (a -inf dense bias) must not produce inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_AMM or HAS_MOD:
+            p = p * _tile_weights(amm_ptr, mod_ptr, b, h, idx, offs_m, offs_n, pair_valid,
+                                  stride_mb, stride_mh, stride_mm, stride_mn,
+                                  HAS_AMM, HAS_MOD, BLOCK_M, BLOCK_N)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _amm_attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    table_ptr, pos_ptr, amm_ptr, bias_ptr, mod_ptr, dtable_ptr, dbias_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_tr, stride_th, stride_pb, stride_pn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dtr, stride_dth,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    H, N, D, n_table, num_n_blocks, qk_scale, sm_scale, COLS, IDX_OFF,
+    HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
+    HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
+    NEED_DTABLE: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV for one key block (loop over query blocks); also scatters dS into
+    the table gradient and the dense-bias gradient, each pair visited once."""
+    pid = tl.program_id(0)
+    pid_n = pid % num_n_blocks
+    bh = pid // num_n_blocks
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < N
+    d_valid = offs_d < D
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    row_base = bh.to(tl.int64) * N
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < N
+        qm_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=qm_mask, other=0.0)
+        do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                     + offs_d[None, :] * stride_dod, mask=qm_mask, other=0.0)
+        lse2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
+        u_m = offs_m
+        if HAS_GRID:
+            u_m = _row_index(pos_ptr, b, offs_m, m_valid, stride_pb, stride_pn, COLS, IDX_OFF, HAS_POS)
+        s, idx, pair_valid = _tile_scores(
+            q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_ptr,
+            stride_pb, stride_pn, stride_tr, stride_th, n_table,
+            stride_bb, stride_bh, stride_bm, stride_bn, m_valid, n_valid, qk_scale, COLS,
+            HAS_GRID, HAS_POS, HAS_TABLE, HAS_BIAS, DOT_PRECISION)
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(m_valid[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_AMM or HAS_MOD:
+            w = _tile_weights(amm_ptr, mod_ptr, b, h, idx, offs_m, offs_n, pair_valid,
+                              stride_mb, stride_mh, stride_mm, stride_mn,
+                              HAS_AMM, HAS_MOD, BLOCK_M, BLOCK_N)
+            pw = p * w
+            dp = dp * w
+        else:
+            pw = p
+        dv += tl.dot(tl.trans(pw.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])  # gradient w.r.t. the natural-log scores
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if NEED_DTABLE:
+            tl.atomic_add(dtable_ptr + idx * stride_dtr + h * stride_dth, ds, mask=pair_valid)
+        if NEED_DBIAS:
+            tl.atomic_add(dbias_ptr + b * stride_dbb + h * stride_dbh + offs_m[:, None] * stride_dbm
+                          + offs_n[None, :] * stride_dbn, ds,
+                          mask=m_valid[:, None] & n_valid[None, :])
+    dk = dk * sm_scale
+    tl.store(dk_ptr + bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :],
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _amm_attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    table_ptr, pos_ptr, amm_ptr, bias_ptr, mod_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_tr, stride_th, stride_pb, stride_pn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N, D, n_table, num_m_blocks, qk_scale, sm_scale, COLS, IDX_OFF,
+    HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
+    HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ for one query block (loop over key blocks)."""
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < N
+    d_valid = offs_d < D
+    qm_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=qm_mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=qm_mask, other=0.0)
+    row_base = bh.to(tl.int64) * N
+    lse2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
+    u_m = offs_m
+    if HAS_GRID:
+        u_m = _row_index(pos_ptr, b, offs_m, m_valid, stride_pb, stride_pn, COLS, IDX_OFF, HAS_POS)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s, idx, pair_valid = _tile_scores(
+            q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_ptr,
+            stride_pb, stride_pn, stride_tr, stride_th, n_table,
+            stride_bb, stride_bh, stride_bm, stride_bn, m_valid, n_valid, qk_scale, COLS,
+            HAS_GRID, HAS_POS, HAS_TABLE, HAS_BIAS, DOT_PRECISION)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_AMM or HAS_MOD:
+            dp = dp * _tile_weights(amm_ptr, mod_ptr, b, h, idx, offs_m, offs_n, pair_valid,
+                                    stride_mb, stride_mh, stride_mm, stride_mn,
+                                    HAS_AMM, HAS_MOD, BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(dq_ptr + row_base * D + offs_m[:, None] * D + offs_d[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=qm_mask)
+
+
+# ============================================================================ launchers
+
+def _block_sizes(N: int, D: int, device: torch.device):
+    block_d = max(16, triton.next_power_of_2(D))
+    if device.type != "cuda":  # interpreter: large tiles mean fewer Python-level steps
+        bm = 64 if N > 32 else 32
+        return bm, bm, block_d, 4, 1
+    # Hopper/Ampere heuristics (registers: the [BLOCK_M, BLOCK_D] accumulator).
+    if block_d <= 64:
+        return 128, 64, block_d, 4, 3
+    if block_d <= 128:
+        return 128, 32, block_d, 8, 2
+    return 64, 32, block_d, 8, 1
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get full-precision dots (exact results are the contract);
+    # tf32 can be requested with EDT_KERNELS_ALLOW_TF32=1.
+    if dtype == torch.float32 and os.environ.get("EDT_KERNELS_ALLOW_TF32", "0") != "1":
+        return "ieee"
+    return "tf32"
+
+
+def _strides4(t: Optional[torch.Tensor], shape=None):
+    if t is None:
+        return (0, 0, 0, 0)
+    st = list(t.stride())
+    # Broadcast (size-1) dims are read with stride 0.
+    return tuple(0 if t.shape[i] == 1 else st[i] for i in range(4))
+
+
+def _grid_args(table, positions, amm_table, rows, cols):
+    has_grid = table is not None or amm_table is not None
+    n_table = (2 * rows - 1) * (2 * cols - 1)
+    idx_off = (rows - 1) * (2 * cols - 1) + (cols - 1)
+    if positions is not None and positions.dim() == 1:
+        pstr = (0, positions.stride(0))
+    elif positions is not None:
+        pstr = (positions.stride(0), positions.stride(1))
+    else:
+        pstr = (0, 0)
+    tstr = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
+    return has_grid, n_table, idx_off, pstr, tstr
+
+
+def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like
+
+
+def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
+    """Launch the forward kernel; returns ``(out, lse)`` (natural-log LSE, float32)."""
+    B, H, N, D = q.shape
+    out = _empty_like_out(q)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if B * H * N == 0:
+        return out, lse
+    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
+    has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
+    num_m = triton.cdiv(N, BLOCK_M)
+    _amm_attn_fwd_kernel[(B * H * num_m,)](
+        q, k, v, out, lse,
+        _dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q), _dummy(modulation, q),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *tstr, *pstr, *_strides4(bias), *_strides4(modulation),
+        H, N, D, n_table, num_m, scale * _LOG2E, cols, idx_off,
+        HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
+        HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None, HAS_MOD=modulation is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
+                           scale, rows, cols, need_dtable, need_dbias):
+    """Launch the backward kernels; returns ``(dq, dk, dv, dtable, dbias)``."""
+    B, H, N, D = q.shape
+    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    dtable = (torch.zeros(table.shape, device=q.device, dtype=torch.float32) if need_dtable
+              else q.new_empty((0,), dtype=torch.float32))
+    dbias = (torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias
+             else q.new_empty((0,), dtype=torch.float32))
+    if B * H * N == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dtable, dbias
+    # Delta_i = dO_i . O_i (O includes the modulation, see module docstring).
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
+    BLOCK_M_KV, BLOCK_N_KV = (BLOCK_N, BLOCK_M) if q.device.type == "cuda" else (BLOCK_M, BLOCK_N)
+    has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
+    common = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
+                  HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None,
+                  HAS_MOD=modulation is not None, DOT_PRECISION=_dot_precision(q.dtype),
+                  BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages)
+    ptrs = (_dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q),
+            _dummy(modulation, q))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tstr, *pstr,
+               *_strides4(bias), *_strides4(modulation))
+    dtstr = (dtable.stride(0), dtable.stride(1)) if need_dtable else (0, 0)
+    num_n = triton.cdiv(N, BLOCK_N_KV)
+    _amm_attn_bwd_dkdv_kernel[(B * H * num_n,)](
+        q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
+        _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
+        *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)),
+        H, N, D, n_table, num_n, scale * _LOG2E, scale, cols, idx_off,
+        NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias,
+        BLOCK_M=BLOCK_M_KV, BLOCK_N=BLOCK_N_KV, **common)
+    num_m = triton.cdiv(N, BLOCK_M)
+    _amm_attn_bwd_dq_kernel[(B * H * num_m,)](
+        q, k, v, dout, lse, delta, dq, *ptrs, *strides,
+        H, N, D, n_table, num_m, scale * _LOG2E, scale, cols, idx_off,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **common)
+    return dq, dk, dv, dtable, dbias
+
+
+# ============================================================================ op + backend
+
+_apply = register_attention_op("amm_attention_triton", amm_attention_forward, amm_attention_backward)
+
+
+class TritonBackend(AttentionBackend):
+    """Fused Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+
+    name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def not_supported_reasons(self, inp: AttentionInputs) -> List[str]:
+        why = []
+        if inp.device.type == "cpu" and not _interpreting():
+            why.append("CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        elif inp.device.type not in ("cuda", "cpu"):
+            why.append(f"device {inp.device.type!r} is not supported (CUDA only)")
+        if inp.dtype not in self.dtypes:
+            why.append(f"dtype {inp.dtype} is not supported by the triton backend (float16, bfloat16, "
+                       "float32; use backend='torch' or 'cpp' for float64)")
+        return why
+
+    def auto_reasons(self, inp: AttentionInputs) -> List[str]:
+        if inp.device.type != "cuda":
+            return ["'auto' uses triton for CUDA tensors only (ask backend='triton' explicitly)"]
+        return self.not_supported_reasons(inp)
+
+    def apply(self, inp: AttentionInputs) -> torch.Tensor:
+        return _apply(*inp.kernel_args())
+
+
+register_backend(TritonBackend(), auto_rank=0)
