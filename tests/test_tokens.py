@@ -1,0 +1,520 @@
+"""Token kernels (edt_kernels.ops.tokens): MDT's masking, gather/scatter,
+unshuffle with mask token, masked shortcut, EDT's patch-merge front end.
+
+Two chains of evidence:
+- the references (``edt_kernels.reference.tokens``, which the torch backend
+  runs) against independent loop-by-loop definitions in float64, values and
+  gradients;
+- the Triton kernels (on CPU through the interpreter) against the references
+  evaluated in float64 on the same inputs, in float32 and float16, values and
+  gradients, with every kernel output pre-filled with NaN (poison) so that an
+  element the kernel does not write fails the test.
+"""
+import pytest
+import torch
+
+import edt_kernels
+import edt_kernels.ops.adaln as adaln_ops
+import edt_kernels.ops.tokens as tok
+from edt_kernels.reference.tokens import (
+    reference_gather_tokens,
+    reference_masked_shortcut,
+    reference_patch_merge_modulate,
+    reference_random_masking,
+    reference_scatter_tokens,
+    reference_unshuffle_with_mask_token,
+)
+from tolerances import GRAD_TOL, assert_close
+
+TRITON_DTYPES = [torch.float32, torch.float16]  # the interpreter mishandles bfloat16
+SHAPES = [(2, 37, 52), (3, 16, 100), (1, 50, 117)]  # odd C (52 = head dim, 117 = 936 / 8), odd L
+MERGE_CASES = [((4, 6), 13), ((6, 6), 25), ((2, 2), 29)]  # (grid, C): 4C = 52, 100, 116
+
+
+def _id(v):
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _rand(shape, dtype, gen, device="cpu", requires_grad=True):
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _f64(*tensors):
+    """float64 leaf copies of low-precision inputs (the reference's inputs)."""
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _perm_ids(B, L, K, gen, device="cpu"):
+    """ids_keep [B, K] (unique per row) and the matching ids_restore [B, L]."""
+    shuffle = torch.argsort(torch.rand(B, L, generator=gen), dim=1)
+    return shuffle[:, :K].to(device), torch.argsort(shuffle, dim=1).to(device)
+
+
+def _grads(out, inputs, dout):
+    want = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, want, dout)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every output a launcher allocates starts as NaN (floats) or -7777 (ints)."""
+    def poisoned_empty(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -7777
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(tok, "_empty", poisoned_empty)
+    monkeypatch.setattr(adaln_ops, "_empty", poisoned_empty)
+
+
+# ============================================================================ independent definitions
+
+def naive_gather(x, ids):
+    return torch.stack([torch.stack([x[b, int(i)] for i in ids[b]]) for b in range(x.shape[0])])
+
+
+def naive_unshuffle(x_kept, ids_restore, mask_token, pos_embed):
+    B, K, C = x_kept.shape
+    rows = []
+    for b in range(B):
+        r = [x_kept[b, int(i)] if int(i) < K else mask_token[0, 0] for i in ids_restore[b]]
+        rows.append(torch.stack(r))
+    out = torch.stack(rows)
+    return out if pos_embed is None else out + pos_embed
+
+
+def naive_patch_merge_modulate(x, shift, scale, keep, H, W, eps=1e-6):
+    B, L, C = x.shape
+    g = x.reshape(B, H, W, C)
+    tokens = []
+    for i in range(H // 2):
+        for w in range(W // 2):
+            r, c = 2 * i, 2 * w
+            tokens.append(torch.cat([g[:, r, c], g[:, r + 1, c], g[:, r, c + 1], g[:, r + 1, c + 1]], -1))
+    m = torch.stack(tokens, 1)
+    mu = m.mean(-1, keepdim=True)
+    var = ((m - mu) ** 2).mean(-1, keepdim=True)
+    out = (m - mu) / torch.sqrt(var + eps) * (1 + scale[:, None]) + shift[:, None]
+    return out if keep is None else out * keep[..., None].to(out.dtype)
+
+
+def mdt_random_masking(x, mask_ratio, generator):
+    """MDT's algorithm step by step (SPEC 5), as the authors describe it."""
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    noise = torch.rand(N, L, device=x.device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_masked, mask, ids_restore, ids_keep
+
+
+# ============================================================================ torch backend (float64)
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_torch_gather_scatter_unshuffle_match_loops(shape):
+    B, L, C = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    K = int(L * 0.6)
+    ids_keep, ids_restore = _perm_ids(B, L, K, gen)
+    x = _rand((B, L, C), torch.float64, gen)
+    y = _rand((B, K, C), torch.float64, gen)
+    mt = _rand((1, 1, C), torch.float64, gen)
+    pos = _rand((1, L, C), torch.float64, gen)
+
+    out = edt_kernels.gather_tokens(x, ids_keep, backend="torch")
+    expect = naive_gather(x, ids_keep)
+    assert_close(out, expect, torch.float64, name="gather")
+    d = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    assert_close(_grads(out, [x], d)[0], _grads(expect, [x], d)[0], torch.float64, GRAD_TOL, "gather dx")
+
+    out = edt_kernels.scatter_tokens(y, ids_keep, L, backend="torch")
+    expect = torch.zeros(B, L, C, dtype=torch.float64)
+    for b in range(B):
+        for k in range(K):
+            expect[b, ids_keep[b, k]] = y[b, k].detach()
+    assert_close(out, expect, torch.float64, name="scatter")
+
+    out = edt_kernels.unshuffle_with_mask_token(y, ids_restore, mt, pos, backend="torch")
+    expect = naive_unshuffle(y, ids_restore, mt, pos)
+    assert_close(out, expect, torch.float64, name="unshuffle")
+    d = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for got, want, n in zip(_grads(out, [y, mt, pos], d), _grads(expect, [y, mt, pos], d),
+                            ["dx_kept", "dmask_token", "dpos"]):
+        assert_close(got, want, torch.float64, GRAD_TOL, n)
+
+
+@pytest.mark.parametrize("grid,C", MERGE_CASES, ids=_id)
+def test_torch_patch_merge_modulate_matches_loops(grid, C):
+    H, W = grid
+    B = 2
+    gen = torch.Generator().manual_seed(H * W + C)
+    x = _rand((B, H * W, C), torch.float64, gen)
+    shift, scale = _rand((B, 4 * C), torch.float64, gen), _rand((B, 4 * C), torch.float64, gen)
+    keep = torch.rand(B, H * W // 4, generator=gen) >= 0.4
+    out = edt_kernels.patch_merge_modulate(x, shift, scale, keep, grid=grid, backend="torch")
+    expect = naive_patch_merge_modulate(x, shift, scale, keep, H, W)
+    assert_close(out, expect, torch.float64, name="patch_merge_modulate")
+    d = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for got, want, n in zip(_grads(out, [x, shift, scale], d), _grads(expect, [x, shift, scale], d),
+                            ["dx", "dshift", "dscale"]):
+        assert_close(got, want, torch.float64, GRAD_TOL, n)
+
+
+def test_torch_masked_shortcut_matches_where():
+    gen = torch.Generator().manual_seed(3)
+    B, L, C = 2, 21, 52
+    x, xb = _rand((B, L, C), torch.float64, gen), _rand((B, L, C), torch.float64, gen)
+    mask = torch.rand(B, L, generator=gen) < 0.5
+    out = edt_kernels.masked_shortcut(x, xb, mask.double(), backend="torch")
+    assert_close(out, torch.where(mask[..., None], x, xb), torch.float64, name="masked_shortcut")
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.45, torch.tensor([0.3]) + 0.2 * torch.tensor([0.71])],
+                         ids=["0.3", "0.45", "tensor"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_random_masking_is_mdt(backend, ratio):
+    """Same generator state -> exactly MDT's outputs (for both backends)."""
+    B, L, C = 3, 37, 52
+    x = _rand((B, L, C), torch.float32, torch.Generator().manual_seed(0))
+    got = edt_kernels.random_masking(x, ratio, torch.Generator().manual_seed(11), backend=backend)
+    want = mdt_random_masking(x, ratio, torch.Generator().manual_seed(11))
+    for g, w, name in zip(got, want, ["x_kept", "mask", "ids_restore", "ids_keep"]):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.equal(g, w), name
+    assert got[3].shape[1] == int(L * (1 - float(ratio)))
+
+
+def test_random_masking_default_generator_and_reference():
+    x = torch.randn(2, 16, 8)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        got = edt_kernels.random_masking(x, 0.5)
+        torch.manual_seed(5)
+        want = reference_random_masking(x, 0.5)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    # mask: 1 = removed, in the original order, and exactly L - K ones per row
+    assert torch.equal(got[1].sum(1), torch.full((2,), 8.0))
+    assert torch.equal(torch.gather(got[1], 1, got[3]), torch.zeros(2, 8))
+
+
+# ============================================================================ triton vs reference
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_triton_gather_scatter(shape, dtype, device, poison):
+    B, L, C = shape
+    gen = torch.Generator().manual_seed(L + C)
+    K = int(L * 0.7)
+    ids_keep, _ = _perm_ids(B, L, K, gen, device)
+    x = _rand((B, L, C), dtype, gen, device)
+    out = edt_kernels.gather_tokens(x, ids_keep, backend="triton")
+    (x64,) = _f64(x)
+    ref = reference_gather_tokens(x64, ids_keep)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, name="gather")
+    d = _rand(out.shape, dtype, gen, device, requires_grad=False)
+    assert_close(_grads(out, [x], d)[0], _grads(ref, [x64], d.double())[0], dtype, GRAD_TOL, "gather dx")
+
+    y = _rand((B, K, C), dtype, gen, device)
+    out = edt_kernels.scatter_tokens(y, ids_keep, L, backend="triton")
+    (y64,) = _f64(y)
+    ref = reference_scatter_tokens(y64, ids_keep, L)
+    assert_close(out, ref, dtype, name="scatter")
+    d = _rand(out.shape, dtype, gen, device, requires_grad=False)
+    assert_close(_grads(out, [y], d)[0], _grads(ref, [y64], d.double())[0], dtype, GRAD_TOL, "scatter dy")
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_triton_random_masking(shape, dtype, device, poison):
+    B, L, C = shape
+    x = _rand((B, L, C), dtype, torch.Generator().manual_seed(1), device)
+    gen_kind = "cuda" if device == "cuda" else "cpu"
+    got = edt_kernels.random_masking(x, 0.37, torch.Generator(gen_kind).manual_seed(7), backend="triton")
+    want = reference_random_masking(x, 0.37, torch.Generator(gen_kind).manual_seed(7))
+    for g, w, name in zip(got, want, ["x_kept", "mask", "ids_restore", "ids_keep"]):
+        assert torch.equal(g, w), name
+    d = _rand(got[0].shape, dtype, torch.Generator().manual_seed(2), device, requires_grad=False)
+    dx = _grads(got[0], [x], d)[0]
+    assert torch.equal(dx, _grads(want[0], [x], d)[0])
+
+
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_triton_unshuffle_with_mask_token(shape, dtype, with_pos, device, poison):
+    B, L, C = shape
+    gen = torch.Generator().manual_seed(B * L + C)
+    K = int(L * 0.55)
+    _, ids_restore = _perm_ids(B, L, K, gen, device)
+    x_kept = _rand((B, K, C), dtype, gen, device)
+    mt = _rand((1, 1, C), dtype, gen, device)
+    pos = _rand((1, L, C), dtype, gen, device) if with_pos else None
+    out = edt_kernels.unshuffle_with_mask_token(x_kept, ids_restore, mt, pos, backend="triton")
+    x64, mt64, pos64 = _f64(x_kept, mt, pos)
+    ref = reference_unshuffle_with_mask_token(x64, ids_restore, mt64, pos64)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, name="unshuffle")
+    d = _rand(out.shape, dtype, gen, device, requires_grad=False)
+    names = ["dx_kept", "dmask_token", "dpos_embed"]
+    for got, want, n in zip(_grads(out, [x_kept, mt, pos], d), _grads(ref, [x64, mt64, pos64], d.double()),
+                            names):
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, GRAD_TOL, n)
+
+
+@pytest.mark.parametrize("variant", ["float-mask", "bool-mask", "pos-replace"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=_id)
+def test_triton_masked_shortcut(shape, dtype, variant, device, poison):
+    B, L, C = shape
+    gen = torch.Generator().manual_seed(L * C)
+    x = _rand((B, L, C), dtype, gen, device)
+    xb = _rand((1 if variant == "pos-replace" else B, L, C), dtype, gen, device)
+    keep = torch.rand(B, L, generator=gen).to(device) < 0.6
+    if variant == "float-mask":  # soft mask with a gradient, [B, L, 1] as MDT writes it
+        mask = torch.rand(B, L, 1, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    else:
+        mask = keep
+    out = edt_kernels.masked_shortcut(x, xb, mask, backend="triton")
+    x64, xb64, m64 = _f64(x, xb, mask if mask.is_floating_point() else None)
+    ref = reference_masked_shortcut(x64, xb64, m64 if m64 is not None else mask)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, name="masked_shortcut")
+    d = _rand(out.shape, dtype, gen, device, requires_grad=False)
+    ins, ins64 = [x, xb, mask], [x64, xb64, m64]
+    for got, want, n in zip(_grads(out, ins, d), _grads(ref, ins64, d.double()), ["dx", "dx_before", "dmask"]):
+        assert_close(got, want, dtype, GRAD_TOL, n)
+
+
+@pytest.mark.parametrize("keep", ["none", "bool", "float"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
+@pytest.mark.parametrize("grid,C", MERGE_CASES, ids=_id)
+def test_triton_patch_merge_modulate(grid, C, dtype, keep, device, poison):
+    H, W = grid
+    B = 2
+    gen = torch.Generator().manual_seed(7 * H + W + C)
+    x = _rand((B, H * W, C), dtype, gen, device)
+    shift, scale = _rand((B, 4 * C), dtype, gen, device), _rand((B, 4 * C), dtype, gen, device)
+    T = H * W // 4
+    keep_mask = {"none": None,
+                 "bool": (torch.rand(B, T, generator=gen) >= 0.45).to(device),
+                 "float": torch.rand(B, T, generator=gen).to(device, dtype)}[keep]
+    out = edt_kernels.patch_merge_modulate(x, shift, scale, keep_mask, grid=grid, backend="triton")
+    x64, s64, c64 = _f64(x, shift, scale)
+    ref = reference_patch_merge_modulate(x64, s64, c64, keep_mask, grid)
+    assert out.shape == (B, T, 4 * C) and out.dtype == dtype
+    assert_close(out, ref, dtype, name="patch_merge_modulate")
+    d = _rand(out.shape, dtype, gen, device, requires_grad=False)
+    for got, want, n in zip(_grads(out, [x, shift, scale], d), _grads(ref, [x64, s64, c64], d.double()),
+                            ["dx", "dshift", "dscale"]):
+        assert_close(got, want, dtype, GRAD_TOL, n)
+
+
+def test_triton_mixed_dtypes_follow_promotion(device, poison):
+    """float16 tokens with a float32 mask token / pos_embed give float32, like PyTorch."""
+    gen = torch.Generator().manual_seed(4)
+    B, L, K, C = 2, 10, 6, 20
+    _, ids_restore = _perm_ids(B, L, K, gen, device)
+    x_kept = _rand((B, K, C), torch.float16, gen, device)
+    mt, pos = _rand((1, 1, C), torch.float32, gen, device), _rand((1, L, C), torch.float32, gen, device)
+    out = edt_kernels.unshuffle_with_mask_token(x_kept, ids_restore, mt, pos, backend="triton")
+    ref = reference_unshuffle_with_mask_token(x_kept, ids_restore, mt, pos)
+    assert out.dtype == ref.dtype == torch.float32
+    assert_close(out, ref, torch.float32, name="mixed unshuffle")
+    d = torch.randn(out.shape, generator=gen).to(device)
+    for got, want in zip(_grads(out, [x_kept, mt, pos], d), _grads(ref, [x_kept, mt, pos], d)):
+        assert got.dtype == want.dtype
+        assert_close(got, want, torch.float16, GRAD_TOL, "mixed grads")
+
+
+# ============================================================================ custom ops
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration",
+                                                "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_opcheck_gather_scatter(device):
+    gen = torch.Generator().manual_seed(0)
+    B, L, K, C = 2, 9, 5, 12
+    ids_keep, ids_restore = _perm_ids(B, L, K, gen, device)
+    x = _rand((B, L, C), torch.float32, gen, device)
+    y = _rand((B, K, C), torch.float32, gen, device)
+    _opcheck(torch.ops.edt_kernels.gather_tokens.default, (x, ids_keep))
+    _opcheck(torch.ops.edt_kernels.scatter_tokens.default, (y, ids_keep, L))
+    mt, pos = _rand((1, 1, C), torch.float32, gen, device), _rand((1, L, C), torch.float32, gen, device)
+    _opcheck(torch.ops.edt_kernels.unshuffle_with_mask_token.default, (y, ids_restore, mt, pos))
+    _opcheck(torch.ops.edt_kernels.unshuffle_with_mask_token.default, (y, ids_restore, mt, None))
+
+
+def test_opcheck_masking_shortcut_merge(device):
+    gen = torch.Generator().manual_seed(1)
+    B, L, C = 2, 16, 6
+    x = _rand((B, L, C), torch.float32, gen, device)
+    shuffle = torch.argsort(torch.rand(B, L, generator=gen), 1).to(device)
+    _opcheck(torch.ops.edt_kernels.random_masking_gather.default, (x, shuffle, 9))
+    xb = _rand((1, L, C), torch.float32, gen, device)
+    m = torch.rand(B, L, generator=gen).to(device).requires_grad_()
+    _opcheck(torch.ops.edt_kernels.masked_shortcut.default, (x, xb, m))
+    shift, scale = _rand((B, 4 * C), torch.float32, gen, device), _rand((B, 4 * C), torch.float32, gen, device)
+    keep = (torch.rand(B, L // 4, generator=gen) > 0.5).float().to(device)
+    _opcheck(torch.ops.edt_kernels.patch_merge_modulate.default, (x, shift, scale, keep, 4, 4, 1e-6))
+
+
+def test_ops_never_touch_out_of_range_indices(device, poison):
+    """The ops do not validate; their kernels mask every index: an index
+    outside [0, L) reads as a zero row (gather) / the mask token (unshuffle)
+    and a scatter to it is dropped."""
+    B, L, K, C = 2, 6, 4, 5
+    x = torch.randn(B, L, C, device=device)
+    ids = torch.tensor([[0, L, -3, 2], [10**6, 1, 5, -1]], device=device)
+    out = torch.ops.edt_kernels.gather_tokens(x, ids)
+    valid = (ids >= 0) & (ids < L)
+    assert torch.equal(out[valid], x[torch.arange(B, device=device)[:, None].expand(B, K)[valid], ids[valid]])
+    assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))
+
+    y = torch.randn(B, K, C, device=device)
+    out = torch.ops.edt_kernels.scatter_tokens(y, ids, L)
+    expect = torch.zeros(B, L, C, device=device)
+    for b in range(B):
+        for k in range(K):
+            if valid[b, k]:
+                expect[b, ids[b, k]] = y[b, k]
+    assert torch.equal(out, expect)
+
+    restore = torch.tensor([[0, 1, 2, 3, 4, L + 7], [-2, 3, 2, 1, 0, 5]], device=device)
+    mt = torch.randn(1, 1, C, device=device)
+    out = torch.ops.edt_kernels.unshuffle_with_mask_token(y, restore, mt, None)
+    assert torch.equal(out[0, 5], mt[0, 0]) and torch.equal(out[1, 0], mt[0, 0])
+    assert torch.equal(out[0, 3], y[0, 3]) and torch.equal(out[1, 1], y[1, 3])
+
+
+# ============================================================================ dispatch
+
+def test_backend_dispatch(monkeypatch, device):
+    x = torch.randn(2, 8, 4, device=device)
+    ids = torch.tensor([[1, 3], [0, 7]], device=device)
+
+    def boom(*args):
+        raise AssertionError("triton op called")
+
+    monkeypatch.setattr(tok, "_gather_tokens_op", boom)
+    assert edt_kernels.gather_tokens(x, ids, backend="torch").shape == (2, 2, 4)
+    with pytest.raises(AssertionError, match="triton op called"):
+        edt_kernels.gather_tokens(x, ids)  # auto: triton on CUDA / under the interpreter
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    edt_kernels.gather_tokens(x, ids)
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "cpp")  # not a token-op backend: stays on auto
+    with pytest.raises(AssertionError, match="triton op called"):
+        edt_kernels.gather_tokens(x, ids)
+    monkeypatch.delenv("EDT_KERNELS_BACKEND")
+    with pytest.raises(ValueError, match="float64"):
+        edt_kernels.gather_tokens(x.double(), ids, backend="triton")
+    assert edt_kernels.gather_tokens(x.double(), ids).dtype == torch.float64  # auto -> torch
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        edt_kernels.gather_tokens(x, ids)  # CPU without the interpreter: torch
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            edt_kernels.gather_tokens(x, ids, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        edt_kernels.gather_tokens(x, ids, backend="cuda")
+
+
+# ============================================================================ bad input
+
+B_, L_, C_ = 2, 8, 4
+_X = torch.randn(B_, L_, C_)
+_IDS = torch.tensor([[1, 3, 5], [0, 2, 7]])
+_RESTORE = torch.stack([torch.randperm(L_, generator=torch.Generator().manual_seed(i)) for i in range(B_)])
+_Y = torch.randn(B_, 3, C_)
+_MT = torch.randn(1, 1, C_)
+_META = torch.empty(B_, 3, dtype=torch.int64, device="meta")
+
+BAD_CALLS = {
+    "gather ids int32": (lambda: edt_kernels.gather_tokens(_X, _IDS.int()), TypeError, "ids must be int64"),
+    "gather ids float": (lambda: edt_kernels.gather_tokens(_X, _IDS.float()), TypeError, "int64"),
+    "gather ids 1-d": (lambda: edt_kernels.gather_tokens(_X, _IDS[0]), ValueError, r"ids must be \[B, K\]"),
+    "gather ids batch": (lambda: edt_kernels.gather_tokens(_X, _IDS[:1]), ValueError, r"\[2, K\]"),
+    "gather ids >= L": (lambda: edt_kernels.gather_tokens(_X, _IDS + 3), ValueError, r"\[0, 8\)"),
+    "gather ids < 0": (lambda: edt_kernels.gather_tokens(_X, _IDS - 1), ValueError, "got values in"),
+    "gather ids repeat": (lambda: edt_kernels.gather_tokens(_X, torch.tensor([[1, 1], [0, 2]])),
+                          ValueError, "repeat"),
+    "gather ids device": (lambda: edt_kernels.gather_tokens(_X, _META), ValueError, "device"),
+    "gather x 2-d": (lambda: edt_kernels.gather_tokens(_X[0], _IDS), ValueError, r"x must be \[B, L, C\]"),
+    "gather x int": (lambda: edt_kernels.gather_tokens(_X.long(), _IDS), TypeError, "floating"),
+    "gather x list": (lambda: edt_kernels.gather_tokens([1.0], _IDS), TypeError, "torch.Tensor"),
+    "scatter length < K": (lambda: edt_kernels.scatter_tokens(_Y, _IDS, 2), ValueError, "length must be >= K"),
+    "scatter length bool": (lambda: edt_kernels.scatter_tokens(_Y, _IDS, True), TypeError, "length"),
+    "scatter ids K": (lambda: edt_kernels.scatter_tokens(_Y, _IDS[:, :2], L_), ValueError, r"\[2, 3\]"),
+    "scatter ids range": (lambda: edt_kernels.scatter_tokens(_Y, _IDS, 7), ValueError, r"\[0, 7\)"),
+    "masking ratio 1": (lambda: edt_kernels.random_masking(_X, 1.0), ValueError, r"\[0, 1\)"),
+    "masking ratio <0": (lambda: edt_kernels.random_masking(_X, -0.1), ValueError, r"\[0, 1\)"),
+    "masking ratio big tensor": (lambda: edt_kernels.random_masking(_X, torch.tensor([1.2])), ValueError,
+                                 r"\[0, 1\)"),
+    "masking ratio str": (lambda: edt_kernels.random_masking(_X, "0.5"), TypeError, "mask_ratio"),
+    "masking ratio 2 elems": (lambda: edt_kernels.random_masking(_X, torch.tensor([0.1, 0.2])), TypeError,
+                              "one-element"),
+    "masking generator": (lambda: edt_kernels.random_masking(_X, 0.3, generator=3), TypeError, "generator"),
+    "unshuffle token width": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE, torch.randn(1, 1, 5)),
+                              ValueError, "mask_token must be"),
+    "unshuffle token 1-d": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE, torch.randn(C_)),
+                            ValueError, "mask_token must be"),
+    "unshuffle not perm": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE.clamp(max=5), _MT),
+                           ValueError, "permutation"),
+    "unshuffle restore range": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE + 1, _MT),
+                                ValueError, r"\[0, 8\)"),
+    "unshuffle L < K": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE[:, :2], _MT),
+                        ValueError, "L >= K"),
+    "unshuffle restore int32": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE.int(), _MT),
+                                TypeError, "int64"),
+    "unshuffle pos shape": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE, _MT,
+                                                                          torch.randn(1, L_ - 1, C_)),
+                            ValueError, "pos_embed"),
+    "unshuffle token device": (lambda: edt_kernels.unshuffle_with_mask_token(
+        _Y, _RESTORE, torch.empty(1, 1, C_, device="meta")), ValueError, "device"),
+    "shortcut mask shape": (lambda: edt_kernels.masked_shortcut(_X, _X, torch.ones(B_, L_ + 1)),
+                            ValueError, "mask must be"),
+    "shortcut mask int": (lambda: edt_kernels.masked_shortcut(_X, _X, torch.ones(B_, L_, dtype=torch.int64)),
+                          TypeError, "bool or floating"),
+    "shortcut before shape": (lambda: edt_kernels.masked_shortcut(_X, _X[:, :4], torch.ones(B_, L_)),
+                              ValueError, "x_before"),
+    "merge odd grid": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 12, 2), torch.randn(1, 8),
+                                                                torch.randn(1, 8), grid=(3, 4)),
+                       ValueError, "even"),
+    "merge not square": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 8, 2), torch.randn(1, 8),
+                                                                  torch.randn(1, 8)), ValueError, "square"),
+    "merge grid size": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 16, 2), torch.randn(1, 8),
+                                                                 torch.randn(1, 8), grid=(2, 4)),
+                        ValueError, "H\\*W"),
+    "merge shift width": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 16, 2), torch.randn(1, 2),
+                                                                   torch.randn(1, 8)), ValueError, r"\[B, 4C\]"),
+    "merge keep shape": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 16, 2), torch.randn(1, 8),
+                                                                  torch.randn(1, 8), torch.ones(1, 16)),
+                         ValueError, "keep_mask"),
+    "merge eps": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 16, 2), torch.randn(1, 8),
+                                                           torch.randn(1, 8), eps=0.0), ValueError, "eps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input(case, monkeypatch):
+    """Rejected before any kernel runs (a kernel launch here fails the test)."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a launcher ran on bad input")
+
+    for name in ("gather_rows", "scatter_rows", "unshuffle_rows", "masking_gather",
+                 "masked_shortcut_forward"):
+        monkeypatch.setattr(tok, name, no_launch)
+    monkeypatch.setattr(tok, "ln_modulate_forward", no_launch)
+    call, exc, match = BAD_CALLS[case]
+    with pytest.raises(exc, match=match):
+        call()
