@@ -375,11 +375,13 @@ def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like
 
 
-def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
-    """Launch the forward kernel; returns ``(out, lse)`` (natural-log LSE, float32)."""
+def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols,
+                          out=None, lse=None):
+    """Launch the forward kernel; returns ``(out, lse)`` (natural-log LSE, float32).
+    ``out``/``lse`` may be given preallocated (tests poison them)."""
     B, H, N, D = q.shape
-    out = _empty_like_out(q)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    out = _empty_like_out(q) if out is None else out
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if lse is None else lse
     if B * H * N == 0:
         return out, lse
     BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
@@ -400,12 +402,13 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
 
 
 def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
-                           scale, rows, cols, need_dtable, need_dbias):
-    """Launch the backward kernels; returns ``(dq, dk, dv, dtable, dbias)``."""
+                           scale, rows, cols, need_dtable, need_dbias, grads=None):
+    """Launch the backward kernels; returns ``(dq, dk, dv, dtable, dbias)``.
+    ``grads`` may give preallocated contiguous ``(dq, dk, dv)`` (tests poison them)."""
     B, H, N, D = q.shape
-    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    if grads is None:
+        grads = [torch.empty((B, H, N, D), device=q.device, dtype=q.dtype) for _ in range(3)]
+    dq, dk, dv = grads
     dtable = (torch.zeros(table.shape, device=q.device, dtype=torch.float32) if need_dtable
               else q.new_empty((0,), dtype=torch.float32))
     dbias = (torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias
