@@ -1,0 +1,421 @@
+"""EDT: Efficient Diffusion Transformer (Chen et al., NeurIPS 2024, arXiv 2410.23788).
+
+A lightweight U-shaped diffusion transformer (SPEC 4): five stages on token
+grids n, n/2, n/4, n/2, n (16, 8, 4, 8, 16 for 256px latents), adaLN-Zero
+blocks with a relative-position bias, 2x2 patch-merge down-sampling and
+linear up-sampling with concatenated long skips.  Two training-free /
+training-only extras from the paper:
+
+- the Attention Modulation Matrix (AMM, SPEC 3) multiplies the attention
+  weights of a few blocks after the softmax, in eval mode only;
+- token relation-enhanced masking training (SPEC 6): ``enable_mask=True``
+  drops merged tokens before each down-sampling (and, for EDT-XL, replaces
+  tokens of stage 0 by the positional embedding before its block 4).
+
+State-dict keys and shapes are those of the published checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .common import (
+    AdaLNBlock,
+    FinalLayer,
+    LabelEmbedder,
+    LN_EPS,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    init_weights_dit,
+    layernorm_modulate,
+    masked_shortcut,
+    modulate,
+    patch_merge_modulate,
+    uniform,
+    unpatchify,
+    zero_module_,
+)
+
+__all__ = ["EDT", "EDTBlock", "DownSample", "UpSample", "ConcatLayer", "EDT_models",
+           "AMM_BLOCKS", "AMM_BLOCKS_HIGH_CFG", "CFG_CHANNELS"]
+
+# Published AMM placements (index into the flat list of blocks), SPEC 3.
+AMM_BLOCKS: Dict[str, Tuple[int, ...]] = {"S": (7, 10), "B": (7, 10), "XL": (23, 25)}
+# The authors' alternative arrangement for guidance scales >= 2.
+AMM_BLOCKS_HIGH_CFG: Dict[str, Tuple[int, ...]] = {"S": (8,), "B": (8,), "XL": (24,)}
+
+# Down masking (SPEC 6): drop ratio p ~ U(lo, hi) before the first merge, then before the others.
+DOWN_MASK_RATIOS: Tuple[Tuple[float, float], ...] = ((0.4, 0.5), (0.1, 0.2))
+# EDT-XL mid masking: before block MID_MASK_BLOCK of stage 0, p ~ U(lo, hi) of the tokens
+# are replaced by the positional embedding.
+MID_MASK_BLOCK = 4
+MID_MASK_RATIO = (0.15, 0.25)
+# Classifier-free guidance is applied to the first 3 latent channels (DiT's choice, kept by EDT).
+CFG_CHANNELS = 3
+
+
+#################################################################################
+#                                   EDT blocks                                  #
+#################################################################################
+
+class EDTBlock(AdaLNBlock):
+    """adaLN-Zero transformer block on a ``grid x grid`` token grid; the
+    conditioning ``c`` has the width of stage 0 (``cond_dim``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid: int, cond_dim: int, mlp_ratio: float = 4.0):
+        super().__init__(hidden_size, num_heads, grid, cond_dim=cond_dim, mlp_ratio=mlp_ratio,
+                         extra_rows=0, persistent_index=False, rel_pos_first=True)
+
+
+class DownSample(nn.Module):
+    """2x2 patch merge -> LayerNorm(4C) -> adaLN modulate -> (keep-mask) ->
+    ``Linear(4C -> C_out, no bias)`` + fixed sin-cos ``pos_embed``.
+
+    Merge order of the four sub-tokens: (even row, even col), (odd row, even
+    col), (even row, odd col), (odd row, odd col).  ``keep`` ``(B, L)`` is a
+    keep-mask at the *input* resolution: a dropped token zeroes its C channels
+    inside the merged 4C vector.
+    """
+
+    def __init__(self, hidden_size: int, out_hidden_size: int, grid: int, cond_dim: int):
+        super().__init__()
+        if grid % 2:
+            raise ValueError(f"DownSample needs an even grid, got {grid}")
+        self.hidden_size = hidden_size
+        self.out_hidden_size = out_hidden_size
+        self.grid = grid
+        self.out_grid = grid // 2
+        self.cond_dim = cond_dim
+        self.norm = nn.LayerNorm(4 * hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 8 * hidden_size, bias=True))
+        self.reduction = nn.Linear(4 * hidden_size, out_hidden_size, bias=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.out_grid ** 2, out_hidden_size), requires_grad=False)
+
+    @staticmethod
+    def merge(x: torch.Tensor, grid: int) -> torch.Tensor:
+        """``(B, n*n, C)`` -> ``(B, n/2*n/2, 4C)`` (published slicing order)."""
+        B, L, C = x.shape
+        x = x.view(B, grid, grid, C)
+        x0 = x[:, 0::2, 0::2, :]  # (B, n/2, n/2, C)
+        x1 = x[:, 1::2, 0::2, :]
+        x2 = x[:, 0::2, 1::2, :]
+        x3 = x[:, 1::2, 1::2, :]
+        return torch.cat([x0, x1, x2, x3], -1).view(B, -1, 4 * C)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                fused: bool = True) -> torch.Tensor:
+        B, L, C = x.shape
+        if L != self.grid ** 2:
+            raise ValueError(f"DownSample expects {self.grid}x{self.grid} = {self.grid ** 2} tokens, got {L}")
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, 4C) each
+        if fused:
+            x = patch_merge_modulate(x, shift, scale, self.grid, keep)
+        else:
+            x = modulate(self.norm(self.merge(x, self.grid)), shift, scale)  # (B, L/4, 4C)
+            if keep is not None:
+                mask = keep.to(x.dtype).unsqueeze(-1).expand(B, L, C)
+                x = x * self.merge(mask, self.grid)
+        return self.reduction(x) + self.pos_embed  # (B, L/4, C_out)
+
+
+class UpSample(nn.Module):
+    """``Linear(C -> 4 C_out, no bias)``, then ``b h w (p1 p2 c) -> b (h p1) (w p2) c``."""
+
+    def __init__(self, hidden_size: int, out_hidden_size: int, grid: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.out_hidden_size = out_hidden_size
+        self.grid = grid
+        self.expand = nn.Linear(hidden_size, 4 * out_hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.expand(x)  # (B, n*n, 4 C_out)
+        B, L, C4 = x.shape
+        n, c = self.grid, C4 // 4
+        x = x.view(B, n, n, 2, 2, c).permute(0, 1, 3, 2, 4, 5)  # (B, h, p1, w, p2, c)
+        return x.reshape(B, 4 * L, c)  # (B, 2n*2n, C_out)
+
+
+class ConcatLayer(nn.Module):
+    """Long-skip fusion: ``cat([x, skip]) -> LayerNorm(2C) -> modulate ->
+    Linear(2C -> C)`` + fixed sin-cos ``pos_embed``."""
+
+    def __init__(self, hidden_size: int, cond_dim: int, grid: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.cond_dim = cond_dim
+        self.grid = grid
+        self.norm_final = nn.LayerNorm(2 * hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 4 * hidden_size, bias=True))
+        self.cat = nn.Linear(2 * hidden_size, hidden_size, bias=True)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid ** 2, hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, c: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        x = torch.cat([x, skip], dim=-1)  # (B, L, 2C)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        x = layernorm_modulate(x, shift, scale) if fused else modulate(self.norm_final(x), shift, scale)
+        return self.cat(x) + self.pos_embed  # (B, L, C)
+
+
+#################################################################################
+#                                   EDT model                                   #
+#################################################################################
+
+class EDT(nn.Module):
+    """Efficient Diffusion Transformer.
+
+    Args (published names): ``input_size`` latent side, ``patch_size``,
+    ``in_channels``, ``hidden_size`` (= ``dims[0]`` = ``dims[-1]``, the width of
+    the conditioning), ``depth`` (= ``sum(stages_depth)``), ``num_heads`` and
+    ``dims`` per stage, ``stages_depth``, ``mlp_ratio``, ``class_dropout_prob``,
+    ``num_classes``, ``learn_sigma``, ``mid_mask`` (EDT-XL mid masking; forced on
+    for ``size="XL"`` as published), ``size`` ("S"/"B"/"XL": selects the
+    published AMM placement), ``local`` (AMM on at construction).
+    Ours: ``amm_blocks`` (placement overriding the one of ``size``) and
+    ``fused`` (kernels vs the authors' eager path).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 312,
+        depth: int = 12,
+        num_heads: Sequence[int] = (6, 8, 10, 8, 6),
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        stages_depth: Sequence[int] = (2, 2, 2, 3, 3),
+        dims: Sequence[int] = (312, 416, 520, 416, 312),
+        mid_mask: bool = False,
+        size: Optional[str] = "S",
+        local: bool = True,
+        amm_blocks: Optional[Sequence[int]] = None,
+        fused: bool = True,
+    ):
+        config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
+                  if k not in ("self", "__class__")}
+        super().__init__()
+        self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
+        stages_depth, dims, num_heads = list(stages_depth), list(dims), list(num_heads)
+        S = len(stages_depth)
+        if S % 2 == 0 or len(dims) != S or len(num_heads) != S:
+            raise ValueError(f"stages_depth, dims and num_heads must have the same odd length, got "
+                             f"{len(stages_depth)}, {len(dims)}, {len(num_heads)}")
+        if sum(stages_depth) != depth:
+            raise ValueError(f"depth ({depth}) must equal sum(stages_depth) = {sum(stages_depth)}")
+        if dims[0] != hidden_size or dims[-1] != hidden_size:
+            raise ValueError(f"dims[0] and dims[-1] must equal hidden_size ({hidden_size}), got {dims}")
+        if any(dims[s] != dims[S - 1 - s] for s in range(S)):
+            raise ValueError(f"dims must be symmetric (the up path mirrors the down path), got {dims}")
+        self.mid_stage = S // 2  # index of the bottom stage
+        grid = input_size // patch_size
+        if grid % (2 ** self.mid_stage):
+            raise ValueError(f"token grid {grid} must be divisible by 2**{self.mid_stage}")
+        if size == "XL":
+            mid_mask = True  # published: EDT-XL always trains with mid masking
+        if mid_mask and stages_depth[0] <= MID_MASK_BLOCK:
+            raise ValueError(f"mid_mask needs more than {MID_MASK_BLOCK} blocks in stage 0, got {stages_depth[0]}")
+
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.num_heads = num_heads
+        self.dims = dims
+        self.stages_depth = stages_depth
+        self.num_stages = S
+        self.mid_mask = bool(mid_mask)
+        self.size = size
+        self.fused = fused
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+
+        self.blocks = nn.ModuleList()
+        self.concat_blocks = nn.ModuleList()
+        self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        self.stage_grids: List[int] = []
+        n = grid
+        for s in range(S):
+            if s > self.mid_stage:
+                self.up_blocks.append(UpSample(dims[s - 1], dims[s], n))
+                n *= 2
+                self.concat_blocks.append(ConcatLayer(dims[s], cond_dim=hidden_size, grid=n))
+            self.stage_grids.append(n)
+            for _ in range(stages_depth[s]):
+                self.blocks.append(EDTBlock(dims[s], num_heads[s], n, cond_dim=hidden_size, mlp_ratio=mlp_ratio))
+            if s < self.mid_stage:
+                self.down_blocks.append(DownSample(dims[s], dims[s + 1], n, cond_dim=hidden_size))
+                n //= 2
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+        if amm_blocks is None:
+            amm_blocks = AMM_BLOCKS.get(size, ())
+        self.default_amm_blocks = self._check_blocks(amm_blocks)
+        self.set_amm(bool(local))
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ set-up
+
+    def initialize_weights(self) -> None:
+        """Published initialisation: DiT's, with adaLN-Zero in the blocks and
+        the output layer zeroed; fixed sin-cos embeddings at every resolution
+        (the down/concat adaLN layers are *not* zeroed, as published)."""
+        init_weights_dit(self)
+        with torch.no_grad():
+            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.stage_grids[0])[None])
+            for blk in self.concat_blocks:
+                blk.pos_embed.copy_(get_2d_sincos_pos_embed(blk.hidden_size, blk.grid)[None])
+            for blk in self.down_blocks:
+                blk.pos_embed.copy_(get_2d_sincos_pos_embed(blk.out_hidden_size, blk.out_grid)[None])
+        for blk in self.blocks:
+            zero_module_(blk.adaLN_modulation[-1])
+        zero_module_(self.final_layer.adaLN_modulation[-1])
+        zero_module_(self.final_layer.linear)
+
+    def _check_blocks(self, blocks: Sequence[int]) -> Tuple[int, ...]:
+        blocks = tuple(sorted({int(b) for b in blocks}))
+        bad = [b for b in blocks if not 0 <= b < len(self.blocks)]
+        if bad:
+            raise ValueError(f"amm_blocks {bad} out of range: this model has blocks 0..{len(self.blocks) - 1}")
+        return blocks
+
+    def set_amm(self, enabled: bool = True, blocks: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+        """Switch AMM on (at ``blocks``, default: the model's placement) or
+        off everywhere.  Returns the previous placement, so that
+        ``model.set_amm(True, prev)`` / ``set_amm(False)`` restores it."""
+        previous = self.amm_blocks if hasattr(self, "blocks") else ()
+        active = self._check_blocks(self.default_amm_blocks if blocks is None else blocks) if enabled else ()
+        for i, blk in enumerate(self.blocks):
+            blk.attn.amm = i in active
+            blk.attn.amm_in_training = False  # EDT: AMM at inference only
+        return previous
+
+    @property
+    def amm_blocks(self) -> Tuple[int, ...]:
+        """Blocks whose attention applies AMM (in eval mode)."""
+        return tuple(i for i, blk in enumerate(self.blocks) if blk.attn.amm)
+
+    # ----------------------------------------------------------------- forward
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.out_channels)
+
+    @staticmethod
+    def _keep_mask(shape, ratio_range, generator, device) -> torch.Tensor:
+        """Keep-mask ``rand(shape) >= p`` with ``p ~ U(lo, hi)`` (p drawn first)."""
+        lo, hi = ratio_range
+        p = lo + (hi - lo) * uniform((), generator, device)
+        return uniform(shape, generator, device) >= p
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """x ``(B, C, H, W)`` latents, t ``(B,)`` timesteps, y ``(B,)`` labels ->
+        ``(B, out_channels, H, W)``.  ``enable_mask``: the published masked
+        training forward (down masking, and mid masking for EDT-XL).  All
+        random draws (label dropout, masks) use ``generator`` if given."""
+        fused = self.fused
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
+        skips: List[torch.Tensor] = []
+        depth = 0
+        for s in range(self.num_stages):
+            if s < self.mid_stage:
+                skips.append(x)
+            if s > self.mid_stage:  # an up-sampling module
+                k = s - self.mid_stage - 1
+                x = self.concat_blocks[k](self.up_blocks[k](x), skips.pop(), c, fused=fused)
+            for j in range(self.stages_depth[s]):  # an EDT stage
+                if enable_mask and self.mid_mask and s == 0 and j == MID_MASK_BLOCK:
+                    keep = self._keep_mask(x.shape[:-1], MID_MASK_RATIO, generator, x.device)  # (B, N)
+                    if fused:
+                        x = masked_shortcut(x, self.pos_embed, keep)
+                    else:
+                        keep = keep.unsqueeze(-1).to(x.dtype)
+                        x = x * keep + (1 - keep) * self.pos_embed
+                x = self.blocks[depth](x, c, fused=fused)  # (B, N_s, D_s)
+                depth += 1
+            if s < self.mid_stage:  # a down-sampling module
+                keep = None
+                if enable_mask:
+                    ratio = DOWN_MASK_RATIOS[min(s, len(DOWN_MASK_RATIOS) - 1)]
+                    keep = self._keep_mask(x.shape[:-1], ratio, generator, x.device)  # (B, N_s)
+                x = self.down_blocks[s](x, c, keep=keep, fused=fused)
+        x = self.final_layer(x, c, fused=fused)  # (B, N, p*p*out_channels)
+        return self.unpatchify(x)  # (B, out_channels, H, W)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_channels: int = CFG_CHANNELS) -> torch.Tensor:
+        """Classifier-free guidance on a batch made of [cond, uncond] halves:
+        the first half of ``x`` is run twice (labels ``y`` carry the null
+        class in the second half) and ``uncond + s * (cond - uncond)`` is
+        applied to the first ``cfg_channels`` output channels."""
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    def get_flops(self) -> int:
+        """The authors' operation count (multiply-accumulates of the matmuls
+        at batch 1), see :func:`edt.models.flops.edt_flops`."""
+        from .flops import edt_flops
+
+        return edt_flops(self)
+
+
+#################################################################################
+#                                   EDT Configs                                 #
+#################################################################################
+
+_EDT_CONFIGS = {
+    "S": dict(depth=12, hidden_size=312, patch_size=2, num_heads=[6, 8, 10, 8, 6],
+              stages_depth=[2, 2, 2, 3, 3], dims=[312, 416, 520, 416, 312]),
+    "B": dict(depth=12, hidden_size=624, patch_size=2, num_heads=[12, 16, 20, 16, 12],
+              stages_depth=[2, 2, 2, 3, 3], dims=[624, 832, 1040, 832, 624]),
+    "XL": dict(depth=28, hidden_size=936, patch_size=2, num_heads=[18, 24, 30, 24, 18],
+               stages_depth=[6, 4, 4, 7, 7], dims=[936, 1248, 1560, 1248, 936]),
+}
+
+
+def _edt_factory(size: str, local: bool):
+    def factory(**kwargs) -> EDT:
+        config = dict(_EDT_CONFIGS[size], size=size, local=local)
+        config.update(kwargs)
+        return EDT(**config)
+
+    factory.__name__ = f"EDT_{size}_2" + ("" if local else "_noAMM")
+    factory.__doc__ = f"EDT-{size}/2{'' if local else ' without AMM'} (published configuration)."
+    return factory
+
+
+EDT_XL_2 = _edt_factory("XL", True)
+EDT_B_2 = _edt_factory("B", True)
+EDT_S_2 = _edt_factory("S", True)
+EDT_XL_2_noAMM = _edt_factory("XL", False)
+EDT_B_2_noAMM = _edt_factory("B", False)
+EDT_S_2_noAMM = _edt_factory("S", False)
+
+EDT_models = {
+    "EDT-XL/2": EDT_XL_2,
+    "EDT-B/2": EDT_B_2,
+    "EDT-S/2": EDT_S_2,
+    "EDT-XL/2_noAMM": EDT_XL_2_noAMM,
+    "EDT-B/2_noAMM": EDT_B_2_noAMM,
+    "EDT-S/2_noAMM": EDT_S_2_noAMM,
+}

@@ -1,0 +1,317 @@
+"""MDTv2: Masked Diffusion Transformer v2 (Gao et al., ICCV 2023 / arXiv 2303.14389),
+the baseline of EDT's speed comparison (SPEC 5).
+
+An asymmetric encoder-decoder: encoder in-blocks and out-blocks joined by
+long skips (``skip_linear(cat[x, skip])``), a side-interpolater block used in
+masked training only, and decoder blocks that take the input embedding as
+their skip.  Every attention has a relative-position bias table (3 unused
+extra rows, BEiT layout) whose index is a buffer saved in the state dict.
+
+Masked training (``enable_mask=True``): a ratio ``r = mask_ratio + 0.2 U(0,1)``
+of the tokens is removed per sample; the encoder runs on the kept tokens with
+the bias taken at their grid positions (``ids_keep``), then the
+side-interpolater fills the removed ones from a learned mask token.
+
+State-dict keys and shapes are those of the published checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .common import (
+    AdaLNBlock,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    gather_tokens,
+    get_2d_sincos_pos_embed,
+    init_weights_dit,
+    masked_shortcut,
+    uniform,
+    unpatchify,
+    unshuffle_with_mask_token,
+    zero_module_,
+)
+
+__all__ = ["MDTv2", "MDTBlock", "MDTv2_models", "MASK_RATIO_SPREAD", "CFG_CHANNELS"]
+
+# r = mask_ratio + MASK_RATIO_SPREAD * U(0, 1)
+MASK_RATIO_SPREAD = 0.2
+# Guidance is applied to the first 3 output channels, as in DiT.
+CFG_CHANNELS = 3
+# Number of rows of the BEiT bias table beyond the (2n-1)^2 offsets (cls-token rows, unused).
+TABLE_EXTRA_ROWS = 3
+
+
+class MDTBlock(AdaLNBlock):
+    """adaLN-Zero block with relative-position attention; ``skip=True`` adds the
+    long-skip projection ``skip_linear(cat[x, skip])``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, grid: int, mlp_ratio: float = 4.0, skip: bool = False):
+        super().__init__(hidden_size, num_heads, grid, cond_dim=hidden_size, mlp_ratio=mlp_ratio, skip=skip,
+                         extra_rows=TABLE_EXTRA_ROWS, persistent_index=True, rel_pos_first=False)
+
+
+def random_masking_ids(B: int, L: int, mask_ratio: torch.Tensor, generator: Optional[torch.Generator],
+                       device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MDT's per-sample random masking, as indices: ``len_keep = int(L (1 - r))``;
+    argsort of uniform noise gives ``ids_shuffle`` (small noise is kept),
+    ``ids_restore = argsort(ids_shuffle)``, ``ids_keep = ids_shuffle[:, :len_keep]``;
+    ``mask`` ``(B, L)`` is 1 for removed tokens, in the original order."""
+    len_keep = int(L * (1 - mask_ratio))
+    noise = uniform((B, L), generator, device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(B, L, device=device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return mask, ids_restore, ids_keep
+
+
+class MDTv2(nn.Module):
+    """Masked Diffusion Transformer v2.
+
+    Args (published names): ``input_size``, ``patch_size``, ``in_channels``,
+    ``hidden_size``, ``depth`` (all blocks but the side block), ``num_heads``,
+    ``mlp_ratio``, ``class_dropout_prob``, ``num_classes``, ``learn_sigma``,
+    ``mask_ratio`` (None: no masked training, the mask token is frozen),
+    ``decode_layer`` (decoder blocks; the encoder has ``(depth - decode_layer) // 2``
+    in-blocks and as many out-blocks).  Ours: ``amm_blocks`` (AMM at these
+    encoder/decoder blocks in eval mode, as the authors' MDT-with-AMM
+    ablation; default none) and ``fused``.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        mask_ratio: Optional[float] = None,
+        decode_layer: int = 4,
+        amm_blocks: Sequence[int] = (),
+        fused: bool = True,
+    ):
+        config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
+                  if k not in ("self", "__class__")}
+        super().__init__()
+        self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
+        decode_layer = int(decode_layer)
+        if not 0 <= decode_layer <= depth:
+            raise ValueError(f"decode_layer must be in [0, depth={depth}], got {decode_layer}")
+        if mask_ratio is not None and not 0.0 <= float(mask_ratio) < 1.0 - MASK_RATIO_SPREAD:
+            raise ValueError(f"mask_ratio must be in [0, {1 - MASK_RATIO_SPREAD}) (r = mask_ratio + "
+                             f"{MASK_RATIO_SPREAD} U(0,1) must stay below 1), got {mask_ratio}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
+        self.decode_layer = decode_layer
+        self.fused = fused
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        grid = self.x_embedder.grid_size
+        self.grid = grid
+        num_patches = grid * grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size))  # learnable, sin-cos init
+
+        half_depth = (depth - decode_layer) // 2
+        self.half_depth = half_depth
+        self.en_inblocks = nn.ModuleList(
+            [MDTBlock(hidden_size, num_heads, grid, mlp_ratio) for _ in range(half_depth)])
+        self.en_outblocks = nn.ModuleList(
+            [MDTBlock(hidden_size, num_heads, grid, mlp_ratio, skip=True) for _ in range(half_depth)])
+        self.de_blocks = nn.ModuleList(
+            [MDTBlock(hidden_size, num_heads, grid, mlp_ratio, skip=True) for _ in range(decode_layer)])
+        self.sideblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, grid, mlp_ratio)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=mask_ratio is not None)
+
+        self.default_amm_blocks = self._check_blocks(amm_blocks)
+        self.set_amm(bool(self.default_amm_blocks))
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ set-up
+
+    def initialize_weights(self) -> None:
+        init_weights_dit(self)
+        with torch.no_grad():
+            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid)[None])
+            self.decoder_pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid)[None])
+        for blk in self.all_blocks() + list(self.sideblocks):
+            zero_module_(blk.adaLN_modulation[-1])
+        zero_module_(self.final_layer.adaLN_modulation[-1])
+        zero_module_(self.final_layer.linear)
+        if self.mask_ratio is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    def all_blocks(self) -> List[MDTBlock]:
+        """Encoder in-blocks, out-blocks and decoder blocks: the flat list the
+        AMM placement indexes (the side block is training-only)."""
+        return list(self.en_inblocks) + list(self.en_outblocks) + list(self.de_blocks)
+
+    def _check_blocks(self, blocks: Sequence[int]) -> Tuple[int, ...]:
+        blocks = tuple(sorted({int(b) for b in blocks}))
+        n = len(self.all_blocks())
+        bad = [b for b in blocks if not 0 <= b < n]
+        if bad:
+            raise ValueError(f"amm_blocks {bad} out of range: this model has blocks 0..{n - 1}")
+        return blocks
+
+    def set_amm(self, enabled: bool = True, blocks: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+        """Switch AMM (eval mode only) on at ``blocks`` (default: the
+        constructor's ``amm_blocks``) or off.  Returns the previous placement."""
+        previous = self.amm_blocks if hasattr(self, "de_blocks") else ()
+        active = self._check_blocks(self.default_amm_blocks if blocks is None else blocks) if enabled else ()
+        for i, blk in enumerate(self.all_blocks()):
+            blk.attn.amm = i in active
+            blk.attn.amm_in_training = False
+        return previous
+
+    @property
+    def amm_blocks(self) -> Tuple[int, ...]:
+        return tuple(i for i, blk in enumerate(self.all_blocks()) if blk.attn.amm)
+
+    # ----------------------------------------------------------------- forward
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.out_channels)
+
+    def forward_side_interpolater(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor,
+                                  ids_restore: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """Append mask tokens, unshuffle to the grid order, add the decoder
+        pos_embed, run the side block, and keep its output on the removed
+        tokens only (``x * mask + (1 - mask) * x_before``)."""
+        if fused:
+            x = unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+            x_before = x
+            for blk in self.sideblocks:
+                x = blk(x, c, fused=True)
+            return masked_shortcut(x, x_before, mask)
+        B, K, C = x.shape
+        mask_tokens = self.mask_token.repeat(B, ids_restore.shape[1] - K, 1)
+        x = torch.cat([x, mask_tokens], dim=1)
+        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).repeat(1, 1, C))  # unshuffle, (B, L, C)
+        x = x + self.decoder_pos_embed
+        x_before = x
+        for blk in self.sideblocks:
+            x = blk(x, c, fused=False)
+        mask = mask.unsqueeze(-1)
+        return x * mask + (1 - mask) * x_before
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """x ``(B, C, H, W)``, t ``(B,)``, y ``(B,)`` -> ``(B, out_channels, H, W)``.
+        ``enable_mask``: the published masked-training forward (needs
+        ``mask_ratio``).  Random draws use ``generator`` if given."""
+        if enable_mask and self.mask_ratio is None:
+            raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
+        fused = self.fused
+        x = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
+        input_skip = x
+
+        ids_keep = None
+        if enable_mask:
+            B, L, D = x.shape
+            ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), generator, x.device)
+            mask, ids_restore, ids_keep = random_masking_ids(B, L, ratio, generator, x.device)
+            if fused:
+                x = gather_tokens(x, ids_keep)  # (B, K, D)
+            else:
+                x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
+
+        skips = []
+        for blk in self.en_inblocks:
+            x = blk(x, c, positions=ids_keep, fused=fused)
+            skips.append(x)
+        for blk in self.en_outblocks:
+            x = blk(x, c, skip=skips.pop(), positions=ids_keep, fused=fused)
+
+        if enable_mask:
+            x = self.forward_side_interpolater(x, c, mask, ids_restore, fused=fused)  # (B, L, D)
+        else:
+            x = x + self.decoder_pos_embed
+        for blk in self.de_blocks:
+            x = blk(x, c, skip=input_skip, fused=fused)
+        x = self.final_layer(x, c, fused=fused)  # (B, L, p*p*out_channels)
+        return self.unpatchify(x)  # (B, out_channels, H, W)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                         cfg_scale: Optional[float] = None, diffusion_steps: int = 1000,
+                         scale_pow: float = 4.0, cfg_channels: int = CFG_CHANNELS) -> torch.Tensor:
+        """Classifier-free guidance with MDT's power-cosine schedule of t::
+
+            s(t) = (cfg_scale - 1) * (1 - cos(((1 - t / steps) ** scale_pow) * pi)) / 2 + 1
+
+        on [cond, uncond] halves, first ``cfg_channels`` channels.  Without
+        ``cfg_scale`` it is the plain forward."""
+        if cfg_scale is None:
+            return self.forward(x, t, y)
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        scale_step = (1 - torch.cos(((1 - t / diffusion_steps) ** scale_pow) * math.pi)) / 2
+        real_cfg_scale = ((cfg_scale - 1) * scale_step + 1)[: len(x) // 2].view(-1, 1, 1, 1)
+        half_eps = uncond_eps + real_cfg_scale.to(eps.dtype) * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    def get_flops(self, include_skip: bool = True) -> int:
+        """Operation count in the EDT authors' convention (matmul MACs at batch 1,
+        inference path, no side block), see :func:`edt.models.flops.mdt_flops`;
+        ``include_skip=False`` gives the papers' MDTv2 figures."""
+        from .flops import mdt_flops
+
+        return mdt_flops(self, include_skip=include_skip)
+
+
+#################################################################################
+#                                  MDTv2 Configs                                #
+#################################################################################
+# The published factories set depth/width/heads; the training commands add
+# mask_ratio 0.3 and decode_layer (S: 6, B and XL: 4), which are the defaults here.
+
+def MDTv2_XL_2(**kwargs) -> MDTv2:
+    return MDTv2(**dict(dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16,
+                             mask_ratio=0.3, decode_layer=4), **kwargs))
+
+
+def MDTv2_B_2(**kwargs) -> MDTv2:
+    return MDTv2(**dict(dict(depth=12, hidden_size=768, patch_size=2, num_heads=12,
+                             mask_ratio=0.3, decode_layer=4), **kwargs))
+
+
+def MDTv2_S_2(**kwargs) -> MDTv2:
+    return MDTv2(**dict(dict(depth=12, hidden_size=384, patch_size=2, num_heads=6,
+                             mask_ratio=0.3, decode_layer=6), **kwargs))
+
+
+MDTv2_models = {
+    "MDTv2-XL/2": MDTv2_XL_2,
+    "MDTv2-B/2": MDTv2_B_2,
+    "MDTv2-S/2": MDTv2_S_2,
+}

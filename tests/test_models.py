@@ -1,0 +1,369 @@
+"""edt.models: published state dicts, fixture outputs, fused == plain, AMM
+switching, masking, FLOP counts and bad input.
+
+Fixtures (``tests/fixtures``) were produced by the authors' code; see their README.
+"""
+import pytest
+import torch
+
+import edt.models.common as common
+from edt.models import (
+    EDT,
+    EDT_models,
+    MDTv2,
+    MDTv2_models,
+    create_model,
+    load_state_dict_strict,
+    measured_macs,
+)
+from conftest import load_fixture
+from tolerances import FWD_TOL, GRAD_TOL, assert_close
+
+FIXTURE_ATOL = 1e-4  # fixtures README: float32 model outputs agree to < 1e-4 max abs
+
+ALL_NAMES = sorted(EDT_models) + sorted(MDTv2_models)
+PUBLISHED = ["EDT-S/2", "EDT-B/2", "EDT-XL/2", "MDTv2-S/2", "MDTv2-B/2", "MDTv2-XL/2"]
+
+# Tiny configurations (8x8 token grid) that keep every code path of the published layouts.
+TINY_EDT = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=16, depth=12, num_heads=[2, 2, 2, 2, 2],
+                stages_depth=[2, 2, 2, 3, 3], dims=[16, 24, 32, 24, 16], num_classes=10, size="S")
+# EDT-XL layout: mid masking before block 4 of stage 0.
+TINY_EDT_XL = dict(TINY_EDT, depth=11, stages_depth=[5, 1, 1, 2, 2], size="XL", amm_blocks=[8, 10])
+TINY_MDT = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=2,
+                num_classes=10, mask_ratio=0.3, decode_layer=2)
+TINY = {"EDT": (EDT, TINY_EDT), "EDT-XL": (EDT, TINY_EDT_XL), "MDTv2": (MDTv2, TINY_MDT)}
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Kernel calls on their PyTorch backends: the model wiring is what is
+    tested (the Triton interpreter is exercised by the *_on_triton tests)."""
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+
+
+def _assert_grads_close(grads_f, grads_p, rel: float, all_used: bool = True) -> None:
+    """Per tensor: max |fused - plain| <= rel * max |plain| (+ a tiny atol for
+    all-zero gradients).  ``all_used``: every parameter must get a gradient
+    (False for MDT's unmasked forward, which skips the side block and mask token)."""
+    assert grads_f.keys() == grads_p.keys()
+    for n in grads_f:
+        assert (grads_f[n] is None) == (grads_p[n] is None), f"{n}: gradient on one path only"
+        if grads_p[n] is None:
+            assert not all_used, f"{n} got no gradient"
+            continue
+        scale = grads_p[n].abs().max().item()
+        err = (grads_f[n] - grads_p[n]).abs().max().item()
+        assert err <= rel * scale + 1e-6, f"{n}: max error {err:.3g} vs max |grad| {scale:.3g}"
+
+
+def _randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero weights everywhere (the published init zeroes adaLN gates and
+    the output layer, which would hide most of the network from a test)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _pair(kind: str, **overrides):
+    cls, config = TINY[kind]
+    fused = cls(**dict(config, **overrides), fused=True)
+    _randomize_(fused)
+    plain = cls(**dict(config, **overrides), fused=False)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def _inputs(model, batch: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g)
+    return x, t, y
+
+
+# ----------------------------------------------------------------------------- published formats
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_state_dict_matches_published(name):
+    official = load_fixture("official_state_dicts.json")[name]
+    with torch.device("meta"):
+        model = create_model(name)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert list(ours) == list(official["state_dict"])  # same keys, same order
+    assert ours == official["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == official["params"]
+    if "amm_blocks" in official:
+        assert list(model.amm_blocks) == official["amm_blocks"]
+
+
+def test_no_amm_variants_share_the_state_dict():
+    with torch.device("meta"):
+        for size in ("S", "B", "XL"):
+            a, b = create_model(f"EDT-{size}/2"), create_model(f"EDT-{size}/2_noAMM")
+            assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+            assert a.amm_blocks and b.amm_blocks == ()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_fixture_outputs(fused, torch_backend):
+    fx = load_fixture("official_edt_s_tiny.pt")
+    model = EDT(**fx["config"], fused=fused)
+    model.load_state_dict(fx["state_dict"], strict=True)
+    model.eval()
+    assert list(model.amm_blocks) == fx["amm_blocks"]
+    with torch.no_grad():
+        out_amm = model(fx["x"], fx["t"], fx["y"])
+        out_cfg = model.forward_with_cfg(fx["x_cfg"], fx["t_cfg"], fx["y_cfg"], fx["cfg_scale"])
+        model.set_amm(False)
+        out_no_amm = model(fx["x"], fx["t"], fx["y"])
+    torch.testing.assert_close(out_amm, fx["out_amm_eval"], atol=FIXTURE_ATOL, rtol=0)
+    torch.testing.assert_close(out_cfg, fx["out_cfg_amm_eval"], atol=FIXTURE_ATOL, rtol=0)
+    torch.testing.assert_close(out_no_amm, fx["out_no_amm_eval"], atol=FIXTURE_ATOL, rtol=0)
+    # AMM changes the output more than the tolerance: the comparison above can fail.
+    assert (fx["out_amm_eval"] - fx["out_no_amm_eval"]).abs().max() > 10 * FIXTURE_ATOL
+
+
+def test_fixture_local_false_is_no_amm(torch_backend):
+    fx = load_fixture("official_edt_s_tiny.pt")
+    model = EDT(**fx["config"], local=False).eval()
+    model.load_state_dict(fx["state_dict"], strict=True)
+    with torch.no_grad():
+        out = model(fx["x"], fx["t"], fx["y"])
+    torch.testing.assert_close(out, fx["out_no_amm_eval"], atol=FIXTURE_ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_flops_match_authors_counter():
+    official = load_fixture("official_state_dicts.json")
+    with torch.device("meta"):
+        for name in ("EDT-S/2", "EDT-B/2", "EDT-XL/2"):
+            assert create_model(name).get_flops() == official[name]["official_get_flops"], name
+    fx = load_fixture("official_edt_s_tiny.pt")
+    assert EDT(**fx["config"]).get_flops() == fx["gflops_official"]
+
+
+@pytest.mark.parametrize("kind", ["EDT", "MDTv2"])
+def test_flops_equal_measured_matmul_macs(kind):
+    cls, config = TINY[kind]
+    model = cls(**config)
+    assert model.get_flops() == measured_macs(model)
+
+
+def test_mdt_flops_without_skip_projections_match_paper():
+    # The papers' MDTv2 column (~6.06 / 23.0 / 118.6 GFLOPs) leaves out the long-skip projections.
+    with torch.device("meta"):
+        got = {n: create_model(n).get_flops(include_skip=False) / 1e9 for n in ("MDTv2-S/2", "MDTv2-B/2", "MDTv2-XL/2")}
+    assert got["MDTv2-S/2"] == pytest.approx(6.06, abs=0.01)
+    assert got["MDTv2-B/2"] == pytest.approx(23.0, abs=0.05)
+    assert got["MDTv2-XL/2"] == pytest.approx(118.6, abs=0.1)
+
+
+# ----------------------------------------------------------------------------- fused == plain
+
+def _run(model, inputs, enable_mask, seed, grad_weight=None):
+    g = torch.Generator().manual_seed(seed)
+    out = model(*inputs, enable_mask=enable_mask, generator=g)
+    if grad_weight is None:
+        return out, None
+    model.zero_grad(set_to_none=True)
+    (out * grad_weight).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+@pytest.mark.parametrize("enable_mask", [False, True], ids=["full", "masked"])
+@pytest.mark.parametrize("kind", ["EDT", "EDT-XL", "MDTv2"])
+def test_fused_equals_plain_training(kind, enable_mask, torch_backend):
+    fused, plain = _pair(kind)
+    fused.train()
+    plain.train()
+    inputs = _inputs(fused)
+    w = torch.randn(inputs[0].shape[0], fused.out_channels, fused.input_size, fused.input_size,
+                    generator=torch.Generator().manual_seed(7))
+    out_f, grads_f = _run(fused, inputs, enable_mask, seed=3, grad_weight=w)
+    out_p, grads_p = _run(plain, inputs, enable_mask, seed=3, grad_weight=w)
+    assert_close(out_f, out_p, torch.float32, FWD_TOL, name="output")
+    _assert_grads_close(grads_f, grads_p, rel=1e-5, all_used=enable_mask or kind != "MDTv2")
+
+
+@pytest.mark.parametrize("kind", ["EDT", "EDT-XL", "MDTv2"])
+def test_fused_equals_plain_eval_with_amm(kind, torch_backend):
+    fused, plain = _pair(kind, **({"amm_blocks": [1, 4]} if kind == "MDTv2" else {}))
+    fused.eval()
+    plain.eval()
+    assert fused.amm_blocks
+    inputs = _inputs(fused)
+    with torch.no_grad():
+        assert_close(fused(*inputs), plain(*inputs), torch.float32, FWD_TOL, name="eval+amm")
+        x = torch.cat([inputs[0], inputs[0]])
+        t = torch.cat([inputs[1], inputs[1]])
+        y = torch.cat([inputs[2], torch.full_like(inputs[2], fused.num_classes)])
+        assert_close(fused.forward_with_cfg(x, t, y, 3.0), plain.forward_with_cfg(x, t, y, 3.0),
+                     torch.float32, FWD_TOL, name="cfg")
+
+
+# Smallest layouts that still run every kernel: 4x4 token grid, one block per stage.
+TRITON_CASES = {
+    "EDT": dict(input_size=8, depth=5, stages_depth=[1, 1, 1, 1, 1], amm_blocks=[3, 4]),
+    "MDTv2": dict(input_size=8, depth=4, decode_layer=2, amm_blocks=[0, 3]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TRITON_CASES))
+def test_fused_equals_plain_on_triton(kind, monkeypatch):
+    """Every kernel of the fused path on its Triton backend (the interpreter on
+    CPU): masked training forward + backward, then eval with AMM."""
+    from edt_kernels import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not available (triton not importable)")
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "triton")
+    fused, plain = _pair(kind, **TRITON_CASES[kind])
+    fused.train()
+    plain.train()
+    inputs = _inputs(fused, batch=2)
+    w = torch.randn(2, fused.out_channels, fused.input_size, fused.input_size,
+                    generator=torch.Generator().manual_seed(7))
+    out_f, grads_f = _run(fused, inputs, True, seed=3, grad_weight=w)
+    out_p, grads_p = _run(plain, inputs, True, seed=3, grad_weight=w)
+    assert_close(out_f, out_p, torch.float32, GRAD_TOL, name="masked output")
+    _assert_grads_close(grads_f, grads_p, rel=1e-4)
+    fused.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert_close(fused(*inputs), plain(*inputs), torch.float32, GRAD_TOL, name="eval+amm output")
+
+
+class _CallLog:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        return self.fn(*args, **kwargs)
+
+
+def test_fused_path_uses_amm_attention_with_positions(monkeypatch, torch_backend):
+    log = _CallLog(common.amm_attention)
+    monkeypatch.setattr(common, "amm_attention", log)
+    fused, plain = _pair("MDTv2")
+    fused.train()
+    plain.train()
+    inputs = _inputs(fused)
+    _run(plain, inputs, True, seed=0)
+    assert log.calls == []  # the eager path never calls the kernel
+    _run(fused, inputs, True, seed=0)
+    n_encoder = len(fused.en_inblocks) + len(fused.en_outblocks)
+    with_positions = [c for c in log.calls if c["positions"] is not None]
+    assert len(with_positions) == n_encoder
+    assert all(c["amm"] is False for c in log.calls)  # training: no AMM
+    assert with_positions[0]["positions"].shape[1] < fused.grid ** 2
+
+
+# ----------------------------------------------------------------------------- AMM switching, masking
+
+def test_amm_only_in_eval_and_switchable(torch_backend):
+    model, _ = _pair("EDT")
+    inputs = _inputs(model)
+    model.eval()
+    with torch.no_grad():
+        on = model(*inputs)
+        previous = model.set_amm(False)
+        off = model(*inputs)
+        assert previous == (7, 10) and model.amm_blocks == ()
+        model.set_amm(True, blocks=[8])
+        other = model(*inputs)
+        assert model.amm_blocks == (8,)
+        model.set_amm(True)
+        assert model.amm_blocks == (7, 10)
+        torch.testing.assert_close(model(*inputs), on, atol=0, rtol=0)
+    assert (on - off).abs().max() > 1e-3 and (other - off).abs().max() > 1e-3
+    model.train()
+    with torch.no_grad():
+        train_on = model(*inputs, generator=torch.Generator().manual_seed(0))
+        model.set_amm(False)
+        train_off = model(*inputs, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(train_on, train_off, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out of range"):
+        model.set_amm(True, blocks=[12])
+
+
+@pytest.mark.parametrize("kind", ["EDT", "EDT-XL", "MDTv2"])
+def test_masking_is_seeded_and_changes_output(kind, torch_backend):
+    model, _ = _pair(kind)
+    model.train()
+    model.y_embedder.dropout_prob = 0.0
+    inputs = _inputs(model)
+    with torch.no_grad():
+        a = model(*inputs, enable_mask=True, generator=torch.Generator().manual_seed(5))
+        b = model(*inputs, enable_mask=True, generator=torch.Generator().manual_seed(5))
+        c = model(*inputs, enable_mask=True, generator=torch.Generator().manual_seed(6))
+        full = model(*inputs)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-4
+    assert (a - full).abs().max() > 1e-4
+
+
+def test_edt_mid_mask_only_for_xl_layout():
+    xl, _ = _pair("EDT-XL")
+    s, _ = _pair("EDT")
+    assert xl.mid_mask and not s.mid_mask
+    with pytest.raises(ValueError, match="mid_mask"):
+        EDT(**dict(TINY_EDT, mid_mask=True))
+
+
+def test_mdt_masked_ratio_and_cfg_schedule(torch_backend):
+    model, _ = _pair("MDTv2")
+    inputs = _inputs(model, batch=2)
+    model.eval()
+    with torch.no_grad():
+        x = torch.cat([inputs[0], inputs[0]])
+        t = torch.tensor([100, 900, 100, 900])
+        y = torch.cat([inputs[2], torch.full_like(inputs[2], model.num_classes)])
+        raw = model(x, t, y)
+        out = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
+    s = 3.0 * (1 - torch.cos(((1 - t[:2] / 1000.0) ** 4) * torch.pi)) / 2 + 1  # SPEC 5
+    cond, uncond = raw[:2, :3], raw[2:, :3]
+    expected = uncond + s.view(-1, 1, 1, 1) * (cond - uncond)
+    torch.testing.assert_close(out[:2, :3], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2:, :3], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 3:], raw[:, 3:], atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_model_name_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        create_model("EDT-M/2")
+    for name in ALL_NAMES:
+        assert name in str(err.value)
+
+
+def test_strict_checkpoint_loading_names_the_keys():
+    model = EDT(**TINY_EDT)
+    good = model.state_dict()
+    bad = dict(good)
+    del bad["blocks.3.attn.qkv.weight"]
+    bad["blocks.99.mlp.fc1.weight"] = torch.zeros(1)
+    bad["final_layer.linear.bias"] = torch.zeros(7)
+    with pytest.raises(ValueError) as err:
+        load_state_dict_strict(model, {"ema": bad})
+    msg = str(err.value)
+    assert "blocks.3.attn.qkv.weight" in msg and "blocks.99.mlp.fc1.weight" in msg
+    assert "final_layer.linear.bias" in msg
+    with pytest.raises(RuntimeError, match="blocks.3.attn.qkv.weight"):
+        model.load_state_dict(bad, strict=True)
+    load_state_dict_strict(model, {"model": good, "opt": {}})  # the training-checkpoint layout loads
+
+
+def test_bad_configurations(torch_backend):
+    with pytest.raises(ValueError, match="sum"):
+        EDT(**dict(TINY_EDT, depth=11))
+    with pytest.raises(ValueError, match="symmetric"):
+        EDT(**dict(TINY_EDT, dims=[16, 24, 32, 28, 16]))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        MDTv2(**dict(TINY_MDT, mask_ratio=None))(*_inputs(EDT(**TINY_EDT)), enable_mask=True)
+    with pytest.raises(ValueError, match=r"\[B, C, 16, 16\]"):
+        EDT(**TINY_EDT)(torch.zeros(1, 4, 12, 12), torch.zeros(1), torch.zeros(1, dtype=torch.long))
