@@ -1,0 +1,531 @@
+"""Shared benchmark machinery: device, timing, memory, rates and the results files.
+
+Method (the same for every module, see ``/benchmarks/README`` in the module docstrings):
+
+* **Device.** CUDA when ``torch.cuda.is_available()``, else the CPU.  On the CPU
+  every module runs *small* shapes (``SMALL``) and every result says so; the
+  environment variable ``EDT_BENCH_SHAPES=small|full`` overrides the choice.
+* **Timing.** Warm-up calls first (compilation, autotuning and allocator
+  growth stay out of the numbers), then ``repeats`` timed calls, each on the
+  next of several input sets (rotation, so that a working set that fits in L2
+  does not flatter a kernel), reported as the median.  On CUDA each call is
+  bracketed by CUDA events and synchronised (the time is the device time of
+  the call); on the CPU by ``time.perf_counter``.  Under pytest the calls are
+  made by ``benchmark.pedantic`` so pytest-benchmark shows the same calls in its
+  own table (its clock is the host clock around a synchronised call).
+* **Memory.** CUDA: ``torch.cuda.max_memory_allocated`` over one extra call,
+  minus what was allocated before it (outputs, workspace and saved tensors of
+  the call).  CPU: tracemalloc does not see torch's allocator, so we reset the
+  process's peak resident set (``/proc/self/clear_refs``), trim malloc's free
+  lists and read how far ``VmHWM`` rises over the call (page granularity; it
+  includes OpenMP and allocator effects).  Where neither works: ``None`` (n/a).
+* **Rates.** TFLOP/s from an explicit FLOP formula (attention forward
+  ``4 B H N^2 D``, backward 2.5x that); GB/s for memory-bound kernels from the
+  fewest bytes the operation must move (each input read once, each output
+  written once), compared with the device's *measured* copy bandwidth
+  (``dst.copy_(src)`` on a large tensor, read + write bytes).
+* **Results.** Rows recorded by any module during one run go to
+  ``benchmarks/results/<device-slug>.json`` and ``.md``; a section produced by
+  this run replaces the section of the same name in the file, other sections
+  are kept (merge by section).  Each section carries its own run information
+  (date, git commit, torch/triton versions, shape set).  Failures are never
+  turned into numbers: a failing measurement raises (pytest) or is recorded
+  with its error text and makes ``main()`` exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------- device
+
+IS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if IS_CUDA else "cpu")
+
+if os.environ.get("EDT_BENCH_THREADS"):
+    # CPU threads for the benchmarks (e.g. 1 on a machine shared with other jobs,
+    # where OpenMP barriers across an oversubscribed core dominate small ops).
+    torch.set_num_threads(int(os.environ["EDT_BENCH_THREADS"]))
+
+
+def _shape_set() -> str:
+    env = os.environ.get("EDT_BENCH_SHAPES", "").strip().lower()
+    if env in ("small", "full"):
+        return env
+    if env:
+        raise ValueError(f"EDT_BENCH_SHAPES must be 'small' or 'full', got {env!r}")
+    return "full" if IS_CUDA else "small"
+
+
+SHAPES = _shape_set()
+SMALL = SHAPES == "small"
+
+CPU_NOTE = ("CPU-only run: small shapes, float32, reduced batch and steps. CPU figures are "
+            "not the GPU targets or the paper's GPU claims; they show that the suite runs "
+            "and how the paths compare on this CPU.")
+
+
+def cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device = DEVICE) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: torch.device = DEVICE) -> str:
+    if device.type == "cuda":
+        return slugify(torch.cuda.get_device_name(device))
+    return "cpu-" + slugify(cpu_name())
+
+
+def synchronize(device: torch.device = DEVICE) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_dtype() -> torch.dtype:
+    """bfloat16 on CUDA (the targets are stated for it), float32 on the CPU."""
+    return torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------- run info
+
+def _pkg_version(name: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def git_commit() -> Optional[str]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _load_average() -> Optional[str]:
+    """1/5/15-minute load average and core count: a busy machine makes CPU timings noisy."""
+    try:
+        a, b, c = os.getloadavg()
+        return f"{a:.1f}/{b:.1f}/{c:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return None
+
+
+def run_info() -> Dict[str, Any]:
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": _pkg_version("triton"),
+        "python": platform.python_version(),
+        "device": device_name(),
+        "shapes": SHAPES,
+        "threads": torch.get_num_threads(),
+        "load_average": _load_average(),
+    }
+    if DEVICE.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ----------------------------------------------------------------------------- timing
+
+@dataclass
+class Timing:
+    """Seconds per call over ``repeats`` rotated calls (warm-up excluded)."""
+
+    times: List[float]
+
+    @property
+    def median(self) -> float:
+        s = sorted(self.times)
+        n = len(s)
+        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    def quantile(self, q: float) -> float:
+        s = sorted(self.times)
+        return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: how noisy the median is."""
+        return (self.quantile(0.8) - self.quantile(0.2)) / self.median
+
+    def summary(self) -> Dict[str, float]:
+        return {"ms": self.median * 1e3, "ms_min": self.min * 1e3, "spread": self.spread,
+                "repeats": len(self.times)}
+
+
+def rotations(set_bytes: int, device: torch.device = DEVICE, cap: int = 8) -> int:
+    """How many input sets to rotate through so that together they overflow the
+    last-level cache (L2 of a GPU ~50 MB, L3 of a CPU ~32 MB): 2..cap."""
+    target = 256 * 2**20 if device.type == "cuda" else 64 * 2**20
+    return int(min(cap, max(2, math.ceil(target / max(1, set_bytes)))))
+
+
+def measure(fn: Callable[..., Any], input_sets: Sequence[Sequence[Any]], *, warmup: int,
+            repeats: int, benchmark=None, device: torch.device = DEVICE) -> Optional[Timing]:
+    """Time ``fn(*input_sets[i])`` over rotated input sets.
+
+    With a pytest-benchmark fixture the calls are made by ``benchmark.pedantic``
+    (its table then shows them too).  Returns ``None`` when pytest-benchmark is
+    disabled (``--benchmark-disable``: one call, nothing timed).
+    """
+    if not input_sets:
+        raise ValueError("measure needs at least one input set")
+    times: List[float] = []
+    counter = [0]
+    cuda = device.type == "cuda"
+
+    def next_args():
+        args = input_sets[counter[0] % len(input_sets)]
+        counter[0] += 1
+        return tuple(args)
+
+    def target(*args):
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+
+    synchronize(device)
+    if benchmark is not None:
+        if getattr(benchmark, "disabled", False):
+            target(*next_args())
+            return None
+        benchmark.pedantic(target, setup=lambda: (next_args(), {}), rounds=repeats,
+                           warmup_rounds=warmup, iterations=1)
+    else:
+        for _ in range(warmup + repeats):
+            target(*next_args())
+    if len(times) < repeats:
+        raise RuntimeError(f"expected {repeats} timed calls, got {len(times)}")
+    return Timing(times[-repeats:])
+
+
+# ----------------------------------------------------------------------------- memory
+
+_LIBC = None
+
+
+def _malloc_trim() -> None:
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _proc_status(key: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _cpu_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+CPU_PEAK_METHOD = ("rise of peak RSS (VmHWM after /proc/self/clear_refs reset and malloc_trim)"
+                   if sys.platform.startswith("linux") and _cpu_peak_supported() else None)
+
+
+def peak_memory(fn: Callable[..., Any], args: Sequence[Any], device: torch.device = DEVICE
+                ) -> Optional[int]:
+    """Bytes the call ``fn(*args)`` needs above what is live before it (its
+    outputs, workspace and saved tensors), or ``None`` where it cannot be measured."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn(*args)
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return int(peak)
+    if CPU_PEAK_METHOD is None:
+        return None
+    _malloc_trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status("VmRSS")
+    out = fn(*args)
+    peak = _proc_status("VmHWM") - before
+    del out
+    return max(0, int(peak))
+
+
+def memory_note() -> str:
+    if DEVICE.type == "cuda":
+        return ("peak memory = torch.cuda.max_memory_allocated over one call minus what was "
+                "allocated before it (outputs + workspace + saved tensors)")
+    if CPU_PEAK_METHOD:
+        return f"peak memory (CPU) = {CPU_PEAK_METHOD} over one call; page granularity"
+    return "peak memory: n/a on this platform (no CUDA, no /proc peak RSS)"
+
+
+def tensor_bytes(*tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
+# ----------------------------------------------------------------------------- rates
+
+def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
+    """Matmul FLOPs of attention: forward ``4 B H N^2 D`` (QK^T and PV), the
+    backward 2.5x the forward (five matmuls instead of two); ``mode`` is
+    ``"fwd"`` or ``"fwd+bwd"``."""
+    fwd = 4.0 * B * H * N * N * D
+    if mode == "fwd":
+        return fwd
+    if mode == "fwd+bwd":
+        return fwd * 3.5
+    raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
+
+
+_COPY_BW: Dict[str, float] = {}
+
+
+def copy_bandwidth(device: torch.device = DEVICE) -> float:
+    """Measured device copy bandwidth in GB/s: ``dst.copy_(src)`` of a large
+    float32 tensor, counting bytes read plus bytes written; median of repeats."""
+    key = str(device)
+    if key in _COPY_BW:
+        return _COPY_BW[key]
+    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), [()], warmup=3, repeats=10 if device.type == "cuda" else 5,
+                device=device)
+    _COPY_BW[key] = 2 * nbytes / t.median / 1e9
+    del src, dst
+    return _COPY_BW[key]
+
+
+def configure_compile() -> None:
+    """torch.compile settings for benchmarks: many shapes/closures compile the
+    same function, so allow more recompiles, and *fail* instead of silently
+    falling back to eager when the limit is hit (a fallback would be timed as
+    if it were compiled)."""
+    import torch._dynamo.config as dcfg
+
+    dcfg.recompile_limit = max(dcfg.recompile_limit, 64)
+    dcfg.accumulated_recompile_limit = max(dcfg.accumulated_recompile_limit, 1024)
+    dcfg.fail_on_recompile_limit_hit = True
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class Section:
+    """One table of results (one benchmark family), plus derived summary tables."""
+
+    name: str
+    title: str
+    columns: List[Tuple[str, str]]  # (row key, header)
+    notes: List[str] = field(default_factory=list)
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    summarize: Optional[Callable[["Section"], List[Dict[str, Any]]]] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        tables = self.summarize(self) if self.summarize is not None else []
+        return {"title": self.title, "notes": list(self.notes), "columns": [list(c) for c in self.columns],
+                "rows": self.rows, "tables": tables, "run": run_info()}
+
+
+RESULTS: Dict[str, Section] = {}
+
+
+def section(name: str, title: str, columns: Sequence[Tuple[str, str]], notes: Sequence[str] = (),
+            summarize=None) -> Section:
+    """The section ``name`` of this run (created on first use)."""
+    if name not in RESULTS:
+        RESULTS[name] = Section(name, title, list(columns), list(notes), summarize=summarize)
+    sec = RESULTS[name]
+    for n in notes:
+        if n not in sec.notes:
+            sec.notes.append(n)
+    return sec
+
+
+def record(name: str, row: Dict[str, Any]) -> None:
+    """Add a row to section ``name`` (created with :func:`section` first); a row
+    with the same identity (all non-metric keys listed in ``row['_key']``) is replaced."""
+    sec = RESULTS[name]
+    key = row.get("_key")
+    if key is not None:
+        sec.rows = [r for r in sec.rows if r.get("_key") != key]
+    sec.rows.append(row)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        if a >= 0.01:
+            return f"{v:.3f}"
+        return f"{v:.2e}"
+    return str(v).replace("|", "\\|")
+
+
+def markdown_table(columns: Sequence[Sequence[str]], rows: Sequence[Dict[str, Any]]) -> str:
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep] + body)
+
+
+def render_markdown(data: Dict[str, Any]) -> str:
+    dev = data.get("device", {})
+    out = [f"# edt-kernels benchmarks: {dev.get('name', '?')}", ""]
+    if dev.get("kind") == "cpu":
+        out += [f"**{CPU_NOTE}**", ""]
+    out += ["Made by `pytest benchmarks/ --benchmark-only` (or a module's `main()`); "
+            "method in `benchmarks/_utils.py`. Times are medians of rotated, warmed-up calls.", ""]
+    for name, sec in data.get("sections", {}).items():
+        run = sec.get("run", {})
+        out += [f"## {sec['title']}", ""]
+        out += [f"_run: {run.get('date')}, commit {run.get('git_commit')}, torch {run.get('torch')}, "
+                f"triton {run.get('triton')}, shapes: {run.get('shapes')}, device: {run.get('device')}, "
+                f"load average {run.get('load_average')}_", ""]
+        for note in sec.get("notes", []):
+            out.append(f"- {note}")
+        if sec.get("notes"):
+            out.append("")
+        for table in sec.get("tables", []):
+            out += [f"### {table['title']}", ""]
+            for note in table.get("notes", []):
+                out.append(f"- {note}")
+            if table.get("notes"):
+                out.append("")
+            out += [markdown_table(table["columns"], table["rows"]), ""]
+        if sec.get("rows"):
+            if sec.get("tables"):
+                out += ["### All measurements", ""]
+            out += [markdown_table(sec["columns"], sec["rows"]), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_results(sections: Optional[Sequence[Section]] = None, out_dir: pathlib.Path = RESULTS_DIR,
+                  ) -> Tuple[pathlib.Path, pathlib.Path]:
+    """Merge ``sections`` (default: everything recorded in this process) into
+    ``<out_dir>/<device-slug>.json`` and re-render ``.md``; returns both paths."""
+    sections = list(RESULTS.values()) if sections is None else list(sections)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = device_slug()
+    jpath, mpath = out_dir / f"{slug}.json", out_dir / f"{slug}.md"
+    data: Dict[str, Any] = {}
+    if jpath.exists():
+        try:
+            data = json.loads(jpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise RuntimeError(f"{jpath} is not valid JSON ({exc}); move it away and re-run") from exc
+    data["device"] = {"name": device_name(), "slug": slug, "kind": DEVICE.type,
+                      "copy_bandwidth_GBps": copy_bandwidth()}
+    data.setdefault("sections", {})
+    for sec in sections:
+        if sec.rows:
+            data["sections"][sec.name] = sec.to_json()
+    data["sections"] = dict(sorted(data["sections"].items()))
+    jpath.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    mpath.write_text(render_markdown(data))
+    return jpath, mpath
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: per module)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default: per module)")
+    p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR,
+                   help=f"where <device>.json/.md go (default {RESULTS_DIR})")
+    p.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    p.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
+    return p
+
+
+def finish_main(args, section_names: Sequence[str], errors: List[str]) -> int:
+    """Print the tables, write the files, and return the exit status."""
+    secs = [RESULTS[n] for n in section_names if n in RESULTS]
+    data = {"device": {"name": device_name(), "kind": DEVICE.type},
+            "sections": {s.name: s.to_json() for s in secs if s.rows}}
+    print(render_markdown(data))
+    if not args.no_write:
+        j, m = write_results(secs, args.out_dir)
+        print(f"results written to {j} and {m}")
+    for e in errors:
+        print(f"ERROR: {e}", file=sys.stderr)
+    return 1 if errors else 0
