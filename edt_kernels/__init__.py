@@ -9,5 +9,7 @@ from .reference import reference_attention  # noqa: F401
 # -- more exports below (one line per module) --
 from .ops.adaln import gated_residual, layernorm_modulate  # noqa: F401
 from .ops.tokens import gather_tokens, masked_shortcut, patch_merge_modulate, random_masking, scatter_tokens, unshuffle_with_mask_token  # noqa: F401,E501
+from .nn import AMMAttention, RelativePositionBias  # noqa: F401
+from .patch import AMM_PRESETS, PatchReport, apply_amm, patch_model, unpatch_model  # noqa: F401
 
 __version__ = "0.1.0"
