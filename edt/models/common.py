@@ -9,7 +9,7 @@ Every module that has a fused route takes ``fused: bool``:
 - ``fused=True``: attention through :func:`edt_kernels.amm_attention` (bias
   table + AMM + token positions read in-kernel, no ``N x N`` tensor), and the
   token/adaLN work through the ``edt_kernels`` token and adaLN kernels
-  (``gather_tokens``, ``unshuffle_with_mask_token``, ``masked_shortcut``,
+  (``random_masking``, ``unshuffle_with_mask_token``, ``masked_shortcut``,
   ``patch_merge_modulate``, ``layernorm_modulate``, ``gated_residual``).
 - ``fused=False``: the authors' eager code path, op for op: the bias is
   materialised from the table (for masked MDT tokens by the two gathers of
@@ -95,6 +95,12 @@ def _torch_masked_shortcut(x, x_before, mask):
     return torch.lerp(x_before, x, m)  # x * m + (1 - m) * x_before
 
 
+def _torch_random_masking(x, mask_ratio, generator=None):
+    B, L, C = x.shape
+    mask, ids_restore, ids_keep = random_masking_ids(B, L, mask_ratio, generator, x.device)
+    return _torch_gather_tokens(x, ids_keep), mask, ids_restore, ids_keep
+
+
 def _apply_subtoken_keep(merged, keep, grid):
     """Zero the C-channel chunk of every dropped sub-token inside the merged
     ``(B, L/4, 4C)`` features; ``keep`` ``(B, L)`` is at the input grid (the
@@ -120,6 +126,7 @@ _FALLBACKS: Dict[str, Callable] = {
     "layernorm_modulate": _torch_layernorm_modulate,
     "gated_residual": _torch_gated_residual,
     "gather_tokens": _torch_gather_tokens,
+    "random_masking": _torch_random_masking,
     "unshuffle_with_mask_token": _torch_unshuffle_with_mask_token,
     "masked_shortcut": _torch_masked_shortcut,
     "patch_merge_modulate": _torch_patch_merge_modulate,
@@ -128,6 +135,7 @@ _KERNEL_MODULES = {
     "layernorm_modulate": "edt_kernels.ops.adaln",
     "gated_residual": "edt_kernels.ops.adaln",
     "gather_tokens": "edt_kernels.ops.tokens",
+    "random_masking": "edt_kernels.ops.tokens",
     "unshuffle_with_mask_token": "edt_kernels.ops.tokens",
     "masked_shortcut": "edt_kernels.ops.tokens",
     "patch_merge_modulate": "edt_kernels.ops.tokens",
@@ -146,8 +154,23 @@ def _adapt_patch_merge(kernel: Callable) -> Callable:
     return call
 
 
+def _adapt_random_masking(kernel: Callable) -> Callable:
+    # The kernel draws its noise on x's device; a generator elsewhere (e.g. a
+    # CPU generator for CUDA tensors) is served by the fallback, which draws on
+    # the generator's device like every other draw of the model.
+    def call(x, mask_ratio, generator=None):
+        if generator is not None and generator.device.type != x.device.type:
+            return _torch_random_masking(x, mask_ratio, generator)
+        return kernel(x, mask_ratio, generator)
+
+    return call
+
+
 # Wrap a kernel whose signature differs from the fallback's (identity otherwise).
-_ADAPTERS: Dict[str, Callable[[Callable], Callable]] = {"patch_merge_modulate": _adapt_patch_merge}
+_ADAPTERS: Dict[str, Callable[[Callable], Callable]] = {
+    "patch_merge_modulate": _adapt_patch_merge,
+    "random_masking": _adapt_random_masking,
+}
 _RESOLVED: Dict[str, Tuple[Callable, str]] = {}
 
 
@@ -188,6 +211,11 @@ def gather_tokens(x, ids_keep):
     return _kernel("gather_tokens")(x, ids_keep)
 
 
+def random_masking(x, mask_ratio, generator=None):
+    """MDT's random masking (noise drawn from ``generator``): ``(x_kept, mask, ids_restore, ids_keep)``."""
+    return _kernel("random_masking")(x, mask_ratio, generator)
+
+
 def unshuffle_with_mask_token(x_kept, ids_restore, mask_token, pos_embed=None):
     return _kernel("unshuffle_with_mask_token")(x_kept, ids_restore, mask_token, pos_embed)
 
@@ -212,6 +240,23 @@ def uniform(shape: Sequence[int], generator: Optional[torch.Generator], device) 
     if generator is None:
         return torch.rand(tuple(shape), device=device)
     return torch.rand(tuple(shape), generator=generator, device=generator.device).to(device)
+
+
+def random_masking_ids(B: int, L: int, mask_ratio: torch.Tensor, generator: Optional[torch.Generator],
+                       device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MDT's per-sample random masking, as indices: ``len_keep = int(L (1 - r))``;
+    argsort of uniform noise gives ``ids_shuffle`` (small noise is kept),
+    ``ids_restore = argsort(ids_shuffle)``, ``ids_keep = ids_shuffle[:, :len_keep]``;
+    ``mask`` ``(B, L)`` is 1 for removed tokens, in the original order."""
+    len_keep = int(L * (1 - mask_ratio))
+    noise = uniform((B, L), generator, device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(B, L, device=device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return mask, ids_restore, ids_keep
 
 
 #################################################################################

@@ -21,8 +21,6 @@ MACs actually executed, with ``torch.utils.flop_counter`` on the meta device.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 

@@ -28,7 +28,8 @@ from .common import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
-    gather_tokens,
+    random_masking,
+    random_masking_ids,
     get_2d_sincos_pos_embed,
     init_weights_dit,
     masked_shortcut,
@@ -55,23 +56,6 @@ class MDTBlock(AdaLNBlock):
     def __init__(self, hidden_size: int, num_heads: int, grid: int, mlp_ratio: float = 4.0, skip: bool = False):
         super().__init__(hidden_size, num_heads, grid, cond_dim=hidden_size, mlp_ratio=mlp_ratio, skip=skip,
                          extra_rows=TABLE_EXTRA_ROWS, persistent_index=True, rel_pos_first=False)
-
-
-def random_masking_ids(B: int, L: int, mask_ratio: torch.Tensor, generator: Optional[torch.Generator],
-                       device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MDT's per-sample random masking, as indices: ``len_keep = int(L (1 - r))``;
-    argsort of uniform noise gives ``ids_shuffle`` (small noise is kept),
-    ``ids_restore = argsort(ids_shuffle)``, ``ids_keep = ids_shuffle[:, :len_keep]``;
-    ``mask`` ``(B, L)`` is 1 for removed tokens, in the original order."""
-    len_keep = int(L * (1 - mask_ratio))
-    noise = uniform((B, L), generator, device)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    mask = torch.ones(B, L, device=device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return mask, ids_restore, ids_keep
 
 
 class MDTv2(nn.Module):
@@ -236,10 +220,10 @@ class MDTv2(nn.Module):
         if enable_mask:
             B, L, D = x.shape
             ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), generator, x.device)
-            mask, ids_restore, ids_keep = random_masking_ids(B, L, ratio, generator, x.device)
-            if fused:
-                x = gather_tokens(x, ids_keep)  # (B, K, D)
+            if fused:  # noise, argsort and the gather of the kept tokens in the token kernels
+                x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator)  # (B, K, D)
             else:
+                mask, ids_restore, ids_keep = random_masking_ids(B, L, ratio, generator, x.device)
                 x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
 
         skips = []
