@@ -1,0 +1,640 @@
+// CPU forward and backward of amm_attention (edt_kernels.amm_attention):
+//
+//   out = (softmax(q k^T * scale + T[idx(p_i, p_j), h] + bias) ⊙ M[idx(p_i, p_j)] ⊙ W) v
+//
+// with T the learned relative-position table, M the AMM tabulated per grid
+// offset (edt_kernels.amm.amm_offset_table), bias / W (modulation) optional
+// dense tensors broadcastable to [B, H, N, N] and
+//
+//   idx(i, j) = u_i - u_j + (rows - 1) * (2 cols - 1) + (cols - 1),
+//   u = (pos // cols) * (2 cols - 1) + pos % cols.
+//
+// Flash-attention style (Dao et al. 2022, "FlashAttention"; the online softmax
+// of Milakov & Gimelshein 2018): the forward walks key blocks with a running
+// max m and denominator l taken from the *unmodulated* scores and accumulates
+// exp(s - m) ⊙ M ⊙ W into the numerator (SPEC 3: AMM after the softmax, no
+// renormalisation); it saves only the natural-log LSE per row.  The backward
+// recomputes P = exp(S - lse) tile by tile:
+//
+//   Delta_i = rowsum(dO_i ⊙ O_i),  dV = (P⊙M⊙W)^T dO,  dP = (dO V^T) ⊙ M ⊙ W,
+//   dS = P ⊙ (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q,
+//   dT[idx, h] += dS,  dbias = dS summed over bias's broadcast dims.
+//
+// No tensor of more than one BLOCK x BLOCK tile per head is formed; scratch is
+// O(BLOCK * D) per thread in the forward and O(N * D) per thread in the
+// backward.  q, k, v, dout, out are read through their strides (no copies).
+// Parallelism: at::parallel_for (OpenMP) over batch * heads * query blocks in
+// the forward and over batch * heads in the backward.
+//
+// Kernel contract: edt_kernels/ops/_attention_op.py.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace edt_kernels {
+namespace {
+
+using cpu::Buffer;
+using cpu::fast_exp;
+using cpu::gemm_nn;
+using cpu::kMR;
+using cpu::round_up;
+using cpu::transpose;
+
+constexpr int64_t kBlock = 64;  // query and key block (multiple of kMR and of every vector width)
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// ------------------------------------------------------------------ arguments
+
+struct Dense4 {  // a 4-d tensor read with broadcast (stride 0) strides
+  const void* data = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+  int64_t size[4] = {1, 1, 1, 1};
+};
+
+// Everything the kernels read besides q/k/v, converted to the accumulation
+// dtype (the table and AMM are tiny; bias/modulation only when their dtype
+// differs from it).
+struct Geometry {
+  int64_t B = 0, H = 0, N = 0, D = 0;
+  double scale = 1.0;
+  at::Tensor tab;        // [H, rows_t] acc dtype (transposed learned table) or undefined
+  int64_t tab_rows = 0;  // rows_t
+  at::Tensor amm;        // [R] acc dtype or undefined
+  at::Tensor u;          // int32 [Bp, N] grid code of each token, or undefined
+  bool u_batched = false;
+  int64_t off = 0;  // (rows - 1) * (2 cols - 1) + (cols - 1)
+  at::Tensor bias_t, mod_t;  // acc dtype 4-d (keep alive)
+  Dense4 bias, mod;
+  bool has_bias() const { return bias.data != nullptr; }
+  bool has_mod() const { return mod.data != nullptr; }
+  bool has_weight() const { return amm.defined() || has_mod(); }
+};
+
+void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.device().is_cpu(), "edt_kernels cpp amm_attention: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 4, "edt_kernels cpp amm_attention: ", name, " must be [B, H, N, D], got ", t.sizes());
+  TORCH_CHECK(t.sizes() == q.sizes(), "edt_kernels cpp amm_attention: ", name, " must have q's shape ",
+              q.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "edt_kernels cpp amm_attention: ", name,
+              " must have q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
+}
+
+Dense4 make_dense4(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t N) {
+  TORCH_CHECK(t.dim() == 4, "edt_kernels cpp amm_attention: ", name,
+              " must be 4-d broadcastable to [B, H, N, N], got ", t.sizes());
+  const int64_t full[4] = {B, H, N, N};
+  Dense4 d;
+  d.data = t.data_ptr();
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(t.size(i) == 1 || t.size(i) == full[i], "edt_kernels cpp amm_attention: ", name, " of shape ",
+                t.sizes(), " is not broadcastable to [B, H, N, N] = [", B, ", ", H, ", ", N, ", ", N, "]");
+    d.size[i] = t.size(i);
+    d.s[i] = t.size(i) == 1 ? 0 : t.stride(i);
+  }
+  return d;
+}
+
+Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& positions,
+                 const std::optional<at::Tensor>& amm_table, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& modulation, double scale, int64_t rows, int64_t cols) {
+  TORCH_CHECK(q.device().is_cpu(), "edt_kernels cpp amm_attention: q must be a CPU tensor, got ", q.device());
+  TORCH_CHECK(q.dim() == 4, "edt_kernels cpp amm_attention: q must be [B, H, N, D], got ", q.sizes());
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "edt_kernels cpp amm_attention: q must be float16, bfloat16, float32 or float64, got ", st);
+  check_qkv(k, "k", q);
+  check_qkv(v, "v", q);
+  TORCH_CHECK(rows >= 1 && cols >= 1, "edt_kernels cpp amm_attention: grid (rows, cols) must be positive, got (",
+              rows, ", ", cols, ")");
+  Geometry g;
+  g.B = q.size(0);
+  g.H = q.size(1);
+  g.N = q.size(2);
+  g.D = q.size(3);
+  g.scale = scale;
+  TORCH_CHECK(g.D >= 1 && g.D <= 256, "edt_kernels cpp amm_attention: head dim must be in 1..256, got ", g.D);
+  const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t R = (2 * rows - 1) * (2 * cols - 1);
+  g.off = (rows - 1) * (2 * cols - 1) + (cols - 1);
+  const bool has_table = table.has_value() && table->defined();
+  const bool has_amm = amm_table.has_value() && amm_table->defined();
+  if (has_table) {
+    const auto& t = *table;
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(1) == g.H && t.size(0) >= R,
+                "edt_kernels cpp amm_attention: table must be a CPU [(2*rows-1)*(2*cols-1) + extra, H] = [>= ", R,
+                ", ", g.H, "] tensor, got ", t.sizes(), " on ", t.device());
+    TORCH_CHECK(t.is_floating_point(), "edt_kernels cpp amm_attention: table must be floating point, got ",
+                t.scalar_type());
+    g.tab = t.to(acc).t().contiguous();  // [H, rows_t]
+    g.tab_rows = t.size(0);
+  }
+  if (has_amm) {
+    const auto& a = *amm_table;
+    TORCH_CHECK(a.device().is_cpu() && a.dim() == 1 && a.size(0) == R,
+                "edt_kernels cpp amm_attention: amm_table must be a CPU [(2*rows-1)*(2*cols-1)] = [", R,
+                "] tensor, got ", a.sizes(), " on ", a.device());
+    g.amm = a.to(acc).contiguous();
+  }
+  if (has_table || has_amm) {
+    at::Tensor pos;
+    if (positions.has_value() && positions->defined()) {
+      pos = *positions;
+      TORCH_CHECK(pos.device().is_cpu(), "edt_kernels cpp amm_attention: positions must be on the CPU");
+      TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt,
+                  "edt_kernels cpp amm_attention: positions must be int64, got ", pos.scalar_type());
+      TORCH_CHECK((pos.dim() == 1 && pos.size(0) == g.N) || (pos.dim() == 2 && pos.size(0) == g.B &&
+                                                              pos.size(1) == g.N),
+                  "edt_kernels cpp amm_attention: positions must be [N] or [B, N] = [", g.B, ", ", g.N, "], got ",
+                  pos.sizes());
+      pos = pos.to(at::kLong).contiguous();
+    } else {
+      TORCH_CHECK(g.N == rows * cols, "edt_kernels cpp amm_attention: without positions N = ", g.N,
+                  " must equal rows * cols = ", rows * cols);
+    }
+    const int64_t Bp = pos.defined() && pos.dim() == 2 ? g.B : 1;
+    g.u_batched = Bp > 1;
+    g.u = at::empty({Bp, g.N}, at::TensorOptions().dtype(at::kInt));
+    int32_t* u = g.u.data_ptr<int32_t>();
+    const int64_t* p = pos.defined() ? pos.data_ptr<int64_t>() : nullptr;
+    for (int64_t t = 0; t < Bp * g.N; ++t) {
+      const int64_t x = p ? p[t] : t;
+      TORCH_CHECK(x >= 0 && x < rows * cols, "edt_kernels cpp amm_attention: positions must lie in [0, rows*cols) = [0, ",
+                  rows * cols, "), got ", x);
+      u[t] = static_cast<int32_t>((x / cols) * (2 * cols - 1) + x % cols);
+    }
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->is_floating_point(),
+                "edt_kernels cpp amm_attention: bias must be a floating-point CPU tensor");
+    g.bias_t = bias->scalar_type() == acc ? *bias : bias->to(acc);
+    g.bias = make_dense4(g.bias_t, "bias", g.B, g.H, g.N);
+  }
+  if (modulation.has_value() && modulation->defined()) {
+    TORCH_CHECK(modulation->device().is_cpu() && modulation->is_floating_point(),
+                "edt_kernels cpp amm_attention: modulation must be a floating-point CPU tensor");
+    g.mod_t = modulation->scalar_type() == acc ? *modulation : modulation->to(acc);
+    g.mod = make_dense4(g.mod_t, "modulation", g.B, g.H, g.N);
+  }
+  return g;
+}
+
+// --------------------------------------------------------------- tile helpers
+
+// dst[r, d] = mul * src[row0 + r, d] for r < rows, d < D; zero up to (rows_pad, ld).
+template <typename scalar_t, typename acc_t>
+void pack_rows(const scalar_t* src, int64_t sn, int64_t sd, int64_t rows, int64_t rows_pad, int64_t D, acc_t mul,
+               acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * sn;
+    acc_t* o = dst + r * ld;
+    if (sd == 1) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<acc_t>(s[d]) * mul;
+    } else {
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<acc_t>(s[d * sd]) * mul;
+    }
+    for (int64_t d = D; d < ld; ++d) o[d] = acc_t(0);
+  }
+  for (int64_t r = rows; r < rows_pad; ++r) std::fill(dst + r * ld, dst + (r + 1) * ld, acc_t(0));
+}
+
+// dst[d, r] = src[r, d] (a block of rows stored transposed, ld = row capacity).
+template <typename scalar_t, typename acc_t>
+void pack_cols(const scalar_t* src, int64_t sn, int64_t sd, int64_t rows, int64_t rows_pad, int64_t D, acc_t* dst,
+               int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * sn;
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<acc_t>(s[d * sd]);
+  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t r = rows; r < rows_pad; ++r) dst[d * ld + r] = acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+void write_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc_t* row_mul, acc_t mul,
+                scalar_t* dst, int64_t sn, int64_t sd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t m = row_mul ? row_mul[r] : mul;
+    const acc_t* s = src + r * ld;
+    scalar_t* o = dst + r * sn;
+    for (int64_t d = 0; d < D; ++d) o[d * sd] = static_cast<scalar_t>(s[d] * m);
+  }
+}
+
+// Per-head views of the geometry.
+template <typename acc_t>
+struct HeadView {
+  const acc_t* tab = nullptr;   // [rows_t] of head h
+  const acc_t* amm = nullptr;   // [R]
+  const int32_t* u = nullptr;   // [N] of batch b
+  const acc_t* bias = nullptr;  // bias[b, h] with strides bs2, bs3
+  int64_t bs2 = 0, bs3 = 0;
+  const acc_t* mod = nullptr;
+  int64_t ms2 = 0, ms3 = 0;
+  int64_t off = 0;
+
+  HeadView(const Geometry& g, int64_t b, int64_t h) {
+    off = g.off;
+    if (g.tab.defined()) tab = g.tab.data_ptr<acc_t>() + h * g.tab_rows;
+    if (g.amm.defined()) amm = g.amm.data_ptr<acc_t>();
+    if (g.u.defined()) u = g.u.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
+    if (g.has_bias()) {
+      bias = static_cast<const acc_t*>(g.bias.data) + b * g.bias.s[0] + h * g.bias.s[1];
+      bs2 = g.bias.s[2];
+      bs3 = g.bias.s[3];
+    }
+    if (g.has_mod()) {
+      mod = static_cast<const acc_t*>(g.mod.data) + b * g.mod.s[0] + h * g.mod.s[1];
+      ms2 = g.mod.s[2];
+      ms3 = g.mod.s[3];
+    }
+  }
+
+  // s[j] += T[idx(i, j0 + j)] + bias[i, j0 + j] for j < bn.
+  inline void add_scores(acc_t* s, int64_t i, int64_t j0, int64_t bn) const {
+    if (tab) {
+      const int32_t ui = u[i] + static_cast<int32_t>(off);
+      const int32_t* uk = u + j0;
+      const acc_t* t = tab;
+#pragma omp simd
+      for (int64_t j = 0; j < bn; ++j) s[j] += t[ui - uk[j]];
+    }
+    if (bias) {
+      const acc_t* br = bias + i * bs2 + j0 * bs3;
+      if (bs3 == 1) {
+#pragma omp simd
+        for (int64_t j = 0; j < bn; ++j) s[j] += br[j];
+      } else {
+        for (int64_t j = 0; j < bn; ++j) s[j] += br[j * bs3];
+      }
+    }
+  }
+
+  // w[j] = M[idx(i, j0 + j)] * W[i, j0 + j] (at least one of them present).
+  inline void weights(acc_t* w, int64_t i, int64_t j0, int64_t bn) const {
+    if (amm) {
+      const int32_t ui = u[i] + static_cast<int32_t>(off);
+      const int32_t* uk = u + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < bn; ++j) w[j] = amm[ui - uk[j]];
+    } else {
+      std::fill(w, w + bn, acc_t(1));
+    }
+    if (mod) {
+      const acc_t* mr = mod + i * ms2 + j0 * ms3;
+      for (int64_t j = 0; j < bn; ++j) w[j] *= mr[j * ms3];
+    }
+  }
+};
+
+// ------------------------------------------------------------------- forward
+
+template <typename scalar_t>
+void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                  at::Tensor& lse) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int64_t VW = cpu::vec_width<acc_t>();
+  const int64_t B = g.B, H = g.H, N = g.N, D = g.D;
+  const int64_t Dp = round_up(D, VW);
+  const int64_t nqb = (N + kBlock - 1) / kBlock;
+  const acc_t scale = static_cast<acc_t>(g.scale);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+  const auto sq = q.strides(), sk = k.strides(), sv = v.strides(), so = out.strides();
+  const bool weighted = g.has_weight();
+
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+    Buffer<acc_t> Qt(kBlock * Dp), KT(Dp * kBlock), Vt(kBlock * Dp), S(kBlock * kBlock), acc(kBlock * Dp),
+        W(kBlock), m(kBlock), l(kBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qb = item % nqb, bh = item / nqb, h = bh % H, b = bh / H;
+      const int64_t i0 = qb * kBlock, bm = std::min(kBlock, N - i0), Mp = round_up(bm, kMR);
+      const HeadView<acc_t> hv(g, b, h);
+      pack_rows(qp + b * sq[0] + h * sq[1] + i0 * sq[2], sq[2], sq[3], bm, Mp, D, scale, Qt.data(), Dp);
+      std::fill(m.data(), m.data() + kBlock, -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.data(), l.data() + kBlock, acc_t(0));
+      std::fill(acc.data(), acc.data() + Mp * Dp, acc_t(0));
+      for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+        const int64_t bn = std::min(kBlock, N - j0), Np = round_up(bn, VW);
+        pack_cols(kp + b * sk[0] + h * sk[1] + j0 * sk[2], sk[2], sk[3], bn, Np, D, KT.data(), kBlock);
+        pack_rows(vp + b * sv[0] + h * sv[1] + j0 * sv[2], sv[2], sv[3], bn, bn, D, acc_t(1), Vt.data(), Dp);
+        gemm_nn<acc_t>(Mp, Np, D, Qt.data(), Dp, KT.data(), kBlock, S.data(), kBlock, false);
+        for (int64_t i = 0; i < bm; ++i) {
+          acc_t* s = S.data() + i * kBlock;
+          hv.add_scores(s, i0 + i, j0, bn);
+          acc_t mx = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t j = 0; j < bn; ++j) mx = std::max(mx, s[j]);
+          const acc_t m_new = std::max(m[i], mx);
+          const acc_t m_use = m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
+          const acc_t alpha = fast_exp<acc_t>(m[i] - m_use);
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < bn; ++j) {
+            const acc_t p = fast_exp<acc_t>(s[j] - m_use);
+            sum += p;
+            s[j] = p;
+          }
+          if (weighted) {
+            hv.weights(W.data(), i0 + i, j0, bn);
+#pragma omp simd
+            for (int64_t j = 0; j < bn; ++j) s[j] *= W[j];
+          }
+          l[i] = l[i] * alpha + sum;
+          m[i] = m_new;
+          if (alpha != acc_t(1)) {
+            acc_t* a = acc.data() + i * Dp;
+#pragma omp simd
+            for (int64_t d = 0; d < Dp; ++d) a[d] *= alpha;
+          }
+        }
+        gemm_nn<acc_t>(Mp, Dp, bn, S.data(), kBlock, Vt.data(), Dp, acc.data(), Dp, true);
+      }
+      float* lrow = lp + (b * H + h) * N + i0;
+      for (int64_t i = 0; i < bm; ++i) {
+        lrow[i] = static_cast<float>(m[i] + std::log(l[i]));
+        l[i] = acc_t(1) / l[i];
+      }
+      write_rows<scalar_t, acc_t>(acc.data(), Dp, bm, D, l.data(), acc_t(1),
+                                  op + b * so[0] + h * so[1] + i0 * so[2], so[2], so[3]);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+template <typename scalar_t>
+void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, at::Tensor* dtable, at::Tensor* dbias) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int64_t VW = cpu::vec_width<acc_t>();
+  const int64_t B = g.B, H = g.H, N = g.N, D = g.D;
+  const int64_t Dp = round_up(D, VW);
+  const int64_t Npad = round_up(N, kBlock);
+  const acc_t scale = static_cast<acc_t>(g.scale);
+  const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                 *dop = dout.data_ptr<scalar_t>(), *outp = out.data_ptr<scalar_t>();
+  const float* lsep = lse.data_ptr<float>();
+  const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_sn = lse.stride(2);
+  scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
+  const auto sq = q.strides(), sk = k.strides(), sv = v.strides(), sdo = dout.strides(), sout = out.strides(),
+             sdq = dq.strides(), sdk = dk.strides(), sdv = dv.strides();
+  const bool weighted = g.has_weight();
+  // When the table is present its rows beyond R get no gradient; only [0, R) is indexed.
+  const int64_t R = g.tab.defined() ? g.tab_rows : 0;
+
+  // dbias target strides (broadcast dims reduced: stride 0).
+  int64_t ts[4] = {0, 0, 0, 0};
+  int64_t dbias_numel = 0;
+  bool shared_dbias = false;
+  if (dbias) {
+    const int64_t full[4] = {B, H, N, N};
+    for (int d = 0; d < 4; ++d) ts[d] = (dbias->size(d) == 1) ? 0 : dbias->stride(d);
+    dbias_numel = dbias->numel();
+    shared_dbias = (dbias->size(0) == 1 && full[0] > 1) || (dbias->size(1) == 1 && full[1] > 1);
+  }
+  // Work items: groups of (b, h) whose dbias slices coincide are run by one
+  // thread ("group mode") unless there are fewer groups than threads, in
+  // which case every chunk accumulates into a private copy of dbias.
+  const int64_t T_max = std::max<int64_t>(1, at::get_num_threads());
+  int64_t GB = B, GH = H;
+  bool private_dbias = false;
+  if (shared_dbias) {
+    const int64_t groups = dbias->size(0) * dbias->size(1);
+    const double private_bytes = static_cast<double>(std::min(T_max, B * H)) * dbias_numel * sizeof(float);
+    if (groups >= T_max || private_bytes > (1ull << 30)) {
+      GB = dbias->size(0);
+      GH = dbias->size(1);
+    } else {
+      private_dbias = true;
+    }
+  }
+  const int64_t items = GB * GH;
+  const int64_t T = std::min(T_max, items);
+  std::vector<Buffer<double>> dtab_buf(dtable ? T : 0);
+  for (auto& buf : dtab_buf) buf.reset(H * R);
+  std::vector<Buffer<float>> dbias_buf(private_dbias ? T : 0);
+  for (auto& buf : dbias_buf) buf.reset(dbias_numel);
+  float* dbias_out = dbias ? dbias->data_ptr<float>() : nullptr;
+  if (dbias) std::fill(dbias_out, dbias_out + dbias_numel, 0.0f);
+
+  at::parallel_for(0, T, 1, [&](int64_t cbegin, int64_t cend) {
+    Buffer<acc_t> Qs(Npad * Dp), dO(Npad * Dp), Kr(Npad * Dp), KT(Dp * Npad), VT(Dp * Npad), dK(Npad * Dp),
+        dV(Npad * Dp), dQ(kBlock * Dp), S(kBlock * kBlock), dP(kBlock * kBlock), PT(kBlock * kBlock),
+        dST(kBlock * kBlock), W(kBlock), lse_r(Npad), delta(Npad);
+    for (int64_t c = cbegin; c < cend; ++c) {
+      double* dtab = dtable ? dtab_buf[c].data() : nullptr;
+      float* dbias_tgt = private_dbias ? dbias_buf[c].data() : dbias_out;
+      for (int64_t item = c * items / T; item < (c + 1) * items / T; ++item) {
+        const int64_t gb = item / GH, gh = item % GH;
+        const int64_t b_lo = GB == B ? gb : 0, b_hi = GB == B ? gb + 1 : B;
+        const int64_t h_lo = GH == H ? gh : 0, h_hi = GH == H ? gh + 1 : H;
+        for (int64_t b = b_lo; b < b_hi; ++b)
+          for (int64_t h = h_lo; h < h_hi; ++h) {
+            const HeadView<acc_t> hv(g, b, h);
+            pack_rows(qp + b * sq[0] + h * sq[1], sq[2], sq[3], N, Npad, D, scale, Qs.data(), Dp);
+            pack_rows(dop + b * sdo[0] + h * sdo[1], sdo[2], sdo[3], N, Npad, D, acc_t(1), dO.data(), Dp);
+            pack_rows(kp + b * sk[0] + h * sk[1], sk[2], sk[3], N, Npad, D, acc_t(1), Kr.data(), Dp);
+            pack_cols(kp + b * sk[0] + h * sk[1], sk[2], sk[3], N, Npad, D, KT.data(), Npad);
+            pack_cols(vp + b * sv[0] + h * sv[1], sv[2], sv[3], N, Npad, D, VT.data(), Npad);
+            // Delta_i = rowsum(dO_i * O_i) from the saved output.
+            const scalar_t* o_bh = outp + b * sout[0] + h * sout[1];
+            for (int64_t i = 0; i < N; ++i) {
+              acc_t s = 0;
+              const acc_t* dorow = dO.data() + i * Dp;
+              for (int64_t d = 0; d < D; ++d) s += dorow[d] * static_cast<acc_t>(o_bh[i * sout[2] + d * sout[3]]);
+              delta[i] = s;
+            }
+            if constexpr (std::is_same_v<acc_t, double>) {
+              // The saved LSE is float32; recompute it in double so that the
+              // float64 path stays float64-accurate (an extra pass over QK^T).
+              for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
+                const int64_t bm = std::min(kBlock, N - i0), Mp = round_up(bm, kMR);
+                for (int64_t i = 0; i < bm; ++i) {
+                  dQ[i] = -std::numeric_limits<double>::infinity();  // running max
+                  lse_r[i0 + i] = 0;                                // running sum
+                }
+                for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+                  const int64_t bn = std::min(kBlock, N - j0), Np = round_up(bn, VW);
+                  gemm_nn<acc_t>(Mp, Np, D, Qs.data() + i0 * Dp, Dp, KT.data() + j0, Npad, S.data(), kBlock, false);
+                  for (int64_t i = 0; i < bm; ++i) {
+                    acc_t* s = S.data() + i * kBlock;
+                    hv.add_scores(s, i0 + i, j0, bn);
+                    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+                    for (int64_t j = 0; j < bn; ++j) mx = std::max(mx, s[j]);
+                    const acc_t m_new = std::max<acc_t>(dQ[i], mx);
+                    const acc_t m_use = m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
+                    acc_t sum = 0;
+                    for (int64_t j = 0; j < bn; ++j) sum += std::exp(s[j] - m_use);
+                    lse_r[i0 + i] = lse_r[i0 + i] * std::exp(dQ[i] - m_use) + sum;
+                    dQ[i] = m_new;
+                  }
+                }
+                for (int64_t i = 0; i < bm; ++i) lse_r[i0 + i] = dQ[i] + std::log(lse_r[i0 + i]);
+              }
+            } else {
+              const float* lrow = lsep + b * lse_sb + h * lse_sh;
+              for (int64_t i = 0; i < N; ++i) lse_r[i] = lrow[i * lse_sn];
+            }
+            dK.zero();
+            dV.zero();
+            double* dtab_h = dtab ? dtab + h * R : nullptr;
+            float* dbias_bh = dbias ? dbias_tgt + b * ts[0] + h * ts[1] : nullptr;
+            for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
+              const int64_t bm = std::min(kBlock, N - i0), Mp = round_up(bm, kMR);
+              std::fill(dQ.data(), dQ.data() + Mp * Dp, acc_t(0));
+              for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+                const int64_t bn = std::min(kBlock, N - j0), Np = round_up(bn, VW), Nr = round_up(bn, kMR);
+                gemm_nn<acc_t>(Mp, Np, D, Qs.data() + i0 * Dp, Dp, KT.data() + j0, Npad, S.data(), kBlock, false);
+                gemm_nn<acc_t>(Mp, Np, D, dO.data() + i0 * Dp, Dp, VT.data() + j0, Npad, dP.data(), kBlock, false);
+                for (int64_t i = 0; i < bm; ++i) {
+                  acc_t* s = S.data() + i * kBlock;   // scores -> P ⊙ M ⊙ W
+                  acc_t* dp = dP.data() + i * kBlock;  // dO V^T -> dS
+                  hv.add_scores(s, i0 + i, j0, bn);
+                  const acc_t li = lse_r[i0 + i], di = delta[i0 + i];
+                  if (weighted) {
+                    hv.weights(W.data(), i0 + i, j0, bn);
+#pragma omp simd
+                    for (int64_t j = 0; j < bn; ++j) {
+                      const acc_t p = fast_exp<acc_t>(s[j] - li);
+                      s[j] = p * W[j];
+                      dp[j] = p * (dp[j] * W[j] - di);
+                    }
+                  } else {
+#pragma omp simd
+                    for (int64_t j = 0; j < bn; ++j) {
+                      const acc_t p = fast_exp<acc_t>(s[j] - li);
+                      s[j] = p;
+                      dp[j] = p * (dp[j] - di);
+                    }
+                  }
+                  if (dtab_h) {
+                    const int32_t ui = hv.u[i0 + i] + static_cast<int32_t>(g.off);
+                    const int32_t* uk = hv.u + j0;
+                    for (int64_t j = 0; j < bn; ++j) dtab_h[ui - uk[j]] += dp[j];
+                  }
+                  if (dbias_bh) {
+                    float* br = dbias_bh + (i0 + i) * ts[2] + j0 * ts[3];
+                    for (int64_t j = 0; j < bn; ++j) br[j * ts[3]] += static_cast<float>(dp[j]);
+                  }
+                }
+                for (int64_t i = bm; i < Mp; ++i) std::fill(dP.data() + i * kBlock, dP.data() + (i + 1) * kBlock, acc_t(0));
+                transpose(bm, bn, S.data(), kBlock, PT.data(), kBlock);
+                transpose(bm, bn, dP.data(), kBlock, dST.data(), kBlock);
+                gemm_nn<acc_t>(Nr, Dp, bm, PT.data(), kBlock, dO.data() + i0 * Dp, Dp, dV.data() + j0 * Dp, Dp, true);
+                gemm_nn<acc_t>(Nr, Dp, bm, dST.data(), kBlock, Qs.data() + i0 * Dp, Dp, dK.data() + j0 * Dp, Dp, true);
+                gemm_nn<acc_t>(Mp, Dp, bn, dP.data(), kBlock, Kr.data() + j0 * Dp, Dp, dQ.data(), Dp, true);
+              }
+              write_rows<scalar_t, acc_t>(dQ.data(), Dp, bm, D, nullptr, scale,
+                                          dqp + b * sdq[0] + h * sdq[1] + i0 * sdq[2], sdq[2], sdq[3]);
+            }
+            write_rows<scalar_t, acc_t>(dK.data(), Dp, N, D, nullptr, acc_t(1), dkp + b * sdk[0] + h * sdk[1],
+                                        sdk[2], sdk[3]);
+            write_rows<scalar_t, acc_t>(dV.data(), Dp, N, D, nullptr, acc_t(1), dvp + b * sdv[0] + h * sdv[1],
+                                        sdv[2], sdv[3]);
+          }
+      }
+    }
+  });
+
+  if (dtable) {
+    // dtable[r, h] = sum over chunks; rows >= (2 rows - 1)(2 cols - 1) are never indexed (stay 0).
+    float* dt = dtable->data_ptr<float>();
+    const int64_t st0 = dtable->stride(0), st1 = dtable->stride(1);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < R; ++r) {
+        double s = 0;
+        for (int64_t c = 0; c < T; ++c) s += dtab_buf[c][h * R + r];
+        dt[r * st0 + h * st1] = static_cast<float>(s);
+      }
+  }
+  if (private_dbias) {
+    at::parallel_for(0, dbias_numel, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t c = 0; c < T; ++c) {
+        const float* src = dbias_buf[c].data();
+        for (int64_t e = begin; e < end; ++e) dbias_out[e] += src[e];
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------ entry points
+
+std::vector<at::Tensor> amm_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& table,
+                                              const std::optional<at::Tensor>& positions,
+                                              const std::optional<at::Tensor>& amm_table,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& modulation, double scale,
+                                              int64_t rows, int64_t cols) {
+  const Geometry g = prepare(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols);
+  // [B, N, H, D] memory, returned as a [B, H, N, D] view (edt_kernels.ops._attention_op._empty_like_out).
+  at::Tensor out = at::empty({g.B, g.N, g.H, g.D}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({g.B, g.H, g.N}, q.options().dtype(at::kFloat));
+  if (q.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "amm_attention_fwd_cpu",
+                                    [&] { forward_impl<scalar_t>(g, q, k, v, out, lse); });
+  }
+  return {out, lse};
+}
+
+std::vector<at::Tensor> amm_attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                              const std::optional<at::Tensor>& table,
+                                              const std::optional<at::Tensor>& positions,
+                                              const std::optional<at::Tensor>& amm_table,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& modulation, double scale,
+                                              int64_t rows, int64_t cols, bool need_dtable, bool need_dbias) {
+  const Geometry g = prepare(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols);
+  check_qkv(dout, "dout", q);
+  check_qkv(out, "out", q);
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == g.B &&
+                  lse.size(1) == g.H && lse.size(2) == g.N,
+              "edt_kernels cpp amm_attention: lse must be a float32 CPU [B, H, N] tensor, got ", lse.sizes(), " ",
+              lse.scalar_type());
+  need_dtable = need_dtable && table.has_value() && table->defined();
+  need_dbias = need_dbias && bias.has_value() && bias->defined();
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dtable = need_dtable ? at::zeros(table->sizes(), f32) : at::empty({0}, f32);
+  at::Tensor dbias = need_dbias ? at::empty(bias->sizes(), f32) : at::empty({0}, f32);
+  if (need_dbias)
+    TORCH_CHECK(bias->dim() == 4, "edt_kernels cpp amm_attention: bias must be 4-d, got ", bias->sizes());
+  if (q.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "amm_attention_bwd_cpu", [&] {
+      backward_impl<scalar_t>(g, dout, q, k, v, out, lse, dq, dk, dv, need_dtable ? &dtable : nullptr,
+                              need_dbias ? &dbias : nullptr);
+    });
+  } else if (need_dbias) {
+    dbias.zero_();
+  }
+  return {dq, dk, dv, dtable, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(edt_kernels_cpp, CPU, m) {
+  m.impl("amm_attention_fwd", &amm_attention_fwd_cpu);
+  m.impl("amm_attention_bwd", &amm_attention_bwd_cpu);
+}
+
+}  // namespace edt_kernels
