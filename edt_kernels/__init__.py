@@ -12,4 +12,9 @@ from .ops.tokens import gather_tokens, masked_shortcut, patch_merge_modulate, ra
 from .nn import AMMAttention, RelativePositionBias  # noqa: F401
 from .patch import AMM_PRESETS, PatchReport, apply_amm, patch_model, unpatch_model  # noqa: F401
 
+from .attention import _load_optional_backends
+
+_load_optional_backends()  # register the triton/cpp backends now, not inside a traced call
+del _load_optional_backends
+
 __version__ = "0.1.0"

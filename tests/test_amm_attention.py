@@ -321,13 +321,13 @@ def test_launch_grid_is_one_dimensional_for_many_heads():
                 calls.append(grid)
                 return lambda *a, **k: None
 
-        orig = triton_op._amm_attn_fwd_kernel
-        triton_op._amm_attn_fwd_kernel = Spy()
+        orig = triton_op._fwd_kernel
+        triton_op._fwd_kernel = Spy()
         try:
             q = torch.randn(70000, 1, 4, 16)
             triton_op.amm_attention_forward(q, q, q, None, None, None, None, None, 0.25, 1, 4)
         finally:
-            triton_op._amm_attn_fwd_kernel = orig
+            triton_op._fwd_kernel = orig
         assert calls == [(70000 * 1,)]
 
 

@@ -118,7 +118,7 @@ def _amm_attn_fwd_kernel(
     stride_tr, stride_th, stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, N, D, n_table, num_m_blocks, qk_scale, COLS, IDX_OFF,
+    H, N, D, n_table, qk_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -126,6 +126,7 @@ def _amm_attn_fwd_kernel(
 ):
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     bh = pid // num_m_blocks
@@ -328,6 +329,22 @@ def _amm_attn_bwd_dq_kernel(
 
 # ============================================================================ launchers
 
+def _fwd_configs():
+    # Forward tiles for Hopper/Ampere; the backward kernels use fixed tiles
+    # (their atomics make autotuning re-runs unsafe without resets).
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                                  (64, 32, 4, 2), (128, 128, 8, 2)]]
+
+
+# Under the interpreter there is nothing to tune: the plain kernel with the
+# tiles of _block_sizes is launched.
+_fwd_kernel = (_amm_attn_fwd_kernel if _interpreting() else
+               triton.autotune(configs=_fwd_configs(),
+                               key=["N", "BLOCK_D", "HAS_GRID", "HAS_POS", "HAS_TABLE", "HAS_AMM",
+                                    "HAS_BIAS", "HAS_MOD", "DOT_PRECISION"])(_amm_attn_fwd_kernel))
+
+
 def _block_sizes(N: int, D: int, device: torch.device):
     block_d = max(16, triton.next_power_of_2(D))
     if device.type != "cuda":  # interpreter: large tiles mean fewer Python-level steps
@@ -386,17 +403,21 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
         return out, lse
     BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
     has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
-    num_m = triton.cdiv(N, BLOCK_M)
-    _amm_attn_fwd_kernel[(B * H * num_m,)](
+    if isinstance(_fwd_kernel, triton.runtime.Autotuner):
+        tiles = {}
+        launch = _fwd_kernel[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_M"]),)]
+    else:
+        tiles = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages)
+        launch = _fwd_kernel[(B * H * triton.cdiv(N, BLOCK_M),)]
+    launch(
         q, k, v, out, lse,
         _dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q), _dummy(modulation, q),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *tstr, *pstr, *_strides4(bias), *_strides4(modulation),
-        H, N, D, n_table, num_m, scale * _LOG2E, cols, idx_off,
+        H, N, D, n_table, scale * _LOG2E, cols, idx_off,
         HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
         HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None, HAS_MOD=modulation is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D, **tiles,
     )
     return out, lse
 
