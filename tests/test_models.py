@@ -204,9 +204,10 @@ def test_fused_equals_plain_eval_with_amm(kind, torch_backend):
                      torch.float32, FWD_TOL, name="cfg")
 
 
-# Smallest layouts that still run every kernel: 4x4 token grid, one block per stage.
+# Smallest layouts that still run every kernel: 4x4 token grid, one block per stage
+# (five in EDT's stage 0 for the mid masking).
 TRITON_CASES = {
-    "EDT": dict(input_size=8, depth=5, stages_depth=[1, 1, 1, 1, 1], amm_blocks=[3, 4]),
+    "EDT": dict(input_size=8, depth=9, stages_depth=[5, 1, 1, 1, 1], mid_mask=True, size=None, amm_blocks=[7, 8]),
     "MDTv2": dict(input_size=8, depth=4, decode_layer=2, amm_blocks=[0, 3]),
 }
 
@@ -260,6 +261,44 @@ def test_fused_path_uses_amm_attention_with_positions(monkeypatch, torch_backend
     assert len(with_positions) == n_encoder
     assert all(c["amm"] is False for c in log.calls)  # training: no AMM
     assert with_positions[0]["positions"].shape[1] < fused.grid ** 2
+
+
+def test_shim_fallbacks_match_kernel_ops(torch_backend):
+    """The PyTorch stand-ins used where edt_kernels lacks an op agree with the ops."""
+    g = torch.Generator().manual_seed(0)
+    B, n, C = 2, 4, 8
+    L = n * n
+    x = torch.randn(B, L, C, generator=g)
+    shift, scale, gate = (torch.randn(B, C, generator=g) for _ in range(3))
+    shift4, scale4 = torch.randn(B, 4 * C, generator=g), torch.randn(B, 4 * C, generator=g)
+    keep = torch.rand(B, L, generator=g) >= 0.4
+    ids_restore = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
+    ids_keep = torch.argsort(ids_restore, dim=1)[:, :10]
+    mask_token, pos = torch.randn(1, 1, C, generator=g), torch.randn(1, L, C, generator=g)
+    fb = common._FALLBACKS
+    cases = {
+        "layernorm_modulate": (x, shift, scale),
+        "gated_residual": (x, gate, x.flip(1)),
+        "gather_tokens": (x, ids_keep),
+        "unshuffle_with_mask_token": (x[:, :10], ids_restore, mask_token, pos),
+        "masked_shortcut": (x, x.flip(1), keep.float()),
+        "patch_merge_modulate": (x, shift4, scale4, n, keep),
+    }
+    for name, args in cases.items():
+        assert_close(fb[name](*args), common._kernel(name)(*args), torch.float32, FWD_TOL, name=name)
+    # and the fused patch merge with sub-token keep equals the published eager DownSample front end
+    from edt.models.edt import DownSample
+
+    mask = keep.float().unsqueeze(-1).expand(B, L, C)
+    eager = common.modulate(torch.nn.functional.layer_norm(DownSample.merge(x, n), (4 * C,), eps=1e-6),
+                            shift4, scale4) * DownSample.merge(mask, n)
+    assert_close(fb["patch_merge_modulate"](x, shift4, scale4, n, keep), eager, torch.float32, FWD_TOL,
+                 name="merge vs eager")
+    ratio = torch.tensor([0.37])
+    out_fb = fb["random_masking"](x, ratio, torch.Generator().manual_seed(1))
+    out_k = common._kernel("random_masking")(x, ratio, torch.Generator().manual_seed(1))
+    for a, b in zip(out_fb, out_k):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- AMM switching, masking

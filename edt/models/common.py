@@ -62,12 +62,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 #################################################################################
 #                 Kernel shim: edt_kernels token / adaLN ops                    #
 #################################################################################
-# The fused path calls the token and adaLN kernels of ``edt_kernels`` by name.
-# Where a kernel is not (yet) available, a PyTorch composition with the same
-# semantics stands in, so the fused path always runs; ``kernel_sources()`` says
-# which is in use.  The fallbacks are deliberately written differently from the
-# eager path (e.g. the patch merge as one view/permute instead of four strided
-# slices) so that "fused == plain" tests compare two implementations.
+# The fused path calls the token and adaLN ops of ``edt_kernels`` by name
+# (they pick Triton or their PyTorch reference themselves, see
+# ``EDT_KERNELS_BACKEND``).  Where an op is missing from the installed
+# ``edt_kernels`` (e.g. a build without the token ops), a PyTorch composition
+# with the same semantics stands in, so the fused path always runs;
+# ``kernel_sources()`` says which is in use.  Adapters bridge the few places
+# where a kernel's contract differs from what the model needs.
 
 
 def _torch_layernorm_modulate(x, shift, scale, eps: float = LN_EPS):

@@ -9,8 +9,8 @@ training-only extras from the paper:
 - the Attention Modulation Matrix (AMM, SPEC 3) multiplies the attention
   weights of a few blocks after the softmax, in eval mode only;
 - token relation-enhanced masking training (SPEC 6): ``enable_mask=True``
-  drops merged tokens before each down-sampling (and, for EDT-XL, replaces
-  tokens of stage 0 by the positional embedding before its block 4).
+  drops tokens inside the 2x2 merge of each down-sampling (and, for EDT-XL,
+  replaces tokens of stage 0 by the positional embedding before its block 4).
 
 State-dict keys and shapes are those of the published checkpoints.
 """
