@@ -63,7 +63,7 @@ def relative_position_index(grid: GridLike, positions: Optional[torch.Tensor] = 
     or ``[..., N, N]`` for the tokens at ``positions`` (flat grid indices)."""
     rows, cols = normalize_grid(grid)
     if positions is None:
-        positions = torch.arange(rows * cols, device=device)
+        positions = torch.arange(rows * cols, device=device if device is not None else "cpu")
     positions = positions.long()
     r, c = positions // cols, positions % cols
     dr = r[..., :, None] - r[..., None, :] + rows - 1
@@ -119,8 +119,9 @@ def _amm_values(dr2: torch.Tensor, period: float, radius2: int, amplitude: float
 @lru_cache(maxsize=256)
 def _amm_offset_table_cpu(rows: int, cols: int, period: float, radius2: int,
                           amplitude: float) -> torch.Tensor:
-    dr = torch.arange(-(rows - 1), rows, dtype=torch.int64)
-    dc = torch.arange(-(cols - 1), cols, dtype=torch.int64)
+    # Explicit CPU: a cached tensor must not inherit a `with torch.device(...)` context.
+    dr = torch.arange(-(rows - 1), rows, dtype=torch.int64, device="cpu")
+    dc = torch.arange(-(cols - 1), cols, dtype=torch.int64, device="cpu")
     dr2 = dr[:, None] ** 2 + dc[None, :] ** 2  # [(2r-1), (2c-1)], row-major = table layout
     return _amm_values(dr2.reshape(-1), period, radius2, amplitude).float()
 

@@ -188,6 +188,25 @@ def _is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_checked_positions: "Dict[tuple, torch.Tensor]" = {}
+
+
+def _check_positions_range(positions: torch.Tensor, rows: int, cols: int) -> None:
+    """Range check of the positions (a host sync on GPU).  A model passes the same
+    ``ids_keep`` tensor to every block of a step, so the last few tensors checked
+    are remembered by identity and version: one sync per step, not per block."""
+    key = (id(positions), positions._version, rows * cols)
+    if _checked_positions.get(key) is positions:  # the cache holds the tensor: ids are not reused
+        return
+    lo, hi = int(positions.min()), int(positions.max())
+    if lo < 0 or hi >= rows * cols:
+        raise ValueError(f"positions must lie in [0, rows*cols) = [0, {rows * cols}) for "
+                         f"grid ({rows}, {cols}), got values in [{lo}, {hi}]")
+    if len(_checked_positions) >= 8:
+        _checked_positions.pop(next(iter(_checked_positions)))
+    _checked_positions[key] = positions
+
+
 def _as_4d(name: str, t: torch.Tensor, B: int, H: int, N: int) -> torch.Tensor:
     if t.dim() > 4:
         raise ValueError(f"{name} must have at most 4 dims broadcastable to [B, H, N, N] = "
@@ -267,12 +286,9 @@ def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positi
                 raise ValueError(f"positions must be [N] or [B, N] = [{B}, {N}], got {list(positions.shape)}")
         else:
             raise ValueError(f"positions must be [N] or [B, N] = [{B}, {N}], got {list(positions.shape)}")
-        positions = positions.long()
         if positions.numel() and not _is_tracing():
-            lo, hi = int(positions.min()), int(positions.max())
-            if lo < 0 or hi >= rows * cols:
-                raise ValueError(f"positions must lie in [0, rows*cols) = [0, {rows * cols}) for "
-                                 f"grid ({rows}, {cols}), got values in [{lo}, {hi}]")
+            _check_positions_range(positions, rows, cols)
+        positions = positions.long()
     elif not uses_grid:
         positions = None  # positions only matter through the table / AMM
 
