@@ -192,7 +192,7 @@ def _amm_attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dtr, stride_dth,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    H, N, D, n_table, num_n_blocks, qk_scale, sm_scale, COLS, IDX_OFF,
+    H, N, D, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
     NEED_DTABLE: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -200,6 +200,7 @@ def _amm_attn_bwd_dkdv_kernel(
 ):
     """dK, dV for one key block (loop over query blocks); also scatters dS into
     the table gradient and the dense-bias gradient, each pair visited once."""
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
     bh = pid // num_n_blocks
@@ -273,13 +274,14 @@ def _amm_attn_bwd_dq_kernel(
     stride_tr, stride_th, stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, N, D, n_table, num_m_blocks, qk_scale, sm_scale, COLS, IDX_OFF,
+    H, N, D, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ for one query block (loop over key blocks)."""
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     bh = pid // num_m_blocks
@@ -356,6 +358,35 @@ def _block_sizes(N: int, D: int, device: torch.device):
     if block_d <= 128:
         return 128, 32, block_d, 8, 2
     return 64, 32, block_d, 8, 1
+
+
+# Backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first.  A
+# tile whose shared memory does not fit the device fails with OutOfResources
+# before anything runs (so the atomics never double-count) and the next one is
+# tried; the first that fits is remembered per kernel specialisation.  Shared
+# memory on sm_90 was read off `triton.compile` (tests/test_amm_attention_aot.py).
+_BWD_DKDV_TILES = [(64, 128, 8, 2), (32, 128, 8, 1), (64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)]
+_BWD_DQ_TILES = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)]
+_tile_choice: dict = {}
+
+
+def _launch_tiled(kernel, tiles, cpu_tiles, grid_of, args, kwargs, q):
+    if q.device.type != "cuda":
+        tiles = [cpu_tiles]
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), q.device, q.dtype,
+           tuple(sorted(kwargs.items())))
+    last_error = None
+    for i in range(_tile_choice.get(key, 0), len(tiles)):
+        bm, bn, warps, stages = tiles[i]
+        try:
+            kernel[(grid_of(bm, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                       num_stages=stages, **kwargs)
+        except triton.runtime.errors.OutOfResources as exc:
+            last_error = exc
+            continue
+        _tile_choice[key] = i
+        return
+    raise RuntimeError(f"no backward tile of {tiles} fits this device: {last_error}")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -440,30 +471,28 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     delta = (dout.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
     BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
-    BLOCK_M_KV, BLOCK_N_KV = (BLOCK_N, BLOCK_M) if q.device.type == "cuda" else (BLOCK_M, BLOCK_N)
     has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
-    common = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
-                  HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None,
-                  HAS_MOD=modulation is not None, DOT_PRECISION=_dot_precision(q.dtype),
-                  BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages)
+    flags = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
+                 HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None,
+                 HAS_MOD=modulation is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D)
     ptrs = (_dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q),
             _dummy(modulation, q))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tstr, *pstr,
                *_strides4(bias), *_strides4(modulation))
     dtstr = (dtable.stride(0), dtable.stride(1)) if need_dtable else (0, 0)
-    num_n = triton.cdiv(N, BLOCK_N_KV)
-    _amm_attn_bwd_dkdv_kernel[(B * H * num_n,)](
-        q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
-        _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
-        *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)),
-        H, N, D, n_table, num_n, scale * _LOG2E, scale, cols, idx_off,
-        NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias,
-        BLOCK_M=BLOCK_M_KV, BLOCK_N=BLOCK_N_KV, **common)
-    num_m = triton.cdiv(N, BLOCK_M)
-    _amm_attn_bwd_dq_kernel[(B * H * num_m,)](
-        q, k, v, dout, lse, delta, dq, *ptrs, *strides,
-        H, N, D, n_table, num_m, scale * _LOG2E, scale, cols, idx_off,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **common)
+    cpu_tiles = (BLOCK_M, BLOCK_N, warps, stages)
+    _launch_tiled(
+        _amm_attn_bwd_dkdv_kernel, _BWD_DKDV_TILES, cpu_tiles, lambda bm, bn: B * H * triton.cdiv(N, bn),
+        (q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
+         _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
+         *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)),
+         H, N, D, n_table, scale * _LOG2E, scale, cols, idx_off),
+        dict(NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias, **flags), q)
+    _launch_tiled(
+        _amm_attn_bwd_dq_kernel, _BWD_DQ_TILES, cpu_tiles, lambda bm, bn: B * H * triton.cdiv(N, bm),
+        (q, k, v, dout, lse, delta, dq, *ptrs, *strides,
+         H, N, D, n_table, scale * _LOG2E, scale, cols, idx_off),
+        flags, q)
     return dq, dk, dv, dtable, dbias
 
 
