@@ -33,12 +33,13 @@ def _path(op: str, **tensors) -> str:
     return "triton" if use_triton(op, "auto", **tensors) else "torch reference"
 
 
-def specs(small: bool = U.SMALL, B: Optional[int] = None) -> List[MB.OpSpec]:
+def specs(small: bool = U.SMALL, B: Optional[int] = None, tiny: bool = False) -> List[MB.OpSpec]:
+    """The benchmarked shapes; ``tiny`` (16 tokens, 8 channels) is for the smoke test."""
     B = (8 if small else 256) if B is None else B
-    L = 256
+    L = 16 if tiny else 256
     out = []
     n = MB.nbytes
-    for C in ((384, 312) if small else (1152, 936)):
+    for C in ((8,) if tiny else ((384, 312) if small else (1152, 936))):
         def ln_make(g, dev, dt, C=C):
             return (torch.randn(B, L, C, generator=g).to(dev, dt), torch.randn(B, C, generator=g).to(dev, dt),
                     torch.randn(B, C, generator=g).to(dev, dt))

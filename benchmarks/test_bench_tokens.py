@@ -52,10 +52,11 @@ def _es(t):
     return t.element_size()
 
 
-def specs(small: bool = U.SMALL, B: Optional[int] = None) -> List[MB.OpSpec]:
+def specs(small: bool = U.SMALL, B: Optional[int] = None, tiny: bool = False) -> List[MB.OpSpec]:
+    """The benchmarked shapes; ``tiny`` (a 4x4 grid, 8 channels) is for the smoke test."""
     B = (8 if small else 256) if B is None else B
-    L, side = 256, 16
-    C_mdt, C_edt = (384, 312) if small else (1152, 936)
+    L, side = (16, 4) if tiny else (256, 16)
+    C_mdt, C_edt = (8, 8) if tiny else ((384, 312) if small else (1152, 936))
     K = int(L * (1 - 0.4))  # MDTv2: r = 0.3 + 0.2 U(0, 1), mean 0.4
 
     def gather_make(g, dev, dt):

@@ -1,0 +1,242 @@
+"""Smoke test of ``benchmarks/``: every benchmark's core function runs on tiny
+shapes, its peers compute the same function, and the results writer merges by
+section, so that ``pytest benchmarks/ --benchmark-only`` cannot rot unnoticed.
+
+Timings here mean nothing (one call, no warm-up); what is checked is that the
+code paths run, that every implementation agrees with the reference on what it
+claims to compute, and that the numbers and files have the promised shape.
+"""
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _membound as MB  # noqa: E402
+from benchmarks import _utils as U  # noqa: E402
+from benchmarks import plot_results  # noqa: E402
+from benchmarks import test_bench_adaln as BA  # noqa: E402
+from benchmarks import test_bench_attention as BATT  # noqa: E402
+from benchmarks import test_bench_cpu_attention as BCPU  # noqa: E402
+from benchmarks import test_bench_models as BM  # noqa: E402
+from benchmarks import test_bench_tokens as BT  # noqa: E402
+
+CPU = torch.device("cpu")
+FAST = dict(warmup=0, repeats=1, n_sets=1, record=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a busy 2-core machine an
+    OpenMP barrier across an oversubscribed core costs more than the op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- utils
+
+def test_timing_and_rates():
+    t = U.Timing([3.0, 1.0, 2.0, 10.0])
+    assert t.median == 2.5 and t.min == 1.0
+    assert U.attention_flops(2, 3, 4, 5, "fwd") == 4 * 2 * 3 * 16 * 5
+    assert U.attention_flops(2, 3, 4, 5, "fwd+bwd") == 3.5 * 4 * 2 * 3 * 16 * 5
+    with pytest.raises(ValueError, match="mode"):
+        U.attention_flops(1, 1, 1, 1, "bwd")
+    assert 2 <= U.rotations(1, CPU) <= 8 and U.rotations(1 << 40, CPU) == 2
+    calls = []
+    timing = U.measure(lambda a: calls.append(a), [(0,), (1,), (2,)], warmup=2, repeats=4, device=CPU)
+    assert calls == [0, 1, 2, 0, 1, 2]  # rotated, warm-up calls first
+    assert len(timing.times) == 4 and all(x >= 0 for x in timing.times)
+    assert U.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_peak_memory_sees_torch_allocations():
+    peak = U.peak_memory(lambda: torch.ones(8 << 20), (), CPU)  # 32 MiB, touched
+    if U.CPU_PEAK_METHOD is None:
+        assert peak is None
+    else:
+        assert peak >= 24 << 20
+
+
+def test_results_merge_by_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    cols = [("a", "A"), ("b", "B")]
+    s1 = U.Section("one", "Section one", cols, ["note one"], rows=[{"a": 1, "b": 2.5}])
+    s2 = U.Section("two", "Section two", cols, rows=[{"a": "x", "b": None}])
+    j, m = U.write_results([s1, s2], tmp_path)
+    assert j.name == f"{U.device_slug()}.json" and m.suffix == ".md"
+    s1b = U.Section("one", "Section one", cols, rows=[{"a": 7, "b": 8.0}])
+    U.write_results([s1b], tmp_path)
+    data = json.loads(j.read_text())
+    assert set(data["sections"]) == {"one", "two"}
+    assert data["sections"]["one"]["rows"] == [{"a": 7, "b": 8.0}]  # replaced
+    assert data["sections"]["two"]["rows"] == [{"a": "x", "b": None}]  # kept
+    run = data["sections"]["one"]["run"]
+    assert {"date", "git_commit", "torch", "triton", "device", "shapes"} <= set(run)
+    md = m.read_text()
+    assert U.device_name() in md and "| A | B |" in md and "| x | n/a |" in md
+    if U.DEVICE.type == "cpu":
+        assert "CPU-only run" in md
+    png, why = plot_results.plot(j)
+    assert png is None and "models" in why  # no models section in this file
+
+
+# ----------------------------------------------------------------------------- attention
+
+TINY_ATTN = [
+    BATT.AttnCase("t-table", 2, 2, 16, 8, 4),
+    BATT.AttnCase("t-table-amm", 2, 2, 16, 8, 4, amm=True),
+    BATT.AttnCase("t-masked", 2, 2, 10, 8, 4, extra_rows=3, masked=True),
+    BATT.AttnCase("t-amm-only", 1, 2, 16, 8, 4, table=False, amm=True),
+]
+
+
+@pytest.mark.parametrize("case", TINY_ATTN, ids=lambda c: c.name)
+def test_attention_peers_agree(case, monkeypatch):
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")  # no extension build inside this smoke test
+    for mode in case.modes:
+        for impl in BATT.IMPLS:
+            kw = dict(FAST, compiled=False, device=CPU, dtype=torch.float32)
+            if impl == "sdpa_mask" and not case.table or impl == "flex" and mode == "fwd+bwd":
+                with pytest.raises(BATT.NotApplicable):
+                    BATT.run_one(case, impl, mode, **kw)
+                continue
+            row = BATT.run_one(case, impl, mode, **kw)
+            assert row["rel_err"] < 1e-5, (case.name, mode, impl, row)
+            assert row["ms"] > 0 and row["tflops"] > 0 and math.isfinite(row["tflops"])
+            if U.CPU_PEAK_METHOD is not None:
+                assert row["mem_mib"] is not None
+
+
+def test_flex_compiled_amm_is_refused_on_cpu():
+    case = TINY_ATTN[1]
+    prob = BATT.make_problem(case, "fwd", device=CPU, dtype=torch.float32, n_sets=1)
+    with pytest.raises(BATT.NotApplicable, match="LSE"):
+        BATT.build_impl("flex", prob, compiled=True)
+
+
+def test_published_eager_path_matches_reference_float64():
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D, n = 2, 3, 11, 8, 4
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3))
+    table = torch.randn((2 * n - 1) ** 2 + 3, H, generator=g, dtype=torch.float64)
+    pos = torch.stack([torch.randperm(n * n, generator=g)[:N] for _ in range(B)])
+    eager = BATT.PublishedEagerAttention(n, True, CPU)
+    eager.M = eager.M.double()
+    out = eager(q, k, v, table, pos)
+    import edt_kernels
+
+    ref = edt_kernels.reference_attention(q, k, v, rel_pos_bias=table, grid=n, positions=pos, amm=True)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_attention_summary_and_targets():
+    rows = [{"case": "edt-xl-s0", "mode": "fwd", "impl": "edt_kernels", "ms": 1.0, "tflops": 10.0,
+             "label": "amm_attention[triton]"},
+            {"case": "edt-xl-s0", "mode": "fwd", "impl": "eager", "ms": 4.0},
+            {"case": "edt-xl-s0", "mode": "fwd", "impl": "flex", "ms": 1.2}]
+    sec = U.Section("attention", "t", BATT.COLUMNS, rows=rows)
+    pivot, targets = BATT.summarize(sec)
+    assert pivot["rows"][0]["eager"] == 4.0 and pivot["rows"][0]["flex"] == pytest.approx(1.2)
+    met = {r["target"]: r["met"] for r in targets["rows"]}
+    assert met["edt-xl-s0 fwd >= 3x eager"] is True
+    assert met["edt-xl-s0 fwd >= 1.5x flex"] is False
+    assert met["long-4096 fwd table+AMM >= 300 TFLOP/s"] is None  # not measured
+
+
+def test_attention_main_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    monkeypatch.setattr(BATT, "CASE_BY_NAME", {c.name: c for c in TINY_ATTN})
+    monkeypatch.setattr(U, "RESULTS", {})
+    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    rc = BATT.main(["--cases", "t-table", "--impls", "edt_kernels", "eager", "--modes", "fwd",
+                    "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / f"{U.device_slug()}.json").read_text())
+    rows = data["sections"]["attention"]["rows"]
+    assert {r["impl"] for r in rows} == {"edt_kernels", "eager"}
+    assert "edt_kernels speed-up" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- tokens / adaLN
+
+@pytest.mark.parametrize("module", [BT, BA], ids=["tokens", "adaln"])
+def test_membound_ops_run_and_agree(module):
+    for spec in module.specs(B=2, tiny=True):
+        for mode in spec.modes:
+            for impl in ("edt_kernels", "eager"):
+                row = MB.run_one(spec, impl, mode, module.SECTION, device=CPU, dtype=torch.float32, **FAST)
+                assert row["rel_err"] < 1e-5, (spec.name, mode, impl, row)
+                assert row["GBps"] > 0 and row["bytes"] > 0 and row["pct_copy"] > 0
+
+
+def test_membound_compiled_column():
+    spec = next(s for s in BA.specs(B=2, tiny=True) if s.op == "gated_residual")
+    row = MB.run_one(spec, "compiled", "fwd", BA.SECTION, device=CPU, dtype=torch.float32, **FAST)
+    assert row["rel_err"] < 1e-6 and row["path"] == "torch.compile"
+
+
+# ----------------------------------------------------------------------------- C++ CPU attention
+
+def test_cpu_attention_bench():
+    case = BATT.AttnCase("t-masked", 2, 2, 10, 8, 4, extra_rows=3, masked=True)
+    row = BCPU.run_one(case, "torch", "fwd+bwd", **FAST)
+    assert row["rel_err"] < 1e-6 and row["ms"] > 0
+    why = BCPU.cpp_unavailable_reason()
+    if why is None:
+        row = BCPU.run_one(case, "cpp", "fwd+bwd", **FAST)
+        assert row["rel_err"] < 1e-5
+    else:
+        with pytest.raises(BATT.NotApplicable):
+            BCPU.run_one(case, "cpp", "fwd", **FAST)
+
+
+# ----------------------------------------------------------------------------- models
+
+EDT_TINY = dict(input_size=8, hidden_size=16, dims=(16, 24, 32, 24, 16), num_heads=(2, 2, 2, 2, 2),
+                stages_depth=(1, 1, 1, 1, 1), depth=5, amm_blocks=(4,), num_classes=10)
+MDT_TINY = dict(input_size=8, hidden_size=16, depth=4, num_heads=2, decode_layer=2, num_classes=10)
+
+
+def test_models_bench_runs_and_summarizes(monkeypatch):
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    rows = []
+    for col in BM.columns(compile_=False):
+        ov = EDT_TINY if col.family == "EDT" else MDT_TINY
+        for metric in BM.METRICS:
+            row = BM.run_one("S", metric, col, warmup=0, repeats=1, overrides=ov, sample_steps=2,
+                             record=False, device=CPU)
+            assert row["images_per_s"] > 0 and row["params_M"] > 0
+            assert row["gflops_authors"] > 0 and row["gflops_measured"] > 0
+            rows.append(row)
+    BM._CACHE.clear()
+    sec = U.Section("models", "t", BM.ROW_COLUMNS, rows=rows)
+    ratios, gains, models = BM.summarize(sec)
+    assert ratios["kind"] == "ratios" and len(ratios["rows"]) == 3
+    for r in ratios["rows"]:
+        assert r["paper"] in (3.93, 2.29) and r["eager"] > 0 and r["kernels"] > 0
+    assert len(gains["rows"]) == 6 and len(models["rows"]) == 2
+
+
+def test_models_chart(tmp_path, monkeypatch):
+    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    table = {"title": "r", "kind": "ratios", "columns": [], "rows": [
+        {"size": "S", "metric": "train", "paper": 3.93, "eager": 1.5, "kernels": 1.7}]}
+    sec = U.Section("models", "Models", [("size", "size")], rows=[{"size": "S"}],
+                    summarize=lambda s: [table])
+    j, _ = U.write_results([sec], tmp_path)
+    png, why = plot_results.plot(j)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert png is None and "matplotlib" in why
+    else:
+        assert png is not None and png.exists() and png.stat().st_size > 1000
