@@ -179,6 +179,12 @@ def test_head_dims_edt_stage(D):
     check_backend("triton", inputs, kw, torch.float32)
 
 
+@pytest.mark.parametrize("D", [1, 7, 256])
+def test_extreme_head_dims(D):
+    inputs, kw = make_case(1, 2, 9, D, grid=3, table=True, amm=True, seed=D)
+    check_backend("triton", inputs, kw, torch.float32)
+
+
 def test_rectangular_grid_and_custom_amm():
     cfg = AMM(period=7.5, radius2=5, amplitude=0.7)
     inputs, kw = make_case(1, 2, 24, 16, grid=(4, 6), table=True, amm=cfg, extra=0, seed=3)
