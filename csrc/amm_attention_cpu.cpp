@@ -48,8 +48,8 @@ using cpu::Buffer;
 using cpu::fast_exp;
 using cpu::gemm_nn;
 using cpu::kMR;
+using cpu::gemm_tn;
 using cpu::round_up;
-using cpu::transpose;
 
 constexpr int64_t kBlock = 64;  // query and key block (multiple of kMR and of every vector width)
 
@@ -341,6 +341,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           acc_t* s = S.data() + i * kBlock;
           hv.add_scores(s, i0 + i, j0, bn);
           acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
           for (int64_t j = 0; j < bn; ++j) mx = std::max(mx, s[j]);
           const acc_t m_new = std::max(m[i], mx);
           const acc_t m_use = m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
@@ -438,8 +439,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
 
   at::parallel_for(0, T, 1, [&](int64_t cbegin, int64_t cend) {
     Buffer<acc_t> Qs(Npad * Dp), dO(Npad * Dp), Kr(Npad * Dp), KT(Dp * Npad), VT(Dp * Npad), dK(Npad * Dp),
-        dV(Npad * Dp), dQ(kBlock * Dp), S(kBlock * kBlock), dP(kBlock * kBlock), PT(kBlock * kBlock),
-        dST(kBlock * kBlock), W(kBlock), lse_r(Npad), delta(Npad);
+        dV(Npad * Dp), dQ(kBlock * Dp), S(kBlock * kBlock), dP(kBlock * kBlock), W(kBlock), lse_r(Npad),
+        delta(Npad);
     for (int64_t c = cbegin; c < cend; ++c) {
       double* dtab = dtable ? dtab_buf[c].data() : nullptr;
       float* dbias_tgt = private_dbias ? dbias_buf[c].data() : dbias_out;
@@ -479,6 +480,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                     acc_t* s = S.data() + i * kBlock;
                     hv.add_scores(s, i0 + i, j0, bn);
                     acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
                     for (int64_t j = 0; j < bn; ++j) mx = std::max(mx, s[j]);
                     const acc_t m_new = std::max<acc_t>(dQ[i], mx);
                     const acc_t m_use = m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
@@ -536,11 +538,10 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                     for (int64_t j = 0; j < bn; ++j) br[j * ts[3]] += static_cast<float>(dp[j]);
                   }
                 }
-                for (int64_t i = bm; i < Mp; ++i) std::fill(dP.data() + i * kBlock, dP.data() + (i + 1) * kBlock, acc_t(0));
-                transpose(bm, bn, S.data(), kBlock, PT.data(), kBlock);
-                transpose(bm, bn, dP.data(), kBlock, dST.data(), kBlock);
-                gemm_nn<acc_t>(Nr, Dp, bm, PT.data(), kBlock, dO.data() + i0 * Dp, Dp, dV.data() + j0 * Dp, Dp, true);
-                gemm_nn<acc_t>(Nr, Dp, bm, dST.data(), kBlock, Qs.data() + i0 * Dp, Dp, dK.data() + j0 * Dp, Dp, true);
+                // dV_j += (P⊙M⊙W)^T dO_i, dK_j += dS^T (scale Q_i), dQ_i += dS K_j.  Rows
+                // [bn, Nr) of the first two land in dV/dK rows >= N (padding).
+                gemm_tn<acc_t>(Nr, Dp, bm, S.data(), kBlock, dO.data() + i0 * Dp, Dp, dV.data() + j0 * Dp, Dp, true);
+                gemm_tn<acc_t>(Nr, Dp, bm, dP.data(), kBlock, Qs.data() + i0 * Dp, Dp, dK.data() + j0 * Dp, Dp, true);
                 gemm_nn<acc_t>(Mp, Dp, bn, dP.data(), kBlock, Kr.data() + j0 * Dp, Dp, dQ.data(), Dp, true);
               }
               write_rows<scalar_t, acc_t>(dQ.data(), Dp, bm, D, nullptr, scale,

@@ -69,8 +69,9 @@ class Buffer {
 };
 
 // ------------------------------------------------------------------ micro-GEMM
-// C[mr, nr] (+)= A[mr, K] * B[K, nr]; row-major, unit stride along rows.
-template <typename T, int mr, int nr>
+// C[mr, nr] (+)= op(A)[mr, K] * B[K, nr], row-major, unit stride along rows;
+// op(A) = A (A[r, k] at A[r * lda + k]) or, with TRANS_A, A^T (A[k * lda + r]).
+template <typename T, int mr, int nr, bool TRANS_A>
 static inline __attribute__((always_inline)) void micro_kernel(
     int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
     T* __restrict C, int64_t ldc, bool accumulate) {
@@ -82,7 +83,7 @@ static inline __attribute__((always_inline)) void micro_kernel(
   for (int64_t k = 0; k < K; ++k) {
     const T* b = B + k * ldb;
     for (int r = 0; r < mr; ++r) {
-      const T a = A[r * lda + k];
+      const T a = TRANS_A ? A[k * lda + r] : A[r * lda + k];
 #pragma omp simd
       for (int j = 0; j < nr; ++j) c[r][j] += a * b[j];
     }
@@ -93,33 +94,35 @@ static inline __attribute__((always_inline)) void micro_kernel(
   }
 }
 
-// C[M, N] (+)= A[M, K] * B[K, N], all row-major with leading dimensions.
-// Requires M % kMR == 0 and N % vec_width<T>() == 0 (callers pad their tiles;
-// padded rows/columns compute values that are never read).
-template <typename T>
-inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                    int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+// C[M, N] (+)= op(A)[M, K] * B[K, N] (row-major, leading dimensions; op(A) =
+// A, or A^T with A stored [K, M] when TRANS_A).  Requires M % kMR == 0 and
+// N % vec_width<T>() == 0: callers pad their tiles, and padded rows/columns
+// compute values that are never read.
+template <typename T, bool TRANS_A = false>
+inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                 int64_t ldc, bool accumulate) {
   constexpr int VW = vec_width<T>();
   constexpr int NR = 2 * VW;
+  auto a_rows = [&](int64_t i) { return TRANS_A ? A + i : A + i * lda; };
   int64_t j = 0;
   for (; j + NR <= N; j += NR)
     for (int64_t i = 0; i < M; i += kMR)
-      micro_kernel<T, kMR, NR>(K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+      micro_kernel<T, kMR, NR, TRANS_A>(K, a_rows(i), lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
   for (; j < N; j += VW)
     for (int64_t i = 0; i < M; i += kMR)
-      micro_kernel<T, kMR, VW>(K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+      micro_kernel<T, kMR, VW, TRANS_A>(K, a_rows(i), lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
 }
 
-// dst[c, r] = src[r, c] for r < rows, c < cols.
 template <typename T>
-inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
-  constexpr int64_t TB = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += TB)
-    for (int64_t c0 = 0; c0 < cols; c0 += TB) {
-      const int64_t r1 = std::min(rows, r0 + TB), c1 = std::min(cols, c0 + TB);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) dst[c * ldd + r] = src[r * lds + c];
-    }
+inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                    int64_t ldc, bool accumulate) {
+  gemm<T, false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+template <typename T>
+inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                    int64_t ldc, bool accumulate) {
+  gemm<T, true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // ------------------------------------------------------------------------- exp
