@@ -45,11 +45,14 @@ for a in ${CUDA_ARCHS:-80 90}; do GENCODE+=("-gencode=arch=compute_${a},code=sm_
 
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
+# the generated source-hash header of the real builds (edt_kernels/_ext.py)
+echo "#define EDT_KERNELS_SRC_HASH edt_kernels_src_compile_check" > "$OUT/edt_kernels_src_hash.h"
 echo "compile_cuda: $("$NVCC" --version | tail -n 1) ; archs: ${CUDA_ARCHS:-80 90}"
 for f in "${SOURCES[@]}"; do
     echo "compile_cuda: nvcc -c $f"
-    "$NVCC" -c "$f" -o "$OUT/$(basename "$f").o" -std=c++20 -O3 -Xcompiler -fPIC \
+    "$NVCC" -c "$f" -o "$OUT/$(basename "$f").o" -std=c++20 -Xcompiler -fPIC \
         -DTORCH_EXTENSION_NAME=edt_kernels_cuda -DTORCH_API_INCLUDE_EXTENSION_H \
+        -I"$OUT" -DEDT_KERNELS_HAVE_HASH_HEADER -O3 --expt-relaxed-constexpr -lineinfo \
         -Xcudafe --diag_suppress=20012 "${FLAGS[@]}" "${GENCODE[@]}" \
         2> >(grep -v -E "Wc\+\+20-extensions|default member initializers for bit-fields|^ *[0-9]* \| |^ *\| *\^|In file included from|^ +from " >&2)
 done

@@ -28,6 +28,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -128,6 +129,7 @@ __global__ void unshuffle_pos_kernel(const scalar_t* __restrict__ src, int64_t s
                                      const scalar_t* __restrict__ fill, const scalar_t* __restrict__ pos,
                                      scalar_t* __restrict__ out, int64_t B, int64_t L, int64_t K, int64_t C) {
   using P = Pack<scalar_t, VEC>;
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t rows = B * L, packs = C / VEC;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
        row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
@@ -140,7 +142,7 @@ __global__ void unshuffle_pos_kernel(const scalar_t* __restrict__ src, int64_t s
       P a = s[c];
       const P e = p[c];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) a.v[i] = static_cast<scalar_t>(static_cast<float>(a.v[i]) + static_cast<float>(e.v[i]));
+      for (int i = 0; i < VEC; ++i) a.v[i] = static_cast<scalar_t>(static_cast<acc_t>(a.v[i]) + static_cast<acc_t>(e.v[i]));
       d[c] = a;
     }
   }

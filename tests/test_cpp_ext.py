@@ -30,6 +30,7 @@ from edt_kernels.reference.tokens import (
     reference_unshuffle_with_mask_token,
 )
 
+from conftest import load_fixture
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 ops = torch.ops.edt_kernels_cpp
@@ -70,6 +71,8 @@ CASES = [
     (67, 64, None, None, False, False, (1, 3, 67, 1), (2, 1, 67, 67)),
     (33, 128, 6, "shared", False, True, (2, 3, 33, 33), None),
     (255, 16, (16, 16), "batch", True, True, (1, 3, 255, 255), (1, 1, 255, 255)),
+    (40, 7, 7, "batch", True, True, None, None),  # odd head dims: 7 and 256
+    (24, 256, None, None, False, False, (2, 3, 24, 24), None),
 ]
 
 
@@ -154,6 +157,15 @@ def test_attention_low_precision(dtype):
     assert_close(out, ref, dtype, FWD_TOL, "out")
     for name, g, r in zip(["dq", "dk", "dv", "dtable", "dbias"], grads, ref_grads):
         assert_close(g, r, dtype, GRAD_TOL, name)
+
+
+@pytest.mark.parametrize("with_amm", [False, True], ids=["bias", "bias+amm"])
+def test_official_attention_fixture(with_amm):
+    """The authors' attention (materialised table gather, softmax, AMM) on a masked subset."""
+    fx = load_fixture("official_attention_full.pt")
+    out = amm_attention(fx["q"], fx["k"], fx["v"], scale=fx["scale"], rel_pos_bias=fx["table"], grid=fx["grid"],
+                        positions=fx["positions"], amm=with_amm or None, backend="cpp")
+    torch.testing.assert_close(out, fx["out_bias_amm" if with_amm else "out_bias"], atol=1e-5, rtol=1e-5)
 
 
 def test_strided_views_are_read_in_place():
