@@ -141,12 +141,14 @@ def build_directory() -> Path:
 
 
 def _summarise(exc: BaseException) -> str:
-    """First compiler error lines of a failed build."""
+    """The compiler's first error lines of a failed build (else the message)."""
     text = str(exc)
-    errors = [ln.strip() for ln in text.splitlines() if re.search(r"\berror\b", ln, re.I)]
-    lines = errors[:3] or [ln.strip() for ln in text.splitlines() if ln.strip()][:3]
-    summary = " | ".join(lines)
-    return summary[:600] + (" ..." if len(summary) > 600 else "")
+    errors = [ln.strip() for ln in text.splitlines() if re.search(r"\b(error|fatal error)\b\s*:", ln, re.I)]
+    if errors:
+        summary = "compile error: " + " | ".join(errors[:3])
+    else:
+        summary = next((ln.strip() for ln in text.splitlines() if ln.strip()), repr(exc))
+    return summary[:500] + (" ..." if len(summary) > 500 else "")
 
 
 def _prebuilt(module: str) -> Optional[str]:
