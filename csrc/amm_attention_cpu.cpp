@@ -399,7 +399,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   const auto sq = q.strides(), sk = k.strides(), sv = v.strides(), sdo = dout.strides(), sout = out.strides(),
              sdq = dq.strides(), sdk = dk.strides(), sdv = dv.strides();
   const bool weighted = g.has_weight();
-  // When the table is present its rows beyond R get no gradient; only [0, R) is indexed.
+  // dtable accumulators cover every table row; the extra rows beyond
+  // (2 rows - 1)(2 cols - 1) are never indexed and stay 0.
   const int64_t R = g.tab.defined() ? g.tab_rows : 0;
 
   // dbias target strides (broadcast dims reduced: stride 0).
@@ -557,7 +558,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   });
 
   if (dtable) {
-    // dtable[r, h] = sum over chunks; rows >= (2 rows - 1)(2 cols - 1) are never indexed (stay 0).
+    // dtable[r, h] = sum over chunks, in chunk order (deterministic for a given thread count).
     float* dt = dtable->data_ptr<float>();
     const int64_t st0 = dtable->stride(0), st1 = dtable->stride(1);
     for (int64_t h = 0; h < H; ++h)
