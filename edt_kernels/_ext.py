@@ -53,7 +53,9 @@ __all__ = [
 
 _log = logging.getLogger("edt_kernels")
 
-CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+# csrc/ at the repository root (editable install), or shipped inside the package.
+CSRC_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "csrc")
+                 if (d / "ops.cpp").exists()), Path(__file__).resolve().parent.parent / "csrc")
 CPU_SOURCES = ["ops.cpp", "amm_attention_cpu.cpp", "tokens_cpu.cpp"]
 CUDA_SOURCES = ["tokens_cuda.cu"]
 _HASH_MARKER = "edt_kernels_src_"
