@@ -559,14 +559,19 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
 
   if (dtable) {
     // dtable[r, h] = sum over chunks, in chunk order (deterministic for a given thread count).
-    float* dt = dtable->data_ptr<float>();
+    // float64 inputs get a float64 table gradient (the accumulators are double).
     const int64_t st0 = dtable->stride(0), st1 = dtable->stride(1);
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t r = 0; r < R; ++r) {
-        double s = 0;
-        for (int64_t c = 0; c < T; ++c) s += dtab_buf[c][h * R + r];
-        dt[r * st0 + h * st1] = static_cast<float>(s);
-      }
+    auto write = [&](auto* dt) {
+      using out_t = std::remove_pointer_t<decltype(dt)>;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t r = 0; r < R; ++r) {
+          double s = 0;
+          for (int64_t c = 0; c < T; ++c) s += dtab_buf[c][h * R + r];
+          dt[r * st0 + h * st1] = static_cast<out_t>(s);
+        }
+    };
+    if (dtable->scalar_type() == at::kDouble) write(dtable->data_ptr<double>());
+    else write(dtable->data_ptr<float>());
   }
   if (private_dbias) {
     at::parallel_for(0, dbias_numel, 4096, [&](int64_t begin, int64_t end) {
@@ -617,7 +622,8 @@ std::vector<at::Tensor> amm_attention_bwd_cpu(const at::Tensor& dout, const at::
   need_dbias = need_dbias && bias.has_value() && bias->defined();
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dtable = need_dtable ? at::zeros(table->sizes(), f32) : at::empty({0}, f32);
+  const auto dtable_opts = q.scalar_type() == at::kDouble ? q.options() : f32;
+  at::Tensor dtable = need_dtable ? at::zeros(table->sizes(), dtable_opts) : at::empty({0}, f32);
   at::Tensor dbias = need_dbias ? at::empty(bias->sizes(), f32) : at::empty({0}, f32);
   if (need_dbias)
     TORCH_CHECK(bias->dim() == 4, "edt_kernels cpp amm_attention: bias must be 4-d, got ", bias->sizes());

@@ -232,6 +232,10 @@ def _load_one(kind: str) -> None:
 
 
 def _load(kind: str) -> Optional[str]:
+    # Fast path without the lock once settled: torch.compile traces the backend
+    # choice, and dynamo cannot trace entering a lock.
+    if kind in _state:
+        return _state[kind]
     with _lock:
         if kind not in _state:
             try:

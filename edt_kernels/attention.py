@@ -103,16 +103,18 @@ class TorchBackend(AttentionBackend):
 
 
 _BACKENDS: Dict[str, AttentionBackend] = {}
+_AUTO_RANKS: Dict[str, int] = {}
 _AUTO_ORDER: List[str] = []
 
 
 def register_backend(backend: AttentionBackend, auto_rank: Optional[int] = None) -> None:
-    """Add a backend; ``auto_rank`` places it in the ``"auto"`` order (lower first)."""
+    """Add a backend; ``auto_rank`` places it in the ``"auto"`` order (lower first),
+    whatever the order in which backends register."""
     _BACKENDS[backend.name] = backend
+    _AUTO_RANKS.pop(backend.name, None)
     if auto_rank is not None:
-        if backend.name in _AUTO_ORDER:
-            _AUTO_ORDER.remove(backend.name)
-        _AUTO_ORDER.insert(min(auto_rank, len(_AUTO_ORDER)), backend.name)
+        _AUTO_RANKS[backend.name] = auto_rank
+    _AUTO_ORDER[:] = sorted(_AUTO_RANKS, key=_AUTO_RANKS.__getitem__)
 
 
 def available_backends() -> List[str]:

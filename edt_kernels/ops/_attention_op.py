@@ -8,7 +8,8 @@ Every compiled backend (Triton, C++) exposes the same two entry points:
 
 ``bwd(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
       scale, rows, cols, need_dtable, need_dbias)
-    -> (dq, dk, dv, dtable (table's shape, float32, or empty), dbias (bias's shape, float32, or empty))``
+    -> (dq, dk, dv, dtable (table's shape, float32 — float64 for float64 q — or empty),
+        dbias (bias's shape, float32, or empty))``
 
 where ``table`` is the learned ``[rows_t, H]`` bias table, ``positions`` int64
 ``[B, N]`` or ``[N]`` flat grid indices, ``amm_table`` the float32 AMM per grid
@@ -22,6 +23,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 __all__ = ["register_attention_op"]
+
+
+def _dtable_dtype(q: torch.Tensor) -> torch.dtype:
+    """Table gradients accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _empty_like_out(q: torch.Tensor) -> torch.Tensor:
@@ -65,7 +71,7 @@ def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
     @bwd.register_fake
     def _(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation, scale,
           rows, cols, need_dtable, need_dbias):
-        dtable = (table.new_empty(table.shape, dtype=torch.float32) if need_dtable
+        dtable = (table.new_empty(table.shape, dtype=_dtable_dtype(q)) if need_dtable
                   else q.new_empty((0,), dtype=torch.float32))
         dbias = (bias.new_empty(bias.shape, dtype=torch.float32) if need_dbias
                  else q.new_empty((0,), dtype=torch.float32))
