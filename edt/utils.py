@@ -1,0 +1,213 @@
+"""Small helpers shared by training and sampling: progress bar, PNG writing, image grids.
+
+No hard dependencies beyond torch and numpy: tqdm and PIL are used when installed.
+"""
+from __future__ import annotations
+
+import struct
+import sys
+import time
+import zlib
+from typing import Iterable, Optional
+
+import numpy as np
+
+__all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8"]
+
+
+class _SimpleProgress:
+    """Fallback progress bar: one line on stderr at about every 10% (and at the end)."""
+
+    def __init__(self, iterable: Iterable, total: Optional[int], desc: str, initial: int = 0):
+        self.iterable = iterable
+        self.total = total
+        self.desc = desc
+        self.n = initial
+        self._start = time.time()
+        self._next_report = initial
+        self._postfix = ""
+
+    def _report(self):
+        elapsed = time.time() - self._start
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.n}{of} [{elapsed:.0f}s]{self._postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str):
+        self._postfix = f" {s}"
+
+    def update(self, n: int = 1):
+        self.n += n
+        step = max(1, (self.total or 100) // 10)
+        if self.n >= self._next_report + step or (self.total and self.n == self.total):
+            self._next_report = self.n
+            self._report()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def close(self):
+        pass
+
+
+class _NoProgress(_SimpleProgress):
+    def _report(self):
+        pass
+
+
+def progress_bar(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str = "",
+                 disable: bool = False, initial: int = 0):
+    """tqdm when installed, else a line-per-10% fallback; ``disable`` gives a silent wrapper."""
+    if iterable is None:
+        iterable = ()
+    if disable:
+        return _NoProgress(iterable, total, desc, initial)
+    try:
+        from tqdm.auto import tqdm  # optional
+    except ImportError:
+        return _SimpleProgress(iterable, total, desc, initial)
+    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def write_png(path, image: np.ndarray) -> None:
+    """Write a uint8 [H, W, 3] (RGB) or [H, W] (grey) array as a PNG (PIL if present, else zlib)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"image must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        color_type = 0
+    elif image.ndim == 3 and image.shape[2] == 3:
+        color_type = 2
+    else:
+        raise ValueError(f"image must have shape [H, W, 3] or [H, W], got {image.shape}")
+    try:
+        from PIL import Image  # optional
+    except ImportError:
+        Image = None
+    if Image is not None:
+        Image.fromarray(image).save(str(path))
+        return
+    h, w = image.shape[:2]
+    rows = np.ascontiguousarray(image).reshape(h, -1)
+    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.write(_png_chunk(b"IHDR", header))
+        f.write(_png_chunk(b"IDAT", zlib.compress(raw, 6)))
+        f.write(_png_chunk(b"IEND", b""))
+
+
+def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tile uint8 [N, H, W, 3] images into one [rows*(H+p)+p, nrow*(W+p)+p, 3] image."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape [N, H, W, 3], got {images.shape}")
+    n, h, w, _ = images.shape
+    ncol = max(1, min(nrow, n))
+    nrows = (n + ncol - 1) // ncol
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), pad_value, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        y0, x0 = padding + r * (h + padding), padding + c * (w + padding)
+        grid[y0:y0 + h, x0:x0 + w] = images[i]
+    return grid
+
+
+def pixels_to_uint8(x) -> np.ndarray:
+    """Images in [-1, 1], torch [N, 3, H, W] -> uint8 [N, H, W, 3] (round half up, as DiT/ADM)."""
+    import torch
+
+    x = torch.clamp(127.5 * x.detach().float() + 128.0, 0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def latents_to_uint8(z) -> np.ndarray:
+    """Render latents [N, C, H, W] without a VAE: the first 3 channels (grey if C < 3) as RGB.
+
+    Values are taken as lying in about [-1, 1] (the built-in synthetic data does).
+    """
+    import torch
+
+    z = z.detach().float()
+    if z.shape[1] >= 3:
+        z = z[:, :3]
+    else:
+        z = z[:, :1].expand(-1, 3, -1, -1)
+    return pixels_to_uint8(torch.clamp(z, -1.0, 1.0))
+
+
+# ---------------------------------------------------------------------------
+# Models and checkpoints
+# ---------------------------------------------------------------------------
+
+def model_registry() -> dict:
+    """Every published model name -> factory (EDT and MDTv2)."""
+    from .models import EDT_models, MDTv2_models
+
+    return {**EDT_models, **MDTv2_models}
+
+
+def model_family(name: str) -> str:
+    """"edt", "mdt" or "other" (a custom ``module:factory`` model)."""
+    if name.startswith("EDT"):
+        return "edt"
+    if name.startswith("MDT"):
+        return "mdt"
+    return "other"
+
+
+def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bool = True, **kwargs):
+    """Instantiate a registered model, or a ``package.module:factory`` one.
+
+    Unknown names raise ``ValueError`` listing the valid ones.
+    """
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot load model factory {name!r}: {e}") from None
+    else:
+        registry = model_registry()
+        if name not in registry:
+            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(registry))} "
+                             f"(or 'package.module:factory')")
+        factory = registry[name]
+    return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+
+
+def load_state_dict_checked(module, state_dict: dict, what: str = "checkpoint") -> None:
+    """``load_state_dict(strict=True)`` that raises ``ValueError`` naming the
+    missing and unexpected keys and the shape mismatches."""
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
+              for k in own if k in state_dict and hasattr(state_dict[k], "shape")
+              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def head(items):
+            return ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {head(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {head(shapes)}")
+        raise ValueError(f"{what} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,252 @@
+"""Gaussian diffusion against closed-form facts (float64 where the maths allows)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edt.diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    UniformSampler,
+    create_diffusion,
+    get_named_beta_schedule,
+    space_timesteps,
+)
+from edt.diffusion.gaussian_diffusion import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+
+T = 1000
+
+
+@pytest.fixture(scope="module")
+def base():
+    return create_diffusion("")
+
+
+def perfect_eps_model(x0: torch.Tensor, base_abar: np.ndarray, var_values: float = 0.0):
+    """A model that knows x0: eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), at the ORIGINAL t."""
+    abar = torch.from_numpy(base_abar)
+
+    def model(x, t, **kwargs):
+        a = abar[t].to(x.dtype).view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([eps, torch.full_like(eps, var_values)], dim=1)
+
+    return model
+
+
+def test_linear_schedule_and_cumprod(base):
+    betas = np.linspace(1e-4, 0.02, T)
+    np.testing.assert_allclose(base.betas, betas, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(base.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
+    np.testing.assert_allclose(base.alphas_cumprod_prev[0], 1.0)
+    np.testing.assert_allclose(base.alphas_cumprod_prev[1:], base.alphas_cumprod[:-1])
+    assert base.num_timesteps == T
+    # the schedule for 500 steps is the 1000-step one stretched: same end points x2
+    b500 = get_named_beta_schedule("linear", 500)
+    np.testing.assert_allclose([b500[0], b500[-1]], [2e-4, 4e-2])
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        get_named_beta_schedule("quadratic", 10)
+
+
+def test_posterior_matches_bayes_rule(base):
+    """q(x_{t-1}|x_t,x_0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(abar_{t-1}) x0, 1-abar_{t-1})."""
+    t = np.array([1, 2, 10, 500, 999])
+    a, b = 1 - base.betas[t], base.betas[t]
+    abar_prev = base.alphas_cumprod[t - 1]
+    precision = a / b + 1 / (1 - abar_prev)
+    var = 1 / precision
+    np.testing.assert_allclose(base.posterior_variance[t], var, rtol=1e-10)
+    x0, xt = 0.7, -1.3
+    mean = var * (np.sqrt(a) / b * xt + np.sqrt(abar_prev) / (1 - abar_prev) * x0)
+    tt = torch.from_numpy(t)
+    m, v, logv = base.q_posterior_mean_variance(torch.full((5, 1), x0, dtype=torch.float64),
+                                                torch.full((5, 1), xt, dtype=torch.float64), tt)
+    np.testing.assert_allclose(m[:, 0].numpy(), mean, rtol=1e-10)
+    np.testing.assert_allclose(v[:, 0].numpy(), var, rtol=1e-10)
+    assert base.posterior_variance[0] == 0.0
+    assert base.posterior_log_variance_clipped[0] == base.posterior_log_variance_clipped[1]
+
+
+def test_normal_kl_facts():
+    g = torch.Generator().manual_seed(0)
+    m, lv = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(normal_kl(m, lv, m, lv), torch.zeros(50, dtype=torch.float64), rtol=0, atol=1e-15)
+    m2, lv2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m, (0.5 * lv).exp()),
+                                                 torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    torch.testing.assert_close(normal_kl(m, lv, m2, lv2), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_discretized_likelihood_sums_to_one_over_256_bins():
+    bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, log_scale in [(0.0, math.log(0.3)), (0.8, math.log(0.05)), (-0.95, math.log(1.5))]:
+        lp = discretized_gaussian_log_likelihood(bins, means=torch.full_like(bins, mean),
+                                                 log_scales=torch.full_like(bins, log_scale))
+        torch.testing.assert_close(lp.exp().sum(), torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        discretized_gaussian_log_likelihood(bins, means=bins[:3], log_scales=bins)
+
+
+def test_q_sample_moments(base):
+    x0 = torch.full((20000, 1, 1, 1), 0.5, dtype=torch.float64)
+    t = torch.full((20000,), 300)
+    xt = base.q_sample(x0, t, generator=torch.Generator().manual_seed(1))
+    abar = base.alphas_cumprod[300]
+    assert abs(xt.mean().item() - math.sqrt(abar) * 0.5) < 0.02
+    assert abs(xt.var().item() - (1 - abar)) < 0.03
+    torch.testing.assert_close(base.q_sample(x0[:2], t[:2], noise=torch.zeros_like(x0[:2])),
+                               torch.full_like(x0[:2], math.sqrt(abar) * 0.5), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="t must be a 1-d tensor of 2"):
+        base.q_sample(x0[:2], t[:3])
+
+
+@pytest.mark.parametrize("spec,count", [("250", 250), ("ddim50", 50), ("10,15,20", 45), ([5, 5], 10)])
+def test_respacing_keeps_alphas_cumprod(base, spec, count):
+    steps = space_timesteps(T, spec)
+    assert len(steps) == count and 0 in steps
+    spaced = create_diffusion(spec)
+    keep = sorted(steps)
+    assert spaced.timestep_map == keep and spaced.num_timesteps == count
+    np.testing.assert_allclose(spaced.alphas_cumprod, base.alphas_cumprod[keep], rtol=1e-12)
+
+
+def test_space_timesteps_rejects_impossible():
+    with pytest.raises(ValueError, match="cannot keep"):
+        space_timesteps(10, "11")
+    with pytest.raises(ValueError, match="exactly 7"):
+        space_timesteps(10, "ddim7")
+
+
+def test_learned_range_interpolates_between_posterior_and_beta(base):
+    x = torch.zeros(3, 2, 4, 4)
+    t = torch.tensor([0, 10, 999])
+    for v, table in [(-1.0, base.posterior_log_variance_clipped), (1.0, np.log(base.betas))]:
+        out = base.p_mean_variance(lambda x, t: torch.cat([x, torch.full_like(x, v)], 1), x, t)
+        np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0].numpy(), table[t.numpy()], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"model output must have shape \(3, 4, 4, 4\)"):
+        base.p_mean_variance(lambda x, t: x, x, t)
+
+
+@pytest.mark.parametrize("spec", ["", "25"])
+def test_perfect_model_predicts_x0_at_every_step(base, spec):
+    diff = create_diffusion(spec)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    model = perfect_eps_model(x0, base.alphas_cumprod)
+    for k in [0, 1, diff.num_timesteps // 2, diff.num_timesteps - 1]:
+        t = torch.full((2,), k)
+        xt = diff.q_sample(x0, t, generator=g)
+        out = diff.p_mean_variance(model, xt, t, clip_denoised=False)
+        torch.testing.assert_close(out["pred_xstart"], x0, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(out["mean"], diff.q_posterior_mean_variance(x0, xt, t)[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_perfect_model_denoises_known_x0(base, sampler):
+    diff = create_diffusion("ddim20" if sampler == "ddim" else "20")
+    x0 = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    model = perfect_eps_model(x0, base.alphas_cumprod)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    loop = diff.ddim_sample_loop if sampler == "ddim" else diff.p_sample_loop
+    out = loop(model, (2, 3, 4, 4), noise=noise, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(out, x0, rtol=1e-9, atol=1e-9)
+    # DDIM (eta 0) with this model follows x_t = sqrt(abar) x0 + sqrt(1-abar) eps with a constant eps
+    if sampler == "ddim":
+        outs = list(diff.ddim_sample_loop_progressive(model, (2, 3, 4, 4), noise=noise))
+        k = diff.num_timesteps // 2
+        a = diff.alphas_cumprod_prev[diff.num_timesteps - 1 - k]
+        eps = (noise - math.sqrt(diff.alphas_cumprod[-1]) * x0) / math.sqrt(1 - diff.alphas_cumprod[-1])
+        torch.testing.assert_close(outs[k]["sample"], math.sqrt(a) * x0 + math.sqrt(1 - a) * eps,
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_training_losses_of_perfect_model_vanish(base):
+    x0 = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 2 - 1
+    model = perfect_eps_model(x0, base.alphas_cumprod, var_values=-1.0)  # variance = posterior's
+    t = torch.tensor([1, 5, 400, 999])
+    terms = base.training_losses(model, x0, t, generator=torch.Generator().manual_seed(7))
+    assert set(terms) == {"loss", "mse", "vb"}
+    torch.testing.assert_close(terms["mse"], torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-20)
+    torch.testing.assert_close(terms["vb"], torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_vb_term_at_t0_is_decoder_nll(base):
+    x0 = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    model = perfect_eps_model(x0, base.alphas_cumprod, var_values=-1.0)
+    t = torch.zeros(1, dtype=torch.long)
+    noise = torch.zeros_like(x0)
+    terms = base.training_losses(model, x0, t, noise=noise)
+    # mean = x0 = 0 exactly, log sigma^2 = log beta~_1 (clipped): NLL of the central bin in bits
+    sigma = math.exp(0.5 * base.posterior_log_variance_clipped[0])
+    expected = -discretized_gaussian_log_likelihood(x0, means=x0, log_scales=torch.full_like(x0, math.log(sigma)))
+    torch.testing.assert_close(terms["vb"], mean_flat(expected) / math.log(2), rtol=1e-5, atol=0)
+
+
+def test_vb_gradient_reaches_variance_only(base):
+    x0 = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(8))
+    out = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    t = torch.tensor([3, 700])
+    terms = base.training_losses(lambda x, t: out * 1.0, x0, t)
+    (gv,) = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
+    assert torch.equal(gv[:, :2], torch.zeros_like(gv[:, :2])) and gv[:, 2:].abs().sum() > 0
+    (gm,) = torch.autograd.grad(terms["mse"].sum(), out)
+    assert torch.equal(gm[:, 2:], torch.zeros_like(gm[:, 2:])) and gm[:, :2].abs().sum() > 0
+
+
+def test_same_noise_gives_same_loss_and_kl_variant(base):
+    x0 = torch.randn(2, 2, 4, 4)
+    t = torch.tensor([10, 20])
+    noise = torch.randn_like(x0)
+    model = lambda x, t, **kw: torch.cat([x * 0.3, x * 0.0], 1)  # noqa: E731
+    a = base.training_losses(model, x0, t, noise=noise)["loss"]
+    b = base.training_losses(model, x0, t, noise=noise)["loss"]
+    assert torch.equal(a, b)
+    kl = create_diffusion("", use_kl=True).training_losses(model, x0, t, noise=noise)
+    assert set(kl) == {"loss"} and torch.isfinite(kl["loss"]).all()
+    fixed = create_diffusion("", learn_sigma=False)
+    with pytest.raises(ValueError, match="does not match the target"):
+        fixed.training_losses(model, x0, t, noise=noise)
+
+
+def test_spaced_model_sees_original_timesteps_and_cfg_kwargs():
+    diff = create_diffusion("10")
+    seen = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward_with_cfg(self, x, t, y, cfg_scale):
+            seen.append((t.tolist(), y.tolist(), cfg_scale))
+            return torch.cat([x * self.w, torch.zeros_like(x)], 1)
+
+    net = Net()
+    y = torch.tensor([3, 7, 1000, 1000])
+    out = diff.p_sample_loop(net.forward_with_cfg, (4, 2, 4, 4), model_kwargs={"y": y, "cfg_scale": 4.0})
+    assert out.shape == (4, 2, 4, 4)
+    ts = [s[0][0] for s in seen]
+    assert ts == sorted(diff.timestep_map, reverse=True) and ts[0] == 999 and ts[-1] == 0
+    assert all(s[1] == y.tolist() and s[2] == 4.0 for s in seen)
+
+
+def test_uniform_sampler():
+    s = UniformSampler(1000)
+    t, w = s.sample(4096, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() < 1000 and torch.equal(w, torch.ones(4096))
+    assert len(t.unique()) > 900
+
+
+def test_enum_variants_build():
+    betas = get_named_beta_schedule("cosine", 100)
+    assert betas.max() <= 0.999
+    d = GaussianDiffusion(betas=betas, model_mean_type=ModelMeanType.START_X,
+                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE)
+    x0 = torch.randn(2, 1, 2, 2)
+    terms = d.training_losses(lambda x, t: x0, x0, torch.tensor([0, 50]))
+    torch.testing.assert_close(terms["loss"], torch.zeros(2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="betas"):
+        GaussianDiffusion(betas=[0.0, 0.1])
