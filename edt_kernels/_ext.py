@@ -236,6 +236,11 @@ def _load(kind: str) -> Optional[str]:
     # choice, and dynamo cannot trace entering a lock.
     if kind in _state:
         return _state[kind]
+    if torch.compiler.is_compiling():
+        # Building/loading is a side effect dynamo cannot trace: inside a compiled
+        # region an unsettled extension is "not offered" ("auto" then takes torch).
+        return ("not loaded yet inside torch.compile: call edt_kernels._ext.cpu_extension_error() "
+                "or run once eagerly before compiling")
     with _lock:
         if kind not in _state:
             try:

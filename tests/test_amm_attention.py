@@ -421,3 +421,19 @@ def test_amm_config_validation():
 def test_public_exports():
     for name in ("amm_attention", "AMM", "modulation_matrix", "reference_attention"):
         assert hasattr(edt_kernels, name)
+
+
+def test_torch_compile_fullgraph_auto_backend_cpu():
+    """'auto' on CPU tensors (cpp when built, else torch) traces without a graph break."""
+    from edt_kernels import _ext
+
+    _ext.cpu_extension_error()  # settle the extension eagerly, as the error message advises
+    q, k, v = (torch.randn(2, 2, 16, 16) for _ in range(3))
+    table = torch.randn(49, 2)
+
+    def fn(q, k, v, t):
+        return amm_attention(q, k, v, rel_pos_bias=t, grid=4, amm=True)
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, table)
+    ref = reference_attention(q.double(), k.double(), v.double(), rel_pos_bias=table.double(), grid=4, amm=True)
+    assert_close(out, ref, torch.float32)
