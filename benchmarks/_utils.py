@@ -149,6 +149,20 @@ def _load_average() -> Optional[str]:
         return None
 
 
+def busy_warning() -> Optional[str]:
+    """A warning when other work competes for the CPU (timings then mean little)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load <= 0.75 * cores:
+        return None
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores): CPU timings will be noisy"
+            + ("; with several torch threads an oversubscribed core stalls every OpenMP barrier, "
+               "EDT_BENCH_THREADS=1 gives steadier numbers" if torch.get_num_threads() > 1 else ""))
+
+
 def run_info() -> Dict[str, Any]:
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -13,7 +13,6 @@ compiled C++ or PyTorch paths.
 """
 from __future__ import annotations
 
-import pytest
 
 from benchmarks import _utils as U
 
@@ -24,6 +23,9 @@ def pytest_report_header(config):
     lines = [f"edt-kernels benchmarks on {U.device_name()} (shapes: {U.SHAPES})"]
     if U.DEVICE.type == "cpu":
         lines.append("NO GPU: " + U.CPU_NOTE)
+    busy = U.busy_warning()
+    if busy:
+        lines.append("WARNING: " + busy)
     return lines
 
 

@@ -73,8 +73,9 @@ def summarize(sec: U.Section) -> List[Dict]:
 
 def _section():
     notes = [f"CPU: {U.cpu_name()} ({torch.get_num_threads()} threads), float32, CPU tensors even on a GPU "
-             "machine", U.memory_note().replace("peak memory (CPU)", "peak memory")
-             if U.DEVICE.type == "cpu" else f"peak memory (CPU) = {U.CPU_PEAK_METHOD}"]
+             "machine",
+             f"peak memory = {U.CPU_PEAK_METHOD or 'n/a (no /proc peak RSS on this platform)'} over one call",
+             "cpp speed-up = time of this backend / time of cpp; mem / cpp mem likewise"]
     return U.section(SECTION, "C++ CPU attention vs PyTorch reference (issue 3)", COLUMNS, notes,
                      summarize=summarize)
 

@@ -71,8 +71,9 @@ def specs(small: bool = U.SMALL, B: Optional[int] = None, tiny: bool = False) ->
                 (torch.rand(B, L, generator=g) < 0.4).to(dev, dt))
 
     def merge_make(g, dev, dt):
-        return (torch.randn(B, L, C_edt, generator=g).to(dev, dt), torch.randn(B, 4 * C_edt, generator=g).to(dev, dt),
-                torch.randn(B, 4 * C_edt, generator=g).to(dev, dt), (torch.rand(B, L // 4, generator=g) >= 0.45).to(dev))
+        x = torch.randn(B, L, C_edt, generator=g).to(dev, dt)
+        shift, scale = (torch.randn(B, 4 * C_edt, generator=g).to(dev, dt) for _ in range(2))
+        return x, shift, scale, (torch.rand(B, L // 4, generator=g) >= 0.45).to(dev)  # EDT keep p ~ 0.45
 
     n = MB.nbytes
     return [
