@@ -1,0 +1,273 @@
+"""``python -m edt.train`` on tiny models: convergence, bit-exact resume, DDP, data checks."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edt import train
+from edt.data import LatentFolder, SyntheticLatents, write_latent_folder
+from edt.train import ShardedSampler
+
+REPO = Path(__file__).resolve().parents[1]
+# Published EDT-S/2 stage layout (depths 2,2,2,3,3; AMM blocks 7, 10) at tiny widths.
+# fused=False: the plain-PyTorch path of the models (on a CPU test box the fused token/adaLN
+# kernels run through the Triton interpreter, far too slow for hundreds of steps; fused == plain
+# is the models' own test).
+EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "fused": False}
+MDT_TINY = {"hidden_size": 32, "depth": 4, "num_heads": 2, "decode_layer": 2, "fused": False}
+IMAGE = 64  # latent 8x8, token grids 4, 2, 1
+LATENT = (4, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster and immune to a loaded CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(before)
+
+
+def cli(tmp, *extra, model="EDT-S/2", kwargs=EDT_TINY, steps=4, batch=8, classes=4):
+    return ["--model", model, "--model-kwargs", json.dumps(kwargs), "--image-size", str(IMAGE),
+            "--num-classes", str(classes), "--global-batch-size", str(batch), "--max-steps", str(steps),
+            "--results-dir", str(tmp), "--no-progress", "--lr", "1e-3", *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_masked_training_loss_decreases_on_builtin_data(tmp_path):
+    out = train.main(cli(tmp_path, "--synthetic", "--synthetic-size", "256", "--log-every", "20",
+                         steps=120, batch=16))
+    hist = out["history"]
+    assert [h["step"] for h in hist] == list(range(20, 121, 20))
+    first, last = hist[0], hist[-1]
+    # both passes of EDT's strategy are trained; their sum falls well below its start
+    assert first["loss_masked"] > 0 and last["loss_masked"] > 0
+    assert last["loss"] < 0.4 * first["loss"], hist
+    assert all(h["images_per_s"] > 0 for h in hist)
+    log = (tmp_path / "log.txt").read_text()
+    assert "mask strategy edt" in log and "images/s" in log
+    assert out["checkpoint"].endswith("0000120.pt") and Path(out["checkpoint"]).is_file()
+
+
+def test_mdt_strategy_runs_full_and_masked_pass(tmp_path):
+    out = train.main(cli(tmp_path, "--synthetic", "--synthetic-size", "32", "--log-every", "1",
+                         model="MDTv2-S/2", kwargs=MDT_TINY, steps=2))
+    assert "mask strategy mdt" in (tmp_path / "log.txt").read_text()
+    h = out["history"][-1]
+    assert h["loss_masked"] > 0 and h["loss"] == pytest.approx(h["loss_full"] + h["loss_masked"], rel=1e-6)
+
+
+def test_linear_lr_schedule(tmp_path):
+    out = train.main(cli(tmp_path, "--synthetic", "--synthetic-size", "16", "--lr-schedule", "linear",
+                         "--lr-decay-steps", "4", "--min-lr", "0", model="MDTv2-S/2", kwargs=MDT_TINY, steps=3))
+    # the step with index k (0-based) runs at lr * (1 - k/4): the third at lr / 2
+    assert load(out["checkpoint"])["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 2)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    # 40 samples / batch 8 = 5 steps per epoch: the resumed half crosses an epoch boundary
+    common = ("--synthetic", "--synthetic-size", "40", "--ckpt-every", "3", "--log-every", "1")
+    whole = train.main(cli(tmp_path / "a", *common, steps=7))
+    part = train.main(cli(tmp_path / "b", *common, "--resume", str(tmp_path / "a/checkpoints/0000003.pt"),
+                          steps=7))
+    a, b = load(whole["checkpoint"]), load(part["checkpoint"])
+    assert a["step"] == b["step"] == 7
+    for key in ("model", "ema"):
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), f"{key}.{name} differs after resume"
+    for i, st in a["opt"]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, b["opt"]["state"][i][name]), f"optimizer state {i}.{name} differs"
+    assert [h["loss"] for h in whole["history"][3:]] == [h["loss"] for h in part["history"]]
+    # the EMA really is an average: it moved, but not as far as the model
+    assert not torch.equal(a["ema"]["final_layer.linear.weight"], a["model"]["final_layer.linear.weight"])
+
+
+def test_interrupted_run_checkpoints_and_resumes_exactly(tmp_path):
+    """SIGINT mid-run: the step in flight finishes, a checkpoint is written, exit 130;
+    resuming from it gives the uninterrupted run's weights bit for bit."""
+    common = ("--synthetic", "--synthetic-size", "40", "--log-every", "1", "--ckpt-every", "1000")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "edt.train", *cli(tmp_path / "a", *common, steps=100000)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("(step=0000003)"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    m = re.search(r"interrupted \(signal \d+\) after step (\d+); continue with --resume (\S+)", out)
+    assert m, out
+    k, path = int(m.group(1)), m.group(2)
+    assert k >= 3 and path.endswith(f"{k:07d}.pt")
+    resumed = train.main(cli(tmp_path / "b", *common, "--resume", path, steps=k + 2))
+    whole = train.main(cli(tmp_path / "c", *common, steps=k + 2))
+    a, b = load(resumed["checkpoint"]), load(whole["checkpoint"])
+    for key in ("model", "ema"):
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), f"{key}.{name} differs"
+
+
+def test_resume_with_other_model_names_keys(tmp_path):
+    train.main(cli(tmp_path / "a", "--synthetic", "--synthetic-size", "16", steps=1))
+    wider = dict(EDT_TINY, dims=[32, 64, 64, 64, 32])
+    with pytest.raises(ValueError, match=r"\(model\) does not fit the model: shape mismatches: "
+                       r"blocks\.2\.attn\.qkv\.weight: checkpoint \[144, 48\] vs model \[192, 64\]"):
+        train.main(cli(tmp_path / "b", "--synthetic", "--synthetic-size", "16", "--resume",
+                       str(tmp_path / "a/checkpoints/0000001.pt"), kwargs=wider, steps=2))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_process_step_equals_single_process(tmp_path):
+    """2 gloo processes x 4 samples == 1 process x 8 samples (masking and label dropout off:
+    their draws depend on the per-rank batch shape)."""
+    kwargs = dict(EDT_TINY, class_dropout_prob=0.0)
+    common = ("--synthetic", "--synthetic-size", "32", "--log-every", "1", "--mask-strategy", "none")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "edt.train", *cli(tmp_path / "ddp", *common, kwargs=kwargs, steps=2)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in (tmp_path / "ddp/log.txt").read_text()
+    single = train.main(cli(tmp_path / "one", *common, kwargs=kwargs, steps=2))
+    d, s = load(tmp_path / "ddp/checkpoints/0000002.pt"), load(single["checkpoint"])
+    assert d["world_size"] == 2 and s["world_size"] == 1
+    # gradients (AdamW's moments hold them) agree to float32 summation order ...
+    for i, st in s["opt"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(d["opt"]["state"][i][key], st[key], rtol=1e-4, atol=1e-9)
+    # ... and the weights to 1% of one AdamW step (lr 1e-3; Adam's g/sqrt(v) amplifies
+    # rounding where a gradient is tiny)
+    for name, v in s["model"].items():
+        torch.testing.assert_close(d["model"][name], v, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert any(not torch.equal(v, s["ema"][n]) for n, v in s["model"].items())  # the step moved the weights
+    ddp_log = (tmp_path / "ddp/log.txt").read_text()
+    losses = [line for line in ddp_log.splitlines() if line.startswith("(step=0000002)")]
+    assert losses and f"loss {single['history'][-1]['loss']:.4f}" in losses[0]
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+def _latents(n, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, *LATENT)).astype(np.float32), rng.integers(0, classes, n)
+
+
+@pytest.mark.parametrize("layout", ["fastdit", "flat"])
+def test_latent_folder_trains(tmp_path, layout):
+    x, y = _latents(16)
+    write_latent_folder(tmp_path / "data", x, y, layout=layout)
+    ds = LatentFolder(tmp_path / "data", LATENT, 4)
+    assert ds.layout == layout and len(ds) == 16 and ds.validate() == []
+    xi, yi = ds[5]
+    assert torch.equal(xi, torch.from_numpy(x[5])) and yi.item() == y[5]
+    out = train.main(cli(tmp_path / "run", "--data-path", str(tmp_path / "data"), steps=2))
+    assert out["step"] == 2
+
+
+def _bad_folder(tmp_path, kind):
+    x, y = _latents(12)
+    layout = "flat" if kind.startswith("flat") else "fastdit"
+    root = tmp_path / "data"
+    write_latent_folder(root, x, y, layout=layout)
+    if kind == "shape":
+        bad = root / "imagenet256_features/7.npy"
+        np.save(bad, np.zeros((1, 4, 16, 16), np.float32))
+        return bad, r"latent has shape \[1, 4, 16, 16\], expected \[4, 8, 8\]"
+    if kind == "label":
+        bad = root / "imagenet256_labels/3.npy"
+        np.save(bad, np.array([4]))
+        return bad, r"label 4 out of range \[0, 4\)"
+    if kind == "unpaired":
+        os.remove(root / "imagenet256_labels/9.npy")
+        return root / "imagenet256_features/9.npy", "no matching label file"
+    if kind == "flat_label":
+        y[6] = -1
+        np.save(root / "labels.npy", y)
+        return root / "labels.npy", r"label -1 out of range \[0, 4\) at index 6"
+    if kind == "flat_count":
+        np.save(root / "labels.npy", y[:-1])
+        return root / "labels.npy", r"labels must have shape \[12\]"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["shape", "label", "unpaired", "flat_label", "flat_count"])
+def test_bad_latent_folder_fails_before_training(tmp_path, kind):
+    bad, msg = _bad_folder(tmp_path, kind)
+    with pytest.raises(ValueError, match=msg) as err:
+        train.main(cli(tmp_path / "run", "--data-path", str(tmp_path / "data"), steps=1))
+    assert str(bad) in str(err.value)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_missing_or_empty_data_path(tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        train.main(cli(tmp_path / "run", "--data-path", str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither"):
+        train.main(cli(tmp_path / "run", "--data-path", str(tmp_path / "empty")))
+
+
+def test_unknown_model_lists_valid_names(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown model 'EDT-M/2'.*EDT-S/2.*MDTv2-XL/2"):
+        train.main(cli(tmp_path, "--synthetic", model="EDT-M/2"))
+
+
+def test_dataset_smaller_than_a_batch(tmp_path):
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        train.main(cli(tmp_path, "--synthetic", "--synthetic-size", "4", batch=8))
+
+
+def test_synthetic_latents_are_deterministic_and_class_dependent():
+    ds = SyntheticLatents(64, LATENT, num_classes=4, seed=3)
+    x1, y1 = ds[9]
+    x2, y2 = SyntheticLatents(64, LATENT, num_classes=4, seed=3)[9]
+    assert torch.equal(x1, x2) and y1.item() == y2.item() == 1
+    assert x1.shape == LATENT and x1.dtype == torch.float32 and x1.abs().max() < 1.5
+    means = ds.class_means()
+    # a sample is nearer to its own class's mean than to any other
+    for i in range(16):
+        x, y = ds[i]
+        d = ((means - x) ** 2).flatten(1).sum(1)
+        assert d.argmin().item() == y.item()
+
+
+def test_sharded_sampler_deals_global_batches_like_one_process():
+    one = list(ShardedSampler(20, 1, 0, seed=1))
+    r0, r1 = list(ShardedSampler(20, 2, 0, seed=1)), list(ShardedSampler(20, 2, 1, seed=1))
+    assert sorted(one) == list(range(20))
+    local = 3  # global batch 6: the sample at position k goes to rank k % 2
+    for b in range(3):
+        merged = [v for pair in zip(r0[b * local:(b + 1) * local], r1[b * local:(b + 1) * local]) for v in pair]
+        assert merged == one[b * 6:(b + 1) * 6]
+    s = ShardedSampler(20, 2, 1, seed=1)
+    s.set_epoch(0, start=4)
+    assert list(s) == r1[4:] and len(s) == 6
+    s.set_epoch(1)
+    assert list(s) != r1
