@@ -62,6 +62,37 @@ def test_masked_training_loss_decreases_on_builtin_data(tmp_path):
     assert out["checkpoint"].endswith("0000120.pt") and Path(out["checkpoint"]).is_file()
 
 
+@pytest.mark.parametrize("strategy", ["edt", "mdt", "none"])
+def test_strategy_noising_and_passes(strategy):
+    """edt: the masked pass sees the SAME x_t as the full pass; mdt: same t, fresh noise."""
+    from edt.diffusion import create_diffusion
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, y, enable_mask=False, generator=None):
+            calls.append((x.clone(), t.clone(), enable_mask, generator))
+            return torch.cat([x * self.w, torch.zeros_like(x)], 1)
+
+    loss_module = train.DiffusionTrainingLoss(Recorder(), create_diffusion(""), strategy)
+    x, y = torch.randn(3, *LATENT), torch.zeros(3, dtype=torch.long)
+    t, n1, n2 = torch.tensor([5, 500, 900]), torch.randn(3, *LATENT), torch.randn(3, *LATENT)
+    g = torch.Generator()
+    losses = loss_module(x, y, t, n1, n2, g)
+    assert [c[2] for c in calls] == ([False] if strategy == "none" else [False, True])
+    assert all(c[3] is g for c in calls)
+    if strategy != "none":
+        assert torch.equal(calls[0][1], calls[1][1])
+        assert torch.equal(calls[0][0], calls[1][0]) == (strategy == "edt")
+        assert losses[0].item() == pytest.approx(losses[1].item() + losses[2].item(), rel=1e-6)
+    else:
+        assert losses[2].item() == 0
+
+
 def test_mdt_strategy_runs_full_and_masked_pass(tmp_path):
     out = train.main(cli(tmp_path, "--synthetic", "--synthetic-size", "32", "--log-every", "1",
                          model="MDTv2-S/2", kwargs=MDT_TINY, steps=2))
