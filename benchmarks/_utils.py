@@ -95,7 +95,8 @@ def cpu_name() -> str:
 def device_name(device: torch.device = DEVICE) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU: {cpu_name()} ({n} thread{'' if n == 1 else 's'})"
 
 
 def slugify(text: str) -> str:

@@ -72,7 +72,7 @@ def summarize(sec: U.Section) -> List[Dict]:
 
 
 def _section():
-    notes = [f"CPU: {U.cpu_name()} ({torch.get_num_threads()} threads), float32, CPU tensors even on a GPU "
+    notes = [f"{U.device_name(torch.device('cpu'))}, float32, CPU tensors even on a GPU "
              "machine",
              f"peak memory = {U.CPU_PEAK_METHOD or 'n/a (no /proc peak RSS on this platform)'} over one call",
              "cpp speed-up = time of this backend / time of cpp; mem / cpp mem likewise"]
