@@ -32,7 +32,8 @@ import torch
 
 from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
-from .utils import build_model, latents_to_uint8, load_state_dict_checked, make_grid, pixels_to_uint8, \
+from .models import load_state_dict_strict
+from .utils import build_model, latents_to_uint8, make_grid, pixels_to_uint8, \
     progress_bar, write_png
 
 __all__ = ["main", "parse_args", "load_weights"]
@@ -132,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     torch.manual_seed(args.seed)
     model = build_model(model_name, input_size=latent, num_classes=num_classes, learn_sigma=True, **model_kwargs)
     if state_dict is not None:
-        load_state_dict_checked(model, state_dict, args.ckpt)
+        load_state_dict_strict(model, state_dict, args.ckpt)
     else:
         print("warning: no --ckpt given, sampling from random weights", file=sys.stderr)
     model = model.to(device).eval()

@@ -57,7 +57,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .data import LatentFolder, SyntheticLatents
 from .diffusion import create_diffusion
-from .utils import build_model, load_state_dict_checked, model_family, progress_bar
+from .models import load_state_dict_strict
+from .utils import build_model, model_family, progress_bar
 
 __all__ = ["main", "parse_args", "DiffusionTrainingLoss", "ShardedSampler", "update_ema", "CHECKPOINT_FORMAT"]
 
@@ -347,8 +348,8 @@ def _train(args, distributed: bool, rank: int, world: int, device: torch.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = 0
     if ckpt is not None:
-        load_state_dict_checked(model, ckpt["model"], f"{args.resume} (model)")
-        load_state_dict_checked(ema, ckpt["ema"], f"{args.resume} (ema)")
+        load_state_dict_strict(model, ckpt["model"], f"{args.resume} (model)")
+        load_state_dict_strict(ema, ckpt["ema"], f"{args.resume} (ema)")
         opt.load_state_dict(ckpt["opt"])
         step = int(ckpt["step"])
     if distributed:

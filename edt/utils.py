@@ -186,28 +186,3 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
                              f"(or 'package.module:factory')")
         factory = registry[name]
     return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
-
-
-def load_state_dict_checked(module, state_dict: dict, what: str = "checkpoint") -> None:
-    """``load_state_dict(strict=True)`` that raises ``ValueError`` naming the
-    missing and unexpected keys and the shape mismatches."""
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
-              for k in own if k in state_dict and hasattr(state_dict[k], "shape")
-              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def head(items):
-            return ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {head(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {head(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {head(shapes)}")
-        raise ValueError(f"{what} does not fit the model: " + "; ".join(parts))
-    module.load_state_dict(state_dict, strict=True)

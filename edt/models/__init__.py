@@ -36,30 +36,37 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return all_models[name](**kwargs)
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           what: str = "checkpoint") -> None:
     """Load a checkpoint's state dict, requiring the exact keys and shapes.
 
     Accepts a bare state dict or a training checkpoint with an ``"ema"`` or
-    ``"model"`` entry (EMA preferred, as the authors sample from it).  Raises
-    ``ValueError`` naming every missing, unexpected and mis-shaped key."""
+    ``"model"`` entry (EMA preferred, as the authors sample from it); a DDP
+    ``module.`` prefix is dropped.  Raises ``ValueError`` naming the missing,
+    unexpected and mis-shaped keys (the first ten of each)."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     for key in ("ema", "model"):
         if key in state_dict and isinstance(state_dict[key], Mapping):
             state_dict = state_dict[key]
             break
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+              for k in own if k in state_dict and hasattr(state_dict[k], "shape")
+              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
+        def head(items):
+            return ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+
         parts = []
         if missing:
-            parts.append(f"missing keys {missing}")
+            parts.append(f"missing keys: {head(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
+            parts.append(f"unexpected keys: {head(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches [{'; '.join(shapes)}]")
-        raise ValueError(f"checkpoint does not match {type(model).__name__}: " + ", ".join(parts))
+            parts.append(f"shape mismatches: {head(shapes)}")
+        raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
