@@ -51,6 +51,12 @@ def _interpreting() -> bool:
 # ============================================================================ kernels
 
 @triton.jit
+def _load_tile(base_ptr, offs_n, offs_d, stride_n, stride_d, mask):
+    """A [rows, BLOCK_D] tile of one (batch, head) slice; padded lanes read 0."""
+    return tl.load(base_ptr + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
 def _tile_scores(q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_n_ptr,
                  stride_pb, stride_pn, stride_tr, stride_th, n_table,
                  stride_bb, stride_bh, stride_bm, stride_bn,
@@ -137,8 +143,8 @@ def _amm_attn_fwd_kernel(
     m_valid = offs_m < N
     d_valid = offs_d < D
 
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-                + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd,
+                   m_valid[:, None] & d_valid[None, :])
     u_m = offs_m
     if HAS_GRID:
         u_m = _row_index(pos_ptr, b, offs_m, m_valid, stride_pb, stride_pn, COLS, IDX_OFF, HAS_POS)
@@ -152,8 +158,8 @@ def _amm_attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, kv_mask)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, kv_mask)
         s, idx, pair_valid = _tile_scores(
             q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_ptr,
             stride_pb, stride_pn, stride_tr, stride_th, n_table,
@@ -211,10 +217,8 @@ def _amm_attn_bwd_dkdv_kernel(
     n_valid = offs_n < N
     d_valid = offs_d < D
     kv_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    k = _load_tile(k_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, kv_mask)
+    v = _load_tile(v_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, kv_mask)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     row_base = bh.to(tl.int64) * N
@@ -222,10 +226,8 @@ def _amm_attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
         qm_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=qm_mask, other=0.0)
-        do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                     + offs_d[None, :] * stride_dod, mask=qm_mask, other=0.0)
+        q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, qm_mask)
+        do = _load_tile(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, qm_mask)
         lse2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
         u_m = offs_m
@@ -292,10 +294,8 @@ def _amm_attn_bwd_dq_kernel(
     m_valid = offs_m < N
     d_valid = offs_d < D
     qm_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=qm_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=qm_mask, other=0.0)
+    q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, qm_mask)
+    do = _load_tile(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, qm_mask)
     row_base = bh.to(tl.int64) * N
     lse2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
@@ -309,8 +309,8 @@ def _amm_attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, kv_mask)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, kv_mask)
         s, idx, pair_valid = _tile_scores(
             q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_ptr,
             stride_pb, stride_pn, stride_tr, stride_th, n_table,
