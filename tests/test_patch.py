@@ -14,6 +14,7 @@ Everything is float32 on the CPU with the ``amm_attention`` backend picked by
 "auto"; patched and unpatched forwards must agree to < 1e-5.
 """
 import math
+import os
 import types
 
 import pytest
@@ -26,13 +27,69 @@ from edt_kernels.patch import AMM_PRESETS, PatchReport, UnsupportedModuleError, 
 
 from conftest import load_fixture
 
+TIMM_WHEEL_DIR = os.environ.get("EDT_TIMM_WHEEL_DIR",
+                                os.path.join(os.path.expanduser("~"), ".cache", "edt_kernels", "wheels"))
+
+
+def _timm_attention_from_wheel():
+    """timm's own ``Attention`` class, executed from the source in its wheel.
+
+    ``import timm`` needs a torchvision built for the installed torch, which a
+    CPU-only CI machine cannot get; ``Attention`` itself needs only torch.  CI
+    downloads the wheel (``.ci/extra_test_deps.sh``: ``pip download --no-deps
+    timm``) and this runs ``timm/layers/attention.py`` as the module
+    ``timm.layers.attention``, with its three helper imports stubbed: an
+    identity ``register_notrace_function``, ``use_fused_attn() -> True``
+    (timm's default on torch 2) and the rotary helper, which ``Attention``
+    does not use.  The stub modules are removed again after loading."""
+    import glob
+    import sys
+    import types
+    import zipfile
+
+    wheels = sorted(glob.glob(os.path.join(TIMM_WHEEL_DIR, "timm-*.whl")))
+    if not wheels:
+        raise ImportError(f"no timm wheel in {TIMM_WHEEL_DIR}")
+    src = zipfile.ZipFile(wheels[-1]).read("timm/layers/attention.py").decode()
+    stubs = {
+        "timm": types.ModuleType("timm"),
+        "timm.layers": types.ModuleType("timm.layers"),
+        "timm.layers._fx": types.ModuleType("timm.layers._fx"),
+        "timm.layers.config": types.ModuleType("timm.layers.config"),
+        "timm.layers.pos_embed_sincos": types.ModuleType("timm.layers.pos_embed_sincos"),
+    }
+    stubs["timm"].__path__ = []
+    stubs["timm.layers"].__path__ = []
+    stubs["timm.layers._fx"].register_notrace_function = lambda fn: fn
+    stubs["timm.layers.config"].use_fused_attn = lambda *args, **kwargs: True
+    stubs["timm.layers.pos_embed_sincos"].apply_rot_embed_cat = None
+    module = types.ModuleType("timm.layers.attention")
+    module.__package__ = "timm.layers"
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        exec(compile(src, f"{wheels[-1]}/timm/layers/attention.py", "exec"), module.__dict__)
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+    return module.Attention, os.path.basename(wheels[-1])
+
+
 try:  # timm is optional (it needs a torchvision matching the installed torch)
     from timm.models.vision_transformer import Attention as TimmAttention
 
     _TIMM_ERROR = None
+    TIMM_SOURCE = "installed timm"
 except Exception as exc:  # ImportError, or torchvision failing to load its ops
-    TimmAttention = None
-    _TIMM_ERROR = f"{type(exc).__name__}: {exc}"
+    try:
+        TimmAttention, TIMM_SOURCE = _timm_attention_from_wheel()
+        _TIMM_ERROR = None
+    except Exception as exc2:  # noqa: BLE001
+        TimmAttention, TIMM_SOURCE = None, None
+        _TIMM_ERROR = f"{type(exc).__name__}: {exc}; from a wheel: {type(exc2).__name__}: {exc2}"
 
 needs_timm = pytest.mark.skipif(TimmAttention is None,
                                 reason=f"timm's Attention is not importable here ({_TIMM_ERROR})")
