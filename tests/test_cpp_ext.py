@@ -364,12 +364,14 @@ def test_token_kernels_register_into_token_ops():
 # ----------------------------------------------------------------------------- memory
 
 def test_forward_memory_is_not_quadratic():
-    """Peak RSS of the forward at N=1024 (8 heads) stays far below one N x N
-    float32 matrix per head (32 MiB here), while the materialising reference
+    """Peak RSS of the forward at N=1024 (8 heads) stays below one N x N
+    float32 matrix (4 MiB; 32 MiB for all heads), while the materialising reference
     on the same inputs goes above it: the measurement can fail.  Run in a fresh
-    process so that the peak belongs to this computation only."""
+    process, with the peak mark reset before each call (Linux /proc)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak-RSS mark")
     code = textwrap.dedent("""
-        import json, resource, torch
+        import json, torch
         from edt_kernels import _ext, reference_attention
         from edt_kernels.ops.amm_attention_cpp import amm_attention_cpp
         from edt_kernels.amm import amm_offset_table
@@ -378,15 +380,22 @@ def test_forward_memory_is_not_quadratic():
         q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
         table = torch.randn(63 * 63, H); amm = amm_offset_table(32)
         small = torch.randn(1, 1, 64, 16); amm_attention_cpp(small, small, small, None, None, None, None, None, 0.25, 8, 8)
-        rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        r0 = rss()
-        with torch.no_grad():
-            out = amm_attention_cpp(q, k, v, table, None, amm, None, None, D ** -0.5, 32, 32)
-        r1 = rss()
-        with torch.no_grad():
-            ref = reference_attention(q, k, v, rel_pos_bias=table, grid=32, amm=True)
-        r2 = rss()
-        print(json.dumps({"cpp": r1 - r0, "ref": r2 - r1, "err": float((out - ref).abs().max())}))
+        def status(field):
+            for line in open("/proc/self/status"):
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        def peak_rise(fn):
+            # Reset the peak-RSS mark (VmHWM) so that an earlier peak (imports,
+            # loading the extension) cannot hide this call's allocations.
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = status("VmRSS")
+            with torch.no_grad():
+                res = fn()
+            return res, status("VmHWM") - base
+        out, cpp = peak_rise(lambda: amm_attention_cpp(q, k, v, table, None, amm, None, None, D ** -0.5, 32, 32))
+        ref, refm = peak_rise(lambda: reference_attention(q, k, v, rel_pos_bias=table, grid=32, amm=True))
+        print(json.dumps({"cpp": cpp, "ref": refm, "err": float((out - ref).abs().max())}))
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -394,4 +403,5 @@ def test_forward_memory_is_not_quadratic():
     per_head_nn = 1024 * 1024 * 4
     assert m["err"] < 1e-4
     assert m["ref"] > 2 * per_head_nn, m  # the control: materialising shows up
-    assert m["cpp"] < per_head_nn // 2, m  # out itself is 2 MiB
+    # out itself is 2 MiB: the rest (tiles, LSE) must stay below one N x N matrix.
+    assert m["cpp"] < per_head_nn, m
