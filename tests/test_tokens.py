@@ -89,14 +89,22 @@ def naive_patch_merge_modulate(x, shift, scale, keep, H, W, eps=1e-6):
     B, L, C = x.shape
     g = x.reshape(B, H, W, C)
     tokens = []
+    per_source = keep is not None and keep.shape[1] == L
+    ks = keep.reshape(B, H, W).to(x.dtype) if per_source else None
+    tokens, factors = [], []
     for i in range(H // 2):
         for w in range(W // 2):
             r, c = 2 * i, 2 * w
-            tokens.append(torch.cat([g[:, r, c], g[:, r + 1, c], g[:, r, c + 1], g[:, r + 1, c + 1]], -1))
+            cells = [(r, c), (r + 1, c), (r, c + 1), (r + 1, c + 1)]
+            tokens.append(torch.cat([g[:, a, b_] for a, b_ in cells], -1))
+            if per_source:  # each input token's keep bit covers its C channels
+                factors.append(torch.cat([ks[:, a, b_, None].expand(B, C) for a, b_ in cells], -1))
     m = torch.stack(tokens, 1)
     mu = m.mean(-1, keepdim=True)
     var = ((m - mu) ** 2).mean(-1, keepdim=True)
     out = (m - mu) / torch.sqrt(var + eps) * (1 + scale[:, None]) + shift[:, None]
+    if per_source:
+        return out * torch.stack(factors, 1)
     return out if keep is None else out * keep[..., None].to(out.dtype)
 
 
@@ -150,14 +158,15 @@ def test_torch_gather_scatter_unshuffle_match_loops(shape):
         assert_close(got, want, torch.float64, GRAD_TOL, n)
 
 
+@pytest.mark.parametrize("per_source", [False, True], ids=["keep-merged", "keep-source"])
 @pytest.mark.parametrize("grid,C", MERGE_CASES, ids=_id)
-def test_torch_patch_merge_modulate_matches_loops(grid, C):
+def test_torch_patch_merge_modulate_matches_loops(grid, C, per_source):
     H, W = grid
     B = 2
     gen = torch.Generator().manual_seed(H * W + C)
     x = _rand((B, H * W, C), torch.float64, gen)
     shift, scale = _rand((B, 4 * C), torch.float64, gen), _rand((B, 4 * C), torch.float64, gen)
-    keep = torch.rand(B, H * W // 4, generator=gen) >= 0.4
+    keep = torch.rand(B, H * W if per_source else H * W // 4, generator=gen) >= 0.4
     out = edt_kernels.patch_merge_modulate(x, shift, scale, keep, grid=grid, backend="torch")
     expect = naive_patch_merge_modulate(x, shift, scale, keep, H, W)
     assert_close(out, expect, torch.float64, name="patch_merge_modulate")
@@ -295,7 +304,7 @@ def test_triton_masked_shortcut(shape, dtype, variant, device, poison):
         assert_close(got, want, dtype, GRAD_TOL, n)
 
 
-@pytest.mark.parametrize("keep", ["none", "bool", "float"])
+@pytest.mark.parametrize("keep", ["none", "bool", "float", "bool-source", "float-source"])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
 @pytest.mark.parametrize("grid,C", MERGE_CASES, ids=_id)
 def test_triton_patch_merge_modulate(grid, C, dtype, keep, device, poison):
@@ -307,7 +316,9 @@ def test_triton_patch_merge_modulate(grid, C, dtype, keep, device, poison):
     T = H * W // 4
     keep_mask = {"none": None,
                  "bool": (torch.rand(B, T, generator=gen) >= 0.45).to(device),
-                 "float": torch.rand(B, T, generator=gen).to(device, dtype)}[keep]
+                 "float": torch.rand(B, T, generator=gen).to(device, dtype),
+                 "bool-source": (torch.rand(B, H * W, generator=gen) >= 0.45).to(device),
+                 "float-source": torch.rand(B, H * W, generator=gen).to(device, dtype)}[keep]
     out = edt_kernels.patch_merge_modulate(x, shift, scale, keep_mask, grid=grid, backend="triton")
     x64, s64, c64 = _f64(x, shift, scale)
     ref = reference_patch_merge_modulate(x64, s64, c64, keep_mask, grid)
@@ -498,7 +509,7 @@ BAD_CALLS = {
     "merge shift width": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 16, 2), torch.randn(1, 2),
                                                                    torch.randn(1, 8)), ValueError, r"\[B, 4C\]"),
     "merge keep shape": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 16, 2), torch.randn(1, 8),
-                                                                  torch.randn(1, 8), torch.ones(1, 16)),
+                                                                  torch.randn(1, 8), torch.ones(1, 5)),
                          ValueError, "keep_mask"),
     "merge eps": (lambda: edt_kernels.patch_merge_modulate(torch.randn(1, 16, 2), torch.randn(1, 8),
                                                            torch.randn(1, 8), eps=0.0), ValueError, "eps"),

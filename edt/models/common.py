@@ -144,13 +144,11 @@ _KERNEL_MODULES = {
 
 
 def _adapt_patch_merge(kernel: Callable) -> Callable:
-    # The kernel's keep_mask is per *merged* token ([B, L/4]); the published
-    # down-masking keeps or drops each of the four sub-tokens ([B, L] at the
-    # input grid), so the merge+LN+modulate runs fused and the sub-token mask
-    # is applied after it.
+    # The published down-masking keeps or drops each of the four sub-tokens
+    # ([B, L] at the input grid); the kernel takes that per-input-token mask
+    # and applies it in the same pass as the merge + LayerNorm + modulate.
     def call(x, shift, scale, grid, keep=None):
-        out = kernel(x, shift, scale, None, grid=grid)
-        return out if keep is None else _apply_subtoken_keep(out, keep, grid)
+        return kernel(x, shift, scale, keep, grid=grid)
 
     return call
 

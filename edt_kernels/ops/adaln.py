@@ -75,13 +75,32 @@ def _ln_src_offsets(t, j, C_IN, W_OUT, stride_l, MERGE: tl.constexpr):
     if MERGE:
         q = j // C_IN
         c = j - q * C_IN
-        i = t // W_OUT
-        w = t - i * W_OUT
-        src = (2 * i[:, None] + (q % 2)[None, :]) * (2 * W_OUT) + 2 * w[:, None] + (q // 2)[None, :]
-        off = src.to(tl.int64) * stride_l + c[None, :]
+        off = _merge_src_token(t, j, C_IN, W_OUT).to(tl.int64) * stride_l + c[None, :]
     else:
         off = t[:, None].to(tl.int64) * stride_l + j[None, :]
     return off
+
+
+@triton.jit
+def _merge_src_token(t, j, C_IN, W_OUT):
+    """Input token (flat index on the (2 H_out) x (2 W_out) grid) that output
+    row ``t``, column ``j`` of the 2x2 merge reads."""
+    q = j // C_IN
+    i = t // W_OUT
+    w = t - i * W_OUT
+    return (2 * i[:, None] + (q % 2)[None, :]) * (2 * W_OUT) + 2 * w[:, None] + (q // 2)[None, :]
+
+
+@triton.jit
+def _keep_factor(keep_ptr, b, stride_kb, t, j, t_ok, ok, C_IN, W_OUT, KEEP_SOURCE: tl.constexpr):
+    """Keep-mask multiplier of a [BLOCK_T, BLOCK_N] tile: one value per output
+    row, or (KEEP_SOURCE, merge only) one per input token of the 2x2 patch."""
+    if KEEP_SOURCE:
+        src = _merge_src_token(t, j, C_IN, W_OUT).to(tl.int64)
+        return tl.load(keep_ptr + b * stride_kb + src, mask=ok, other=0.0).to(tl.float32)
+    else:
+        keep = tl.load(keep_ptr + b * stride_kb + t, mask=t_ok, other=0.0).to(tl.float32)
+        return keep[:, None]
 
 
 @triton.jit
@@ -90,7 +109,7 @@ def _ln_modulate_fwd_kernel(
     T, N, C_IN, W_OUT,
     stride_xb, stride_xl, stride_sb, stride_cb, stride_kb, stride_ob, stride_ol,
     eps,
-    MERGE: tl.constexpr, HAS_KEEP: tl.constexpr,
+    MERGE: tl.constexpr, HAS_KEEP: tl.constexpr, KEEP_SOURCE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -112,8 +131,7 @@ def _ln_modulate_fwd_kernel(
     scale = tl.load(scale_ptr + b * stride_cb + j, mask=j_ok, other=0.0).to(tl.float32)
     y = xhat * (1.0 + scale[None, :]) + shift[None, :]
     if HAS_KEEP:
-        keep = tl.load(keep_ptr + b * stride_kb + t, mask=t_ok, other=0.0).to(tl.float32)
-        y = y * keep[:, None]
+        y = y * _keep_factor(keep_ptr, b, stride_kb, t, j, t_ok, ok, C_IN, W_OUT, KEEP_SOURCE)
     out_off = b * stride_ob + t[:, None].to(tl.int64) * stride_ol + j[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -125,7 +143,7 @@ def _ln_modulate_bwd_kernel(
     stride_db, stride_dl, stride_xb, stride_xl, stride_cb, stride_kb,
     stride_pb, stride_pp,
     eps,
-    MERGE: tl.constexpr, HAS_KEEP: tl.constexpr,
+    MERGE: tl.constexpr, HAS_KEEP: tl.constexpr, KEEP_SOURCE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: rows [pid * ROWS_PER_PROG, +ROWS_PER_PROG) of sample b.  The
@@ -154,8 +172,7 @@ def _ln_modulate_bwd_kernel(
         d_off = b * stride_db + t[:, None].to(tl.int64) * stride_dl + j[None, :]
         g = tl.load(dout_ptr + d_off, mask=ok, other=0.0).to(tl.float32)
         if HAS_KEEP:
-            keep = tl.load(keep_ptr + b * stride_kb + t, mask=t_ok, other=0.0).to(tl.float32)
-            g = g * keep[:, None]
+            g = g * _keep_factor(keep_ptr, b, stride_kb, t, j, t_ok, ok, C_IN, W_OUT, KEEP_SOURCE)
         acc_shift += tl.sum(g, axis=0)
         acc_scale += tl.sum(g * xhat, axis=0)
         dxhat = g * (1.0 + scale[None, :])
@@ -283,7 +300,8 @@ def ln_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
     ``merge_width == 0``: rows are x's rows (T = L, N = C).  ``merge_width = W``:
     rows are the 2x2 patch merges of x on an ``(L / W) x W`` grid (T = L / 4,
-    N = 4C).  ``keep``: float ``[B, T]`` row multipliers or None.
+    N = 4C).  ``keep``: float ``[B, T]`` row multipliers, with merging also
+    ``[B, L]`` (one per input token: EDT's down-masking), or None.
     """
     check_launchable(x)
     x, shift, scale = unit_stride(x), unit_stride(shift), unit_stride(scale)
@@ -303,6 +321,7 @@ def ln_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         keep.stride(0) if keep is not None else 0, out.stride(0), out.stride(1),
         float(eps),
         MERGE=bool(merge_width), HAS_KEEP=keep is not None,
+        KEEP_SOURCE=keep is not None and bool(merge_width) and keep.shape[1] == L,
         BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return out
@@ -337,6 +356,7 @@ def ln_modulate_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
         dshift_part.stride(0), dshift_part.stride(1),
         float(eps),
         MERGE=bool(merge_width), HAS_KEEP=keep is not None,
+        KEEP_SOURCE=keep is not None and bool(merge_width) and keep.shape[1] == L,
         BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return dx, dshift_part.sum(1), dscale_part.sum(1)

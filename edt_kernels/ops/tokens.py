@@ -923,7 +923,9 @@ def patch_merge_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
     Args:
         x: ``[B, H*W, C]``, row-major on the ``H x W`` grid.
         shift, scale: ``[B, 4C]`` (EDT: ``Linear(c) -> 8C`` chunked in two).
-        keep_mask: ``[B, H*W/4]`` bool or float (EDT's down-masking
+        keep_mask: bool or float, ``[B, H*W/4]`` (one value per merged
+            token) or ``[B, H*W]`` (one per input token, zeroing its C
+            channels of the merged vector: EDT's down-masking
             ``rand(B, L) >= p``), or None.  No gradient flows into it.
         grid: ``n`` or ``(H, W)`` with H, W even; default: ``sqrt(L)`` square.
         eps: LayerNorm epsilon.
@@ -948,8 +950,9 @@ def patch_merge_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
         check_shape(name, t, (B, 4 * C), "[B, 4C]")
     T = L // 4
     if keep_mask is not None:
-        check_tensor("keep_mask", keep_mask, 2, "[B, H*W/4]", device=x.device, floating=False)
-        check_shape("keep_mask", keep_mask, (B, T), "[B, H*W/4]")
+        check_tensor("keep_mask", keep_mask, 2, "[B, H*W/4] or [B, H*W]", device=x.device, floating=False)
+        if tuple(keep_mask.shape) != (B, L):
+            check_shape("keep_mask", keep_mask, (B, T), "[B, H*W/4] or [B, H*W]")
         if not (keep_mask.dtype == torch.bool or keep_mask.is_floating_point()):
             raise TypeError(f"keep_mask must be bool or floating point, got {keep_mask.dtype}")
     eps = check_eps(eps)

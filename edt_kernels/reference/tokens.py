@@ -116,11 +116,17 @@ def reference_patch_merge_modulate(x: torch.Tensor, shift: torch.Tensor, scale: 
                                    grid: Optional[GridLike] = None,
                                    eps: float = 1e-6) -> torch.Tensor:
     """EDT's down-sampling front end: patch merge -> LayerNorm(4C, no affine)
-    -> ``* (1 + scale) + shift`` (``[B, 4C]``) -> ``* keep_mask`` (``[B, L/4]``,
-    EDT's down-masking; None keeps every token)."""
+    -> ``* (1 + scale) + shift`` (``[B, 4C]``) -> ``* keep_mask``: ``[B, L/4]``
+    (one value per merged token) or ``[B, L]`` (one per input token, zeroing
+    its C channels of the merged vector: EDT's down-masking); None keeps all."""
     merged = reference_patch_merge(x, grid)
     out = F.layer_norm(merged, (merged.shape[-1],), eps=eps)
     out = out * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
     if keep_mask is not None:
-        out = out * keep_mask.unsqueeze(-1).to(out.dtype)
+        if keep_mask.shape[1] == x.shape[1] and x.shape[1] != out.shape[1]:
+            # Per input token: merge the mask like the features (1 channel each).
+            sub = reference_patch_merge(keep_mask.unsqueeze(-1).to(out.dtype), grid)  # [B, L/4, 4]
+            out = out * sub.repeat_interleave(x.shape[-1], dim=-1)
+        else:
+            out = out * keep_mask.unsqueeze(-1).to(out.dtype)
     return out
