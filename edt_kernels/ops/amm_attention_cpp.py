@@ -13,11 +13,13 @@ reports why and ``"auto"`` falls back to the PyTorch reference.
 (``csrc/tokens_cpu.cpp``, ``csrc/tokens_cuda.cu``) the implementation of the
 ``edt_kernels::`` token ops of :mod:`edt_kernels.ops.tokens` on one device
 type, for the ops whose schema matches.  Importing this module does that for
-``"cuda"`` when torch has a CUDA device (never for ``"cpu"``: there the token
-ops are the Triton kernels run by the interpreter in CI).
+``"cuda"`` when ``EDT_KERNELS_CUDA_TOKENS=1`` and torch has a CUDA device
+(never for ``"cpu"``: there the token ops are the Triton kernels run by the
+interpreter in CI).
 """
 from __future__ import annotations
 
+import os
 from typing import List
 
 import torch
@@ -122,7 +124,11 @@ def register_token_kernels(device_type: str = "cuda") -> List[str]:
     return done
 
 
-if torch.cuda.is_available():
+# The CUDA token kernels compile here but have not yet run on a GPU, and the
+# first call would build them with nvcc: until they are measured against the
+# Triton kernels they are opt-in (EDT_KERNELS_CUDA_TOKENS=1, or call
+# register_token_kernels("cuda")).
+if torch.cuda.is_available() and os.environ.get("EDT_KERNELS_CUDA_TOKENS", "0") == "1":
     try:
         register_token_kernels("cuda")
     except ImportError:  # the token ops need triton
