@@ -130,13 +130,27 @@ def amm_offset_table(grid: GridLike, amm: Union[bool, AMM, None] = True, device=
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The AMM tabulated per grid offset: ``[(2 rows - 1) * (2 cols - 1)]``, read
     with the same index as the bias table.  This is what the kernels consume."""
+    return cached_amm_offset_table(grid, amm, device, dtype).clone()
+
+
+def cached_amm_offset_table(grid: GridLike, amm: Union[bool, AMM, None] = True, device=None,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``amm_offset_table`` from a per-device cache (read-only: shared by calls)."""
     rows, cols = normalize_grid(grid)
     cfg = AMM() if amm is True or amm is None else amm
     if not isinstance(cfg, AMM):
         raise TypeError(f"amm must be None, True or an AMM(...) config, got {type(amm).__name__}")
     period, radius2, amplitude = cfg.resolve((rows, cols))
-    t = _amm_offset_table_cpu(rows, cols, period, radius2, amplitude)
-    return t.to(device=device, dtype=dtype)
+    return _amm_offset_table_on(rows, cols, period, radius2, amplitude,
+                                str(torch.device(device)) if device is not None else "cpu", dtype)
+
+
+@lru_cache(maxsize=256)
+def _amm_offset_table_on(rows: int, cols: int, period: float, radius2: int, amplitude: float,
+                         device: str, dtype: torch.dtype) -> torch.Tensor:
+    # Cached per device: no host-to-device copy per call (CUDA-graph capture
+    # forbids one; the first call, e.g. a warm-up, creates the table).
+    return _amm_offset_table_cpu(rows, cols, period, radius2, amplitude).to(device=device, dtype=dtype)
 
 
 def modulation_matrix(grid: GridLike, amm: Union[bool, AMM, None] = True,

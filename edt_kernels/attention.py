@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .amm import AMM, GridLike, amm_offset_table, normalize_grid
+from .amm import AMM, GridLike, cached_amm_offset_table, normalize_grid
 from .reference.attention import reference_attention
 
 __all__ = [
@@ -63,7 +63,7 @@ class AttentionInputs:
     def amm_table(self) -> Optional[torch.Tensor]:
         if self.amm is None:
             return None
-        return amm_offset_table((self.rows, self.cols), self.amm, device=self.device)
+        return cached_amm_offset_table((self.rows, self.cols), self.amm, device=self.device)
 
     def kernel_args(self) -> Tuple:
         """Positional arguments of the backend custom ops (see ``ops/_attention_op``)."""
