@@ -364,7 +364,7 @@ def _block_sizes(N: int, D: int, device: torch.device):
 # tile whose shared memory does not fit the device fails with OutOfResources
 # before anything runs (so the atomics never double-count) and the next one is
 # tried; the first that fits is remembered per kernel specialisation.  Shared
-# memory on sm_90 was read off `triton.compile` (tests/test_amm_attention_aot.py).
+# memory on sm_90 was read off `triton.compile` (tests/test_compile_sm90.py).
 _BWD_DKDV_TILES = [(64, 128, 8, 2), (32, 128, 8, 1), (64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)]
 _BWD_DQ_TILES = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)]
 _tile_choice: dict = {}
