@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ._tracing import is_tracing
 from .amm import AMM, GridLike, cached_amm_offset_table, normalize_grid
 from .reference.attention import reference_attention
 
@@ -181,15 +182,6 @@ def _check_tensor(name: str, t, allow_none: bool = True) -> None:
                         f"got {type(t).__name__}")
 
 
-def _is_tracing() -> bool:
-    try:
-        if torch.compiler.is_compiling():
-            return True
-    except AttributeError:  # pragma: no cover - old torch
-        pass
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 _checked_positions: "Dict[tuple, torch.Tensor]" = {}
 
 
@@ -288,7 +280,7 @@ def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positi
                 raise ValueError(f"positions must be [N] or [B, N] = [{B}, {N}], got {list(positions.shape)}")
         else:
             raise ValueError(f"positions must be [N] or [B, N] = [{B}, {N}], got {list(positions.shape)}")
-        if positions.numel() and not _is_tracing():
+        if positions.numel() and not is_tracing():
             _check_positions_range(positions, rows, cols)
         positions = positions.long()
     elif not uses_grid:

@@ -484,16 +484,6 @@ _gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup)
 
 # ============================================================================ validation, dispatch
 
-def is_tracing() -> bool:
-    """torch.compile / CUDA-graph capture: skip the checks that read tensor values."""
-    try:
-        if torch.compiler.is_compiling():
-            return True
-    except AttributeError:  # pragma: no cover - old torch
-        pass
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def check_tensor(name: str, t, ndim: int, dims: str, *, device=None, floating: bool = True) -> None:
     """``t`` is a tensor with ``ndim`` dims (described by ``dims``, e.g. ``"[B, L, C]"``),
     floating point when asked, on ``device`` when given."""

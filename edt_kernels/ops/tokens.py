@@ -60,12 +60,12 @@ from ..reference.tokens import (
     reference_scatter_tokens,
     reference_unshuffle_with_mask_token,
 )
+from .._tracing import is_tracing
 from .adaln import (
     check_eps,
     check_launchable,
     check_shape,
     check_tensor,
-    is_tracing,
     ln_modulate_backward,
     ln_modulate_forward,
     promote,
