@@ -42,3 +42,14 @@ def triton_device() -> str:
 @pytest.fixture
 def device() -> str:
     return triton_device()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster and immune to a loaded CI box;
+    the global RNG state is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(before)

@@ -27,14 +27,7 @@ IMAGE = 64  # latent 8x8, token grids 4, 2, 1
 LATENT = (4, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster and immune to a loaded CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(tmp, *extra, model="EDT-S/2", kwargs=EDT_TINY, steps=4, batch=8, classes=4):
