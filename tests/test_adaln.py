@@ -235,3 +235,14 @@ def test_auto_runs_torch_for_float64(device):
     out = edt_kernels.layernorm_modulate(x, r, r)
     assert out.dtype == torch.float64
     assert_close(out, naive_layernorm_modulate(x, r, r), torch.float64, name="auto float64")
+
+
+def test_batch_beyond_grid_limit_is_a_clear_error():
+    """B > 65535 would exceed CUDA's grid axis limit: refused before any launch."""
+    B = 65536
+    x, y = torch.randn(B, 1, 16), torch.randn(B, 1, 16)
+    gate = torch.randn(B, 16)
+    with pytest.raises(ValueError, match="exceeds 65535"):
+        edt_kernels.gated_residual(x, gate, y, backend="triton")
+    # the reference path has no such limit
+    torch.testing.assert_close(edt_kernels.gated_residual(x, gate, y, backend="torch"), x + gate[:, None] * y)

@@ -249,9 +249,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+MAX_GRID_BATCH = 65535  # CUDA's limit on grid axes 1 and 2, where these kernels put the batch
+
+
 def check_launchable(t: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("the Triton kernels need triton; use backend='torch'")
+    if t.dim() and t.shape[0] > MAX_GRID_BATCH:
+        raise ValueError(f"batch B = {t.shape[0]} exceeds {MAX_GRID_BATCH}, the CUDA grid limit of the "
+                         "Triton token/adaLN kernels: split the batch or use backend='torch'")
     if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
         return
     raise RuntimeError(f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
