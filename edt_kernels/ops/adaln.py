@@ -104,6 +104,18 @@ def _keep_factor(keep_ptr, b, stride_kb, t, j, t_ok, ok, C_IN, W_OUT, KEEP_SOURC
 
 
 @triton.jit
+def _normalized_rows(x_base, t, j, ok, N, C_IN, W_OUT, stride_xl, eps, MERGE: tl.constexpr):
+    """Rows ``t`` of x (2x2-merged with MERGE) normalised without affine, in
+    float32 statistics: ``(xhat, rstd, offsets of the elements read)``."""
+    x_off = _ln_src_offsets(t, j, C_IN, W_OUT, stride_xl, MERGE)
+    x = tl.load(x_base + x_off, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    return xc * rstd[:, None], rstd, x_off
+
+
+@triton.jit
 def _ln_modulate_fwd_kernel(
     x_ptr, shift_ptr, scale_ptr, keep_ptr, out_ptr,
     T, N, C_IN, W_OUT,
@@ -120,12 +132,7 @@ def _ln_modulate_fwd_kernel(
     j_ok = j < N
     ok = t_ok[:, None] & j_ok[None, :]
 
-    x_off = _ln_src_offsets(t, j, C_IN, W_OUT, stride_xl, MERGE)
-    x = tl.load(x_ptr + b * stride_xb + x_off, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    xc = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-    xhat = xc * rstd[:, None]
+    xhat, rstd, x_off = _normalized_rows(x_ptr + b * stride_xb, t, j, ok, N, C_IN, W_OUT, stride_xl, eps, MERGE)
 
     shift = tl.load(shift_ptr + b * stride_sb + j, mask=j_ok, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * stride_cb + j, mask=j_ok, other=0.0).to(tl.float32)
@@ -162,12 +169,8 @@ def _ln_modulate_bwd_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < T
         ok = t_ok[:, None] & j_ok[None, :]
-        x_off = _ln_src_offsets(t, j, C_IN, W_OUT, stride_xl, MERGE)
-        x = tl.load(x_ptr + b * stride_xb + x_off, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / N
-        xc = tl.where(ok, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-        xhat = xc * rstd[:, None]
+        xhat, rstd, x_off = _normalized_rows(x_ptr + b * stride_xb, t, j, ok, N, C_IN, W_OUT, stride_xl, eps,
+                                             MERGE)
 
         d_off = b * stride_db + t[:, None].to(tl.int64) * stride_dl + j[None, :]
         g = tl.load(dout_ptr + d_off, mask=ok, other=0.0).to(tl.float32)
