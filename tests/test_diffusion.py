@@ -1,5 +1,10 @@
 """Gaussian diffusion against closed-form facts (float64 where the maths allows)."""
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,14 +15,18 @@ from edt.diffusion import (
     LossType,
     ModelMeanType,
     ModelVarType,
+    LossAwareSampler,
+    LossSecondMomentResampler,
     UniformSampler,
     create_diffusion,
+    create_named_schedule_sampler,
     get_named_beta_schedule,
     space_timesteps,
 )
 from edt.diffusion.gaussian_diffusion import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 T = 1000
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +259,171 @@ def test_enum_variants_build():
     torch.testing.assert_close(terms["loss"], torch.zeros(2), rtol=0, atol=0)
     with pytest.raises(ValueError, match="betas"):
         GaussianDiffusion(betas=[0.0, 0.1])
+
+
+# ---------------------------------------------------------------------------
+# Schedule samplers
+# ---------------------------------------------------------------------------
+
+class _Steps:
+    """Stands in for a diffusion object: the samplers only read num_timesteps."""
+
+    def __init__(self, n):
+        self.num_timesteps = n
+
+
+def second_moment_weights_reference(history, n, per_term=10, uniform_prob=0.001):
+    """p_t of the loss-second-moment sampler, written from its definition: uniform until every
+    timestep has per_term losses; then the root mean square of each timestep's last per_term losses,
+    normalised to sum 1, mixed with the uniform distribution (mass uniform_prob)."""
+    if any(len(history[t]) < per_term for t in range(n)):
+        return np.ones(n)
+    rms = np.array([math.sqrt(sum(v * v for v in history[t][-per_term:]) / per_term) for t in range(n)])
+    return (1 - uniform_prob) * rms / rms.sum() + uniform_prob / n
+
+
+def test_create_named_schedule_sampler():
+    d = _Steps(12)
+    assert isinstance(create_named_schedule_sampler("uniform", d), UniformSampler)
+    s = create_named_schedule_sampler("loss-second-moment", d)
+    assert isinstance(s, LossSecondMomentResampler) and isinstance(s, LossAwareSampler)
+    assert (s.history_per_term, s.uniform_prob, s.num_timesteps) == (10, 0.001, 12)
+    with pytest.raises(ValueError, match="unknown schedule sampler 'lsm'"):
+        create_named_schedule_sampler("lsm", d)
+    with pytest.raises(TypeError, match="num_timesteps"):
+        UniformSampler("1000")
+    from edt.diffusion import resample  # ADM's module name keeps working
+    assert resample.LossSecondMomentResampler is LossSecondMomentResampler
+
+
+def test_loss_second_moment_weights_equal_reference_after_same_history():
+    n = 7
+    rng = np.random.default_rng(0)
+    s = LossSecondMomentResampler(_Steps(n))
+    history = {t: [] for t in range(n)}
+    for step in range(40):
+        ts = rng.integers(0, n, size=5)
+        # losses on very different scales per timestep, so the weights are far from uniform
+        losses = rng.random(5) * (1.0 + 10.0 * ts)
+        s.update_with_all_losses(ts.tolist(), losses.tolist())
+        for t, v in zip(ts, losses):
+            history[int(t)].append(float(v))
+        ref = second_moment_weights_reference(history, n)
+        np.testing.assert_allclose(s.weights(), ref, rtol=1e-13, atol=0)
+    assert all(len(h) > 10 for h in history.values())  # the histories did overflow (oldest shifted out)
+    w = s.weights()
+    assert not np.allclose(w, w[0])
+    # importance weights of a draw: 1 / (T p_t)
+    t, iw = s.sample(64, generator=torch.Generator().manual_seed(1))
+    p = w / w.sum()
+    assert t.dtype == torch.int64 and iw.dtype == torch.float32
+    torch.testing.assert_close(iw, torch.from_numpy(1 / (n * p[t.numpy()])).float(), rtol=0, atol=0)
+
+
+def test_loss_second_moment_uniform_until_every_step_is_full():
+    s = LossSecondMomentResampler(_Steps(3), history_per_term=2)
+    s.update_with_all_losses([0, 0, 1, 1, 2], [1.0, 2.0, 3.0, 4.0, 5.0])
+    np.testing.assert_array_equal(s.weights(), np.ones(3))
+    s.update_with_all_losses([2], [6.0])
+    rms = np.sqrt([(1 + 4) / 2, (9 + 16) / 2, (25 + 36) / 2])
+    np.testing.assert_allclose(s.weights(), 0.999 * rms / rms.sum() + 0.001 / 3, rtol=1e-14)
+    with pytest.raises(ValueError, match="timestep 3 outside"):
+        s.update_with_all_losses([3], [1.0])
+    with pytest.raises(ValueError, match="non-finite loss"):
+        s.update_with_all_losses([1], [float("nan")])
+    with pytest.raises(ValueError, match="one length"):
+        s.update_with_local_losses(torch.tensor([0, 1]), torch.tensor([1.0]))
+
+
+def test_sampler_draws_follow_p_and_numpy_path_is_adms():
+    n = 5
+    s = LossSecondMomentResampler(_Steps(n), history_per_term=1, uniform_prob=0.1)
+    s.update_with_all_losses(range(n), [1.0, 2.0, 3.0, 4.0, 10.0])
+    p = s.weights() / s.weights().sum()
+    t, w = s.sample(200_000, generator=torch.Generator().manual_seed(2))
+    freq = np.bincount(t.numpy(), minlength=n) / len(t)
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / len(t)).max())
+    # importance weights make the sampled mean of a per-timestep quantity unbiased
+    f = np.arange(n, dtype=np.float64) ** 2
+    assert abs(float((w.double() * torch.from_numpy(f[t.numpy()])).mean()) - f.mean()) < 0.05 * f.mean()
+    # without a generator the draw is np.random.choice on the global numpy RNG
+    state = np.random.get_state()
+    try:
+        np.random.seed(3)
+        t1, _ = s.sample(50)
+        np.random.seed(3)
+        expected = np.random.choice(n, size=(50,), p=p)
+    finally:
+        np.random.set_state(state)
+    np.testing.assert_array_equal(t1.numpy(), expected)
+    with pytest.raises(ValueError, match="batch_size"):
+        s.sample(0)
+
+
+def test_sampler_state_dict_resumes_exactly(tmp_path):
+    n = 6
+    rng = np.random.default_rng(4)
+    batches = [(rng.integers(0, n, 8).tolist(), rng.random(8).tolist()) for _ in range(30)]
+    a = LossSecondMomentResampler(_Steps(n), history_per_term=3)
+    for ts, ls in batches[:15]:
+        a.update_with_local_losses(torch.tensor(ts), torch.tensor(ls, dtype=torch.float64))
+    torch.save(a.state_dict(), tmp_path / "s.pt")
+    b = LossSecondMomentResampler(_Steps(n), history_per_term=3)
+    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    for ts, ls in batches[15:]:
+        a.update_with_all_losses(ts, ls)
+        b.update_with_all_losses(ts, ls)
+        np.testing.assert_array_equal(a.weights(), b.weights())
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert all(torch.equal(x, y) for x, y in zip(a.sample(16, generator=g1), b.sample(16, generator=g2)))
+    with pytest.raises(ValueError, match="history_per_term"):
+        LossSecondMomentResampler(_Steps(n)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="kind"):
+        b.load_state_dict(UniformSampler(n).state_dict())
+
+
+_GATHER_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from edt.diffusion import LossSecondMomentResampler
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+s = LossSecondMomentResampler(4, history_per_term=2)
+# unequal batch sizes per rank: 3 on rank 0, 5 on rank 1
+for step in range(3):
+    n = 3 if rank == 0 else 5
+    ts = torch.arange(n) % 4
+    losses = (torch.arange(n, dtype=torch.float32) + 1) * (rank + 1) + step
+    s.update_with_local_losses(ts, losses)
+torch.save(s.state_dict(), sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_update_with_local_losses_gathers_all_ranks(tmp_path):
+    """Two gloo ranks with different batch sizes end with one history: the rank-ordered
+    concatenation of every rank's (t, loss) pairs, as update_with_all_losses applies it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "gather.py"
+    script.write_text(_GATHER_SCRIPT)
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{rank}.pt")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    states = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
+    ref = LossSecondMomentResampler(4, history_per_term=2)
+    for step in range(3):
+        ts, ls = [], []
+        for rank, n in ((0, 3), (1, 5)):
+            ts += [i % 4 for i in range(n)]
+            ls += [float(np.float32((i + 1) * (rank + 1) + step)) for i in range(n)]
+        ref.update_with_all_losses(ts, ls)
+    for st in states:
+        torch.testing.assert_close(st["loss_history"], ref.state_dict()["loss_history"], rtol=0, atol=0)
+        torch.testing.assert_close(st["loss_counts"], ref.state_dict()["loss_counts"], rtol=0, atol=0)

@@ -16,7 +16,14 @@ from .gaussian_diffusion import (  # noqa: F401
     get_named_beta_schedule,
 )
 from .respace import SpacedDiffusion, space_timesteps  # noqa: F401
-from .timestep_sampler import UniformSampler, create_named_schedule_sampler  # noqa: F401
+from .timestep_sampler import (  # noqa: F401
+    SCHEDULE_SAMPLERS,
+    LossAwareSampler,
+    LossSecondMomentResampler,
+    ScheduleSampler,
+    UniformSampler,
+    create_named_schedule_sampler,
+)
 
 #: Training length of the published models (DiT, MDT, EDT).
 DEFAULT_DIFFUSION_STEPS = 1000
