@@ -179,20 +179,23 @@ class InceptionE(nn.Module):
 
 
 def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """TensorFlow 1's ``resize_bilinear`` (align_corners=False, no half-pixel centres) of NCHW ``x``:
-    output pixel i reads input position i * in / out, interpolated between floor and floor + 1."""
+    """TensorFlow 1's ``resize_bilinear`` (align_corners=False, no half-pixel centres) of NCHW ``x``
+    to ``size`` x ``size``, with TensorFlow's arithmetic: output pixel i reads the float32 position
+    i * (in / out), lo = floor, hi = min(lo + 1, in - 1), value = top + (bottom - top) * frac,
+    interpolated along x first."""
 
     def axis(n_in: int):
-        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n_in / size, dtype=torch.float32)
         lo = src.floor().long().clamp(max=n_in - 1)
         hi = (lo + 1).clamp(max=n_in - 1)
-        return lo, hi, (src - lo).to(x.dtype)
+        return lo.to(x.device), hi.to(x.device), (src - lo.float()).to(device=x.device, dtype=x.dtype)
 
     y0, y1, fy = axis(x.shape[-2])
     x0, x1, fx = axis(x.shape[-1])
-    dev = x.device
-    rows = x[..., y0.to(dev), :] * (1 - fy.to(dev))[:, None] + x[..., y1.to(dev), :] * fy.to(dev)[:, None]
-    return rows[..., x0.to(dev)] * (1 - fx.to(dev)) + rows[..., x1.to(dev)] * fx.to(dev)
+    top, bottom = x[..., y0, :], x[..., y1, :]
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * fx
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
+    return top + (bottom - top) * fy[:, None]
 
 
 class InceptionV3FID(nn.Module):

@@ -110,23 +110,27 @@ def test_precision_recall_disjoint_and_identical_clouds():
 
 
 def test_tf1_bilinear_resize():
+    """TensorFlow 1's arithmetic: float32 source position i * in / out, lerp along x then y."""
     x = torch.arange(2 * 4 * 5, dtype=torch.float64).reshape(1, 2, 4, 5) ** 1.5
     out = tf1_resize_bilinear(x, 7)
     ref = np.zeros((1, 2, 7, 7))
     xn = x.numpy()
     for i in range(7):
-        sy = i * 4 / 7
-        y0, fy = int(math.floor(sy)), sy - math.floor(sy)
-        y1 = min(y0 + 1, 3)
+        sy = float(np.float32(i) * np.float32(4 / 7))
+        y0 = int(math.floor(sy))
+        fy, y1 = sy - y0, min(y0 + 1, 3)
         for j in range(7):
-            sx = j * 5 / 7
-            x0, fx = int(math.floor(sx)), sx - math.floor(sx)
-            x1 = min(x0 + 1, 4)
-            top = xn[..., y0, x0] * (1 - fx) + xn[..., y0, x1] * fx
-            bot = xn[..., y1, x0] * (1 - fx) + xn[..., y1, x1] * fx
-            ref[..., i, j] = top * (1 - fy) + bot * fy
+            sx = float(np.float32(j) * np.float32(5 / 7))
+            x0 = int(math.floor(sx))
+            fx, x1 = sx - x0, min(x0 + 1, 4)
+            top = xn[..., y0, x0] + (xn[..., y0, x1] - xn[..., y0, x0]) * fx
+            bot = xn[..., y1, x0] + (xn[..., y1, x1] - xn[..., y1, x0]) * fx
+            ref[..., i, j] = top + (bot - top) * fy
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12)
     torch.testing.assert_close(tf1_resize_bilinear(x[..., :4, :4], 4), x[..., :4, :4], rtol=0, atol=0)
+    # a constant image stays constant
+    c = torch.full((1, 3, 32, 48), 17.0)
+    torch.testing.assert_close(tf1_resize_bilinear(c, 299), torch.full((1, 3, 299, 299), 17.0), rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
