@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from .utils import progress_bar
 
 __all__ = [
-    "main", "parse_args", "InceptionV3FID", "load_inception", "load_images",
+    "main", "parse_args", "InceptionV3FID", "load_inception", "load_images", "iter_npz_images", "npz_image_shape",
     "compute_activations", "frechet_distance", "inception_score", "manifold_radii",
     "precision_recall", "evaluate_activations", "evaluate_files", "tf1_resize_bilinear",
 ]
@@ -359,32 +360,74 @@ def evaluate_activations(ref: Dict[str, np.ndarray], samples: Dict[str, np.ndarr
 # Images
 # ---------------------------------------------------------------------------
 
-def load_images(path: str) -> np.ndarray:
-    """``arr_0`` of an ADM .npz: uint8 [N, H, W, 3]."""
+def _npz_member(path: str):
     if not Path(path).is_file():
         raise ValueError(f"{path!r} is not a file (an .npz with arr_0 uint8 [N, H, W, 3])")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise ValueError(f"{path!r} has no arr_0 (holds {z.files[:5]})")
-            arr = z["arr_0"]
-    except (OSError, EOFError) as e:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path!r}: not a readable .npz ({e})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{path!r}: arr_0 must be uint8 [N, H, W, 3], got {arr.dtype} {list(arr.shape)}")
-    if len(arr) <= NEAREST_K:
-        raise ValueError(f"{path!r}: {len(arr)} images; the metrics need more than {NEAREST_K}")
-    return arr
+    if "arr_0.npy" not in zf.namelist():
+        names = zf.namelist()[:5]
+        zf.close()
+        raise ValueError(f"{path!r} has no arr_0 (holds {names})")
+    return zf
+
+
+def _read_header(f, path: str):
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except ValueError as e:
+        raise ValueError(f"{path!r}: arr_0 is not a readable .npy ({e})") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        raise ValueError(f"{path!r}: arr_0 must be uint8 [N, H, W, 3] (C order), got {dtype} {list(shape)}")
+    if shape[0] <= NEAREST_K:
+        raise ValueError(f"{path!r}: {shape[0]} images; the metrics need more than {NEAREST_K}")
+    return tuple(int(v) for v in shape)
+
+
+def npz_image_shape(path: str) -> tuple:
+    """Shape of ``arr_0`` of an ADM .npz (uint8 [N, H, W, 3], checked), read from its header only."""
+    with _npz_member(path) as zf, zf.open("arr_0.npy") as f:
+        return _read_header(f, path)
+
+
+def iter_npz_images(path: str, batch_size: int):
+    """``arr_0`` of an ADM .npz in batches of uint8 [<= batch_size, H, W, 3], streamed from the file
+    (a 50,000-image batch is never held in memory whole)."""
+    with _npz_member(path) as zf, zf.open("arr_0.npy") as f:
+        shape = _read_header(f, path)
+        per_image = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            data = f.read(count * per_image)
+            if len(data) != count * per_image:
+                raise ValueError(f"{path!r}: arr_0 ends after {start + len(data) // per_image} of {shape[0]} images")
+            yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
+
+
+def load_images(path: str) -> np.ndarray:
+    """``arr_0`` of an ADM .npz: uint8 [N, H, W, 3] (whole, in memory)."""
+    n = npz_image_shape(path)[0]
+    return np.concatenate(list(iter_npz_images(path, max(1, n))))
 
 
 @torch.no_grad()
-def compute_activations(images: np.ndarray, network: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
+def compute_activations(images, network: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
                         batch_size: int = 250, device="cpu", progress: bool = False,
                         desc: str = "activations") -> Dict[str, np.ndarray]:
+    """Features of uint8 [N, H, W, 3] images: an array, or a path to an ADM .npz (streamed)."""
+    if isinstance(images, (str, Path)):
+        n = npz_image_shape(str(images))[0]
+        batches = iter_npz_images(str(images), batch_size)
+    else:
+        n = len(images)
+        batches = (images[s:s + batch_size] for s in range(0, n, batch_size))
     outs: Dict[str, list] = {}
-    for s in progress_bar(range(0, len(images), batch_size), total=math.ceil(len(images) / batch_size),
-                          desc=desc, disable=not progress):
-        batch = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device)
+    for batch in progress_bar(batches, total=math.ceil(n / batch_size), desc=desc, disable=not progress):
+        batch = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
         for key, value in network(batch).items():
             outs.setdefault(key, []).append(value.double().cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
@@ -394,11 +437,11 @@ def evaluate_files(ref_path: str, sample_path: str, network: Callable[[torch.Ten
                    batch_size: int = 250, device="cpu", progress: bool = False) -> Dict[str, float]:
     """The metrics of two ADM .npz batches with any feature network (the FID Inception by default
     on the command line) returning ``pool``, ``spatial`` and ``logits_unbiased``."""
-    ref_images, sample_images = load_images(ref_path), load_images(sample_path)
-    acts = [compute_activations(imgs, network, batch_size, device, progress, desc=name)
-            for imgs, name in ((ref_images, "reference"), (sample_images, "samples"))]
+    n_ref, n_samples = npz_image_shape(ref_path)[0], npz_image_shape(sample_path)[0]
+    acts = [compute_activations(path, network, batch_size, device, progress, desc=name)
+            for path, name in ((ref_path, "reference"), (sample_path, "samples"))]
     metrics = evaluate_activations(acts[0], acts[1])
-    metrics.update(num_reference=int(len(ref_images)), num_samples=int(len(sample_images)))
+    metrics.update(num_reference=int(n_ref), num_samples=int(n_samples))
     return metrics
 
 
@@ -436,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         raise ValueError("--device cuda asked but no CUDA device is available")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    load_images(args.ref_batch), load_images(args.sample_batch)  # bad files fail before the network loads
+    npz_image_shape(args.ref_batch), npz_image_shape(args.sample_batch)  # bad files fail before the network loads
     network = load_inception(args.inception, device)
     metrics = evaluate_files(args.ref_batch, args.sample_batch, network, args.batch_size, device,
                              progress=not args.no_progress)

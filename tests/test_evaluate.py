@@ -12,8 +12,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from edt.evaluate import (InceptionV3FID, frechet_distance, inception_score, load_inception, main,
-                          manifold_radii, precision_recall, tf1_resize_bilinear)
+from edt.evaluate import (InceptionV3FID, frechet_distance, inception_score, iter_npz_images, load_images,
+                          load_inception, main, manifold_radii, npz_image_shape, precision_recall,
+                          tf1_resize_bilinear)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +134,26 @@ def test_tf1_bilinear_resize():
     torch.testing.assert_close(tf1_resize_bilinear(c, 299), torch.full((1, 3, 299, 299), 17.0), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["npz", "compressed"])
+def test_npz_images_stream_in_batches(tmp_path, save):
+    imgs = np.random.default_rng(4).integers(0, 256, (11, 6, 5, 3), dtype=np.uint8)
+    save(tmp_path / "x.npz", arr_0=imgs, labels=np.arange(11))
+    assert npz_image_shape(str(tmp_path / "x.npz")) == (11, 6, 5, 3)
+    batches = list(iter_npz_images(str(tmp_path / "x.npz"), 4))
+    assert [len(b) for b in batches] == [4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(batches), imgs)
+    np.testing.assert_array_equal(load_images(str(tmp_path / "x.npz")), imgs)
+    save(tmp_path / "y.npz", arr_1=imgs)
+    with pytest.raises(ValueError, match="has no arr_0"):
+        npz_image_shape(str(tmp_path / "y.npz"))
+    save(tmp_path / "z.npz", arr_0=imgs[:3])
+    with pytest.raises(ValueError, match="need more than 3"):
+        npz_image_shape(str(tmp_path / "z.npz"))
+    (tmp_path / "w.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        npz_image_shape(str(tmp_path / "w.npz"))
+
+
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
     torch.manual_seed(0)
@@ -162,19 +183,31 @@ def test_evaluate_command_with_random_inception(random_inception, tmp_path, one_
     torch.testing.assert_close(feats["logits_unbiased"], feats["pool"] @ net.fc.weight.t())
 
 
-@pytest.mark.parametrize("case", ["missing-npz", "bad-array", "missing-weights", "wrong-weights", "bad-flag"])
-def test_cli_errors_are_one_line(tmp_path, case):
+def _error_cases(tmp_path):
     np.savez(tmp_path / "ok.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((5, 8, 8), np.float32))
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
     ok, inc = str(tmp_path / "ok.npz"), ["--inception", str(tmp_path / "wrong.pth")]
-    args = {"missing-npz": [str(tmp_path / "none.npz"), ok, *inc],
-            "bad-array": [ok, str(tmp_path / "bad.npz"), *inc],
-            "missing-weights": [ok, ok, "--inception", str(tmp_path / "none.pth")],
-            "wrong-weights": [ok, ok, *inc],
-            "bad-flag": [ok, ok, *inc, "--batch-size", "0"]}[case]
+    return {"missing-npz": ([str(tmp_path / "none.npz"), ok, *inc], "is not a file"),
+            "bad-array": ([ok, str(tmp_path / "bad.npz"), *inc], "must be uint8"),
+            "missing-weights": ([ok, ok, "--inception", str(tmp_path / "none.pth")], "is not a file"),
+            "wrong-weights": ([ok, ok, *inc], "not an FID Inception-v3 state dict"),
+            "bad-flag": ([ok, ok, *inc, "--batch-size", "0"], "--batch-size must be >= 1")}
+
+
+@pytest.mark.parametrize("case", ["missing-npz", "bad-flag"])
+def test_cli_errors_are_one_line(tmp_path, case):
+    args, message = _error_cases(tmp_path)[case]
     proc = subprocess.run([sys.executable, "-m", "edt.evaluate", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing-npz", "bad-array", "missing-weights", "wrong-weights"])
+def test_bad_inputs_raise_value_error(tmp_path, case):
+    """What the command turns into its one-line error (tested above on two cases)."""
+    args, message = _error_cases(tmp_path)[case]
+    with pytest.raises(ValueError, match=message):
+        main(args)

@@ -154,16 +154,28 @@ def test_two_ranks_share_the_images(assets, tmp_path):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["no-data", "no-vae", "bad-size", "empty"])
-def test_cli_errors_are_one_line(assets, tmp_path, case):
+def _error_cases(assets, tmp_path):
     data, vae_dir = assets
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    args = {"no-data": cli(tmp_path / "missing", vae_dir, tmp_path / "o"),
-            "no-vae": cli(data, tmp_path / "novae", tmp_path / "o"),
-            "bad-size": cli(data, vae_dir, tmp_path / "o") + ["--image-size", "30"],
-            "empty": cli(tmp_path / "empty", vae_dir, tmp_path / "o")}[case]
+    return {"no-data": (cli(tmp_path / "missing", vae_dir, tmp_path / "o"), "is not a directory"),
+            "no-vae": (cli(data, tmp_path / "novae", tmp_path / "o"), "--vae"),
+            "bad-size": (cli(data, vae_dir, tmp_path / "o") + ["--image-size", "30"], "multiple of 8"),
+            "empty": (cli(tmp_path / "empty", vae_dir, tmp_path / "o"), "no images")}
+
+
+@pytest.mark.parametrize("case", ["no-data", "bad-size"])
+def test_cli_errors_are_one_line(assets, tmp_path, case):
+    args, message = _error_cases(assets, tmp_path)[case]
     proc = subprocess.run([sys.executable, "-m", "edt.extract_features", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("case", ["no-data", "no-vae", "empty"])
+def test_bad_inputs_raise_value_error(assets, tmp_path, case):
+    """What the command turns into its one-line error (tested above on two cases)."""
+    args, message = _error_cases(assets, tmp_path)[case]
+    with pytest.raises(ValueError, match=message):
+        main(args)
