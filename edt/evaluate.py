@@ -279,7 +279,10 @@ def load_inception(path: str, device="cpu") -> InceptionV3FID:
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """FID between Gaussians fitted (mean, unbiased covariance) to two [N, D] feature sets."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise ValueError("FID needs the torchmetrics package (pip install torchmetrics, or the eval extra)") from None
 
     class _Features(nn.Module):
         """The metric's "feature extractor": the features are already computed."""
