@@ -207,15 +207,23 @@ def test_eval_only_amm_and_amm_everywhere():
 
 def test_verify_and_compile_fullgraph():
     model = make_dit()
-    assert len(patch_model(model, verify=True, backend="torch")) == 2
-    handle = apply_amm(model, [1])
     args = dit_inputs()
+    report = patch_model(model, verify=True, backend="torch")
+    assert len(report) == 2
+    plain = sample(model, args)
+    handle = apply_amm(model, [1])  # on a patched model: sets the installed processor's AMM
+    processor = model.transformer_blocks[1].attn1.processor
+    assert processor.amm == AMM() and model.transformer_blocks[0].attn1.processor.amm is None
     with torch.no_grad():
         want = sample(model, args)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         got = sample(compiled, args)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
-    handle.undo()
+    assert not torch.allclose(want, plain, atol=1e-3)
+    assert handle.undo() == 1
+    assert model.transformer_blocks[1].attn1.processor is processor and processor.amm is None  # still patched
+    assert torch.equal(sample(model, args), plain)
+    report.undo()
 
 
 # ----------------------------------------------------------------------------- Attention options

@@ -1,7 +1,8 @@
 """patch_model / unpatch_model / apply_amm on DiT-, MDT- and EDT-style models.
 
-The MDT and EDT attention classes below are small stand-ins written from
-SPEC 2/3 and the published state_dict names (``attn.qkv``, ``attn.proj``,
+The MDT and EDT attention classes below are small stand-ins written from the
+published formulas (BEiT/Swin relative-position bias, EDT's AMM) and the
+published state_dict names (``attn.qkv``, ``attn.proj``,
 ``attn.rel_pos_bias.relative_position_bias_table``; MDT also stores
 ``relative_position_index``): same attributes, same forward semantics
 (MDT: ``forward(x, ids_keep)`` gathers the bias at ``ids_keep``; EDT:
@@ -136,7 +137,8 @@ class TimmStyleAttention(nn.Module):
 
 
 def published_index(n):
-    """BEiT/Swin relative_position_index for an n x n grid, written out (SPEC 2)."""
+    """BEiT/Swin relative_position_index for an n x n grid, written out:
+    (r_i - r_j + n - 1) * (2n - 1) + (c_i - c_j + n - 1)."""
     idx = torch.empty(n * n, n * n, dtype=torch.long)
     for i in range(n * n):
         for j in range(n * n):
@@ -145,7 +147,8 @@ def published_index(n):
 
 
 def published_amm(n):
-    """The published dense AMM, with its float cut-off at token 3n-1 (SPEC 3)."""
+    """The published dense AMM 0.5 exp(cos(2 pi d / (4 (n-1) sqrt 2))), zero below its
+    value at token 3n-1 (EDT's float cut-off)."""
     r = torch.arange(n * n) // n
     c = torch.arange(n * n) % n
     d = ((r[:, None] - r[None]) ** 2 + (c[:, None] - c[None]) ** 2).double().sqrt()
