@@ -150,7 +150,8 @@ def test_amm_blocks_equal_dense_reference_and_undo():
     assert handle.names == ["transformer_blocks.8", "transformer_blocks.10"]
     got = run(model, *args)
     handle.undo()
-    assert all(a.processor is p for a, p in zip(self_attentions(model), processors))  # apply_amm patched, undo unpatched
+    # apply_amm patched, undo unpatched: the very same processors again
+    assert all(a.processor is p for a, p in zip(self_attentions(model), processors))
     with torch.no_grad():
         assert torch.equal(sample(model, args), stock)
 
