@@ -1,7 +1,8 @@
 """patch_model / unpatch_model / apply_amm on DiT-, MDT- and EDT-style models.
 
-The MDT and EDT attention classes below are small stand-ins written from
-SPEC 2/3 and the published state_dict names (``attn.qkv``, ``attn.proj``,
+The MDT and EDT attention classes below are small stand-ins written from the
+published formulas (BEiT/Swin relative-position bias, EDT's AMM) and the
+published state_dict names (``attn.qkv``, ``attn.proj``,
 ``attn.rel_pos_bias.relative_position_bias_table``; MDT also stores
 ``relative_position_index``): same attributes, same forward semantics
 (MDT: ``forward(x, ids_keep)`` gathers the bias at ``ids_keep``; EDT:
@@ -136,7 +137,8 @@ class TimmStyleAttention(nn.Module):
 
 
 def published_index(n):
-    """BEiT/Swin relative_position_index for an n x n grid, written out (SPEC 2)."""
+    """BEiT/Swin relative_position_index for an n x n grid, written out:
+    (r_i - r_j + n - 1) * (2n - 1) + (c_i - c_j + n - 1)."""
     idx = torch.empty(n * n, n * n, dtype=torch.long)
     for i in range(n * n):
         for j in range(n * n):
@@ -145,7 +147,8 @@ def published_index(n):
 
 
 def published_amm(n):
-    """The published dense AMM, with its float cut-off at token 3n-1 (SPEC 3)."""
+    """The published dense AMM 0.5 exp(cos(2 pi d / (4 (n-1) sqrt 2))), zero below its
+    value at token 3n-1 (EDT's float cut-off)."""
     r = torch.arange(n * n) // n
     c = torch.arange(n * n) % n
     d = ((r[:, None] - r[None]) ** 2 + (c[:, None] - c[None]) ** 2).double().sqrt()
@@ -435,7 +438,96 @@ def test_patch_is_idempotent_and_report_lists_modules():
 
 def test_timm_like_class_is_not_detected_without_targets():
     model = make_model("timm_style")
-    assert len(patch_model(model)) == 0
+    with pytest.warns(UserWarning, match=r"patched nothing in TinyModel.*looked like attention: "
+                                         r".*TimmStyleAttention x 2 \(e\.g\. blocks\.0\.attn\)"):
+        report = patch_model(model)
+    assert len(report) == 0
+    assert report.seen == [("blocks.0.attn", "test_patch.TimmStyleAttention"),
+                           ("blocks.1.attn", "test_patch.TimmStyleAttention")]
+    assert "look like attention: test_patch.TimmStyleAttention x 2" in str(report)
+
+
+def test_nothing_patched_strict_raises_and_touches_nothing():
+    model = make_model("timm_style")
+    with pytest.raises(UnsupportedModuleError, match=r"patched nothing.*TimmStyleAttention.*targets="):
+        patch_model(model, strict=True)
+    with pytest.raises(UnsupportedModuleError, match="No module looked like attention"):
+        patch_model(nn.Sequential(nn.Linear(4, 4), nn.GELU()), strict=True)
+    assert not any(is_patched(m) for m in model.modules())
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        patch_model(model, strict="yes")
+    # something patched, or already computing through amm_attention: no warning
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert len(patch(model, "timm_style", strict=True)) == 2
+        assert len(patch(model, "timm_style", strict=True)) == 0  # already patched: fine
+        native = TinyModel(lambda: edt_kernels.AMMAttention(DIM, HEADS, grid=GRID), depth=1)
+        assert [n for n, _ in patch_model(native, strict=True).skipped] == ["blocks.0.attn"]
+    unpatch_model(model)
+
+
+def test_project_modules_are_recognised_by_type():
+    class MyAMMAttention(edt_kernels.AMMAttention):  # a subclass, defined outside the package
+        pass
+
+    class BiasHolder(nn.Module):
+        """qkv/proj/num_heads/scale and this package's RelativePositionBias, plus an EDT-like
+        ``local`` flag: a module of this project, not an EDT checkpoint class."""
+
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+            self.num_heads, self.scale, self.local, self.input_resolution = HEADS, 0.25, False, GRID
+            self.rel_pos_bias = edt_kernels.RelativePositionBias(GRID, HEADS)
+
+        def forward(self, x):
+            return x
+
+    model = nn.ModuleDict({"a": MyAMMAttention(DIM, HEADS, grid=GRID), "b": BiasHolder()})
+    report = patch_model(model)
+    assert len(report) == 0
+    assert report.skipped == [("a", "AMMAttention: already computed by amm_attention")]
+    assert [n for n, _ in report.seen] == ["b"]  # listed as seen, not patched as an EDT block
+    assert not is_patched(model["b"])
+    handle = apply_amm(model, [model["a"]])
+    assert model["a"].amm == AMM()
+    handle.undo()
+    assert model["a"].amm is None
+
+
+@pytest.mark.parametrize("kind", ["timm_style", "mdt"])
+def test_attention_dropout_in_training_runs_eagerly_with_one_warning(kind):
+    model = make_model(kind)
+    for a in attention_modules(model):
+        a.attn_drop.p = 0.25
+    model.train()
+    x, c = inputs()
+    kw = {}
+    if kind == "mdt":  # masked training: 11 of 16 tokens
+        g = torch.Generator().manual_seed(3)
+        kw["ids_keep"] = torch.stack([torch.randperm(N, generator=g)[:11] for _ in range(2)])
+        x, c = inputs(n=11)
+    torch.manual_seed(123)
+    want = run(model, x, c, **kw)
+    patch(model, kind)
+    with pytest.warns(UserWarning, match="attention dropout p=0.25 in training mode") as record:
+        torch.manual_seed(123)  # the same dropout masks as the original forward drew
+        got = run(model, x, c, **kw)
+    assert len([w for w in record if "attention dropout" in str(w.message)]) == 2  # once per module
+    assert_same_run(got, want)
+    torch.manual_seed(5)
+    again = run(model, x, c, **kw)  # other masks: the dropout is live, and no second warning
+    assert not torch.allclose(again[0], got[0])
+    model.eval()
+    with torch.no_grad():
+        out = model(x, c, **kw)
+    for a in attention_modules(model):
+        a.attn_drop.p = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, c, **kw), out, atol=0, rtol=0)  # eval: no dropout
+    unpatch_model(model)
 
 
 # ----------------------------------------------------------------------------- AMM
@@ -646,14 +738,7 @@ def test_runtime_refusals():
     x, c = inputs(n=12)  # 12 tokens: not a square grid
     with pytest.raises(ValueError, match="N = 12 tokens is not a square"):
         model(x, c)
-    drop = make_model("timm_style")
-    for a in attention_modules(drop):
-        a.attn_drop.p = 0.1
-    patch(drop, "timm_style")
     x, c = inputs()
-    with pytest.raises(RuntimeError, match="attention dropout"):
-        drop.train()(x, c)
-    drop.eval()(x, c)  # fine in eval mode
     edt = make_model("edt")
     patch_model(edt)
     with pytest.raises(NotImplementedError, match="mask"):
