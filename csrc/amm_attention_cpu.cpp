@@ -303,12 +303,12 @@ const acc_t* rows_as_acc(const scalar_t* src, int64_t sn, int64_t sd, int64_t ro
 }
 
 // Query rows per work item and keys per GEMM tile of the forward.  Keys: up
-// to 512 per tile (one tile, no online rescaling, for N <= 512); queries: 32
-// to 128 rows, fewer when batch * heads alone would leave threads idle.
+// to 512 per tile (one tile, no online rescaling, for N <= 512); queries: 64
+// rows (128 from N = 768), fewer when the work items would leave threads idle.
 // Scratch per thread is O(tile_q * tile_kv + tile_q * D): linear in N.
 inline void forward_tiles(int64_t N, int64_t BH, int64_t threads, int64_t& tq, int64_t& tkv) {
   tkv = std::min<int64_t>(N, 512);
-  tq = N >= 768 ? 128 : (N >= 192 ? 64 : 32);
+  tq = N >= 768 ? 128 : 64;
   while (tq > 16 && BH * ((N + tq - 1) / tq) < 4 * threads) tq /= 2;
   tq = std::min(tq, N);
 }

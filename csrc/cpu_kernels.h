@@ -157,8 +157,15 @@ inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 }
 
 // ------------------------------------------------------------- row-major GEMM
-// Whether gemm_rm calls the BLAS of libtorch (true) or the micro-kernel.
-inline bool have_blas_gemm() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+// Whether gemm_rm calls the BLAS of libtorch (true) or the micro-kernel;
+// EDT_KERNELS_CPU_BLAS=0 in the environment (read once) forces the latter.
+inline bool have_blas_gemm() {
+  static const bool allowed = [] {
+    const char* e = std::getenv("EDT_KERNELS_CPU_BLAS");
+    return !(e != nullptr && e[0] == '0' && e[1] == '\0');
+  }();
+  return allowed && sgemm_ != nullptr && dgemm_ != nullptr;
+}
 
 // C[M, N] = alpha op(A) op(B) + beta C, all row-major with unit stride along
 // rows: op(A)[i, k] = TA ? A[k * lda + i] : A[i * lda + k], op(B)[k, n] = TB ?
