@@ -12,7 +12,7 @@
 // Flash-attention style (Dao et al. 2022, "FlashAttention"; the online softmax
 // of Milakov & Gimelshein 2018): the forward walks key blocks with a running
 // max m and denominator l taken from the *unmodulated* scores and accumulates
-// exp(s - m) ⊙ M ⊙ W into the numerator (SPEC 3: AMM after the softmax, no
+// exp(s - m) ⊙ M ⊙ W into the numerator (AMM after the softmax, no
 // renormalisation); it saves only the natural-log LSE per row.  The backward
 // recomputes P = exp(S - lse) tile by tile:
 //
@@ -20,13 +20,23 @@
 //   dS = P ⊙ (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q,
 //   dT[idx, h] += dS,  dbias = dS summed over bias's broadcast dims.
 //
-// No tensor of more than one BLOCK x BLOCK tile per head is formed; scratch is
-// O(BLOCK * D) per thread in the forward and O(N * D) per thread in the
-// backward.  q, k, v, dout, out are read through their strides (no copies).
+// Every product is a GEMM on tiles (cpu::gemm_rm: the BLAS sgemm/dgemm that
+// libtorch links, MKL or OpenBLAS, called single-threaded inside the parallel
+// region; a register-blocked micro-kernel where libtorch exports none): the
+// forward forms S = scale Q_i K_j^T and acc += P V_j on a TQ x TK tile; the
+// backward S, dP = dO_i V_j^T, dV_j += P^T dO_i, dK_j += dS^T Q_i and dQ_i +=
+// dS K_j.  Between the GEMMs one vectorised pass per row adds the table and
+// AMM gathered from the per-offset tables (T[idx, h], M[idx]) and the bias,
+// and takes max / exp / sum.  No N x N tensor is formed: scratch is
+// O(TQ * TK + TQ * D) per thread in the forward and O(N * D) per thread in the
+// backward.  q, k, v are read in place when they are float32/float64 with
+// contiguous rows, else converted tile by tile (float16/bfloat16 -> float32).
 // Parallelism: at::parallel_for (OpenMP) over batch * heads * query blocks in
 // the forward and over batch * heads in the backward.
 //
 // Kernel contract: edt_kernels/ops/_attention_op.py.
+#include "cpu_kernels.h"  // first: it selects at::vec's instruction set
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -39,19 +49,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kernels.h"
-
 namespace edt_kernels {
 namespace {
 
 using cpu::Buffer;
-using cpu::fast_exp;
-using cpu::gemm_nn;
-using cpu::kMR;
-using cpu::gemm_tn;
-using cpu::round_up;
-
-constexpr int64_t kBlock = 64;  // query and key block (multiple of kMR and of every vector width)
 
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -213,18 +214,6 @@ void pack_rows(const scalar_t* src, int64_t sn, int64_t sd, int64_t rows, int64_
   for (int64_t r = rows; r < rows_pad; ++r) std::fill(dst + r * ld, dst + (r + 1) * ld, acc_t(0));
 }
 
-// dst[d, r] = src[r, d] (a block of rows stored transposed, ld = row capacity).
-template <typename scalar_t, typename acc_t>
-void pack_cols(const scalar_t* src, int64_t sn, int64_t sd, int64_t rows, int64_t rows_pad, int64_t D, acc_t* dst,
-               int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src + r * sn;
-    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<acc_t>(s[d * sd]);
-  }
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t r = rows; r < rows_pad; ++r) dst[d * ld + r] = acc_t(0);
-}
-
 template <typename scalar_t, typename acc_t>
 void write_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc_t* row_mul, acc_t mul,
                 scalar_t* dst, int64_t sn, int64_t sd) {
@@ -267,13 +256,7 @@ struct HeadView {
 
   // s[j] += T[idx(i, j0 + j)] + bias[i, j0 + j] for j < bn.
   inline void add_scores(acc_t* s, int64_t i, int64_t j0, int64_t bn) const {
-    if (tab) {
-      const int32_t ui = u[i] + static_cast<int32_t>(off);
-      const int32_t* uk = u + j0;
-      const acc_t* t = tab;
-#pragma omp simd
-      for (int64_t j = 0; j < bn; ++j) s[j] += t[ui - uk[j]];
-    }
+    if (tab) cpu::gather_add<acc_t>(s, tab, u[i] + static_cast<int32_t>(off), u + j0, bn);
     if (bias) {
       const acc_t* br = bias + i * bs2 + j0 * bs3;
       if (bs3 == 1) {
@@ -288,10 +271,7 @@ struct HeadView {
   // w[j] = M[idx(i, j0 + j)] * W[i, j0 + j] (at least one of them present).
   inline void weights(acc_t* w, int64_t i, int64_t j0, int64_t bn) const {
     if (amm) {
-      const int32_t ui = u[i] + static_cast<int32_t>(off);
-      const int32_t* uk = u + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < bn; ++j) w[j] = amm[ui - uk[j]];
+      cpu::gather_set<acc_t>(w, amm, u[i] + static_cast<int32_t>(off), u + j0, bn);
     } else {
       std::fill(w, w + bn, acc_t(1));
     }
@@ -304,14 +284,43 @@ struct HeadView {
 
 // ------------------------------------------------------------------- forward
 
+// Rows [0, rows) of a [N, D] slice (row stride sn, element stride sd) as an
+// acc_t matrix with unit element stride: the input itself when it already is
+// one (float32/float64 with contiguous rows, read in place), else converted
+// into buf ([rows, D]).  ld receives the row stride of the result.
+template <typename scalar_t, typename acc_t>
+const acc_t* rows_as_acc(const scalar_t* src, int64_t sn, int64_t sd, int64_t rows, int64_t D, acc_t* buf,
+                         int64_t& ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (sd == 1 && (rows == 1 || (sn >= D && sn < (int64_t(1) << 31)))) {
+      ld = rows == 1 ? D : sn;
+      return src;
+    }
+  }
+  pack_rows<scalar_t, acc_t>(src, sn, sd, rows, rows, D, acc_t(1), buf, D);
+  ld = D;
+  return buf;
+}
+
+// Query rows per work item and keys per GEMM tile of the forward.  Keys: up
+// to 512 per tile (one tile, no online rescaling, for N <= 512); queries: 64
+// rows (128 from N = 768), fewer when the work items would leave threads idle.
+// Scratch per thread is O(tile_q * tile_kv + tile_q * D): linear in N.
+inline void forward_tiles(int64_t N, int64_t BH, int64_t threads, int64_t& tq, int64_t& tkv) {
+  tkv = std::min<int64_t>(N, 512);
+  tq = N >= 768 ? 128 : 64;
+  while (tq > 16 && BH * ((N + tq - 1) / tq) < 4 * threads) tq /= 2;
+  tq = std::min(tq, N);
+}
+
 template <typename scalar_t>
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
-  constexpr int64_t VW = cpu::vec_width<acc_t>();
   const int64_t B = g.B, H = g.H, N = g.N, D = g.D;
-  const int64_t Dp = round_up(D, VW);
-  const int64_t nqb = (N + kBlock - 1) / kBlock;
+  int64_t TQ = 0, TK = 0;
+  forward_tiles(N, B * H, at::get_num_threads(), TQ, TK);
+  const int64_t nqb = (N + TQ - 1) / TQ;
   const acc_t scale = static_cast<acc_t>(g.scale);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -320,61 +329,65 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   float* lp = lse.data_ptr<float>();
   const auto sq = q.strides(), sk = k.strides(), sv = v.strides(), so = out.strides();
   const bool weighted = g.has_weight();
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    Buffer<acc_t> Qt(kBlock * Dp), KT(Dp * kBlock), Vt(kBlock * Dp), S(kBlock * kBlock), acc(kBlock * Dp),
-        W(kBlock), m(kBlock), l(kBlock);
+    Buffer<acc_t> Qb(TQ * D), Kb(TK * D), Vb(TK * D), S(TQ * TK), acc(TQ * D), W(TK), m(TQ), l(TQ);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % nqb, bh = item / nqb, h = bh % H, b = bh / H;
-      const int64_t i0 = qb * kBlock, bm = std::min(kBlock, N - i0), Mp = round_up(bm, kMR);
+      const int64_t i0 = qb * TQ, bm = std::min(TQ, N - i0);
       const HeadView<acc_t> hv(g, b, h);
-      pack_rows(qp + b * sq[0] + h * sq[1] + i0 * sq[2], sq[2], sq[3], bm, Mp, D, scale, Qt.data(), Dp);
-      std::fill(m.data(), m.data() + kBlock, -std::numeric_limits<acc_t>::infinity());
-      std::fill(l.data(), l.data() + kBlock, acc_t(0));
-      std::fill(acc.data(), acc.data() + Mp * Dp, acc_t(0));
-      for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
-        const int64_t bn = std::min(kBlock, N - j0), Np = round_up(bn, VW);
-        pack_cols(kp + b * sk[0] + h * sk[1] + j0 * sk[2], sk[2], sk[3], bn, Np, D, KT.data(), kBlock);
-        pack_rows(vp + b * sv[0] + h * sv[1] + j0 * sv[2], sv[2], sv[3], bn, bn, D, acc_t(1), Vt.data(), Dp);
-        gemm_nn<acc_t>(Mp, Np, D, Qt.data(), Dp, KT.data(), kBlock, S.data(), kBlock, false);
+      int64_t ldq = 0, ldk = 0, ldv = 0;
+      const acc_t* Q = rows_as_acc<scalar_t, acc_t>(qp + b * sq[0] + h * sq[1] + i0 * sq[2], sq[2], sq[3], bm, D,
+                                                    Qb.data(), ldq);
+      std::fill(m.data(), m.data() + bm, -kInf);
+      std::fill(l.data(), l.data() + bm, acc_t(0));
+      for (int64_t j0 = 0; j0 < N; j0 += TK) {
+        const int64_t bn = std::min(TK, N - j0);
+        const bool first = j0 == 0;
+        const acc_t* K = rows_as_acc<scalar_t, acc_t>(kp + b * sk[0] + h * sk[1] + j0 * sk[2], sk[2], sk[3], bn, D,
+                                                      Kb.data(), ldk);
+        const acc_t* V = rows_as_acc<scalar_t, acc_t>(vp + b * sv[0] + h * sv[1] + j0 * sv[2], sv[2], sv[3], bn, D,
+                                                      Vb.data(), ldv);
+        // S = scale Q K^T
+        cpu::gemm_rm<acc_t>(false, true, bm, bn, D, scale, Q, ldq, K, ldk, acc_t(0), S.data(), TK);
         for (int64_t i = 0; i < bm; ++i) {
-          acc_t* s = S.data() + i * kBlock;
+          acc_t* s = S.data() + i * TK;
           hv.add_scores(s, i0 + i, j0, bn);
-          acc_t mx = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < bn; ++j) mx = std::max(mx, s[j]);
-          const acc_t m_new = std::max(m[i], mx);
-          const acc_t m_use = m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
-          const acc_t alpha = fast_exp<acc_t>(m[i] - m_use);
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < bn; ++j) {
-            const acc_t p = fast_exp<acc_t>(s[j] - m_use);
-            sum += p;
-            s[j] = p;
-          }
+          const acc_t mx = cpu::row_max<acc_t>(s, bn);
+          // A NaN score makes the row NaN (as in the reference softmax).
+          const acc_t m_new = mx != mx ? mx : std::max(m[i], mx);
+          const acc_t m_use = m_new == -kInf ? acc_t(0) : m_new;
+          const acc_t* w = nullptr;
           if (weighted) {
             hv.weights(W.data(), i0 + i, j0, bn);
-#pragma omp simd
-            for (int64_t j = 0; j < bn; ++j) s[j] *= W[j];
+            w = W.data();
           }
-          l[i] = l[i] * alpha + sum;
+          const acc_t sum = cpu::exp_row<acc_t>(s, w, bn, m_use);
+          if (first) {
+            l[i] = sum;
+          } else {
+            const acc_t alpha = std::exp(m[i] - m_use);
+            l[i] = l[i] * alpha + sum;
+            if (alpha != acc_t(1)) {
+              acc_t* a = acc.data() + i * D;
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+            }
+          }
           m[i] = m_new;
-          if (alpha != acc_t(1)) {
-            acc_t* a = acc.data() + i * Dp;
-#pragma omp simd
-            for (int64_t d = 0; d < Dp; ++d) a[d] *= alpha;
-          }
         }
-        gemm_nn<acc_t>(Mp, Dp, bn, S.data(), kBlock, Vt.data(), Dp, acc.data(), Dp, true);
+        // acc (+)= (P ⊙ M ⊙ W) V
+        cpu::gemm_rm<acc_t>(false, false, bm, D, bn, acc_t(1), S.data(), TK, V, ldv, first ? acc_t(0) : acc_t(1),
+                            acc.data(), D);
       }
       float* lrow = lp + (b * H + h) * N + i0;
       for (int64_t i = 0; i < bm; ++i) {
         lrow[i] = static_cast<float>(m[i] + std::log(l[i]));
         l[i] = acc_t(1) / l[i];
       }
-      write_rows<scalar_t, acc_t>(acc.data(), Dp, bm, D, l.data(), acc_t(1),
-                                  op + b * so[0] + h * so[1] + i0 * so[2], so[2], so[3]);
+      write_rows<scalar_t, acc_t>(acc.data(), D, bm, D, l.data(), acc_t(1), op + b * so[0] + h * so[1] + i0 * so[2],
+                                  so[2], so[3]);
     }
   });
 }
@@ -386,10 +399,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv, at::Tensor* dtable, at::Tensor* dbias) {
   using acc_t = acc_type_t<scalar_t>;
-  constexpr int64_t VW = cpu::vec_width<acc_t>();
   const int64_t B = g.B, H = g.H, N = g.N, D = g.D;
-  const int64_t Dp = round_up(D, VW);
-  const int64_t Npad = round_up(N, kBlock);
   const acc_t scale = static_cast<acc_t>(g.scale);
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
                  *dop = dout.data_ptr<scalar_t>(), *outp = out.data_ptr<scalar_t>();
@@ -438,10 +448,13 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   float* dbias_out = dbias ? dbias->data_ptr<float>() : nullptr;
   if (dbias) std::fill(dbias_out, dbias_out + dbias_numel, 0.0f);
 
+  // Tiles: TQ query rows x TK keys (scratch TQ * TK per thread; the per-head
+  // operands and dK/dV accumulators are [N, D]).
+  const int64_t TQ = std::min<int64_t>(N, 64), TK = std::min<int64_t>(N, 256);
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, T, 1, [&](int64_t cbegin, int64_t cend) {
-    Buffer<acc_t> Qs(Npad * Dp), dO(Npad * Dp), Kr(Npad * Dp), KT(Dp * Npad), VT(Dp * Npad), dK(Npad * Dp),
-        dV(Npad * Dp), dQ(kBlock * Dp), S(kBlock * kBlock), dP(kBlock * kBlock), W(kBlock), lse_r(Npad),
-        delta(Npad);
+    Buffer<acc_t> Qs(N * D), dO(N * D), Kr(N * D), Vr(N * D), dK(N * D), dV(N * D), dQ(TQ * D), S(TQ * TK),
+        dP(TQ * TK), W(TK), lse_r(N), delta(N), mrun(TQ);
     for (int64_t c = cbegin; c < cend; ++c) {
       double* dtab = dtable ? dtab_buf[c].data() : nullptr;
       float* dbias_tgt = private_dbias ? dbias_buf[c].data() : dbias_out;
@@ -452,83 +465,75 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
         for (int64_t b = b_lo; b < b_hi; ++b)
           for (int64_t h = h_lo; h < h_hi; ++h) {
             const HeadView<acc_t> hv(g, b, h);
-            pack_rows(qp + b * sq[0] + h * sq[1], sq[2], sq[3], N, Npad, D, scale, Qs.data(), Dp);
-            pack_rows(dop + b * sdo[0] + h * sdo[1], sdo[2], sdo[3], N, Npad, D, acc_t(1), dO.data(), Dp);
-            pack_rows(kp + b * sk[0] + h * sk[1], sk[2], sk[3], N, Npad, D, acc_t(1), Kr.data(), Dp);
-            pack_cols(kp + b * sk[0] + h * sk[1], sk[2], sk[3], N, Npad, D, KT.data(), Npad);
-            pack_cols(vp + b * sv[0] + h * sv[1], sv[2], sv[3], N, Npad, D, VT.data(), Npad);
+            pack_rows(qp + b * sq[0] + h * sq[1], sq[2], sq[3], N, N, D, scale, Qs.data(), D);
+            pack_rows(dop + b * sdo[0] + h * sdo[1], sdo[2], sdo[3], N, N, D, acc_t(1), dO.data(), D);
+            pack_rows(kp + b * sk[0] + h * sk[1], sk[2], sk[3], N, N, D, acc_t(1), Kr.data(), D);
+            pack_rows(vp + b * sv[0] + h * sv[1], sv[2], sv[3], N, N, D, acc_t(1), Vr.data(), D);
             // Delta_i = rowsum(dO_i * O_i) from the saved output.
             const scalar_t* o_bh = outp + b * sout[0] + h * sout[1];
             for (int64_t i = 0; i < N; ++i) {
               acc_t s = 0;
-              const acc_t* dorow = dO.data() + i * Dp;
+              const acc_t* dorow = dO.data() + i * D;
               for (int64_t d = 0; d < D; ++d) s += dorow[d] * static_cast<acc_t>(o_bh[i * sout[2] + d * sout[3]]);
               delta[i] = s;
             }
             if constexpr (std::is_same_v<acc_t, double>) {
               // The saved LSE is float32; recompute it in double so that the
               // float64 path stays float64-accurate (an extra pass over QK^T).
-              for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
-                const int64_t bm = std::min(kBlock, N - i0), Mp = round_up(bm, kMR);
+              for (int64_t i0 = 0; i0 < N; i0 += TQ) {
+                const int64_t bm = std::min(TQ, N - i0);
                 for (int64_t i = 0; i < bm; ++i) {
-                  dQ[i] = -std::numeric_limits<double>::infinity();  // running max
-                  lse_r[i0 + i] = 0;                                // running sum
+                  mrun[i] = -kInf;    // running max
+                  lse_r[i0 + i] = 0;  // running sum
                 }
-                for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
-                  const int64_t bn = std::min(kBlock, N - j0), Np = round_up(bn, VW);
-                  gemm_nn<acc_t>(Mp, Np, D, Qs.data() + i0 * Dp, Dp, KT.data() + j0, Npad, S.data(), kBlock, false);
+                for (int64_t j0 = 0; j0 < N; j0 += TK) {
+                  const int64_t bn = std::min(TK, N - j0);
+                  cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), Qs.data() + i0 * D, D, Kr.data() + j0 * D, D,
+                                      acc_t(0), S.data(), TK);
                   for (int64_t i = 0; i < bm; ++i) {
-                    acc_t* s = S.data() + i * kBlock;
+                    acc_t* s = S.data() + i * TK;
                     hv.add_scores(s, i0 + i, j0, bn);
-                    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+                    acc_t mx = -kInf;
 #pragma omp simd reduction(max : mx)
                     for (int64_t j = 0; j < bn; ++j) mx = std::max(mx, s[j]);
-                    const acc_t m_new = std::max<acc_t>(dQ[i], mx);
-                    const acc_t m_use = m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
+                    const acc_t m_new = std::max<acc_t>(mrun[i], mx);
+                    const acc_t m_use = m_new == -kInf ? acc_t(0) : m_new;
                     acc_t sum = 0;
                     for (int64_t j = 0; j < bn; ++j) sum += std::exp(s[j] - m_use);
-                    lse_r[i0 + i] = lse_r[i0 + i] * std::exp(dQ[i] - m_use) + sum;
-                    dQ[i] = m_new;
+                    lse_r[i0 + i] = lse_r[i0 + i] * std::exp(mrun[i] - m_use) + sum;
+                    mrun[i] = m_new;
                   }
                 }
-                for (int64_t i = 0; i < bm; ++i) lse_r[i0 + i] = dQ[i] + std::log(lse_r[i0 + i]);
+                for (int64_t i = 0; i < bm; ++i) lse_r[i0 + i] = mrun[i] + std::log(lse_r[i0 + i]);
               }
             } else {
               const float* lrow = lsep + b * lse_sb + h * lse_sh;
               for (int64_t i = 0; i < N; ++i) lse_r[i] = lrow[i * lse_sn];
             }
-            dK.zero();
-            dV.zero();
             double* dtab_h = dtab ? dtab + h * R : nullptr;
             float* dbias_bh = dbias ? dbias_tgt + b * ts[0] + h * ts[1] : nullptr;
-            for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
-              const int64_t bm = std::min(kBlock, N - i0), Mp = round_up(bm, kMR);
-              std::fill(dQ.data(), dQ.data() + Mp * Dp, acc_t(0));
-              for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
-                const int64_t bn = std::min(kBlock, N - j0), Np = round_up(bn, VW), Nr = round_up(bn, kMR);
-                gemm_nn<acc_t>(Mp, Np, D, Qs.data() + i0 * Dp, Dp, KT.data() + j0, Npad, S.data(), kBlock, false);
-                gemm_nn<acc_t>(Mp, Np, D, dO.data() + i0 * Dp, Dp, VT.data() + j0, Npad, dP.data(), kBlock, false);
+            for (int64_t i0 = 0; i0 < N; i0 += TQ) {
+              const int64_t bm = std::min(TQ, N - i0);
+              for (int64_t j0 = 0; j0 < N; j0 += TK) {
+                const int64_t bn = std::min(TK, N - j0);
+                const acc_t* Qi = Qs.data() + i0 * D;
+                const acc_t* dOi = dO.data() + i0 * D;
+                // S = (scale Q_i) K_j^T, dP = dO_i V_j^T
+                cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), Qi, D, Kr.data() + j0 * D, D, acc_t(0),
+                                    S.data(), TK);
+                cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), dOi, D, Vr.data() + j0 * D, D, acc_t(0),
+                                    dP.data(), TK);
                 for (int64_t i = 0; i < bm; ++i) {
-                  acc_t* s = S.data() + i * kBlock;   // scores -> P ⊙ M ⊙ W
-                  acc_t* dp = dP.data() + i * kBlock;  // dO V^T -> dS
+                  acc_t* s = S.data() + i * TK;   // scores -> P ⊙ M ⊙ W
+                  acc_t* dp = dP.data() + i * TK;  // dO V^T -> dS
                   hv.add_scores(s, i0 + i, j0, bn);
                   const acc_t li = lse_r[i0 + i], di = delta[i0 + i];
+                  const acc_t* w = nullptr;
                   if (weighted) {
                     hv.weights(W.data(), i0 + i, j0, bn);
-#pragma omp simd
-                    for (int64_t j = 0; j < bn; ++j) {
-                      const acc_t p = fast_exp<acc_t>(s[j] - li);
-                      s[j] = p * W[j];
-                      dp[j] = p * (dp[j] * W[j] - di);
-                    }
-                  } else {
-#pragma omp simd
-                    for (int64_t j = 0; j < bn; ++j) {
-                      const acc_t p = fast_exp<acc_t>(s[j] - li);
-                      s[j] = p;
-                      dp[j] = p * (dp[j] - di);
-                    }
+                    w = W.data();
                   }
+                  cpu::softmax_grad_row<acc_t>(s, dp, w, bn, li, di);
                   if (dtab_h) {
                     const int32_t ui = hv.u[i0 + i] + static_cast<int32_t>(g.off);
                     const int32_t* uk = hv.u + j0;
@@ -539,18 +544,21 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                     for (int64_t j = 0; j < bn; ++j) br[j * ts[3]] += static_cast<float>(dp[j]);
                   }
                 }
-                // dV_j += (P⊙M⊙W)^T dO_i, dK_j += dS^T (scale Q_i), dQ_i += dS K_j.  Rows
-                // [bn, Nr) of the first two land in dV/dK rows >= N (padding).
-                gemm_tn<acc_t>(Nr, Dp, bm, S.data(), kBlock, dO.data() + i0 * Dp, Dp, dV.data() + j0 * Dp, Dp, true);
-                gemm_tn<acc_t>(Nr, Dp, bm, dP.data(), kBlock, Qs.data() + i0 * Dp, Dp, dK.data() + j0 * Dp, Dp, true);
-                gemm_nn<acc_t>(Mp, Dp, bn, dP.data(), kBlock, Kr.data() + j0 * Dp, Dp, dQ.data(), Dp, true);
+                // dV_j += (P⊙M⊙W)^T dO_i, dK_j += dS^T (scale Q_i), dQ_i (+)= dS K_j.
+                const acc_t beta_kv = i0 == 0 ? acc_t(0) : acc_t(1);
+                cpu::gemm_rm<acc_t>(true, false, bn, D, bm, acc_t(1), S.data(), TK, dOi, D, beta_kv,
+                                    dV.data() + j0 * D, D);
+                cpu::gemm_rm<acc_t>(true, false, bn, D, bm, acc_t(1), dP.data(), TK, Qi, D, beta_kv,
+                                    dK.data() + j0 * D, D);
+                cpu::gemm_rm<acc_t>(false, false, bm, D, bn, acc_t(1), dP.data(), TK, Kr.data() + j0 * D, D,
+                                    j0 == 0 ? acc_t(0) : acc_t(1), dQ.data(), D);
               }
-              write_rows<scalar_t, acc_t>(dQ.data(), Dp, bm, D, nullptr, scale,
+              write_rows<scalar_t, acc_t>(dQ.data(), D, bm, D, nullptr, scale,
                                           dqp + b * sdq[0] + h * sdq[1] + i0 * sdq[2], sdq[2], sdq[3]);
             }
-            write_rows<scalar_t, acc_t>(dK.data(), Dp, N, D, nullptr, acc_t(1), dkp + b * sdk[0] + h * sdk[1],
+            write_rows<scalar_t, acc_t>(dK.data(), D, N, D, nullptr, acc_t(1), dkp + b * sdk[0] + h * sdk[1],
                                         sdk[2], sdk[3]);
-            write_rows<scalar_t, acc_t>(dV.data(), Dp, N, D, nullptr, acc_t(1), dvp + b * sdv[0] + h * sdv[1],
+            write_rows<scalar_t, acc_t>(dV.data(), D, N, D, nullptr, acc_t(1), dvp + b * sdv[0] + h * sdv[1],
                                         sdv[2], sdv[3]);
           }
       }

@@ -1,10 +1,26 @@
 // Small building blocks of the CPU kernels: aligned scratch buffers, a
-// register-blocked micro-GEMM and a vectorisable exp.
+// row-major GEMM on tiles (the BLAS that libtorch links, else a register-blocked
+// micro-GEMM) and a vectorisable exp.
 //
 // Everything here is plain C++ that GCC/Clang auto-vectorise (`#pragma omp
 // simd`, fixed trip counts); the width follows the instruction set the file is
 // compiled for (`-march=native` in the JIT build, see edt_kernels/_ext.py).
 #pragma once
+
+// at::vec::Vectorized picks its instruction set from CPU_CAPABILITY_* macros
+// that PyTorch's own build defines per kernel file; an extension gets the
+// scalar fallback unless it defines them.  Defined here from what the compiler
+// targets (-march=native in the JIT build), so this header must come before
+// any ATen header that includes <ATen/cpu/vec/vec.h>.
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +30,21 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
+#include <vector>
+
+// The Fortran BLAS GEMMs.  Declared weak: libtorch_cpu exports them when it is
+// built with MKL or OpenBLAS (the usual x86/arm wheels), and the extension then
+// uses them; where it does not, the pointers are null and gemm_rm below runs
+// its own micro-kernel.  LP64 interface (32-bit integers), as libtorch uses.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace edt_kernels {
 namespace cpu {
@@ -125,6 +156,57 @@ inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   gemm<T, true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
+// ------------------------------------------------------------- row-major GEMM
+// Whether gemm_rm calls the BLAS of libtorch (true) or the micro-kernel;
+// EDT_KERNELS_CPU_BLAS=0 in the environment (read once) forces the latter.
+inline bool have_blas_gemm() {
+  static const bool allowed = [] {
+    const char* e = std::getenv("EDT_KERNELS_CPU_BLAS");
+    return !(e != nullptr && e[0] == '0' && e[1] == '\0');
+  }();
+  return allowed && sgemm_ != nullptr && dgemm_ != nullptr;
+}
+
+// C[M, N] = alpha op(A) op(B) + beta C, all row-major with unit stride along
+// rows: op(A)[i, k] = TA ? A[k * lda + i] : A[i * lda + k], op(B)[k, n] = TB ?
+// B[n * ldb + k] : B[k * ldb + n].  No padding required.  A row-major C is a
+// column-major C^T = op(B)^T op(A)^T, hence the swapped BLAS arguments.
+template <typename T>
+inline void gemm_rm(bool TA, bool TB, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                    const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  if (have_blas_gemm()) {
+    const char ta = TB ? 'T' : 'N', tb = TA ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(std::max<int64_t>(ldb, 1)), lb = static_cast<int>(std::max<int64_t>(lda, 1)),
+              lc = static_cast<int>(std::max<int64_t>(ldc, 1));
+    if constexpr (std::is_same_v<T, float>) sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    else dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  // Fallback: pack op(A) as [Mp, K] and op(B) as [K, Np] (padded to the
+  // micro-kernel's blocks), multiply, then C = alpha * tile + beta * C.
+  constexpr int VW = vec_width<T>();
+  const int64_t Mp = round_up(M, kMR), Np = round_up(N, VW);
+  thread_local std::vector<T> pa, pb, pc;
+  pa.assign(static_cast<size_t>(Mp * K), T(0));
+  pb.assign(static_cast<size_t>(K * Np), T(0));
+  pc.resize(static_cast<size_t>(Mp * Np));
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k) pa[i * K + k] = TA ? A[k * lda + i] : A[i * lda + k];
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N; ++j) pb[k * Np + j] = TB ? B[j * ldb + k] : B[k * ldb + j];
+  gemm<T, false>(Mp, Np, K, pa.data(), K, pb.data(), Np, pc.data(), Np, false);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j)
+      C[i * ldc + j] = alpha * pc[i * Np + j] + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+}
+
 // ------------------------------------------------------------------------- exp
 // exp(x) for float without libm, so that loops over it vectorise.  Cody-Waite
 // reduction x = n ln2 + f, |f| <= ln2/2, degree-7 Taylor polynomial (relative
@@ -152,6 +234,113 @@ static inline __attribute__((always_inline)) float exp_approx(float x) {
   std::memcpy(&scale, &e, sizeof(scale));
   const float r = p * scale;
   return x < -87.0f ? 0.0f : (x != x ? x : r);
+}
+
+// ------------------------------------------------------------ vectorised rows
+// (at::vec::Vectorized: 8 floats with AVX2, 16 with AVX-512.)
+
+// exp of a vector: float with the polynomial of Vectorized::exp_u20 (error
+// below 20 ulp) with NaN passed through (exp_u20 clamps it), double with
+// Sleef's exp (1 ulp).
+template <typename T>
+inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return at::vec::Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
+  } else {
+    return x.exp();
+  }
+}
+
+// max_j s[j] over j < n (NaN if any s[j] is NaN); -inf for n = 0.
+template <typename T>
+inline T row_max(const T* s, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  if (n <= 0) return -std::numeric_limits<T>::infinity();
+  return at::vec::reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
+}
+
+// s[j] = exp(s[j] - m) * (w ? w[j] : 1) for j < n; returns sum_j exp(s[j] - m).
+template <typename T>
+inline T exp_row(T* s, const T* w, int64_t n, T m) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t VW = Vec::size();
+  const Vec vm(m);
+  Vec vsum(T(0));
+  int64_t j = 0;
+  for (; j + VW <= n; j += VW) {
+    Vec p = vexp<T>(Vec::loadu(s + j) - vm);
+    vsum = vsum + p;
+    if (w) p = p * Vec::loadu(w + j);
+    p.store(s + j);
+  }
+  if (j < n) {
+    const int64_t r = n - j;
+    Vec p = vexp<T>(Vec::loadu(s + j, r) - vm);
+    vsum = Vec::set(vsum, vsum + p, r);
+    if (w) p = p * Vec::loadu(w + j, r);
+    p.store(s + j, r);
+  }
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
+}
+
+// Backward row: p = exp(s[j] - lse); s[j] = p w[j]; dp[j] = p (dp[j] w[j] - delta)
+// (w = 1 when null), for j < n.
+template <typename T>
+inline void softmax_grad_row(T* s, T* dp, const T* w, int64_t n, T lse, T delta) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t VW = Vec::size();
+  const Vec vl(lse), vd(delta);
+  for (int64_t j = 0; j < n; j += VW) {
+    const int64_t r = std::min<int64_t>(VW, n - j);
+    const Vec p = vexp<T>(Vec::loadu(s + j, r) - vl);
+    Vec g = Vec::loadu(dp + j, r);
+    Vec pw = p;
+    if (w) {
+      const Vec wv = Vec::loadu(w + j, r);
+      pw = p * wv;
+      g = g * wv;
+    }
+    const Vec ds = p * (g - vd);
+    if (r == VW) {
+      pw.store(s + j);
+      ds.store(dp + j);
+    } else {
+      pw.store(s + j, r);
+      ds.store(dp + j, r);
+    }
+  }
+}
+
+// s[j] += tab[ui - uk[j]] for j < n (the per-offset table gathered along a row).
+template <typename T>
+inline void gather_add(T* s, const T* tab, int32_t ui, const int32_t* uk, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float> &&
+                at::vec::Vectorized<float>::size() == at::vec::Vectorized<int32_t>::size()) {
+    using VF = at::vec::Vectorized<float>;
+    using VI = at::vec::Vectorized<int32_t>;
+    const VI vui(ui);
+    for (; j + VF::size() <= n; j += VF::size()) {
+      const VF t = at::vec::gather<sizeof(float)>(tab, vui - VI::loadu(uk + j));
+      (VF::loadu(s + j) + t).store(s + j);
+    }
+  }
+  for (; j < n; ++j) s[j] += tab[ui - uk[j]];
+}
+
+// w[j] = tab[ui - uk[j]] for j < n.
+template <typename T>
+inline void gather_set(T* w, const T* tab, int32_t ui, const int32_t* uk, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float> &&
+                at::vec::Vectorized<float>::size() == at::vec::Vectorized<int32_t>::size()) {
+    using VF = at::vec::Vectorized<float>;
+    using VI = at::vec::Vectorized<int32_t>;
+    const VI vui(ui);
+    for (; j + VF::size() <= n; j += VF::size())
+      at::vec::gather<sizeof(float)>(tab, vui - VI::loadu(uk + j)).store(w + j);
+  }
+  for (; j < n; ++j) w[j] = tab[ui - uk[j]];
 }
 
 template <typename T>

@@ -7,6 +7,8 @@
 // tokens_cpu.cpp and tokens_cuda.cu.  There are no pybind11 bindings: the
 // operators are reached through torch.ops.edt_kernels_cpp.*, which keeps this
 // extension quick to compile (no <torch/extension.h>).
+#include "cpu_kernels.h"  // first: it selects at::vec's instruction set
+
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,10 +31,14 @@
 
 namespace {
 std::string source_hash() { return EDT_KERNELS_STR(EDT_KERNELS_SRC_HASH); }
+// Which GEMM the CPU attention kernels use: "blas" (the sgemm/dgemm libtorch
+// exports) or "micro-kernel" (none exported, or EDT_KERNELS_CPU_BLAS=0).
+std::string cpu_gemm() { return edt_kernels::cpu::have_blas_gemm() ? "blas" : "micro-kernel"; }
 }  // namespace
 
 TORCH_LIBRARY(edt_kernels_cpp, m) {
   m.def("source_hash() -> str", &source_hash);
+  m.def("cpu_gemm() -> str", &cpu_gemm);
   m.def(
       "amm_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? positions, Tensor? amm_table, "
       "Tensor? bias, Tensor? modulation, float scale, int rows, int cols) -> Tensor[]");

@@ -73,6 +73,7 @@ CASES = [
     (255, 16, (16, 16), "batch", True, True, (1, 3, 255, 255), (1, 1, 255, 255)),
     (40, 7, 7, "batch", True, True, None, None),  # odd head dims: 7 and 256
     (24, 256, None, None, False, False, (2, 3, 24, 24), None),
+    (600, 16, (20, 30), None, True, "custom", None, (1, 3, 600, 1)),  # several key tiles: online rescaling
 ]
 
 
@@ -168,22 +169,60 @@ def test_official_attention_fixture(with_amm):
     torch.testing.assert_close(out, fx["out_bias_amm" if with_amm else "out_bias"], atol=1e-5, rtol=1e-5)
 
 
-def test_strided_views_are_read_in_place():
-    """The usual qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4) views, and a
-    head dim with non-unit stride, give the same result as contiguous inputs."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_strided_views_are_read_in_place(dtype):
+    """The usual qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4) views (read
+    in place by the GEMMs, row stride 3 H D), and a head dim with non-unit
+    stride, give the same result as contiguous inputs."""
     B, N, H, D = 2, 64, 3, 52
     g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(B, N, 3, H, D, generator=g, dtype=torch.float64)
+    qkv = torch.randn(B, N, 3, H, D, generator=g, dtype=torch.float64).to(dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    vt = torch.randn(B, H, D, N, generator=g, dtype=torch.float64).transpose(-1, -2)  # stride_d = N
+    vt = torch.randn(B, H, D, N, generator=g, dtype=torch.float64).to(dtype).transpose(-1, -2)  # stride_d = N
     assert not q.is_contiguous() and vt.stride(-1) != 1
-    table = torch.randn(15 * 15, H, dtype=torch.float64)
+    table = torch.randn(15 * 15, H, dtype=torch.float64).to(dtype)
     out = amm_attention(q, k, vt, rel_pos_bias=table, grid=8, amm=True, backend="cpp")
-    ref = reference_attention(q.contiguous(), k.contiguous(), vt.contiguous(), rel_pos_bias=table,
-                              grid=8, amm=True)
-    assert_close(out, ref, torch.float64, FWD_TOL, "out")
+    ref = reference_attention(q.contiguous().double(), k.contiguous().double(), vt.contiguous().double(),
+                              rel_pos_bias=table.double(), grid=8, amm=True)
+    assert_close(out, ref, dtype, FWD_TOL, "out")
     # out is [B, N, H, D] in memory: the projection's reshape is free
     assert out.transpose(1, 2).is_contiguous()
+
+
+_NO_BLAS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path[:0] = [sys.argv[1], sys.argv[2]]
+    from edt_kernels import amm_attention, reference_attention
+    from edt_kernels import _ext
+    _ext.require_cpu()
+    from test_cpp_ext import make_inputs, run_grads
+    from tolerances import FWD_TOL, GRAD_TOL, assert_close
+    assert torch.ops.edt_kernels_cpp.cpu_gemm() == "micro-kernel"
+    case = (300, 16, (15, 20), "shared", True, "custom", (1, 3, 300, 300), None)
+    for dtype in (torch.float64, torch.float32):
+        qkv64, kw64, qkv, kw = make_inputs(case, dtype)
+        dout = torch.randn_like(qkv64[0])
+        ref, rg = run_grads(reference_attention, qkv64, kw64, dout)
+        out, gr = run_grads(lambda *a, **k: amm_attention(*a, backend="cpp", **k), qkv, kw, dout)
+        assert_close(out, ref, dtype, FWD_TOL, "out")
+        for name, g, r in zip(["dq", "dk", "dv", "dtable", "dbias"], gr, rg):
+            assert_close(g, r, torch.float32 if name == "dbias" else dtype, GRAD_TOL, name)
+    print("ok")
+""")
+
+
+def test_gemm_fallback_without_blas_matches_reference():
+    """EDT_KERNELS_CPU_BLAS=0: the kernels' own micro-kernel instead of the
+    BLAS libtorch exports (what runs where libtorch exports none), forward and
+    every gradient, several query and key tiles."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if _ext.cpu_extension_error() is None and "MKL" in torch.__config__.show():
+        assert ops.cpu_gemm() == "blas"  # libtorch built with MKL exports sgemm_/dgemm_
+    env = dict(os.environ, EDT_KERNELS_CPU_BLAS="0")
+    res = subprocess.run([sys.executable, "-c", _NO_BLAS_SCRIPT, os.path.dirname(here), here], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "ok", res.stdout[-2000:]
 
 
 def test_forward_lse_matches_reference():
