@@ -55,9 +55,10 @@ def test_masked_training_loss_decreases_on_builtin_data(tmp_path):
     assert out["checkpoint"].endswith("0000300.pt") and Path(out["checkpoint"]).is_file()
 
 
-@pytest.mark.parametrize("strategy", ["edt", "mdt", "none"])
+@pytest.mark.parametrize("strategy", ["edt", "mdt", "shared-noise", "none"])
 def test_strategy_noising_and_passes(strategy):
-    """edt: the masked pass sees the SAME x_t as the full pass; mdt: same t, fresh noise."""
+    """shared-noise: the masked pass sees the SAME x_t as the full pass; edt and mdt: same t,
+    fresh noise (both authors' scripts call training_losses twice, each drawing its noise)."""
     from edt.diffusion import create_diffusion
 
     calls = []
@@ -80,7 +81,7 @@ def test_strategy_noising_and_passes(strategy):
     assert all(c[3] is g for c in calls)
     if strategy != "none":
         assert torch.equal(calls[0][1], calls[1][1])
-        assert torch.equal(calls[0][0], calls[1][0]) == (strategy == "edt")
+        assert torch.equal(calls[0][0], calls[1][0]) == (strategy == "shared-noise")
         assert losses[0].item() == pytest.approx(losses[1].item() + losses[2].item(), rel=1e-6)
     else:
         assert losses[2].item() == 0
