@@ -82,18 +82,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="samples per forward, per process")
     p.add_argument("--class-labels", type=int, nargs="*", default=None,
                    help="labels, cycled to --num-samples (default: uniformly random)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the labels and every chunk's noise")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: no decoding, "
                    "the latents are written)")
-    p.add_argument("--out-dir", default="samples")
+    p.add_argument("--out-dir", default="samples", help="samples.npz, labels.npy, samples.png, images/, shards/")
     p.add_argument("--no-image-folder", action="store_true", help="do not write OUT/images/<i>.png")
     p.add_argument("--overwrite", action="store_true", help="discard the shards (and images) of an earlier "
                    "run in --out-dir instead of resuming it")
-    p.add_argument("--grid-nrow", type=int, default=8)
+    p.add_argument("--grid-nrow", type=int, default=8, help="images per row of the grid")
     p.add_argument("--grid-max", type=int, default=64, help="samples in the grid OUT/samples.png")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16: autocast the model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.num_sampling_steps < 1 or args.grid_max < 1:
         p.error("--num-samples, --batch-size, --num-sampling-steps and --grid-max must be >= 1")

@@ -285,7 +285,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="EDT-S/2", help="published name (EDT-S/2, MDTv2-S/2, ...) or module:factory")
     g.add_argument("--model-kwargs", default="{}", help="JSON dict of constructor overrides (tiny test models)")
     g.add_argument("--image-size", type=int, default=256, help="pixels; the latent side is image-size / 8")
-    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--num-classes", type=int, default=1000, help="class labels 0..N-1 (N is the null class)")
     g.add_argument("--mask-strategy", default="auto", choices=["auto", *MASK_STRATEGIES],
                    help="auto: edt for EDT models, mdt for MDTv2, none otherwise")
     g = p.add_argument_group("data")
@@ -293,7 +293,7 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data-path", default=None, help="folder of latents (see edt.data for the layouts)")
     src.add_argument("--synthetic", action="store_true", help="built-in class-conditional blobs (the "
                      "default when no --data-path is given)")
-    g.add_argument("--synthetic-size", type=int, default=4096)
+    g.add_argument("--synthetic-size", type=int, default=4096, help="samples in the synthetic set")
     g.add_argument("--num-workers", type=int, default=None,
                    help="data loader workers (default: 4 for a latent folder on CUDA, else 0)")
     g.add_argument("--skip-data-check", action="store_true",
@@ -314,20 +314,20 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=None, help=_recipe_help("ema_decay"))
     g.add_argument("--grad-clip", type=float, default=None,
                    help="max gradient norm, 0 disables; " + _recipe_help("grad_clip"))
-    g.add_argument("--global-batch-size", type=int, default=256)
+    g.add_argument("--global-batch-size", type=int, default=256, help="samples per step over all processes")
     g.add_argument("--epochs", type=int, default=None, help="stop after this many epochs")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: 400000 "
                    "when --epochs is not given)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="auto: bf16 autocast on CUDA, float32 on CPU")
-    g.add_argument("--diffusion-steps", type=int, default=1000)
+    g.add_argument("--diffusion-steps", type=int, default=1000, help="T of the linear-beta schedule")
     g = p.add_argument_group("run")
-    g.add_argument("--results-dir", default="results")
-    g.add_argument("--ckpt-every", type=int, default=50_000)
-    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--results-dir", default="results", help="log.txt and checkpoints/ go here")
+    g.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
+    g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     g.add_argument("--resume", default=None, help="checkpoint of edt.train to continue from")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, noise, timesteps, masks")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
