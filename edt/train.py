@@ -102,10 +102,18 @@ EDT_XL_LR = 5e-4
 
 #: ``--preset cpu-demo``: a tiny EDT (the EDT-S/2 stage layout at widths 32-64) on 64px
 #: synthetic data, ~200 steps: about a minute on 2 CPU cores.
+def _plain_pytorch_kwargs() -> Dict[str, Any]:
+    """Constructor kwargs for the models' plain-PyTorch path (on a CPU the kernels would run in
+    Triton's interpreter): ``backend="eager"``, or ``fused=False`` for models without ``backend``."""
+    from .models.edt import EDT
+
+    return {"backend": "eager"} if "backend" in inspect.signature(EDT.__init__).parameters else {"fused": False}
+
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu-demo": {"model": "EDT-S/2",
                  "model_kwargs": {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2],
-                                  "hidden_size": 32, "fused": False},
+                                  "hidden_size": 32, **_plain_pytorch_kwargs()},
                  "image_size": 64, "num_classes": 10, "synthetic": True, "synthetic_size": 1024,
                  "global_batch_size": 16, "max_steps": 200, "log_every": 20, "ckpt_every": 200,
                  "results_dir": "results/cpu-demo", "device": "cpu"},
