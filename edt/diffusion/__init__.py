@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Iterable, Optional, Union
 
 from .gaussian_diffusion import (  # noqa: F401
+    DEFAULT_MSE_LOSS_WEIGHT_TYPE,
     GaussianDiffusion,
     LossType,
     ModelMeanType,
     ModelVarType,
     get_named_beta_schedule,
+    mse_loss_weights,
 )
 from .respace import SpacedDiffusion, space_timesteps  # noqa: F401
 from .timestep_sampler import (  # noqa: F401
@@ -33,8 +35,14 @@ def create_diffusion(timestep_respacing: Optional[Union[str, Iterable[int]]] = "
                      noise_schedule: str = "linear", use_kl: bool = False, sigma_small: bool = False,
                      predict_xstart: bool = False, learn_sigma: bool = True,
                      rescale_learned_sigmas: bool = False,
-                     diffusion_steps: int = DEFAULT_DIFFUSION_STEPS) -> SpacedDiffusion:
-    """The DiT diffusion: ``timestep_respacing`` "" / None keeps all steps, "250" or "ddim50" respaces."""
+                     diffusion_steps: int = DEFAULT_DIFFUSION_STEPS,
+                     mse_loss_weight_type: str = DEFAULT_MSE_LOSS_WEIGHT_TYPE) -> SpacedDiffusion:
+    """The DiT diffusion: ``timestep_respacing`` "" / None keeps all steps, "250" or "ddim50" respaces.
+
+    ``mse_loss_weight_type``: ``"min_snr_5"`` (Min-SNR weighting of the MSE term,
+    the default of EDT's and MDTv2's training code) or ``"constant"`` (DiT's
+    unweighted loss); it only changes ``training_losses``.
+    """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
         loss_type = LossType.RESCALED_KL
@@ -54,4 +62,5 @@ def create_diffusion(timestep_respacing: Optional[Union[str, Iterable[int]]] = "
         model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
         model_var_type=var_type,
         loss_type=loss_type,
+        mse_loss_weight_type=mse_loss_weight_type,
     )

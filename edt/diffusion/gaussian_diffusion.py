@@ -10,9 +10,14 @@ Song et al. 2021, "DDIM"; the DiT/ADM diffusion as summarised in SPEC 7):
   c2_t = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)
 * learned range:   log sigma_t^2 = f log beta_t + (1 - f) log beta~_t,
   f = (v + 1) / 2 where v is the second half of the model output
-* loss = MSE(eps) + VB, the VB term being KL(q posterior || p) in bits per
+* loss = w_t MSE(eps) + VB, the VB term being KL(q posterior || p) in bits per
   dimension, or the discretised Gaussian decoder NLL at t = 0; the VB term sees
   the mean prediction through a stop-gradient so that it trains the variance only.
+* w_t is the Min-SNR-gamma weight (Hang et al. 2023, "Efficient Diffusion
+  Training via Min-SNR Weighting Strategy"), as EDT's and MDTv2's training code
+  apply it with gamma = 5: snr_t = abar_t / (1 - abar_t), w_t = min(snr_t, 5) / snr_t
+  when the model predicts the noise, min(snr_t, 5) when it predicts x_0; the VB
+  term is not weighted. ``mse_loss_weight_type="constant"`` gives w_t = 1 (DiT, ADM).
 
 All schedule arithmetic is done in float64 (numpy) and the per-timestep values
 are gathered and cast to float32 on the tensor's device.
@@ -28,6 +33,9 @@ import torch
 
 from ..utils import progress_bar
 
+#: The loss weighting of EDT's and MDTv2's training code: Min-SNR with gamma = 5.
+DEFAULT_MSE_LOSS_WEIGHT_TYPE = "min_snr_5"
+
 __all__ = [
     "ModelMeanType",
     "ModelVarType",
@@ -38,6 +46,8 @@ __all__ = [
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
     "mean_flat",
+    "mse_loss_weights",
+    "DEFAULT_MSE_LOSS_WEIGHT_TYPE",
 ]
 
 #: ADM's linear schedule for 1000 steps: beta from 1e-4 to 2e-2 (scaled for other lengths).
@@ -99,6 +109,37 @@ def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> np.ndarr
     raise ValueError(f"unknown beta schedule {name!r}; expected 'linear' or 'cosine'")
 
 
+def mse_loss_weights(alphas_cumprod: np.ndarray, model_mean_type: "ModelMeanType",
+                     weight_type: str = DEFAULT_MSE_LOSS_WEIGHT_TYPE) -> np.ndarray:
+    """Per-timestep weight (float64 [T]) of the MSE term.
+
+    ``"constant"``: 1. ``"min_snr_<gamma>"`` (e.g. ``"min_snr_5"``), with
+    snr = abar / (1 - abar): min(snr, gamma) / snr for every target but x_0,
+    min(snr, gamma) for an x_0 target. Where snr = 0 (abar = 0) the weight is 1,
+    as in MDTv2's code.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    if not isinstance(weight_type, str):
+        raise TypeError(f"mse_loss_weight_type must be a str, got {type(weight_type).__name__}")
+    if weight_type == "constant":
+        return np.ones_like(abar)
+    prefix = "min_snr_"
+    gamma = None
+    if weight_type.startswith(prefix):
+        try:
+            gamma = float(weight_type[len(prefix):])
+        except ValueError:
+            gamma = None
+    if gamma is None or not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"mse_loss_weight_type must be 'constant' or 'min_snr_<gamma>' with gamma > 0 "
+                         f"(e.g. 'min_snr_5'), got {weight_type!r}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = abar / (1.0 - abar)
+        clipped = np.minimum(snr, gamma)
+        weights = clipped if model_mean_type == ModelMeanType.START_X else clipped / snr
+    return np.where(snr == 0, 1.0, weights)
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the first."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -158,6 +199,9 @@ class GaussianDiffusion:
     Args:
         betas: float64 [T] noise schedule, each in (0, 1].
         model_mean_type, model_var_type, loss_type: see the enums.
+        mse_loss_weight_type: ``"min_snr_5"`` (default, the authors' training
+            code) or another ``"min_snr_<gamma>"``, or ``"constant"`` (unweighted
+            MSE, as DiT and ADM); see ``mse_loss_weights``.
     A model is any callable ``model(x_t, t, **model_kwargs) -> Tensor`` where
     ``t`` holds integer timesteps in ``[0, T)``; with a learned variance it
     returns ``2 * C`` channels (mean part first).
@@ -165,7 +209,8 @@ class GaussianDiffusion:
 
     def __init__(self, *, betas: Sequence[float], model_mean_type: ModelMeanType = ModelMeanType.EPSILON,
                  model_var_type: ModelVarType = ModelVarType.LEARNED_RANGE,
-                 loss_type: LossType = LossType.MSE):
+                 loss_type: LossType = LossType.MSE,
+                 mse_loss_weight_type: str = DEFAULT_MSE_LOSS_WEIGHT_TYPE):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
             raise ValueError(f"betas must be a non-empty 1-d array, got shape {betas.shape}")
@@ -198,6 +243,8 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas)
                                      / (1.0 - self.alphas_cumprod))
+        self.mse_loss_weight_type = mse_loss_weight_type
+        self.mse_loss_weight = mse_loss_weights(self.alphas_cumprod, model_mean_type, mse_loss_weight_type)
         self._device_cache: Dict[Any, torch.Tensor] = {}
 
     # -- gathering schedule values --------------------------------------------
@@ -457,8 +504,10 @@ class GaussianDiffusion:
                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Per-sample losses: ``{"loss", "mse", "vb"}`` (each [B]).
 
-        Passing the same ``noise`` to two calls noises the batch identically
-        (EDT's two-pass masking training).
+        ``mse`` is the weighted term w_t * mean((target - prediction)^2) (w_t from
+        ``mse_loss_weight_type``), ``vb`` the unweighted variational-bound term of
+        a learned variance, ``loss = mse + vb``. Passing the same ``noise`` to two
+        calls noises the batch identically.
         """
         self._check_t(t, x_start.shape[0])
         if noise is None:
@@ -498,7 +547,8 @@ class GaussianDiffusion:
         if mean_out.shape != target.shape:
             raise ValueError(f"model output (mean part) {tuple(mean_out.shape)} does not match "
                              f"the target {tuple(target.shape)}")
-        terms["mse"] = mean_flat((target - mean_out) ** 2)
+        mse = mean_flat((target - mean_out) ** 2)
+        terms["mse"] = self._extract("mse_loss_weight", t, mse) * mse
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
