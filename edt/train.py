@@ -684,7 +684,11 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 def save_checkpoint(run: Run) -> str:
-    """Write RESULTS/checkpoints/<step>.pt (rank 0; atomically); every rank takes part."""
+    """Write RESULTS/checkpoints/<step>.pt (rank 0; atomically); every rank takes part.
+
+    Refuses (``TrainingDiverged``) when a loss since the start was not finite: the last
+    checkpoint on disk stays the last good one."""
+    check_finite(run)
     d = run.d
     rng = _all_gather_objects(_rng_state(d.device), d)
     path = run.results / "checkpoints" / f"{run.step:07d}.pt"
@@ -796,8 +800,8 @@ def _after_step(run: Run, losses: torch.Tensor) -> bool:
         run.bar.set_postfix_str(f"loss {losses[0].item():.4f}")
     log_now = run.step % args.log_every == 0 or run.step == run.max_steps
     save_now = run.step % args.ckpt_every == 0
-    if log_now or save_now or run.step % STOP_CHECK_EVERY == 0:
-        check_finite(run)  # every rank reaches this at the same steps
+    if log_now or run.step % STOP_CHECK_EVERY == 0:
+        check_finite(run)  # every rank reaches this at the same steps (save_checkpoint checks too)
     if log_now:
         log_progress(run)
     if save_now:
@@ -837,7 +841,6 @@ def train(args: argparse.Namespace, d: Dist) -> Dict:
     run.stop = StopSignal().install()
     try:
         interrupted = train_loop(run)
-        check_finite(run)
         if not _checkpointed_now(run):
             save_checkpoint(run)
     finally:
