@@ -109,7 +109,7 @@ def test_seed_reproducible_and_ddim(ckpt, tmp_path):
 def test_amm_switch(ckpt, tmp_path):
     on = run(ckpt, tmp_path / "on", "--num-samples", "2", "--amm")
     off = run(ckpt, tmp_path / "off", "--num-samples", "2", "--no-amm")
-    assert on["amm_blocks"] == (7, 10) and off["amm_blocks"] == ()  # EDT-S placement, SPEC 3
+    assert on["amm_blocks"] == (7, 10) and off["amm_blocks"] == ()  # EDT-S placement (blocks 7 and 10)
 
 
 def test_model_without_amm_switch_rejects_amm(ckpt, tmp_path, monkeypatch):
