@@ -116,7 +116,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                                   "hidden_size": 32, **_plain_pytorch_kwargs()},
                  "image_size": 64, "num_classes": 10, "synthetic": True, "synthetic_size": 1024,
                  "global_batch_size": 16, "max_steps": 200, "log_every": 20, "ckpt_every": 200,
-                 "results_dir": "results/cpu-demo", "device": "cpu"},
+                 "results_dir": "results/cpu-demo", "device": "cpu", "threads": 1},
 }
 
 
@@ -336,6 +336,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="checkpoint of edt.train to continue from")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, noise, timesteps, masks")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: torch's own choice); 1 is fastest for tiny models")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -833,6 +835,10 @@ def train_loop(run: Run) -> bool:
 
 def train(args: argparse.Namespace, d: Dist) -> Dict:
     """Set up and run; returns ``{"step", "history", "checkpoint", "results_dir", "interrupted"}``."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     run = setup(args, d)
     run.model.train()
     run.t0 = time.time()

@@ -513,7 +513,8 @@ def test_cpu_demo_preset_and_overrides(tmp_path, capsys):
     a = train.parse_args(["--preset", "cpu-demo"])
     assert (a.model, a.image_size, a.synthetic, a.global_batch_size, a.max_steps, a.device) == \
         ("EDT-S/2", 64, True, 16, train.PRESETS["cpu-demo"]["max_steps"], "cpu")
-    assert a.model_kwargs["dims"] == [32, 48, 64, 48, 32] and a.optimizer == "adan"
+    assert a.model_kwargs["dims"] == [32, 48, 64, 48, 32] and a.optimizer == "adan" and a.threads == 1
+    assert train.parse_args(["--preset", "cpu-demo", "--threads", "2"]).threads == 2
     out = train.main(["--preset", "cpu-demo", "--max-steps", "3", "--results-dir", str(tmp_path), "--log-every", "1"])
     assert out["step"] == 3 and out["checkpoint"].endswith("0000003.pt")
     err = capsys.readouterr().err
