@@ -18,9 +18,10 @@ factor 0.18215, as the DiT/fast-DiT feature extractor writes them):
 
    (file names are decimal indices, zero-padding allowed: ``000123.npy``).
 
-``LatentFolder(...).validate()`` reads every file's header (no data) and the
-labels, and raises ``ValueError`` naming the first bad file: wrong shape or
-dtype, labels out of ``[0, num_classes)``, missing pairs.
+``LatentFolder(...).validate()`` reads every file's header and the labels
+(with ``check_values=True`` also every latent, to refuse NaN / inf) and
+returns the errors, each naming its file: wrong shape or dtype, non-finite
+values, labels out of ``[0, num_classes)``, missing pairs.
 
 The synthetic set (:class:`SyntheticLatents`) is generated on the fly from
 ``(seed, index)``: class k is a Gaussian blob with a class-specific centre and
@@ -138,6 +139,10 @@ class LatentFolder(Dataset):
 
     def _check_label(self, value, where: str) -> None:
         v = np.asarray(value)
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            bad = np.flatnonzero(~np.isfinite(v))
+            raise ValueError(f"{where}: label {v.reshape(-1)[bad[0]]} is not finite"
+                             + (f" at index {int(bad[0])}" if v.ndim else "") + "; labels must be integers")
         if v.dtype.kind not in "iu":
             raise ValueError(f"{where}: labels must be integers, got dtype {v.dtype}")
         bad = np.flatnonzero((v < 0) | (v >= self.num_classes))
@@ -145,8 +150,20 @@ class LatentFolder(Dataset):
             raise ValueError(f"{where}: label {int(v.reshape(-1)[bad[0]])} out of range [0, {self.num_classes})"
                              + (f" at index {int(bad[0])}" if v.ndim else ""))
 
-    def validate(self, rank: int = 0, world_size: int = 1) -> List[str]:
-        """Check this rank's share of the files (every ``world_size``-th); return the errors found."""
+    def _check_values(self, path: Path) -> None:
+        x = np.load(path, allow_pickle=False)
+        finite = np.isfinite(x)
+        if not finite.all():
+            n_bad = int(x.size - finite.sum())
+            first = np.unravel_index(int(np.flatnonzero(~finite)[0]), x.shape)
+            raise ValueError(f"{path}: latent holds {n_bad} non-finite value(s) (first {x[first]} at "
+                             f"{list(map(int, first))}); expected finite floats (--skip-data-check skips this scan)")
+
+    def validate(self, rank: int = 0, world_size: int = 1, check_values: bool = False) -> List[str]:
+        """Check this rank's share of the files (every ``world_size``-th); return the errors found.
+
+        Reads each file's header and the labels; ``check_values=True`` also reads
+        every latent and refuses NaN / inf values (one pass over the data)."""
         errors: List[str] = []
         if self.labels is not None and rank == 0:
             try:
@@ -156,6 +173,8 @@ class LatentFolder(Dataset):
         for i in range(rank, len(self.files), world_size):
             try:
                 self._check_shape(self.files[i])
+                if check_values:
+                    self._check_values(self.files[i])
                 if self.label_files is not None:
                     path = self.label_files[i]
                     try:

@@ -109,7 +109,7 @@ def test_seed_reproducible_and_ddim(ckpt, tmp_path):
 def test_amm_switch(ckpt, tmp_path):
     on = run(ckpt, tmp_path / "on", "--num-samples", "2", "--amm")
     off = run(ckpt, tmp_path / "off", "--num-samples", "2", "--no-amm")
-    assert on["amm_blocks"] == (7, 10) and off["amm_blocks"] == ()  # EDT-S placement, SPEC 3
+    assert on["amm_blocks"] == (7, 10) and off["amm_blocks"] == ()  # EDT-S placement (blocks 7 and 10)
 
 
 def test_model_without_amm_switch_rejects_amm(ckpt, tmp_path, monkeypatch):
@@ -167,3 +167,152 @@ def test_write_png_roundtrip(tmp_path):
         write_png(tmp_path / "y.png", img.astype(np.float32))
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         write_png(tmp_path / "y.png", img[..., :2])
+
+
+# ---------------------------------------------------------------------------
+# Sampling at scale: shards over ranks, resume, image folder
+# ---------------------------------------------------------------------------
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _npz(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.keys()}
+
+
+def test_image_folder_and_labels(ckpt, tmp_path):
+    out = run(ckpt, tmp_path, "--num-samples", "5", "--batch-size", "2", "--seed", "3")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    for i in range(5):
+        assert np.array_equal(read_png(tmp_path / f"images/{i:06d}.png"), out["images"][i])
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), out["labels"])
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == \
+        ["000000.npz", "000001.npz", "000002.npz", "config.json"]
+    assert out["made"] == 3 and out["resumed"] == 0
+    # a chunk's samples depend on (seed, chunk) only: batch 1 makes other chunks, batch 2 twice as many
+    again = run(ckpt, tmp_path / "b", "--num-samples", "5", "--batch-size", "2", "--seed", "3", "--no-image-folder")
+    assert np.array_equal(again["images"], out["images"]) and not (tmp_path / "b/images").exists()
+
+
+def test_interrupted_sampling_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch):
+    common = ("--num-samples", "7", "--batch-size", "2", "--cfg-scale", "1.5", "--seed", "5")
+    whole = run(ckpt, tmp_path / "whole", *common)
+    made = []
+    real = sample.sample_chunk
+
+    def interrupted_after_two(*a, **k):
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(a[5])
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "sample_chunk", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, tmp_path / "part", *common)
+    monkeypatch.setattr(sample, "sample_chunk", real)
+    assert made == [0, 1] and not (tmp_path / "part/samples.npz").exists()
+    # a half-written shard (the interruption hit np.savez) is not taken for a finished one
+    (tmp_path / "part/shards/000002.npz").write_bytes(b"PK\x03\x04 truncated")
+    before = (tmp_path / "part/shards/000000.npz").stat().st_mtime_ns
+    part = run(ckpt, tmp_path / "part", *common)
+    assert part["resumed"] == 2 and part["made"] == 2
+    assert (tmp_path / "part/shards/000000.npz").stat().st_mtime_ns == before
+    assert np.array_equal(part["images"], whole["images"])
+    assert np.array_equal(_npz(tmp_path / "part/samples.npz")["arr_0"], whole["images"])
+    # other settings in the same folder: refused, unless --overwrite
+    with pytest.raises(ValueError, match=r"shards: holds the shards of another sampling run \(differs in: "
+                                         r"cfg_scale\)"):
+        run(ckpt, tmp_path / "part", "--num-samples", "7", "--batch-size", "2", "--cfg-scale", "2", "--seed", "5")
+    fresh = run(ckpt, tmp_path / "part", "--num-samples", "3", "--batch-size", "2", "--seed", "5", "--overwrite")
+    assert fresh["made"] == 2 and fresh["resumed"] == 0
+    assert len(list((tmp_path / "part/images").iterdir())) == 3
+
+
+def test_torchrun_two_processes_shard_the_samples(ckpt, tmp_path):
+    """2 gloo processes make the chunks 0, 2, 4 / 1, 3: the same .npz as one process."""
+    common = ["--ckpt", ckpt, "--num-sampling-steps", "3", "--no-progress", "--num-samples", "9",
+              "--batch-size", "2", "--cfg-scale", "1.5", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "edt.sample", *common, "--out-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = sample.main([*common, "--out-dir", str(tmp_path / "one")])
+    arr = _npz(tmp_path / "ddp/samples.npz")
+    assert list(arr) == ["arr_0"] and arr["arr_0"].shape == (9, 8, 8, 3) and arr["arr_0"].dtype == np.uint8
+    assert np.array_equal(arr["arr_0"], single["images"])
+    assert np.array_equal(np.load(tmp_path / "ddp/labels.npy"), single["labels"])
+    assert len(list((tmp_path / "ddp/images").iterdir())) == 9
+    assert proc.stdout.count("wrote ") == 1  # rank 0 assembles
+
+
+# ---------------------------------------------------------------------------
+# Bad checkpoints on the command line: one error line, exit 2
+# ---------------------------------------------------------------------------
+
+def _bad_ckpt(tmp_path, ckpt, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "missing":
+        return path, "no such file"
+    if kind == "directory":
+        path.mkdir()
+        return path, "is a directory"
+    if kind == "truncated":
+        data = Path(ckpt).read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+        return path, "not a readable PyTorch file"
+    if kind == "not_a_checkpoint":
+        path.write_text("model: EDT-S/2\n")
+        return path, "not a readable PyTorch file"
+    if kind == "a_list":
+        torch.save([torch.zeros(2)], path)
+        return path, "holds a list"
+    if kind == "other_model":  # the checkpoint of the tiny EDT, asked for a wider one
+        return Path(ckpt), "does not fit"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "truncated", "not_a_checkpoint", "a_list",
+                                  "other_model"])
+def test_bad_checkpoint_is_one_error_line(ckpt, tmp_path, capsys, kind):
+    path, what = _bad_ckpt(tmp_path, ckpt, kind)
+    other = ["--model-kwargs", json.dumps(dict(EDT_TINY, dims=[32, 64, 64, 64, 32]))] if kind == "other_model" else []
+    code = sample.console_main(["--ckpt", str(path), "--out-dir", str(tmp_path / "out"), "--num-sampling-steps",
+                                "2", "--no-progress", *other])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}") and what in err[0], err[0]
+    if kind != "other_model":
+        assert "expected an edt.train checkpoint or a model state dict" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_exit_code(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "edt.sample", "--ckpt", str(tmp_path / "nope.pt")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == \
+        [f"error: {tmp_path / 'nope.pt'}: no such file; expected an edt.train checkpoint or a model state dict (.pt)"]
+
+
+def test_help_states_true_defaults(capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    assert "--no-amm AMM off (default: the model's own setting, which for EDT is on)" in help_text
+    assert "--num-sampling-steps NUM_SAMPLING_STEPS respaced DDPM (or DDIM) steps (default: 250)" in help_text

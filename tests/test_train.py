@@ -55,9 +55,10 @@ def test_masked_training_loss_decreases_on_builtin_data(tmp_path):
     assert out["checkpoint"].endswith("0000300.pt") and Path(out["checkpoint"]).is_file()
 
 
-@pytest.mark.parametrize("strategy", ["edt", "mdt", "none"])
+@pytest.mark.parametrize("strategy", ["edt", "mdt", "shared-noise", "none"])
 def test_strategy_noising_and_passes(strategy):
-    """edt: the masked pass sees the SAME x_t as the full pass; mdt: same t, fresh noise."""
+    """shared-noise: the masked pass sees the SAME x_t as the full pass; edt and mdt: same t,
+    fresh noise (both authors' scripts call training_losses twice, each drawing its noise)."""
     from edt.diffusion import create_diffusion
 
     calls = []
@@ -80,7 +81,7 @@ def test_strategy_noising_and_passes(strategy):
     assert all(c[3] is g for c in calls)
     if strategy != "none":
         assert torch.equal(calls[0][1], calls[1][1])
-        assert torch.equal(calls[0][0], calls[1][0]) == (strategy == "edt")
+        assert torch.equal(calls[0][0], calls[1][0]) == (strategy == "shared-noise")
         assert losses[0].item() == pytest.approx(losses[1].item() + losses[2].item(), rel=1e-6)
     else:
         assert losses[2].item() == 0
@@ -295,3 +296,238 @@ def test_sharded_sampler_deals_global_batches_like_one_process():
     assert list(s) == r1[4:] and len(s) == 6
     s.set_epoch(1)
     assert list(s) != r1
+
+
+# ---------------------------------------------------------------------------
+# Published recipes, Adan, the loss-second-moment sampler
+# ---------------------------------------------------------------------------
+
+def base(tmp, *extra, steps=2, batch=8):
+    """Like ``cli`` without the explicit --lr: the recipe's values apply."""
+    return ["--model", "EDT-S/2", "--model-kwargs", json.dumps(EDT_TINY), "--image-size", str(IMAGE),
+            "--num-classes", "4", "--global-batch-size", str(batch), "--max-steps", str(steps),
+            "--results-dir", str(tmp), "--no-progress", "--synthetic", "--synthetic-size", "32", *extra]
+
+
+def test_recipe_values_and_explicit_flags_override():
+    a = train.parse_args(["--model", "EDT-S/2"])
+    assert (a.recipe, a.optimizer, a.lr, a.lr_schedule, a.min_lr, a.lr_decay_steps, a.weight_decay, a.grad_clip,
+            a.schedule_sampler, a.ema_decay) == ("edt", "adan", 1e-3, "linear", 5e-5, 400_000, 0.0, 0.0,
+                                                 "loss-second-moment", 0.9999)
+    assert train.parse_args(["--model", "EDT-B/2"]).lr == 1e-3
+    assert train.parse_args(["--model", "EDT-XL/2"]).lr == 5e-4
+    m = train.parse_args(["--model", "MDTv2-S/2"])
+    assert (m.recipe, m.optimizer, m.lr, m.lr_schedule, m.grad_clip, m.schedule_sampler, m.weight_decay) == \
+        ("mdt", "adan", 5e-4, "constant", 1.0, "uniform", 0.0)
+    o = train.parse_args(["--model", "EDT-XL/2", "--recipe", "mdt", "--optimizer", "adamw", "--lr", "2e-4",
+                          "--grad-clip", "0"])
+    assert (o.recipe, o.optimizer, o.lr, o.grad_clip, o.schedule_sampler) == ("mdt", "adamw", 2e-4, 0.0, "uniform")
+
+
+def test_recipe_edt_runs_two_steps(tmp_path, capsys):
+    out = train.main(base(tmp_path, "--recipe", "edt", "--log-every", "1"))
+    ck = load(out["checkpoint"])
+    assert ck["optimizer"] == "adan" and ck["step"] == 2
+    group = ck["opt"]["param_groups"][0]
+    assert group["betas"] == (0.98, 0.92, 0.99) and group["weight_decay"] == 0.0
+    # the second step (index 1) ran at 1e-3 - (1e-3 - 5e-5) * 1 / 400000
+    assert group["lr"] == pytest.approx(1e-3 - (1e-3 - 5e-5) / 400_000, rel=1e-12)
+    assert set(next(iter(ck["opt"]["state"].values()))) >= {"exp_avg", "exp_avg_sq", "exp_avg_diff"}
+    s = ck["schedule_sampler"]
+    assert s["name"] == "loss-second-moment" and int(s["state"]["loss_counts"].sum()) == 2 * 8
+    assert ck["args"]["ema_decay"] == 0.9999 and ck["args"]["grad_clip"] == 0.0
+    assert "recipe edt (adan lr 0.001 -> 5e-05 over 400000 steps, loss-second-moment timesteps" in \
+        (tmp_path / "log.txt").read_text()
+    h = out["history"]
+    assert [r["step"] for r in h] == [1, 2] and all(r["loss_masked"] > 0 for r in h)
+
+
+def test_adan_is_timms(tmp_path):
+    from edt.utils import adan_class
+
+    Adan = adan_class()
+    assert Adan.__name__ == "Adan" and Adan.__module__.endswith("adan")
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = Adan([p], lr=0.1)
+    p.grad = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    opt.step()
+    # first step: m = g, n = g^2 (bias-corrected), the update is lr * g / (|g| + eps)
+    torch.testing.assert_close(p.detach(), torch.ones(3, dtype=torch.float64) - 0.1 * torch.sign(p.grad),
+                               rtol=0, atol=1e-7)
+
+
+class _ConstantDiffusion:
+    """training_losses returns fixed per-sample losses (full pass / masked pass)."""
+    num_timesteps = 4
+
+    def __init__(self, full, masked):
+        self.full, self.masked = full, masked
+
+    def training_losses(self, model, x, t, model_kwargs=None, noise=None):
+        base_loss = self.masked if model_kwargs.get("enable_mask") else self.full
+        return {"loss": base_loss * model(x, t, **{k: v for k, v in model_kwargs.items() if k != "generator"})}
+
+
+def test_importance_weights_and_the_sum_fed_to_the_sampler():
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, y, enable_mask=False):
+            return self.w.expand(x.shape[0])
+
+    full, masked = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.25, 4.0])
+    w = torch.tensor([2.0, 1.0, 0.5])
+    module = train.DiffusionTrainingLoss(One(), _ConstantDiffusion(full, masked), "edt")
+    x, t = torch.zeros(3, 1), torch.tensor([0, 1, 2])
+    losses, per_sample = module(x, torch.zeros(3, dtype=torch.long), t, torch.zeros(3, 1), torch.zeros(3, 1),
+                                weights=w, per_sample=True)
+    assert losses[1].item() == pytest.approx((w * full).mean().item())
+    assert losses[2].item() == pytest.approx((w * masked).mean().item())
+    assert torch.equal(per_sample, full + masked) and not per_sample.requires_grad
+
+
+def test_loss_second_moment_sampler_resumes_exactly(tmp_path):
+    """25 diffusion steps: the sampler's history (10 per t) fills within the first 40 steps of 16
+    samples, so the resumed half draws t from non-uniform weights; the run and its resumed copy
+    agree bit for bit."""
+    common = ("--diffusion-steps", "25", "--ckpt-every", "40", "--log-every", "1")
+    whole = train.main(base(tmp_path / "a", *common, steps=44, batch=16))
+    part = train.main(base(tmp_path / "b", *common, "--resume", str(tmp_path / "a/checkpoints/0000040.pt"),
+                           steps=44, batch=16))
+    mid = load(tmp_path / "a/checkpoints/0000040.pt")["schedule_sampler"]["state"]
+    assert (mid["loss_counts"] == 10).all()  # warmed up: the weights are no longer uniform
+    a, b = load(whole["checkpoint"]), load(part["checkpoint"])
+    for name, v in a["schedule_sampler"]["state"].items():
+        assert (torch.equal(v, b["schedule_sampler"]["state"][name]) if isinstance(v, torch.Tensor)
+                else v == b["schedule_sampler"]["state"][name]), name
+    for key in ("model", "ema"):
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), f"{key}.{name} differs after resume"
+    assert [h["loss"] for h in whole["history"][40:]] == [h["loss"] for h in part["history"]]
+
+
+def test_resume_with_another_optimizer_or_sampler_is_refused(tmp_path):
+    train.main(base(tmp_path / "a", steps=1))
+    ck = str(tmp_path / "a/checkpoints/0000001.pt")
+    with pytest.raises(ValueError, match=r"checkpoint of an adan run; expected adamw \(pass --optimizer adan"):
+        train.main(base(tmp_path / "b", "--resume", ck, "--optimizer", "adamw"))
+    with pytest.raises(ValueError, match=r"loss-second-moment timestep sampler; expected uniform"):
+        train.main(base(tmp_path / "b", "--resume", ck, "--schedule-sampler", "uniform"))
+    assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------
+# Bad input on the command line, non-finite data and losses
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "truncated", "not_a_checkpoint", "state_dict",
+                                  "other_model"])
+def test_bad_resume_checkpoint_is_one_error_line(tmp_path, capsys, kind):
+    path = tmp_path / f"{kind}.pt"
+    extra = []
+    if kind in ("truncated", "state_dict", "other_model"):
+        good = train.main(base(tmp_path / "good", steps=1))["checkpoint"]
+        capsys.readouterr()
+        if kind == "truncated":
+            data = Path(good).read_bytes()
+            path.write_bytes(data[: len(data) - 100])
+        elif kind == "state_dict":
+            torch.save(load(good)["ema"], path)
+        else:
+            path = Path(good)
+            extra = ["--model-kwargs", json.dumps(dict(EDT_TINY, dims=[32, 64, 64, 64, 32]))]
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "not_a_checkpoint":
+        path.write_text("this is not a checkpoint\n")
+    what = {"missing": "no such file", "directory": "is a directory", "truncated": "not a readable PyTorch file",
+            "not_a_checkpoint": "not a readable PyTorch file", "state_dict": "a published state dict is for",
+            "other_model": "(model) does not fit"}[kind]
+    code = train.console_main(base(tmp_path / "run", "--resume", str(path), *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}") and what in err[0], err[0]
+    if kind != "other_model":
+        assert err[0].endswith("expected a training checkpoint of edt.train (format 'edt-train-v1')")
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_line_exit_codes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "edt.train", *base(tmp_path, "--resume", str(tmp_path / "x.pt"))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.pt'}: no such file; expected a training "
+                                                f"checkpoint of edt.train (format 'edt-train-v1')"]
+
+
+def _nan_folder(root, n=16, where=5):
+    x, y = _latents(n)
+    x[where, 1, 2, 3] = np.nan
+    x[where, 0, 0, 0] = np.inf
+    write_latent_folder(root, x, y)
+    return root / f"imagenet256_features/{where}.npy"
+
+
+def test_non_finite_latents_refused_before_training(tmp_path):
+    bad = _nan_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"latent holds 2 non-finite value\(s\).*--skip-data-check") as err:
+        train.main(cli(tmp_path / "run", "--data-path", str(tmp_path / "data"), steps=1))
+    assert str(bad) in str(err.value)
+    assert not (tmp_path / "run").exists()
+    ds = LatentFolder(tmp_path / "data", LATENT, 4)
+    assert ds.validate() == []  # headers and labels alone are fine: the values need the scan
+    y = np.array([0.0, 1.0, np.nan, 2.0])
+    np.save(tmp_path / "labels.npy", y)
+    with pytest.raises(ValueError, match=r"label nan is not finite at index 2"):
+        LatentFolder.__new__(LatentFolder)._check_label(y, "labels.npy")
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "loss-second-moment"])
+def test_non_finite_loss_stops_without_overwriting_the_last_checkpoint(tmp_path, capsys, sampler):
+    good = train.main(base(tmp_path / "run", "--schedule-sampler", sampler, steps=2))["checkpoint"]
+    before = Path(good).read_bytes()
+    x, y = _latents(16)
+    x[:] = np.nan
+    write_latent_folder(tmp_path / "nan", x, y)
+    args = ["--model", "EDT-S/2", "--model-kwargs", json.dumps(EDT_TINY), "--image-size", str(IMAGE),
+            "--num-classes", "4", "--global-batch-size", "8", "--max-steps", "6", "--results-dir",
+            str(tmp_path / "run"), "--no-progress", "--data-path", str(tmp_path / "nan"), "--skip-data-check",
+            "--resume", good, "--ckpt-every", "1", "--schedule-sampler", sampler]
+    capsys.readouterr()
+    assert train.console_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the training loss is not finite at step 3"), err
+    assert f"(it resumed from {good})" in err[0]
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["0000002.pt"]
+    assert Path(good).read_bytes() == before
+
+
+# ---------------------------------------------------------------------------
+# CPU demo, progress, help
+# ---------------------------------------------------------------------------
+
+def test_cpu_demo_preset_and_overrides(tmp_path, capsys):
+    a = train.parse_args(["--preset", "cpu-demo"])
+    assert (a.model, a.image_size, a.synthetic, a.global_batch_size, a.max_steps, a.device) == \
+        ("EDT-S/2", 64, True, 16, train.PRESETS["cpu-demo"]["max_steps"], "cpu")
+    assert a.model_kwargs["dims"] == [32, 48, 64, 48, 32] and a.optimizer == "adan" and a.threads == 1
+    assert train.parse_args(["--preset", "cpu-demo", "--threads", "2"]).threads == 2
+    out = train.main(["--preset", "cpu-demo", "--max-steps", "3", "--results-dir", str(tmp_path), "--log-every", "1"])
+    assert out["step"] == 3 and out["checkpoint"].endswith("0000003.pt")
+    err = capsys.readouterr().err
+    # tqdm's bar: rate, ETA and the loss from the first step on
+    assert "3/3" in err and "it/s" in err and "<00:" in err and re.search(r"loss \d+\.\d{4}", err), err[-2000:]
+
+
+def test_help_states_true_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("EDT- XL", "EDT-XL")  # argparse wraps at "-"
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--lr LR default: from --recipe (edt: 0.001 (0.0005 for EDT-XL); mdt: 0.0005)" in text
+    assert "--schedule-sampler {uniform,loss-second-moment} default: from --recipe (edt: loss-second-moment; " \
+           "mdt: uniform)" in text
+    assert "--global-batch-size GLOBAL_BATCH_SIZE samples per step over all processes (default: 256)" in text
