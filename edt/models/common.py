@@ -55,7 +55,7 @@ __all__ = [
 
 LN_EPS = 1e-6  # every LayerNorm in DiT / MDT / EDT: no affine, eps 1e-6
 FREQ_EMBED_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP
-EAGER = "torch"  # the backend that runs the authors' code path
+EAGER = "eager"  # the backend that runs the authors' code path
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
