@@ -9,12 +9,13 @@ Implementations, all on the same rotated inputs in one process:
   CPU the compiled C++ kernel when built, else the PyTorch reference; the
   backend that ran is in the ``impl`` label).  On the CPU the Triton path would
   be the *interpreter*, far too slow to time meaningfully, so it is not timed.
-* ``eager``: the published code path of MDT/EDT (written here from SPEC 2/3):
-  gather the learned table through the precomputed ``relative_position_index``
-  into a dense ``[H, L, L]`` bias every call, for masked tokens two more
-  gathers to ``[B, H, N, N]``, add to ``q k^T * scale``, softmax, multiply by
-  the dense AMM buffer, matmul with v.  On CUDA it runs under bfloat16 autocast
-  as the authors' mixed-precision code does (bias add and softmax in float32).
+* ``eager``: the published code path of MDT/EDT, ``amm_attention(...,
+  backend="eager")``: gather the learned table through the precomputed
+  ``relative_position_index`` into a dense ``[H, L, L]`` bias every call, for
+  masked tokens two more gathers to ``[B, H, N, N]``, add to ``q k^T * scale``,
+  softmax, multiply by the dense AMM buffer, matmul with v.  With bfloat16 q and
+  a float32 table the bias add, softmax and AMM multiply run in float32 and the
+  product with v in bfloat16, as under the authors' autocast.
 * ``sdpa_mask``: ``F.scaled_dot_product_attention`` with the bias materialised
   as a float mask every call.  SDPA cannot apply a *post-softmax* multiplier,
   so for AMM cases it computes the bias-only attention (stated in ``computes``);
@@ -41,7 +42,6 @@ TFLOP/s and within 1.3x of SDPA flash without bias.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 import edt_kernels
-from edt_kernels.amm import amm_offset_table, modulation_matrix, relative_position_index
+from edt_kernels.amm import amm_offset_table
+from edt_kernels.reference.attention import eager_rel_pos_bias
 
 from benchmarks import _utils as U
 
@@ -165,43 +166,14 @@ def make_problem(case: AttnCase, mode: str, *, device=None, dtype=None, n_sets: 
 
 # ----------------------------------------------------------------------------- the published eager path
 
-class PublishedEagerAttention:
-    """The authors' per-forward attention (MDT/EDT ``Attention`` with
-    ``RelativePositionBias``), written from SPEC 2/3: index and AMM are buffers
-    built once; the bias is gathered from the table on every call."""
-
-    def __init__(self, grid: int, amm: bool, device):
-        self.grid = grid
-        self.index = relative_position_index(grid, device=device)  # [L, L] int64 buffer
-        self.M = modulation_matrix(grid, device=device) if amm else None  # [L, L] float32 buffer
-
-    def bias(self, table: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
-        L, H = self.index.shape[0], table.shape[1]
-        b = table[self.index.view(-1)].view(L, L, H).permute(2, 0, 1).contiguous()  # [H, L, L]
-        if positions is None:
-            return b.unsqueeze(0)  # [1, H, L, L]
-        B, N = positions.shape
-        b = b.unsqueeze(0).expand(B, H, L, L)
-        b = torch.gather(b, 2, positions[:, None, :, None].expand(B, H, N, L))  # rows
-        return torch.gather(b, 3, positions[:, None, None, :].expand(B, H, N, N))  # cols
-
-    def modulation(self, positions: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if self.M is None or positions is None:
-            return self.M
-        return self.M[positions[:, :, None], positions[:, None, :]][:, None]  # [B, 1, N, N]
-
-    def __call__(self, q, k, v, table, positions):
-        mixed = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        with (torch.autocast("cuda", dtype=q.dtype) if mixed else contextlib.nullcontext()):
-            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-            if table is not None:
-                attn = attn + self.bias(table, positions)
-            attn = attn.softmax(dim=-1)
-            m = self.modulation(positions)
-            if m is not None:
-                attn = attn * m
-            out = attn @ v
-        return out.to(q.dtype)
+def published_eager(case: AttnCase, table, positions) -> Callable:
+    """The authors' per-forward attention: ``amm_attention(..., backend="eager")``
+    (``edt_kernels.reference.eager_attention``), the bias gathered from the
+    table into ``[B, H, N, N]`` on every call."""
+    def fwd(q, k, v):
+        return edt_kernels.amm_attention(q, k, v, rel_pos_bias=table, grid=case.grid, positions=positions,
+                                         amm=case.amm or None, backend="eager")
+    return fwd
 
 
 # ----------------------------------------------------------------------------- flex
@@ -298,15 +270,13 @@ def build_impl(impl: str, prob: Problem, *, compiled: bool = True) -> Impl:
                                              positions=positions, amm=case.amm or None, backend="auto")
         return Impl(f"amm_attention[{backend}]", fwd, case.computes, full)
     if impl == "eager":
-        eager = PublishedEagerAttention(case.grid, case.amm, device)
-        return Impl("published eager", lambda q, k, v: eager(q, k, v, table, positions), case.computes, full)
+        return Impl("published eager", published_eager(case, table, positions), case.computes, full)
     if impl == "sdpa_mask":
         if table is None:
             raise NotApplicable("no table: there is no bias to materialise (see sdpa_nobias)")
-        eager = PublishedEagerAttention(case.grid, False, device)
-
         def fwd(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=eager.bias(table, positions).to(q.dtype))
+            mask = eager_rel_pos_bias(table, case.grid, positions)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
         what = "table only (SDPA cannot apply post-softmax AMM)" if case.amm else case.computes
         ref = dict(full, amm=None)
         return Impl("SDPA + float mask", fwd, what, ref)
@@ -381,8 +351,8 @@ def _section():
              "speed-up = time of this implementation / time of edt_kernels on the same case and mode",
              "flex with AMM runs two passes (LSE of the biased scores, then scores + log M) and rescales: "
              "out = o2 * exp(lse2 - lse)",
-             "eager on CUDA runs under bfloat16 autocast like the authors' code (bias add, softmax and "
-             "AMM multiply in float32)"]
+             "eager = amm_attention(backend='eager'), the authors' code path: with bfloat16 inputs the bias add, "
+             "softmax and AMM multiply run in float32 (float32 table), the product with v in bfloat16"]
     if U.DEVICE.type == "cpu":
         notes.insert(0, U.CPU_NOTE)
         notes.append("CPU: edt_kernels uses backend 'auto' = cpp (compiled C++) when built, else torch; "

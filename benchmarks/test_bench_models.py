@@ -1,16 +1,16 @@
-"""EDT vs MDTv2: training and inference speed, side by side with the paper (issue 5).
+"""EDT vs MDTv2: training and inference speed, side by side with the paper.
 
     pytest benchmarks/test_bench_models.py --benchmark-only
     python -m benchmarks.test_bench_models --sizes S B --metrics train infer
 
-The paper (SPEC 8): EDT-S, -B, -XL train 3.93x, 2.84x, 1.92x and infer 2.29x,
+The paper (EDT, Chen et al. 2024, speed table): EDT-S, -B, -XL train 3.93x, 2.84x, 1.92x and infer 2.29x,
 2.29x, 2.22x faster than MDTv2-S, -B, -XL.  This module measures, in one
 process on one device and precision, for each size and four columns:
 
-* ``EDT eager``   - ``EDT(fused=False)``: the authors' eager code path,
-* ``MDTv2 eager`` - ``MDTv2(fused=False)``: likewise (materialised masked bias),
-* ``EDT kernels`` - ``EDT(fused=True)``: the same model on edt_kernels,
-* ``MDTv2 kernels`` - ``MDTv2(fused=True)``,
+* ``EDT eager``   - ``EDT(backend="eager")``: the authors' eager code path,
+* ``MDTv2 eager`` - ``MDTv2(backend="eager")``: likewise (materialised masked bias),
+* ``EDT kernels`` - ``EDT(backend="auto")``: the same model on edt_kernels,
+* ``MDTv2 kernels`` - ``MDTv2(backend="auto")``,
 * optionally (``EDT_BENCH_COMPILE=1`` / ``--compile``) each kernels model under
   ``torch.compile``,
 
@@ -33,7 +33,7 @@ batch-1 multiply-accumulates as the papers quote them, and a measured count of
 the same forward with ``torch.utils.flop_counter`` via
 ``edt.models.measured_macs``), and peak memory.
 
-Fairness rules (issue 5):
+Fairness rules:
 
 1. Warm-up excluded (compilation, cuDNN/cuBLAS autotuning, allocator growth).
 2. CUDA events around each synchronised call (``time.perf_counter`` on CPU).
@@ -96,8 +96,15 @@ class Column:
         return f"{self.family} {self.variant}"
 
     @property
-    def fused(self) -> bool:
-        return self.variant != "eager"
+    def backend(self) -> str:
+        """The models' backend: the authors' code path, or the kernels."""
+        return _backend(self.variant)
+
+
+def _backend(variant: str) -> str:
+    from edt.models.common import EAGER
+
+    return EAGER if variant == "eager" else "auto"
 
 
 def columns(compile_: bool = COMPILE) -> List[Column]:
@@ -146,7 +153,7 @@ def build(family: str, size: str, variant: str, *, device=None, overrides: Optio
     factory = (EDT_models if family == "EDT" else MDTv2_models)[model_name(family, size)]
     torch.manual_seed(0)
     with torch.device(device):
-        model = factory(fused=variant != "eager", **(overrides or {}))
+        model = factory(backend=_backend(variant), **(overrides or {}))
     runner = model
     if variant == "compile":
         U.configure_compile()
@@ -162,7 +169,7 @@ def model_stats(family: str, size: str, *, overrides: Optional[dict] = None) -> 
 
     factory = (EDT_models if family == "EDT" else MDTv2_models)[model_name(family, size)]
     with torch.device("meta"):
-        model = factory(fused=False, **(overrides or {}))
+        model = factory(backend=_backend("eager"), **(overrides or {}))
     out = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     out["gflops_authors"] = model.get_flops() / 1e9 if hasattr(model, "get_flops") else None
     out["gflops_measured"] = measured_macs(model) / 1e9
@@ -178,7 +185,7 @@ def _autocast(device: torch.device):
 # ----------------------------------------------------------------------------- the three workloads
 
 class _RecipeLoss(torch.nn.Module):
-    """The published two-loss step (SPEC 5, 6), used when ``edt.train`` is not
+    """The published two-loss step (full + masked loss), used when ``edt.train`` is not
     importable: EDT masks the SAME noised batch, MDTv2 an independently noised copy."""
 
     def __init__(self, model, diffusion, strategy: str):
@@ -316,7 +323,7 @@ def _section():
               "activations: everything)" if U.DEVICE.type == "cuda" else U.memory_note())]
     if U.DEVICE.type == "cpu":
         notes.insert(0, U.CPU_NOTE + " A CPU ratio is NOT the paper's GPU claim.")
-    return U.section(SECTION, "Models: EDT vs MDTv2, training and inference (issue 5)", ROW_COLUMNS, notes,
+    return U.section(SECTION, "Models: EDT vs MDTv2, training and inference", ROW_COLUMNS, notes,
                      summarize=summarize)
 
 
@@ -476,7 +483,7 @@ def test_models(benchmark, size, metric, column):
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = U.base_parser("EDT vs MDTv2 training/inference benchmarks (issue 5)")
+    p = U.base_parser("EDT vs MDTv2 training/inference benchmarks")
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=("S", "B", "XL"))
     p.add_argument("--metrics", nargs="*", default=list(METRICS), choices=METRICS)
     p.add_argument("--compile", action="store_true", help="add torch.compile'd kernels columns")

@@ -17,7 +17,7 @@ import torch
 
 from ._tracing import is_tracing
 from .amm import AMM, GridLike, cached_amm_offset_table, normalize_grid
-from .reference.attention import reference_attention
+from .reference.attention import eager_attention, reference_attention
 
 __all__ = [
     "amm_attention",
@@ -103,6 +103,24 @@ class TorchBackend(AttentionBackend):
                                    amm=inp.amm, bias=inp.bias, modulation=inp.modulation)
 
 
+class EagerBackend(AttentionBackend):
+    """The authors' published materialising code path (``eager_attention``):
+    any device/dtype; chosen only when asked for by name."""
+
+    name = "eager"
+
+    def not_supported_reasons(self, inp):
+        return []
+
+    def auto_reasons(self, inp):
+        return ["'auto' never picks the published eager path (ask backend='eager')"]
+
+    def apply(self, inp):
+        return eager_attention(inp.q, inp.k, inp.v, scale=inp.scale, rel_pos_bias=inp.table,
+                               grid=(inp.rows, inp.cols), positions=inp.positions,
+                               amm=inp.amm, bias=inp.bias, modulation=inp.modulation)
+
+
 _BACKENDS: Dict[str, AttentionBackend] = {}
 _AUTO_RANKS: Dict[str, int] = {}
 _AUTO_ORDER: List[str] = []
@@ -143,6 +161,7 @@ def _load_optional_backends() -> None:
 
 
 register_backend(TorchBackend(), auto_rank=100)
+register_backend(EagerBackend())
 
 
 def select_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBackend:
@@ -334,7 +353,9 @@ def amm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             (receives a gradient).
         modulation: dense post-softmax multiplier broadcastable to ``[B, H, N, N]``
             (no gradient).
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"`` (the
+            float64-grade reference) or ``"eager"`` (the authors' published
+            materialising code path, never picked by ``"auto"``).
 
     Returns:
         ``[B, H, N, D]`` in q's dtype.

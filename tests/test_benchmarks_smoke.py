@@ -129,9 +129,8 @@ def test_published_eager_path_matches_reference_float64():
     q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3))
     table = torch.randn((2 * n - 1) ** 2 + 3, H, generator=g, dtype=torch.float64)
     pos = torch.stack([torch.randperm(n * n, generator=g)[:N] for _ in range(B)])
-    eager = BATT.PublishedEagerAttention(n, True, CPU)
-    eager.M = eager.M.double()
-    out = eager(q, k, v, table, pos)
+    case = BATT.AttnCase("t-eager", B, H, N, D, n, extra_rows=3, masked=True, amm=True)
+    out = BATT.published_eager(case, table, pos)(q, k, v)
     import edt_kernels
 
     ref = edt_kernels.reference_attention(q, k, v, rel_pos_bias=table, grid=n, positions=pos, amm=True)

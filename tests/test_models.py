@@ -1,12 +1,18 @@
-"""edt.models: published state dicts, fixture outputs, fused == plain, AMM
-switching, masking, FLOP counts and bad input.
+"""edt.models: published state dicts, fixture outputs on every backend, the
+kernel backends == the authors' eager path, AMM switching, masking, FLOP
+counts, the deprecated names and bad input.
 
 Fixtures (``tests/fixtures``) were produced by the authors' code; see their README.
 """
+import warnings
+
 import pytest
 import torch
 
 import edt.models.common as common
+import edt.models.edt as edt_module
+import edt.models.mdt as mdt_module
+import edt_kernels
 from edt.models import (
     EDT,
     EDT_models,
@@ -20,6 +26,8 @@ from conftest import load_fixture
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 FIXTURE_ATOL = 1e-4  # fixtures README: float32 model outputs agree to < 1e-4 max abs
+# The authors' code path (materialised bias and AMM, plain-PyTorch token/adaLN work).
+EAGER = common.EAGER
 
 ALL_NAMES = sorted(EDT_models) + sorted(MDTv2_models)
 PUBLISHED = ["EDT-S/2", "EDT-B/2", "EDT-XL/2", "MDTv2-S/2", "MDTv2-B/2", "MDTv2-XL/2"]
@@ -66,10 +74,11 @@ def _randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def _pair(kind: str, **overrides):
+    """(kernel model on backend "auto", the same weights on the eager backend)."""
     cls, config = TINY[kind]
-    fused = cls(**dict(config, **overrides), fused=True)
+    fused = cls(**dict(config, **overrides), backend="auto")
     _randomize_(fused)
-    plain = cls(**dict(config, **overrides), fused=False)
+    plain = cls(**dict(config, **overrides), backend=EAGER)
     plain.load_state_dict(fused.state_dict())
     return fused, plain
 
@@ -105,10 +114,10 @@ def test_no_amm_variants_share_the_state_dict():
             assert a.amm_blocks and b.amm_blocks == ()
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
-def test_fixture_outputs(fused, torch_backend):
+@pytest.mark.parametrize("backend", sorted({"auto", "torch", EAGER}))
+def test_fixture_outputs(backend, torch_backend):
     fx = load_fixture("official_edt_s_tiny.pt")
-    model = EDT(**fx["config"], fused=fused)
+    model = EDT(**fx["config"], backend=backend)
     model.load_state_dict(fx["state_dict"], strict=True)
     model.eval()
     assert list(model.amm_blocks) == fx["amm_blocks"]
@@ -122,6 +131,26 @@ def test_fixture_outputs(fused, torch_backend):
     torch.testing.assert_close(out_no_amm, fx["out_no_amm_eval"], atol=FIXTURE_ATOL, rtol=0)
     # AMM changes the output more than the tolerance: the comparison above can fail.
     assert (fx["out_amm_eval"] - fx["out_no_amm_eval"]).abs().max() > 10 * FIXTURE_ATOL
+
+
+@pytest.mark.slow
+def test_fixture_outputs_on_triton():
+    """The published forward (AMM on, then off for the first sample) on the
+    Triton kernels (the interpreter on CPU): the same golden outputs."""
+    from edt_kernels import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not available (triton not importable)")
+    fx = load_fixture("official_edt_s_tiny.pt")
+    model = EDT(**fx["config"], backend="triton")
+    model.load_state_dict(fx["state_dict"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        out_amm = model(fx["x"], fx["t"], fx["y"])
+        model.set_amm(False)
+        out_no_amm = model(fx["x"][:1], fx["t"][:1], fx["y"][:1])  # eval: samples are independent
+    torch.testing.assert_close(out_amm, fx["out_amm_eval"], atol=FIXTURE_ATOL, rtol=0)
+    torch.testing.assert_close(out_no_amm, fx["out_no_amm_eval"][:1], atol=FIXTURE_ATOL, rtol=0)
 
 
 def test_fixture_local_false_is_no_amm(torch_backend):
@@ -160,7 +189,7 @@ def test_mdt_flops_without_skip_projections_match_paper():
     assert got["MDTv2-XL/2"] == pytest.approx(118.6, abs=0.1)
 
 
-# ----------------------------------------------------------------------------- fused == plain
+# ----------------------------------------------------------------------------- kernels == eager
 
 def _run(model, inputs, enable_mask, seed, grad_weight=None):
     g = torch.Generator().manual_seed(seed)
@@ -175,7 +204,7 @@ def _run(model, inputs, enable_mask, seed, grad_weight=None):
 
 @pytest.mark.parametrize("enable_mask", [False, True], ids=["full", "masked"])
 @pytest.mark.parametrize("kind", ["EDT", "EDT-XL", "MDTv2"])
-def test_fused_equals_plain_training(kind, enable_mask, torch_backend):
+def test_kernels_equal_eager_training(kind, enable_mask, torch_backend):
     fused, plain = _pair(kind)
     fused.train()
     plain.train()
@@ -189,7 +218,7 @@ def test_fused_equals_plain_training(kind, enable_mask, torch_backend):
 
 
 @pytest.mark.parametrize("kind", ["EDT", "EDT-XL", "MDTv2"])
-def test_fused_equals_plain_eval_with_amm(kind, torch_backend):
+def test_kernels_equal_eager_eval_with_amm(kind, torch_backend):
     fused, plain = _pair(kind, **({"amm_blocks": [1, 4]} if kind == "MDTv2" else {}))
     fused.eval()
     plain.eval()
@@ -213,15 +242,15 @@ TRITON_CASES = {
 
 
 @pytest.mark.parametrize("kind", sorted(TRITON_CASES))
-def test_fused_equals_plain_on_triton(kind, monkeypatch):
+def test_kernels_equal_eager_on_triton(kind, monkeypatch):
     """Every kernel of the fused path on its Triton backend (the interpreter on
     CPU): masked training forward + backward, then eval with AMM."""
     from edt_kernels import available_backends
 
     if "triton" not in available_backends():
         pytest.skip("triton backend not available (triton not importable)")
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "triton")
     fused, plain = _pair(kind, **TRITON_CASES[kind])
+    fused.backend = "triton"
     fused.train()
     plain.train()
     inputs = _inputs(fused, batch=2)
@@ -246,25 +275,58 @@ class _CallLog:
         return self.fn(*args, **kwargs)
 
 
-def test_fused_path_uses_amm_attention_with_positions(monkeypatch, torch_backend):
-    log = _CallLog(common.amm_attention)
-    monkeypatch.setattr(common, "amm_attention", log)
+def test_attention_gets_positions_and_the_model_backend(monkeypatch, torch_backend):
+    log = _CallLog(edt_kernels.nn.amm_attention)
+    monkeypatch.setattr(edt_kernels.nn, "amm_attention", log)
     fused, plain = _pair("MDTv2")
     fused.train()
     plain.train()
     inputs = _inputs(fused)
     _run(plain, inputs, True, seed=0)
-    assert log.calls == []  # the eager path never calls the kernel
+    assert log.calls and all(c["backend"] == EAGER for c in log.calls)  # the eager path: eager attention
+    log.calls.clear()
     _run(fused, inputs, True, seed=0)
+    assert all(c["backend"] == "auto" for c in log.calls)
     n_encoder = len(fused.en_inblocks) + len(fused.en_outblocks)
     with_positions = [c for c in log.calls if c["positions"] is not None]
     assert len(with_positions) == n_encoder
-    assert all(c["amm"] is False for c in log.calls)  # training: no AMM
+    assert all(c["amm"] is None for c in log.calls)  # training: no AMM
     assert with_positions[0]["positions"].shape[1] < fused.grid ** 2
 
 
-def test_shim_fallbacks_match_kernel_ops(torch_backend):
-    """The PyTorch stand-ins used where edt_kernels lacks an op agree with the ops."""
+# Every edt_kernels op a model calls, with the module that imports it.
+MODEL_OPS = {
+    "layernorm_modulate": (common, edt_module), "gated_residual": (common,),
+    "patch_merge_modulate": (edt_module,), "masked_shortcut": (edt_module, mdt_module),
+    "random_masking": (mdt_module,), "unshuffle_with_mask_token": (mdt_module,),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", EAGER])
+def test_every_op_gets_the_model_backend(backend, monkeypatch, torch_backend):
+    logs = {}
+    for name, modules in MODEL_OPS.items():
+        logs[name] = _CallLog(getattr(edt_kernels, name))
+        for mod in modules:
+            monkeypatch.setattr(mod, name, logs[name])
+    logs["amm_attention"] = _CallLog(edt_kernels.nn.amm_attention)
+    monkeypatch.setattr(edt_kernels.nn, "amm_attention", logs["amm_attention"])
+    for kind in ("EDT-XL", "MDTv2"):
+        model = TINY[kind][0](**TINY[kind][1], backend=backend).train()
+        _run(model, _inputs(model), True, seed=0)
+    for name, log in logs.items():
+        assert log.calls, f"{name} was never called"
+        assert all(c["backend"] == backend for c in log.calls), name
+
+
+def test_token_ops_agree_across_backends():
+    """The token/adaLN ops the models call: the eager backend equals the
+    Triton kernels (interpreter on CPU), and the fused patch merge with a
+    sub-token keep mask equals the published slicing of EDT's DownSample."""
+    from edt_kernels import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not available (triton not importable)")
     g = torch.Generator().manual_seed(0)
     B, n, C = 2, 4, 8
     L = n * n
@@ -275,30 +337,83 @@ def test_shim_fallbacks_match_kernel_ops(torch_backend):
     ids_restore = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
     ids_keep = torch.argsort(ids_restore, dim=1)[:, :10]
     mask_token, pos = torch.randn(1, 1, C, generator=g), torch.randn(1, L, C, generator=g)
-    fb = common._FALLBACKS
     cases = {
-        "layernorm_modulate": (x, shift, scale),
-        "gated_residual": (x, gate, x.flip(1)),
-        "gather_tokens": (x, ids_keep),
-        "unshuffle_with_mask_token": (x[:, :10], ids_restore, mask_token, pos),
-        "masked_shortcut": (x, x.flip(1), keep.float()),
-        "patch_merge_modulate": (x, shift4, scale4, n, keep),
+        "layernorm_modulate": ((x, shift, scale), {}),
+        "gated_residual": ((x, gate, x.flip(1)), {}),
+        "gather_tokens": ((x, ids_keep), {}),
+        "unshuffle_with_mask_token": ((x[:, :10], ids_restore, mask_token, pos), {}),
+        "masked_shortcut": ((x, x.flip(1), keep.float()), {}),
+        "patch_merge_modulate": ((x, shift4, scale4, keep), {"grid": n}),
     }
-    for name, args in cases.items():
-        assert_close(fb[name](*args), common._kernel(name)(*args), torch.float32, FWD_TOL, name=name)
-    # and the fused patch merge with sub-token keep equals the published eager DownSample front end
-    from edt.models.edt import DownSample
+    for name, (args, kw) in cases.items():
+        op = getattr(edt_kernels, name)
+        assert_close(op(*args, **kw, backend=EAGER), op(*args, **kw, backend="triton"), torch.float32, FWD_TOL,
+                     name=name)
+
+    def merge(t):  # the published DownSample slicing: (B, n*n, C) -> (B, n/2*n/2, 4C)
+        t = t.view(B, n, n, -1)
+        parts = [t[:, 0::2, 0::2], t[:, 1::2, 0::2], t[:, 0::2, 1::2], t[:, 1::2, 1::2]]
+        return torch.cat(parts, -1).view(B, L // 4, -1)
 
     mask = keep.float().unsqueeze(-1).expand(B, L, C)
-    eager = common.modulate(torch.nn.functional.layer_norm(DownSample.merge(x, n), (4 * C,), eps=1e-6),
-                            shift4, scale4) * DownSample.merge(mask, n)
-    assert_close(fb["patch_merge_modulate"](x, shift4, scale4, n, keep), eager, torch.float32, FWD_TOL,
-                 name="merge vs eager")
+    eager = common.modulate(torch.nn.functional.layer_norm(merge(x), (4 * C,), eps=1e-6), shift4, scale4) * merge(mask)
+    for backend in (EAGER, "triton"):
+        assert_close(edt_kernels.patch_merge_modulate(x, shift4, scale4, keep, grid=n, backend=backend), eager,
+                     torch.float32, FWD_TOL, name=f"merge vs published slicing ({backend})")
     ratio = torch.tensor([0.37])
-    out_fb = fb["random_masking"](x, ratio, torch.Generator().manual_seed(1))
-    out_k = common._kernel("random_masking")(x, ratio, torch.Generator().manual_seed(1))
-    for a, b in zip(out_fb, out_k):
+    out_e = edt_kernels.random_masking(x, ratio, torch.Generator().manual_seed(1), backend=EAGER)
+    out_k = edt_kernels.random_masking(x, ratio, torch.Generator().manual_seed(1), backend="triton")
+    for a, b in zip(out_e, out_k):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- backend= and deprecated names
+
+@pytest.mark.parametrize("cls", [EDT, MDTv2])
+def test_fused_is_a_deprecated_alias_of_backend(cls):
+    config = TINY[cls.__name__][1]
+    for fused, backend in ((True, "auto"), (False, EAGER)):
+        with pytest.warns(DeprecationWarning, match="fused"):
+            model = cls(**config, fused=fused)
+        assert model.backend == backend and model.config["backend"] == backend and "fused" not in model.config
+        assert all(m.backend == backend for m in model.modules() if hasattr(m, "backend"))
+        with pytest.warns(DeprecationWarning, match="fused"):
+            assert model.fused is fused
+    with pytest.warns(DeprecationWarning, match="fused"):
+        model.fused = True
+    assert model.backend == "auto"
+    with pytest.raises(ValueError, match="backend= only"):
+        cls(**config, fused=True, backend="torch")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        cls(**config, backend=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(**config)  # the default raises no warning
+
+
+def test_backend_setter_reaches_every_module():
+    model = EDT(**TINY_EDT)
+    model.backend = "torch"
+    owners = [m for m in model.modules() if hasattr(m, "backend")]
+    assert len(owners) > len(model.blocks) and all(m.backend == "torch" for m in owners)
+    assert all(blk.attn.backend == "torch" for blk in model.blocks)
+    rebuilt = EDT(**model.config)
+    assert rebuilt.backend == "auto"  # config records the constructor arguments
+
+
+def test_deprecated_common_names():
+    with pytest.warns(DeprecationWarning, match="AMMAttention"):
+        attn = common.RelPosAttention(16, 2, 4, extra_rows=3, persistent_index=True)
+    assert isinstance(attn, edt_kernels.AMMAttention) and attn.amm_eval_only and attn.amm is None
+    assert list(attn.state_dict()) == ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+                                       "rel_pos_bias.relative_position_bias_table",
+                                       "rel_pos_bias.relative_position_index"]
+    with pytest.warns(DeprecationWarning, match="RelativePositionBias"):
+        rpb = common.RelativePositionBias(4, 2, 3)
+    assert isinstance(rpb, edt_kernels.RelativePositionBias) and rpb.extra_tokens == 3
+    with pytest.warns(DeprecationWarning, match="kernel_sources"):
+        sources = common.kernel_sources()
+    assert set(sources) == {"amm_attention"} | set(MODEL_OPS)
 
 
 # ----------------------------------------------------------------------------- AMM switching, masking
@@ -363,7 +478,8 @@ def test_mdt_masked_ratio_and_cfg_schedule(torch_backend):
         y = torch.cat([inputs[2], torch.full_like(inputs[2], model.num_classes)])
         raw = model(x, t, y)
         out = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
-    s = 3.0 * (1 - torch.cos(((1 - t[:2] / 1000.0) ** 4) * torch.pi)) / 2 + 1  # SPEC 5
+    # MDT's power-cosine guidance schedule
+    s = 3.0 * (1 - torch.cos(((1 - t[:2] / 1000.0) ** 4) * torch.pi)) / 2 + 1
     cond, uncond = raw[:2, :3], raw[2:, :3]
     expected = uncond + s.view(-1, 1, 1, 1) * (cond - uncond)
     torch.testing.assert_close(out[:2, :3], expected, atol=1e-5, rtol=1e-5)

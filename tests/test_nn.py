@@ -1,7 +1,7 @@
 """edt_kernels.nn: RelativePositionBias and AMMAttention.
 
 AMMAttention is compared, in float64, with an eager computation written here
-from SPEC 2/3 (materialised bias, softmax, dense AMM), and with the MDT/EDT
+from the published formulas (materialised bias, softmax, dense AMM), and with the MDT/EDT
 stand-ins of test_patch.py after loading their state_dicts unchanged.
 """
 import pytest
@@ -224,3 +224,57 @@ def test_amm_attention_bad_arguments():
         attn(torch.randn(2, N, DIM + 1))
     with pytest.raises(ValueError, match="N = q.shape\\[2\\] = 15 must equal rows\\*cols"):
         attn(torch.randn(2, 15, DIM))
+
+
+def test_relative_position_bias_persistent_index_is_mdt_layout():
+    rpb = RelativePositionBias(GRID, HEADS, extra_tokens=3, persistent_index=True)
+    sd = rpb.state_dict()
+    assert list(sd) == ["relative_position_bias_table", "relative_position_index"]
+    torch.testing.assert_close(sd["relative_position_index"], published_index(GRID), atol=0, rtol=0)
+    other = RelativePositionBias(GRID, HEADS, extra_tokens=3, persistent_index=True)
+    other.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(other.relative_position_bias_table, rpb.relative_position_bias_table)
+    del sd["relative_position_index"]
+    with pytest.raises(RuntimeError, match="Missing key.*relative_position_index"):
+        other.load_state_dict(sd, strict=True)
+    other.load_state_dict(sd, strict=False)
+    sd["relative_position_index"] = published_index(GRID).t().contiguous()
+    with pytest.raises(RuntimeError, match="not the BEiT/Swin layout"):
+        other.load_state_dict(sd)
+
+
+def test_amm_attention_key_order_and_mdt_index():
+    edt_style = AMMAttention(DIM, HEADS, qkv_bias=True, grid=GRID, rel_pos_first=True)
+    assert list(edt_style.state_dict()) == ["rel_pos_bias.relative_position_bias_table", "qkv.weight",
+                                            "qkv.bias", "proj.weight", "proj.bias"]
+    mdt_style = AMMAttention(DIM, HEADS, qkv_bias=True, grid=GRID, extra_tokens=3, persistent_index=True)
+    assert list(mdt_style.state_dict()) == ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+                                            "rel_pos_bias.relative_position_bias_table",
+                                            "rel_pos_bias.relative_position_index"]
+    torch.manual_seed(0)
+    mdt = MDTAttention(DIM, num_heads=HEADS, qkv_bias=True, num_patches=N)
+    assert {k: v.shape for k, v in mdt.state_dict().items()} == \
+        {k: v.shape for k, v in mdt_style.state_dict().items()}
+    mdt_style.load_state_dict(mdt.state_dict(), strict=True)
+
+
+def test_amm_in_training_is_a_deprecated_alias_of_amm_eval_only():
+    attn = make(amm=True, amm_eval_only=True)
+    with pytest.warns(DeprecationWarning, match="amm_eval_only"):
+        assert attn.amm_in_training is False
+    with pytest.warns(DeprecationWarning, match="amm_eval_only"):
+        attn.amm_in_training = True
+    assert attn.amm_eval_only is False
+    attn.train()
+    assert attn.amm_active()
+    attn.amm_eval_only = True
+    assert not attn.amm_active()
+    attn.eval()
+    assert attn.amm_active()
+    attn.amm = None
+    assert not attn.amm_active()
+
+
+def test_amm_attention_backend_must_be_a_string():
+    with pytest.raises(TypeError, match="backend must be a str"):
+        AMMAttention(DIM, HEADS, grid=GRID, backend=None)

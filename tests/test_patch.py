@@ -801,11 +801,13 @@ def test_timm_autodetect_and_qk_norm_and_mask():
 # ----------------------------------------------------------------------------- this repo's edt.models
 
 def test_edt_models_attention_is_native_and_takes_apply_amm():
+    # edt.models builds its attention as its blocks do: an AMMAttention with a qkv bias, AMM in eval only
     common = pytest.importorskip("edt.models.common", reason="edt.models is not in this checkout")
     torch.manual_seed(0)
 
     def make():
-        attn = common.RelPosAttention(DIM, HEADS, GRID)
+        attn = common._attention(DIM, HEADS, GRID, extra_rows=0, persistent_index=False,
+                                 rel_pos_first=True, backend="auto")
         nn.init.normal_(attn.rel_pos_bias.relative_position_bias_table)
         return attn
 
@@ -817,7 +819,7 @@ def test_edt_models_attention_is_native_and_takes_apply_amm():
         before = model(x, c)
     handle = apply_amm(model, [1], eval_only=True)
     attn = model.blocks[1].attn
-    assert attn.amm is True and attn.amm_in_training is False and model.blocks[0].attn.amm is False
+    assert attn.amm == AMM() and attn.amm_eval_only is True and model.blocks[0].attn.amm is None
     records, hooks = capture_attention(model)
     with torch.no_grad():
         model(x, c)
@@ -832,9 +834,10 @@ def test_edt_models_attention_is_native_and_takes_apply_amm():
         p = torch.softmax(q @ k.transpose(-2, -1) * attn.scale + bias, dim=-1) * M
         want = attn.proj((p @ v).transpose(1, 2).reshape(B, T, C))
     torch.testing.assert_close(out, want, atol=ATOL, rtol=ATOL)
-    with pytest.raises(ValueError, match="only the published AMM"):
-        apply_amm(model, [0], amm=AMM(radius2=1))
+    with apply_amm(model, [0], amm=AMM(radius2=1)):  # the models' attention takes any AMM config
+        assert model.blocks[0].attn.amm == AMM(radius2=1)
+    assert model.blocks[0].attn.amm is None
     assert handle.undo() == 1
-    assert attn.amm is False and attn.amm_in_training is False
+    assert attn.amm is None and attn.amm_eval_only is True
     with torch.no_grad():
         assert torch.equal(model(x, c), before)

@@ -7,8 +7,8 @@
 
 Every model has ``forward(x, t, y, enable_mask=False, generator=None)``,
 ``forward_with_cfg(x, t, y, cfg_scale, ...)``, ``set_amm(enabled, blocks)``,
-``get_flops()`` and a ``fused`` attribute (True: kernels; False: the authors'
-eager code path).
+``get_flops()`` and a ``backend`` attribute (``"auto"``: the edt_kernels
+kernels; ``"eager"``: the authors' code path), also a constructor argument.
 """
 from __future__ import annotations
 

@@ -1,18 +1,21 @@
 """EDT: Efficient Diffusion Transformer (Chen et al., NeurIPS 2024, arXiv 2410.23788).
 
-A lightweight U-shaped diffusion transformer (SPEC 4): five stages on token
-grids n, n/2, n/4, n/2, n (16, 8, 4, 8, 16 for 256px latents), adaLN-Zero
-blocks with a relative-position bias, 2x2 patch-merge down-sampling and
-linear up-sampling with concatenated long skips.  Two training-free /
-training-only extras from the paper:
+A lightweight U-shaped diffusion transformer: five stages on token grids
+n, n/2, n/4, n/2, n (16, 8, 4, 8, 16 for 256px latents), adaLN-Zero blocks
+with a relative-position bias, 2x2 patch-merge down-sampling and linear
+up-sampling with concatenated long skips.  Two extras from the paper:
 
-- the Attention Modulation Matrix (AMM, SPEC 3) multiplies the attention
-  weights of a few blocks after the softmax, in eval mode only;
-- token relation-enhanced masking training (SPEC 6): ``enable_mask=True``
-  drops tokens inside the 2x2 merge of each down-sampling (and, for EDT-XL,
+- the Attention Modulation Matrix (AMM), training-free, multiplies the
+  attention weights of a few blocks after the softmax, in eval mode only:
+  ``M(i, j) = 0.5 exp(cos(2 pi d_ij / (4 (n-1) sqrt 2)))`` for token grid
+  distance ``d_ij`` with ``d_ij^2 <= 2^2 + (n-1)^2``, else 0;
+- token relation-enhanced masking training: ``enable_mask=True`` drops
+  tokens inside the 2x2 merge of each down-sampling (and, for EDT-XL,
   replaces tokens of stage 0 by the positional embedding before its block 4).
 
-State-dict keys and shapes are those of the published checkpoints.
+Every op runs on the model's ``backend`` (``"auto"``: kernels; ``"eager"``:
+the authors' code path).  State-dict keys and shapes are those of the
+published checkpoints.
 """
 from __future__ import annotations
 
@@ -21,8 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from edt_kernels import AMM, layernorm_modulate, masked_shortcut, patch_merge_modulate
+from edt_kernels.reference import reference_patch_merge
+
 from .common import (
     AdaLNBlock,
+    BackendMixin,
     FinalLayer,
     LabelEmbedder,
     LN_EPS,
@@ -30,10 +37,7 @@ from .common import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     init_weights_dit,
-    layernorm_modulate,
-    masked_shortcut,
-    modulate,
-    patch_merge_modulate,
+    resolve_backend,
     uniform,
     unpatchify,
     zero_module_,
@@ -42,12 +46,12 @@ from .common import (
 __all__ = ["EDT", "EDTBlock", "DownSample", "UpSample", "ConcatLayer", "EDT_models",
            "AMM_BLOCKS", "AMM_BLOCKS_HIGH_CFG", "CFG_CHANNELS"]
 
-# Published AMM placements (index into the flat list of blocks), SPEC 3.
+# Published AMM placements (index into the flat list of blocks).
 AMM_BLOCKS: Dict[str, Tuple[int, ...]] = {"S": (7, 10), "B": (7, 10), "XL": (23, 25)}
 # The authors' alternative arrangement for guidance scales >= 2.
 AMM_BLOCKS_HIGH_CFG: Dict[str, Tuple[int, ...]] = {"S": (8,), "B": (8,), "XL": (24,)}
 
-# Down masking (SPEC 6): drop ratio p ~ U(lo, hi) before the first merge, then before the others.
+# Down masking: drop ratio p ~ U(lo, hi) before the first merge, then before the others.
 DOWN_MASK_RATIOS: Tuple[Tuple[float, float], ...] = ((0.4, 0.5), (0.1, 0.2))
 # EDT-XL mid masking: before block MID_MASK_BLOCK of stage 0, p ~ U(lo, hi) of the tokens
 # are replaced by the positional embedding.
@@ -65,9 +69,10 @@ class EDTBlock(AdaLNBlock):
     """adaLN-Zero transformer block on a ``grid x grid`` token grid; the
     conditioning ``c`` has the width of stage 0 (``cond_dim``)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, grid: int, cond_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, grid: int, cond_dim: int, mlp_ratio: float = 4.0,
+                 backend: str = "auto"):
         super().__init__(hidden_size, num_heads, grid, cond_dim=cond_dim, mlp_ratio=mlp_ratio,
-                         extra_rows=0, persistent_index=False, rel_pos_first=True)
+                         extra_rows=0, persistent_index=False, rel_pos_first=True, backend=backend)
 
 
 class DownSample(nn.Module):
@@ -77,10 +82,14 @@ class DownSample(nn.Module):
     Merge order of the four sub-tokens: (even row, even col), (odd row, even
     col), (even row, odd col), (odd row, odd col).  ``keep`` ``(B, L)`` is a
     keep-mask at the *input* resolution: a dropped token zeroes its C channels
-    inside the merged 4C vector.
+    inside the merged 4C vector.  The front end up to the keep-mask is one
+    ``edt_kernels.patch_merge_modulate`` call.
     """
 
-    def __init__(self, hidden_size: int, out_hidden_size: int, grid: int, cond_dim: int):
+    merge = staticmethod(reference_patch_merge)  # (B, n*n, C) -> (B, n/2*n/2, 4C)
+
+    def __init__(self, hidden_size: int, out_hidden_size: int, grid: int, cond_dim: int,
+                 backend: str = "auto"):
         super().__init__()
         if grid % 2:
             raise ValueError(f"DownSample needs an even grid, got {grid}")
@@ -89,35 +98,18 @@ class DownSample(nn.Module):
         self.grid = grid
         self.out_grid = grid // 2
         self.cond_dim = cond_dim
-        self.norm = nn.LayerNorm(4 * hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.backend = backend
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 8 * hidden_size, bias=True))
         self.reduction = nn.Linear(4 * hidden_size, out_hidden_size, bias=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.out_grid ** 2, out_hidden_size), requires_grad=False)
 
-    @staticmethod
-    def merge(x: torch.Tensor, grid: int) -> torch.Tensor:
-        """``(B, n*n, C)`` -> ``(B, n/2*n/2, 4C)`` (published slicing order)."""
-        B, L, C = x.shape
-        x = x.view(B, grid, grid, C)
-        x0 = x[:, 0::2, 0::2, :]  # (B, n/2, n/2, C)
-        x1 = x[:, 1::2, 0::2, :]
-        x2 = x[:, 0::2, 1::2, :]
-        x3 = x[:, 1::2, 1::2, :]
-        return torch.cat([x0, x1, x2, x3], -1).view(B, -1, 4 * C)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: Optional[torch.Tensor] = None,
-                fused: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, L, C = x.shape
         if L != self.grid ** 2:
             raise ValueError(f"DownSample expects {self.grid}x{self.grid} = {self.grid ** 2} tokens, got {L}")
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, 4C) each
-        if fused:
-            x = patch_merge_modulate(x, shift, scale, self.grid, keep)
-        else:
-            x = modulate(self.norm(self.merge(x, self.grid)), shift, scale)  # (B, L/4, 4C)
-            if keep is not None:
-                mask = keep.to(x.dtype).unsqueeze(-1).expand(B, L, C)
-                x = x * self.merge(mask, self.grid)
+        x = patch_merge_modulate(x, shift, scale, keep, grid=self.grid, eps=LN_EPS,
+                                 backend=self.backend)  # (B, L/4, 4C)
         return self.reduction(x) + self.pos_embed  # (B, L/4, C_out)
 
 
@@ -143,20 +135,20 @@ class ConcatLayer(nn.Module):
     """Long-skip fusion: ``cat([x, skip]) -> LayerNorm(2C) -> modulate ->
     Linear(2C -> C)`` + fixed sin-cos ``pos_embed``."""
 
-    def __init__(self, hidden_size: int, cond_dim: int, grid: int):
+    def __init__(self, hidden_size: int, cond_dim: int, grid: int, backend: str = "auto"):
         super().__init__()
         self.hidden_size = hidden_size
         self.cond_dim = cond_dim
         self.grid = grid
-        self.norm_final = nn.LayerNorm(2 * hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.backend = backend
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 4 * hidden_size, bias=True))
         self.cat = nn.Linear(2 * hidden_size, hidden_size, bias=True)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid ** 2, hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, c: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, skip], dim=-1)  # (B, L, 2C)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        x = layernorm_modulate(x, shift, scale) if fused else modulate(self.norm_final(x), shift, scale)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, 2C) each
+        x = layernorm_modulate(x, shift, scale, LN_EPS, backend=self.backend)
         return self.cat(x) + self.pos_embed  # (B, L, C)
 
 
@@ -164,7 +156,7 @@ class ConcatLayer(nn.Module):
 #                                   EDT model                                   #
 #################################################################################
 
-class EDT(nn.Module):
+class EDT(BackendMixin, nn.Module):
     """Efficient Diffusion Transformer.
 
     Args (published names): ``input_size`` latent side, ``patch_size``,
@@ -175,7 +167,9 @@ class EDT(nn.Module):
     for ``size="XL"`` as published), ``size`` ("S"/"B"/"XL": selects the
     published AMM placement), ``local`` (AMM on at construction).
     Ours: ``amm_blocks`` (placement overriding the one of ``size``) and
-    ``fused`` (kernels vs the authors' eager path).
+    ``backend`` (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors'
+    code path; or any backend name the ops accept).  ``fused`` is the
+    deprecated boolean alias (True: ``"auto"``, False: ``"eager"``).
     """
 
     def __init__(
@@ -196,10 +190,12 @@ class EDT(nn.Module):
         size: Optional[str] = "S",
         local: bool = True,
         amm_blocks: Optional[Sequence[int]] = None,
-        fused: bool = True,
+        backend: str = "auto",
+        fused: Optional[bool] = None,
     ):
         config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
-                  if k not in ("self", "__class__")}
+                  if k not in ("self", "__class__", "fused")}
+        backend = config["backend"] = resolve_backend(backend, fused, type(self).__name__)
         super().__init__()
         self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
         stages_depth, dims, num_heads = list(stages_depth), list(dims), list(num_heads)
@@ -235,7 +231,7 @@ class EDT(nn.Module):
         self.num_stages = S
         self.mid_mask = bool(mid_mask)
         self.size = size
-        self.fused = fused
+        self._backend = backend
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -252,14 +248,15 @@ class EDT(nn.Module):
             if s > self.mid_stage:
                 self.up_blocks.append(UpSample(dims[s - 1], dims[s], n))
                 n *= 2
-                self.concat_blocks.append(ConcatLayer(dims[s], cond_dim=hidden_size, grid=n))
+                self.concat_blocks.append(ConcatLayer(dims[s], cond_dim=hidden_size, grid=n, backend=backend))
             self.stage_grids.append(n)
             for _ in range(stages_depth[s]):
-                self.blocks.append(EDTBlock(dims[s], num_heads[s], n, cond_dim=hidden_size, mlp_ratio=mlp_ratio))
+                self.blocks.append(EDTBlock(dims[s], num_heads[s], n, cond_dim=hidden_size, mlp_ratio=mlp_ratio,
+                                            backend=backend))
             if s < self.mid_stage:
-                self.down_blocks.append(DownSample(dims[s], dims[s + 1], n, cond_dim=hidden_size))
+                self.down_blocks.append(DownSample(dims[s], dims[s + 1], n, cond_dim=hidden_size, backend=backend))
                 n //= 2
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend=backend)
 
         if amm_blocks is None:
             amm_blocks = AMM_BLOCKS.get(size, ())
@@ -299,14 +296,14 @@ class EDT(nn.Module):
         previous = self.amm_blocks if hasattr(self, "blocks") else ()
         active = self._check_blocks(self.default_amm_blocks if blocks is None else blocks) if enabled else ()
         for i, blk in enumerate(self.blocks):
-            blk.attn.amm = i in active
-            blk.attn.amm_in_training = False  # EDT: AMM at inference only
+            blk.attn.amm = AMM() if i in active else None  # the published AMM of the block's grid
+            blk.attn.amm_eval_only = True  # EDT: AMM at inference only
         return previous
 
     @property
     def amm_blocks(self) -> Tuple[int, ...]:
         """Blocks whose attention applies AMM (in eval mode)."""
-        return tuple(i for i, blk in enumerate(self.blocks) if blk.attn.amm)
+        return tuple(i for i, blk in enumerate(self.blocks) if blk.attn.amm is not None)
 
     # ----------------------------------------------------------------- forward
 
@@ -326,7 +323,6 @@ class EDT(nn.Module):
         ``(B, out_channels, H, W)``.  ``enable_mask``: the published masked
         training forward (down masking, and mid masking for EDT-XL).  All
         random draws (label dropout, masks) use ``generator`` if given."""
-        fused = self.fused
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
         skips: List[torch.Tensor] = []
@@ -336,24 +332,20 @@ class EDT(nn.Module):
                 skips.append(x)
             if s > self.mid_stage:  # an up-sampling module
                 k = s - self.mid_stage - 1
-                x = self.concat_blocks[k](self.up_blocks[k](x), skips.pop(), c, fused=fused)
+                x = self.concat_blocks[k](self.up_blocks[k](x), skips.pop(), c)
             for j in range(self.stages_depth[s]):  # an EDT stage
                 if enable_mask and self.mid_mask and s == 0 and j == MID_MASK_BLOCK:
                     keep = self._keep_mask(x.shape[:-1], MID_MASK_RATIO, generator, x.device)  # (B, N)
-                    if fused:
-                        x = masked_shortcut(x, self.pos_embed, keep)
-                    else:
-                        keep = keep.unsqueeze(-1).to(x.dtype)
-                        x = x * keep + (1 - keep) * self.pos_embed
-                x = self.blocks[depth](x, c, fused=fused)  # (B, N_s, D_s)
+                    x = masked_shortcut(x, self.pos_embed, keep, backend=self.backend)  # dropped -> pos_embed
+                x = self.blocks[depth](x, c)  # (B, N_s, D_s)
                 depth += 1
             if s < self.mid_stage:  # a down-sampling module
                 keep = None
                 if enable_mask:
                     ratio = DOWN_MASK_RATIOS[min(s, len(DOWN_MASK_RATIOS) - 1)]
                     keep = self._keep_mask(x.shape[:-1], ratio, generator, x.device)  # (B, N_s)
-                x = self.down_blocks[s](x, c, keep=keep, fused=fused)
-        x = self.final_layer(x, c, fused=fused)  # (B, N, p*p*out_channels)
+                x = self.down_blocks[s](x, c, keep=keep)  # (B, N_s / 4, D_s+1)
+        x = self.final_layer(x, c)  # (B, N, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,

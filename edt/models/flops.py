@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .common import EAGER
+
 __all__ = ["edt_flops", "mdt_flops", "measured_macs"]
 
 
@@ -81,10 +83,10 @@ def mdt_flops(model: nn.Module, include_skip: bool = True) -> int:
 def measured_macs(model: nn.Module, batch: int = 1, enable_mask: bool = False) -> int:
     """Matmul/conv MACs of one forward as executed (``torch.utils.flop_counter``
     reports 2 FLOPs per MAC), counted on a meta-device copy of the model's
-    structure (rebuilt from ``model.config``, eager path) at batch ``batch``."""
+    structure (rebuilt from ``model.config``, eager backend) at batch ``batch``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = dict(model.config, fused=False)  # the eager path shows every matmul to the counter
+    config = dict(model.config, backend=EAGER)  # materialising: every matmul reaches the counter
     with torch.device("meta"):
         meta_model = type(model)(**config)
         x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size)

@@ -1,5 +1,5 @@
 """MDTv2: Masked Diffusion Transformer v2 (Gao et al., ICCV 2023 / arXiv 2303.14389),
-the baseline of EDT's speed comparison (SPEC 5).
+the baseline of EDT's speed comparison.
 
 An asymmetric encoder-decoder: encoder in-blocks and out-blocks joined by
 long skips (``skip_linear(cat[x, skip])``), a side-interpolater block used in
@@ -12,7 +12,9 @@ of the tokens is removed per sample; the encoder runs on the kept tokens with
 the bias taken at their grid positions (``ids_keep``), then the
 side-interpolater fills the removed ones from a learned mask token.
 
-State-dict keys and shapes are those of the published checkpoints.
+Every op runs on the model's ``backend`` (``"auto"``: kernels; ``"eager"``:
+the authors' code path).  State-dict keys and shapes are those of the
+published checkpoints.
 """
 from __future__ import annotations
 
@@ -22,20 +24,20 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from edt_kernels import AMM, masked_shortcut, random_masking, unshuffle_with_mask_token
+
 from .common import (
     AdaLNBlock,
+    BackendMixin,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
-    random_masking,
-    random_masking_ids,
     get_2d_sincos_pos_embed,
     init_weights_dit,
-    masked_shortcut,
+    resolve_backend,
     uniform,
     unpatchify,
-    unshuffle_with_mask_token,
     zero_module_,
 )
 
@@ -53,12 +55,18 @@ class MDTBlock(AdaLNBlock):
     """adaLN-Zero block with relative-position attention; ``skip=True`` adds the
     long-skip projection ``skip_linear(cat[x, skip])``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, grid: int, mlp_ratio: float = 4.0, skip: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, grid: int, mlp_ratio: float = 4.0, skip: bool = False,
+                 backend: str = "auto"):
         super().__init__(hidden_size, num_heads, grid, cond_dim=hidden_size, mlp_ratio=mlp_ratio, skip=skip,
-                         extra_rows=TABLE_EXTRA_ROWS, persistent_index=True, rel_pos_first=False)
+                         extra_rows=TABLE_EXTRA_ROWS, persistent_index=True, rel_pos_first=False,
+                         backend=backend)
 
 
-class MDTv2(nn.Module):
+#################################################################################
+#                                  MDTv2 model                                  #
+#################################################################################
+
+class MDTv2(BackendMixin, nn.Module):
     """Masked Diffusion Transformer v2.
 
     Args (published names): ``input_size``, ``patch_size``, ``in_channels``,
@@ -68,7 +76,9 @@ class MDTv2(nn.Module):
     ``decode_layer`` (decoder blocks; the encoder has ``(depth - decode_layer) // 2``
     in-blocks and as many out-blocks).  Ours: ``amm_blocks`` (AMM at these
     encoder/decoder blocks in eval mode, as the authors' MDT-with-AMM
-    ablation; default none) and ``fused``.
+    ablation; default none) and ``backend`` (``"auto"``: the edt_kernels
+    kernels; ``"eager"``: the authors' code path).  ``fused`` is the
+    deprecated boolean alias (True: ``"auto"``, False: ``"eager"``).
     """
 
     def __init__(
@@ -86,10 +96,12 @@ class MDTv2(nn.Module):
         mask_ratio: Optional[float] = None,
         decode_layer: int = 4,
         amm_blocks: Sequence[int] = (),
-        fused: bool = True,
+        backend: str = "auto",
+        fused: Optional[bool] = None,
     ):
         config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
-                  if k not in ("self", "__class__")}
+                  if k not in ("self", "__class__", "fused")}
+        backend = config["backend"] = resolve_backend(backend, fused, type(self).__name__)
         super().__init__()
         self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
         decode_layer = int(decode_layer)
@@ -108,7 +120,7 @@ class MDTv2(nn.Module):
         self.num_classes = num_classes
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
         self.decode_layer = decode_layer
-        self.fused = fused
+        self._backend = backend
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -120,14 +132,14 @@ class MDTv2(nn.Module):
 
         half_depth = (depth - decode_layer) // 2
         self.half_depth = half_depth
-        self.en_inblocks = nn.ModuleList(
-            [MDTBlock(hidden_size, num_heads, grid, mlp_ratio) for _ in range(half_depth)])
-        self.en_outblocks = nn.ModuleList(
-            [MDTBlock(hidden_size, num_heads, grid, mlp_ratio, skip=True) for _ in range(half_depth)])
-        self.de_blocks = nn.ModuleList(
-            [MDTBlock(hidden_size, num_heads, grid, mlp_ratio, skip=True) for _ in range(decode_layer)])
-        self.sideblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, grid, mlp_ratio)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        def block(skip: bool) -> MDTBlock:
+            return MDTBlock(hidden_size, num_heads, grid, mlp_ratio, skip=skip, backend=backend)
+
+        self.en_inblocks = nn.ModuleList([block(skip=False) for _ in range(half_depth)])
+        self.en_outblocks = nn.ModuleList([block(skip=True) for _ in range(half_depth)])
+        self.de_blocks = nn.ModuleList([block(skip=True) for _ in range(decode_layer)])
+        self.sideblocks = nn.ModuleList([block(skip=False)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend=backend)
 
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=mask_ratio is not None)
@@ -169,13 +181,14 @@ class MDTv2(nn.Module):
         previous = self.amm_blocks if hasattr(self, "de_blocks") else ()
         active = self._check_blocks(self.default_amm_blocks if blocks is None else blocks) if enabled else ()
         for i, blk in enumerate(self.all_blocks()):
-            blk.attn.amm = i in active
-            blk.attn.amm_in_training = False
+            blk.attn.amm = AMM() if i in active else None  # the published AMM of the grid
+            blk.attn.amm_eval_only = True
         return previous
 
     @property
     def amm_blocks(self) -> Tuple[int, ...]:
-        return tuple(i for i, blk in enumerate(self.all_blocks()) if blk.attn.amm)
+        """Blocks (indices into :meth:`all_blocks`) whose attention applies AMM in eval mode."""
+        return tuple(i for i, blk in enumerate(self.all_blocks()) if blk.attn.amm is not None)
 
     # ----------------------------------------------------------------- forward
 
@@ -183,26 +196,19 @@ class MDTv2(nn.Module):
         return unpatchify(x, self.patch_size, self.out_channels)
 
     def forward_side_interpolater(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor,
-                                  ids_restore: torch.Tensor, fused: bool = True) -> torch.Tensor:
+                                  ids_restore: torch.Tensor) -> torch.Tensor:
         """Append mask tokens, unshuffle to the grid order, add the decoder
         pos_embed, run the side block, and keep its output on the removed
-        tokens only (``x * mask + (1 - mask) * x_before``)."""
-        if fused:
-            x = unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed)
-            x_before = x
-            for blk in self.sideblocks:
-                x = blk(x, c, fused=True)
-            return masked_shortcut(x, x_before, mask)
-        B, K, C = x.shape
-        mask_tokens = self.mask_token.repeat(B, ids_restore.shape[1] - K, 1)
-        x = torch.cat([x, mask_tokens], dim=1)
-        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).repeat(1, 1, C))  # unshuffle, (B, L, C)
-        x = x + self.decoder_pos_embed
+        tokens only (``x * mask + (1 - mask) * x_before``).
+
+        x ``(B, K, D)`` kept tokens, mask ``(B, L)`` (1 = removed),
+        ids_restore ``(B, L)`` -> ``(B, L, D)``."""
+        x = unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
+                                      backend=self.backend)  # (B, L, D)
         x_before = x
         for blk in self.sideblocks:
-            x = blk(x, c, fused=False)
-        mask = mask.unsqueeze(-1)
-        return x * mask + (1 - mask) * x_before
+            x = blk(x, c)
+        return masked_shortcut(x, x_before, mask, backend=self.backend)  # (B, L, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -211,35 +217,30 @@ class MDTv2(nn.Module):
         ``mask_ratio``).  Random draws use ``generator`` if given."""
         if enable_mask and self.mask_ratio is None:
             raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
-        fused = self.fused
         x = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
         input_skip = x
 
         ids_keep = None
         if enable_mask:
-            B, L, D = x.shape
             ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), generator, x.device)
-            if fused:  # noise, argsort and the gather of the kept tokens in the token kernels
-                x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator)  # (B, K, D)
-            else:
-                mask, ids_restore, ids_keep = random_masking_ids(B, L, ratio, generator, x.device)
-                x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
+            # noise, argsort and the gather of the kept tokens: mask and ids_restore (B, L), ids_keep (B, K)
+            x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator, backend=self.backend)  # (B, K, D)
 
         skips = []
         for blk in self.en_inblocks:
-            x = blk(x, c, positions=ids_keep, fused=fused)
+            x = blk(x, c, positions=ids_keep)  # (B, K, D); K = L unmasked
             skips.append(x)
         for blk in self.en_outblocks:
-            x = blk(x, c, skip=skips.pop(), positions=ids_keep, fused=fused)
+            x = blk(x, c, skip=skips.pop(), positions=ids_keep)
 
         if enable_mask:
-            x = self.forward_side_interpolater(x, c, mask, ids_restore, fused=fused)  # (B, L, D)
+            x = self.forward_side_interpolater(x, c, mask, ids_restore)  # (B, L, D)
         else:
             x = x + self.decoder_pos_embed
         for blk in self.de_blocks:
-            x = blk(x, c, skip=input_skip, fused=fused)
-        x = self.final_layer(x, c, fused=fused)  # (B, L, p*p*out_channels)
+            x = blk(x, c, skip=input_skip)  # (B, L, D)
+        x = self.final_layer(x, c)  # (B, L, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover - e.g. macOS: only the torch backend is 
 __all__ = ["layernorm_modulate", "gated_residual"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "eager")
 
 
 # ============================================================================ kernels
@@ -546,9 +546,9 @@ def use_triton(op: str, backend: str, **tensors: Optional[torch.Tensor]) -> bool
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         env = os.environ.get("EDT_KERNELS_BACKEND", "auto")
-        if env in ("triton", "torch"):
+        if env in ("triton", "torch", "eager"):
             backend = env
-    if backend == "torch":
+    if backend in ("torch", "eager"):  # "eager" (the published code path) is the reference here
         return False
     why = triton_unsupported(**tensors)
     if backend == "triton" and why:

@@ -2,12 +2,17 @@
 
     out = (softmax(q k^T * scale + T[idx(p_i, p_j), h] + bias) ⊙ M(p_i, p_j) ⊙ W) v
 
-with ``T`` the learned relative-position table (SPEC 2), ``p`` the grid
-positions of the tokens, ``M`` EDT's AMM (SPEC 3, after the softmax, no
-renormalisation), ``bias`` a dense additive bias and ``W`` a dense
-post-softmax ``modulation``.  Every backend is tested against this function;
-it materialises everything and is meant for float64 ground truth and small
-problems.
+with ``T`` the learned relative-position table (BEiT/Swin layout, one row
+per grid offset ``(dr + rows - 1) * (2 cols - 1) + (dc + cols - 1)``), ``p``
+the grid positions of the tokens, ``M`` EDT's Attention Modulation Matrix
+(applied after the softmax, without renormalisation), ``bias`` a dense
+additive bias and ``W`` a dense post-softmax ``modulation``.
+
+``reference_attention`` is the definition every backend is tested against; it
+materialises everything and is meant for float64 ground truth and small
+problems.  ``eager_attention`` is the authors' published code path op for op
+(the ``"eager"`` backend of ``amm_attention``): the models' comparison runs
+and the benchmarks' baseline.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import torch
 
 from ..amm import AMM, GridLike, amm_offset_table, normalize_grid, relative_position_index
 
-__all__ = ["reference_attention", "reference_attention_lse"]
+__all__ = ["reference_attention", "reference_attention_lse", "eager_attention", "eager_rel_pos_bias",
+           "eager_modulation"]
 
 
 def _positions_or_arange(positions: Optional[torch.Tensor], n_tokens: int, device) -> torch.Tensor:
@@ -95,3 +101,81 @@ def reference_attention_lse(q, k, *, scale=None, rel_pos_bias=None, grid=None,
     s = reference_scores(q, k, scale=scale, rel_pos_bias=rel_pos_bias, grid=grid,
                          positions=positions, bias=bias)
     return torch.logsumexp(s, dim=-1)
+
+
+# ----------------------------------------------------------------------------- the published eager path
+
+def eager_rel_pos_bias(table: torch.Tensor, grid: GridLike,
+                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The bias as MDT/EDT's ``RelativePositionBias`` materialises it every
+    forward: ``table[relative_position_index.view(-1)]`` viewed ``[L, L, H]``
+    and permuted to ``[1, H, L, L]``; for a token subset ``positions``
+    ``[B, N]`` (MDT's ``ids_keep``), the published ``get_masked_rel_bias``:
+    repeat over the batch, then one gather per token axis, ``[B, H, N, N]``.
+    A 1-d ``positions`` ``[N]`` gives ``[1, H, N, N]``."""
+    rows, cols = normalize_grid(grid)
+    L, H = rows * cols, table.shape[1]
+    index = relative_position_index((rows, cols), device=table.device)  # [L, L] buffer of the model
+    bias = table[index.view(-1)].view(L, L, H).permute(2, 0, 1).contiguous()  # [H, L, L]
+    if positions is None:
+        return bias.unsqueeze(0)
+    pos = positions.to(device=table.device, dtype=torch.long)
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    B, N = pos.shape
+    bias = bias.unsqueeze(0).repeat(B, 1, 1, 1)  # [B, H, L, L]
+    bias = torch.gather(bias, 2, pos[:, None, :, None].expand(B, H, N, L))  # rows
+    return torch.gather(bias, 3, pos[:, None, None, :].expand(B, H, N, N))  # cols: [B, H, N, N]
+
+
+def eager_modulation(grid: GridLike, amm: Union[bool, AMM], positions: Optional[torch.Tensor] = None,
+                     device=None) -> torch.Tensor:
+    """EDT's dense AMM buffer ``[1, 1, L, L]`` (float32), or at ``positions``
+    ``[B, 1, N, N]`` (a 1-d ``positions`` gives ``[1, 1, N, N]``)."""
+    rows, cols = normalize_grid(grid)
+    cfg = AMM() if amm is True else amm
+    # Built on the CPU and moved, as the models build their AMM buffer.
+    offsets = amm_offset_table((rows, cols), cfg, device="cpu", dtype=torch.float32).to(device)
+    index = relative_position_index((rows, cols), device=device)
+    if positions is None:
+        return offsets[index][None, None]
+    pos = positions.to(device=index.device, dtype=torch.long)
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    return offsets[index[pos[:, :, None], pos[:, None, :]]].unsqueeze(1)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                    scale: Optional[float] = None,
+                    rel_pos_bias: Optional[torch.Tensor] = None,
+                    grid: Optional[GridLike] = None,
+                    positions: Optional[torch.Tensor] = None,
+                    amm: Union[None, bool, AMM] = None,
+                    bias: Optional[torch.Tensor] = None,
+                    modulation: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The published MDT/EDT attention, op for op; same arguments as
+    ``amm_attention``::
+
+        attn = (q @ k^T) * scale + bias_table     # q's dtype; + the table's dtype (promotes)
+        attn = softmax(attn) * AMM                 # dense [.., N, N] AMM buffer
+        out  = attn.to(v.dtype) @ v
+
+    Every ``N x N`` tensor is materialised, as in the authors' code; under
+    mixed precision (float16/bfloat16 q with a float32 table) the bias add,
+    softmax and AMM multiply run in float32 like the authors' autocast code,
+    and the product with v in v's dtype.  Returns q's dtype.
+    """
+    N = q.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    g = grid if grid is not None else _square_side(N)
+    attn = (q @ k.transpose(-2, -1)) * scale  # [B, H, N, N]
+    if rel_pos_bias is not None:
+        attn = attn + eager_rel_pos_bias(rel_pos_bias, g, positions)
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.softmax(dim=-1)
+    if amm is not None and amm is not False:
+        attn = attn * eager_modulation(g, amm, positions, device=q.device).to(attn.dtype)
+    if modulation is not None:
+        attn = attn * modulation.to(attn.dtype)
+    return (attn.to(v.dtype) @ v).to(q.dtype)

@@ -1,0 +1,90 @@
+"""The backend registry shared by every op, and the ``"eager"`` backend (the
+authors' published materialising code path) of ``amm_attention``."""
+import pytest
+import torch
+
+import edt_kernels
+from edt_kernels.amm import relative_position_index
+from edt_kernels.attention import select_backend, validate_inputs
+from edt_kernels.reference.attention import eager_attention, eager_rel_pos_bias, reference_attention
+from tolerances import GRAD_TOL, assert_close
+
+
+def _attn_inputs(B=2, H=3, grid=(4, 4), N=13, D=11, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = grid
+    q, k, v = (torch.randn(B, H, N, D, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    table = torch.randn((2 * rows - 1) * (2 * cols - 1) + 3, H, generator=gen,
+                        dtype=torch.float64).requires_grad_()
+    positions = torch.stack([torch.randperm(rows * cols, generator=gen)[:N] for _ in range(B)])
+    bias = torch.randn(1, H, N, N, generator=gen, dtype=torch.float64).requires_grad_()
+    modulation = torch.rand(B, 1, N, N, generator=gen, dtype=torch.float64)
+    return (q, k, v), dict(rel_pos_bias=table, grid=grid, positions=positions, amm=edt_kernels.AMM(period=7.0, radius2=9), bias=bias,
+                           modulation=modulation)
+
+
+def test_eager_backend_equals_reference_float64():
+    (q, k, v), kw = _attn_inputs()
+    out = edt_kernels.amm_attention(q, k, v, backend="eager", **kw)
+    ref = reference_attention(q, k, v, **kw)
+    assert_close(out, ref, torch.float64, name="eager out")
+    d = torch.randn_like(out)
+    leaves = [q, k, v, kw["rel_pos_bias"], kw["bias"]]
+    for g, r, n in zip(torch.autograd.grad(out, leaves, d), torch.autograd.grad(ref, leaves, d),
+                       ["dq", "dk", "dv", "dtable", "dbias"]):
+        assert_close(g, r, torch.float64, GRAD_TOL, n)
+
+
+def test_eager_full_grid_and_no_options():
+    (q, k, v), kw = _attn_inputs(N=16)
+    for extra in (dict(rel_pos_bias=kw["rel_pos_bias"], grid=(4, 4), amm=True), {}):
+        out = edt_kernels.amm_attention(q, k, v, backend="eager", **extra)
+        assert_close(out, reference_attention(q, k, v, **extra), torch.float64, name=str(sorted(extra)))
+
+
+def test_eager_rel_pos_bias_is_the_table_gather():
+    """The published materialised bias: [1, H, L, L], or [B, H, N, N] at positions."""
+    (q, _, _), kw = _attn_inputs()
+    table, grid, pos = kw["rel_pos_bias"].detach(), kw["grid"], kw["positions"]
+    full = eager_rel_pos_bias(table, grid)
+    assert full.shape == (1, 3, 16, 16)
+    assert torch.equal(full[0], table[relative_position_index(grid)].permute(2, 0, 1))
+    sub = eager_rel_pos_bias(table, grid, pos)
+    assert sub.shape == (2, 3, 13, 13)
+    assert torch.equal(sub, table[relative_position_index(grid, pos)].permute(0, 3, 1, 2))
+
+
+def test_eager_low_precision_runs_in_input_dtype():
+    """float32 q with a float32 table: the result is q's dtype and matches the
+    float64 reference to float32 accuracy."""
+    (q, k, v), kw = _attn_inputs()
+    kw32 = dict(kw, rel_pos_bias=kw["rel_pos_bias"].detach().float(), bias=kw["bias"].detach().float(),
+                modulation=kw["modulation"].float())
+    out = eager_attention(q.detach().float(), k.detach().float(), v.detach().float(), **kw32)
+    assert out.dtype == torch.float32
+    assert_close(out, reference_attention(q, k, v, **kw), torch.float32, name="eager fp32")
+
+
+def test_auto_never_picks_eager(monkeypatch):
+    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    q = torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    inp = validate_inputs(q, q, q, grid=4, amm=True)
+    assert select_backend(inp, "auto").name != "eager"
+    assert select_backend(inp, "eager").name == "eager"
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "eager")
+    assert select_backend(inp, "auto").name == "eager"
+    assert "eager" in edt_kernels.available_backends()
+
+
+@pytest.mark.parametrize("op", ["gather_tokens", "layernorm_modulate"])
+def test_token_and_adaln_ops_take_eager(op):
+    """One backend string for every op: "eager" is the PyTorch reference there."""
+    x = torch.randn(2, 8, 4)
+    if op == "gather_tokens":
+        ids = torch.tensor([[1, 3], [0, 7]])
+        out = edt_kernels.gather_tokens(x, ids, backend="eager")
+        assert torch.equal(out, edt_kernels.gather_tokens(x, ids, backend="torch"))
+    else:
+        s = torch.randn(2, 4)
+        out = edt_kernels.layernorm_modulate(x, s, s, backend="eager")
+        assert torch.equal(out, edt_kernels.layernorm_modulate(x, s, s, backend="torch"))
