@@ -88,3 +88,17 @@ def test_token_and_adaln_ops_take_eager(op):
         s = torch.randn(2, 4)
         out = edt_kernels.layernorm_modulate(x, s, s, backend="eager")
         assert torch.equal(out, edt_kernels.layernorm_modulate(x, s, s, backend="torch"))
+
+
+def test_tolerance_rule_two_can_fail():
+    """Rule 2 of tests/tolerances.py accepts a kernel as accurate as PyTorch in
+    float16 and rejects one far worse (the check can fail)."""
+    from tolerances import assert_within_torch_error
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    ref = x.softmax(-1)
+    lowp = x.half().softmax(-1)
+    assert_within_torch_error(lowp, lowp, ref, torch.float16, "same")
+    with pytest.raises(AssertionError, match="PyTorch's own"):
+        assert_within_torch_error(lowp + 0.05, lowp, ref, torch.float16, "worse")
