@@ -117,6 +117,11 @@ def env_backend() -> str:
     return os.environ.get(ENV_VAR, "") or "auto"
 
 
+def _unavailable(backend: Backend) -> List[str]:
+    why = backend.unavailable_reason()
+    return [why] if why is not None else []
+
+
 def select(op: str, inp: Any, backend: str = "auto") -> Backend:
     """The backend of ``op`` that will run ``inp``; ``ValueError`` with every
     backend's reasons when none fits."""
@@ -130,7 +135,8 @@ def select(op: str, inp: Any, backend: str = "auto") -> Backend:
     if backend == "auto":
         reasons = {}
         for name in sorted(_RANKS.get(op, {}), key=_RANKS[op].__getitem__):
-            why = table[name].auto_reasons(inp)
+            # auto_reasons first: it is the cheap gate on the hot path (device, opt-in flags)
+            why = table[name].auto_reasons(inp) or _unavailable(table[name])
             if not why:
                 return table[name]
             reasons[name] = why
@@ -138,9 +144,10 @@ def select(op: str, inp: Any, backend: str = "auto") -> Backend:
             f"{n}: {', '.join(w)}" for n, w in reasons.items()))
     if backend not in table:
         raise ValueError(f"backend must be one of {['auto'] + sorted(table)} for {op}, got {backend!r}")
-    why = table[backend].not_supported_reasons(inp)
+    why = _unavailable(table[backend]) or table[backend].not_supported_reasons(inp)
     if why:
-        others = [n for n, b in table.items() if n != backend and not b.not_supported_reasons(inp)]
+        others = [n for n, b in table.items()
+                  if n != backend and not (_unavailable(b) or b.not_supported_reasons(inp))]
         raise ValueError(f"{op}: backend {backend!r} does not support these inputs: {'; '.join(why)}"
                          + (f" (supported by: {', '.join(others)})" if others else ""))
     return table[backend]
