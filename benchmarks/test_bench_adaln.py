@@ -1,4 +1,4 @@
-"""adaLN kernels of a DiT block vs eager PyTorch and torch.compile (issue 3).
+"""adaLN kernels of a DiT block vs eager PyTorch and torch.compile.
 
     pytest benchmarks/test_bench_adaln.py --benchmark-only
     python -m benchmarks.test_bench_adaln --modes fwd
@@ -24,7 +24,7 @@ from benchmarks import _membound as MB
 from benchmarks import _utils as U
 
 SECTION = "adaln"
-TITLE = "adaLN kernels vs eager and torch.compile (issue 3)"
+TITLE = "adaLN kernels vs eager and torch.compile"
 
 
 def _path(op: str, **tensors) -> str:
@@ -89,7 +89,7 @@ def test_adaln(benchmark, spec, mode, impl):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = MB.add_cli(U.base_parser("adaLN kernel benchmarks (issue 3)"))
+    p = MB.add_cli(U.base_parser("adaLN kernel benchmarks"))
     args = p.parse_args(argv)
     _section()
     errors = MB.main_loop(SPECS, SECTION, args)

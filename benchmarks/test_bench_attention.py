@@ -1,4 +1,4 @@
-"""AMM attention: ``edt_kernels.amm_attention`` against its peers (issue 2).
+"""AMM attention: ``edt_kernels.amm_attention`` against its peers.
 
     pytest benchmarks/test_bench_attention.py --benchmark-only
     python -m benchmarks.test_bench_attention --cases edt-xl-s0 --impls edt_kernels eager
@@ -35,7 +35,7 @@ Reported: median time, TFLOP/s (forward ``4 B H N^2 D``, backward 2.5x),
 memory above the inputs during one call, ``(q,k,v + that) / (q,k,v,out)``,
 relative error of the forward against a float32 (CUDA) / float64 (CPU)
 reference of what the row computes, and the speed-up of ``edt_kernels`` over
-each peer.  Targets (H100, bf16; issue 2): forward at EDT-XL shapes >= 3x eager
+each peer.  Targets (H100, bf16): forward at EDT-XL shapes >= 3x eager
 and >= 1.5x flex, fwd+bwd with table gradient >= 2x eager; MDT-XL masked >= 4x
 eager with peak within 1.2x of q,k,v,out; N=4096 D=64 table+AMM forward >= 300
 TFLOP/s and within 1.3x of SDPA flash without bias.
@@ -357,7 +357,7 @@ def _section():
         notes.insert(0, U.CPU_NOTE)
         notes.append("CPU: edt_kernels uses backend 'auto' = cpp (compiled C++) when built, else torch; "
                      "the Triton interpreter is not timed (far too slow to mean anything)")
-    return U.section(SECTION, "Attention: edt_kernels.amm_attention vs peers (issue 2)", COLUMNS,
+    return U.section(SECTION, "Attention: edt_kernels.amm_attention vs peers", COLUMNS,
                      notes, summarize=summarize)
 
 
@@ -498,7 +498,7 @@ def test_attention(benchmark, case, mode, impl):
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = U.base_parser("AMM attention benchmarks (issue 2)")
+    p = U.base_parser("AMM attention benchmarks")
     p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     p.add_argument("--no-compile", action="store_true", help="run flex uncompiled (eager)")

@@ -1,4 +1,4 @@
-"""Token kernels of masked training (MDTv2, EDT) vs eager PyTorch and torch.compile (issue 3).
+"""Token kernels of masked training (MDTv2, EDT) vs eager PyTorch and torch.compile.
 
     pytest benchmarks/test_bench_tokens.py --benchmark-only
     python -m benchmarks.test_bench_tokens --cases gather_tokens --modes fwd
@@ -35,7 +35,7 @@ from benchmarks import _membound as MB
 from benchmarks import _utils as U
 
 SECTION = "tokens"
-TITLE = "Token kernels (masked training) vs eager and torch.compile (issue 3)"
+TITLE = "Token kernels (masked training) vs eager and torch.compile"
 
 
 def _path(op: str, **tensors) -> str:
@@ -136,7 +136,7 @@ def test_tokens(benchmark, spec, mode, impl):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = MB.add_cli(U.base_parser("token kernel benchmarks (issue 3)"))
+    p = MB.add_cli(U.base_parser("token kernel benchmarks"))
     args = p.parse_args(argv)
     _section()
     errors = MB.main_loop(SPECS, SECTION, args)

@@ -4,18 +4,21 @@ Backends (xformers-style): each says which inputs it supports and why not;
 ``backend="auto"`` takes the first that fits in the order
 ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` when asked
 explicitly), ``cpp`` (CPU tensors, the compiled extension from ``csrc/``) and
-``torch`` (the materialising reference, any device and dtype).  The environment
-variable ``EDT_KERNELS_BACKEND`` overrides ``"auto"``.
+``torch`` (the materialising reference, any device and dtype); ``eager`` (the
+authors' published code path) runs only when named.  The environment variable
+``EDT_KERNELS_BACKEND`` replaces ``"auto"`` (see :mod:`edt_kernels.backends`).
 """
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import backends as _backends
 from ._tracing import is_tracing
+from ._validation import check_tensor, coerce_amm, infer_grid
 from .amm import AMM, GridLike, cached_amm_offset_table, normalize_grid
 from .reference.attention import eager_attention, reference_attention
 
@@ -72,18 +75,13 @@ class AttentionInputs:
                 self.bias, self.modulation, self.scale, self.rows, self.cols)
 
 
-class AttentionBackend:
-    """One way of computing ``amm_attention``."""
+class AttentionBackend(_backends.Backend):
+    """One way of computing ``amm_attention`` (see :mod:`edt_kernels.backends`)."""
 
     name: str = "?"
 
     def not_supported_reasons(self, inp: AttentionInputs) -> List[str]:
         raise NotImplementedError
-
-    def auto_reasons(self, inp: AttentionInputs) -> List[str]:
-        """Why ``backend="auto"`` should not pick this backend (default: the same
-        as for an explicit request)."""
-        return self.not_supported_reasons(inp)
 
     def apply(self, inp: AttentionInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -121,44 +119,24 @@ class EagerBackend(AttentionBackend):
                                amm=inp.amm, bias=inp.bias, modulation=inp.modulation)
 
 
-_BACKENDS: Dict[str, AttentionBackend] = {}
-_AUTO_RANKS: Dict[str, int] = {}
-_AUTO_ORDER: List[str] = []
+OP = "amm_attention"
 
 
 def register_backend(backend: AttentionBackend, auto_rank: Optional[int] = None) -> None:
-    """Add a backend; ``auto_rank`` places it in the ``"auto"`` order (lower first),
-    whatever the order in which backends register."""
-    _BACKENDS[backend.name] = backend
-    _AUTO_RANKS.pop(backend.name, None)
-    if auto_rank is not None:
-        _AUTO_RANKS[backend.name] = auto_rank
-    _AUTO_ORDER[:] = sorted(_AUTO_RANKS, key=_AUTO_RANKS.__getitem__)
+    """Add a backend of ``amm_attention``; ``auto_rank`` places it in the
+    ``"auto"`` order (lower first), whatever the order in which backends register."""
+    _backends.register(OP, backend, auto_rank)
 
 
 def available_backends() -> List[str]:
-    _load_optional_backends()
-    return list(_BACKENDS)
+    """The ``amm_attention`` backends that can run on this machine (``triton``
+    only where triton imports and is supported, ``cpp`` only where the extension
+    is prebuilt or a compiler and ninja can build it)."""
+    return _backends.available(OP)
 
 
-_optional_loaded = False
-_IMPORT_ERRORS: Dict[str, str] = {}
-
-
-def _load_optional_backends() -> None:
-    # Imported lazily so that `import edt_kernels` stays cheap and triton is optional.
-    global _optional_loaded
-    if _optional_loaded:
-        return
-    _optional_loaded = True
-    import importlib
-
-    for mod in ("amm_attention", "amm_attention_cpp"):  # register "triton" and "cpp"
-        try:
-            importlib.import_module(f"{__package__}.ops.{mod}")
-        except ImportError as exc:  # triton missing / module absent: backend not offered
-            _IMPORT_ERRORS[mod] = repr(exc)
-
+_load_optional_backends = _backends._load_optional
+_IMPORT_ERRORS = _backends._IMPORT_ERRORS
 
 register_backend(TorchBackend(), auto_rank=100)
 register_backend(EagerBackend())
@@ -167,38 +145,13 @@ register_backend(EagerBackend())
 def select_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBackend:
     """The backend that will run ``inp``; raises ``ValueError`` listing every
     backend's reasons when none fits."""
-    _load_optional_backends()
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "auto":
-        backend = os.environ.get("EDT_KERNELS_BACKEND", "auto") or "auto"
-    if backend == "auto":
-        reasons = {}
-        for name in _AUTO_ORDER:
-            why = _BACKENDS[name].auto_reasons(inp)
-            if not why:
-                return _BACKENDS[name]
-            reasons[name] = why
-        raise ValueError("no amm_attention backend supports these inputs: " + "; ".join(
-            f"{n}: {', '.join(w)}" for n, w in reasons.items()))
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
-    why = _BACKENDS[backend].not_supported_reasons(inp)
-    if why:
-        others = [n for n in _BACKENDS if n != backend and not _BACKENDS[n].not_supported_reasons(inp)]
-        raise ValueError(f"backend {backend!r} does not support these inputs: {', '.join(why)}"
-                         + (f" (supported by: {', '.join(others)})" if others else ""))
-    return _BACKENDS[backend]
+    return _backends.select(OP, inp, backend)
 
 
 # ----------------------------------------------------------------------------- validation
 
 def _check_tensor(name: str, t, allow_none: bool = True) -> None:
-    if t is None and allow_none:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor{' or None' if allow_none else ''}, "
-                        f"got {type(t).__name__}")
+    check_tensor(name, t, floating=False, allow_none=allow_none)
 
 
 _checked_positions: "Dict[tuple, torch.Tensor]" = {}
@@ -266,22 +219,17 @@ def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positi
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
 
-    if amm is False:
-        amm = None
-    if amm is True:
-        amm = AMM()
-    if amm is not None and not isinstance(amm, AMM):
-        raise TypeError(f"amm must be None, True/False or an edt_kernels.AMM config, "
-                        f"got {type(amm).__name__}")
+    amm = coerce_amm(amm)
 
     uses_grid = rel_pos_bias is not None or amm is not None
     if grid is None:
         if positions is not None and uses_grid:
             raise ValueError("grid must be given with positions (the token grid is not N)")
-        side = int(round(N ** 0.5))
-        if uses_grid and side * side != N:
-            raise ValueError(f"grid not given and N = {N} is not a square: pass grid=(rows, cols)")
-        rows, cols = (side, side) if side * side == N else (1, N)
+        if uses_grid:
+            rows = cols = infer_grid(N, "N = q.shape[2]")
+        else:  # the grid is unused: the square side when there is one, else one row
+            side = math.isqrt(N)
+            rows, cols = (side, side) if side * side == N else (1, N)
     else:
         rows, cols = normalize_grid(grid)
     if positions is None and uses_grid and rows * cols != N:

@@ -88,3 +88,53 @@ def test_token_and_adaln_ops_take_eager(op):
         s = torch.randn(2, 4)
         out = edt_kernels.layernorm_modulate(x, s, s, backend="eager")
         assert torch.equal(out, edt_kernels.layernorm_modulate(x, s, s, backend="torch"))
+
+
+def test_tolerance_rule_two_can_fail():
+    """Rule 2 of tests/tolerances.py accepts a kernel as accurate as PyTorch in
+    float16 and rejects one far worse (the check can fail)."""
+    from tolerances import assert_within_torch_error
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    ref = x.softmax(-1)
+    lowp = x.half().softmax(-1)
+    assert_within_torch_error(lowp, lowp, ref, torch.float16, "same")
+    with pytest.raises(AssertionError, match="PyTorch's own"):
+        assert_within_torch_error(lowp + 0.05, lowp, ref, torch.float16, "worse")
+
+
+def test_available_backends_tell_the_truth(monkeypatch):
+    """No compiler, no prebuilt library, nothing loaded yet: 'cpp' is not
+    offered, and asking for it says why (without trying to build)."""
+    from edt_kernels import _ext, backends
+    from edt_kernels.backends import OpCall
+
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(_ext, "_prebuilt", lambda module: None)
+    monkeypatch.setenv("CXX", "no-such-compiler-edt")
+    monkeypatch.delenv("EDT_KERNELS_JIT", raising=False)
+    assert "cpp" not in edt_kernels.available_backends()
+    assert "cpp" not in backends.available("gather_tokens")
+    assert "torch" in edt_kernels.available_backends() and "eager" in edt_kernels.available_backends()
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler found"):
+        backends.select("gather_tokens", OpCall((), x=x), "cpp")
+    assert _ext._state == {}  # nothing was built or loaded
+
+
+def test_triton_import_error_is_a_reason(monkeypatch):
+    from edt_kernels import backends
+
+    monkeypatch.setattr(backends, "_TRITON_REASON", ["triton import failed: ImportError: no module"])
+    x, s = torch.randn(2, 4, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="triton import failed: ImportError"):
+        edt_kernels.layernorm_modulate(x, s, s, backend="triton")
+    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    assert torch.equal(edt_kernels.layernorm_modulate(x, s, s), edt_kernels.layernorm_modulate(x, s, s, backend="torch"))
+
+
+def test_unknown_backend_names_the_choices():
+    x, s = torch.randn(2, 4, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'eager', 'torch', 'triton'\]"):
+        edt_kernels.layernorm_modulate(x, s, s, backend="cuda")

@@ -371,33 +371,46 @@ def test_unshuffle_with_mask_token(dtype, with_pos):
         assert dpos.numel() == 0
 
 
-def test_token_kernels_register_into_token_ops():
-    """In a fresh process (registration is global): the schemas match those of
-    edt_kernels.ops.tokens, and the public functions then run these kernels."""
+def test_token_kernels_are_the_cpp_backend_of_the_token_ops():
+    """The compiled token kernels are the ``cpp`` backend of gather/scatter/
+    unshuffle: asked by name they run (values and gradients equal the
+    reference); ``auto`` never takes them on the CPU unless the deprecated
+    ``register_token_kernels("cpu")`` asks (in a fresh process: it is global)."""
     code = textwrap.dedent("""
-        import json, torch
+        import json, warnings, torch
+        import edt_kernels
+        from edt_kernels import backends
+        from edt_kernels.backends import OpCall
         from edt_kernels.ops.amm_attention_cpp import register_token_kernels
-        from edt_kernels.ops import tokens
         from edt_kernels.reference.tokens import reference_gather_tokens, reference_unshuffle_with_mask_token
-        names = register_token_kernels("cpu")
-        x = torch.randn(2, 9, 16); ids = torch.stack([torch.randperm(9)[:5] for _ in range(2)])
-        out = torch.ops.edt_kernels.gather_tokens(x, ids)
+        x = torch.randn(2, 9, 16, requires_grad=True); ids = torch.stack([torch.randperm(9)[:5] for _ in range(2)])
+        out = edt_kernels.gather_tokens(x, ids, backend="cpp")
+        (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
         restore = torch.stack([torch.randperm(9) for _ in range(2)])
         xk = torch.randn(2, 5, 16, requires_grad=True); mt = torch.randn(1, 1, 16, requires_grad=True)
-        u = torch.ops.edt_kernels.unshuffle_with_mask_token(xk, restore, mt, None)
+        u = edt_kernels.unshuffle_with_mask_token(xk, restore, mt, backend="cpp")
         u.sum().backward()
+        s = edt_kernels.scatter_tokens(out.detach(), ids, 9, backend="cpp")
+        before = backends.select("gather_tokens", OpCall((), x=x)).name
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            names = register_token_kernels("cpu")
+        after = backends.select("gather_tokens", OpCall((), x=x)).name
         ok = (torch.equal(out, reference_gather_tokens(x, ids))
+              and torch.equal(dx, torch.zeros_like(x).scatter(1, ids[..., None].expand(2, 5, 16), 1.0))
               and torch.equal(u, reference_unshuffle_with_mask_token(xk, restore, mt))
+              and torch.equal(s, torch.zeros(2, 9, 16).scatter(1, ids[..., None].expand(2, 5, 16), out.detach()))
               and torch.allclose(mt.grad.flatten(), torch.full((16,), float((restore >= 5).sum()))))
-        print(json.dumps({"names": names, "ok": bool(ok)}))
+        print(json.dumps({"names": names, "ok": bool(ok), "before": before, "after": after,
+                          "warned": any(issubclass(i.category, DeprecationWarning) for i in w)}))
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert sorted(report["names"]) == sorted(["gather_tokens", "scatter_tokens", "unshuffle_with_mask_token",
-                                              "unshuffle_with_mask_token_backward"])
+    assert sorted(report["names"]) == sorted(["gather_tokens", "scatter_tokens", "unshuffle_with_mask_token"])
     assert report["ok"]
+    assert report["before"] == "triton" and report["after"] == "cpp" and report["warned"]
 
 
 # ----------------------------------------------------------------------------- memory

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import edt_kernels
-import edt_kernels.ops.adaln as adaln_ops
-import edt_kernels.ops.tokens as tok
+import edt_kernels.ops._triton_utils as triton_utils
+from edt_kernels import backends
+from edt_kernels.ops import gather_scatter, masked_shortcut, patch_merge_modulate, random_masking, unshuffle
 from edt_kernels.reference.tokens import (
     reference_gather_tokens,
     reference_masked_shortcut,
@@ -65,8 +66,7 @@ def poison(monkeypatch):
         fill = float("nan") if dtype.is_floating_point else -7777
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    monkeypatch.setattr(tok, "_empty", poisoned_empty)
-    monkeypatch.setattr(adaln_ops, "_empty", poisoned_empty)
+    monkeypatch.setattr(triton_utils, "empty_output", poisoned_empty)  # the one allocator of every launcher
 
 
 # ============================================================================ independent definitions
@@ -109,7 +109,7 @@ def naive_patch_merge_modulate(x, shift, scale, keep, H, W, eps=1e-6):
 
 
 def mdt_random_masking(x, mask_ratio, generator):
-    """MDT's algorithm step by step (SPEC 5), as the authors describe it."""
+    """MDT's algorithm step by step, as the authors' ``random_masking`` does it."""
     N, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
     noise = torch.rand(N, L, device=x.device, generator=generator)
@@ -418,15 +418,19 @@ def test_backend_dispatch(monkeypatch, device):
     def boom(*args):
         raise AssertionError("triton op called")
 
-    monkeypatch.setattr(tok, "_gather_tokens_op", boom)
+    monkeypatch.setattr(gather_scatter, "_gather_tokens_op", boom)
     assert edt_kernels.gather_tokens(x, ids, backend="torch").shape == (2, 2, 4)
     with pytest.raises(AssertionError, match="triton op called"):
         edt_kernels.gather_tokens(x, ids)  # auto: triton on CUDA / under the interpreter
     monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
     edt_kernels.gather_tokens(x, ids)
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "cpp")  # not a token-op backend: stays on auto
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "cpp")
+    # gather_tokens has a cpp backend: the variable names it; masked_shortcut has none: stays on auto
+    if "cpp" in backends.available("gather_tokens"):
+        assert torch.equal(edt_kernels.gather_tokens(x, ids), reference_gather_tokens(x, ids))
+    monkeypatch.setattr(masked_shortcut, "_masked_shortcut_op", boom)
     with pytest.raises(AssertionError, match="triton op called"):
-        edt_kernels.gather_tokens(x, ids)
+        edt_kernels.masked_shortcut(x, x, torch.ones(2, 8))
     monkeypatch.delenv("EDT_KERNELS_BACKEND")
     with pytest.raises(ValueError, match="float64"):
         edt_kernels.gather_tokens(x.double(), ids, backend="triton")
@@ -522,10 +526,12 @@ def test_bad_input(case, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("a launcher ran on bad input")
 
-    for name in ("gather_rows", "scatter_rows", "unshuffle_rows", "masking_gather",
-                 "masked_shortcut_forward"):
-        monkeypatch.setattr(tok, name, no_launch)
-    monkeypatch.setattr(tok, "ln_modulate_forward", no_launch)
+    # every launcher, patched where the custom op that calls it looks it up
+    for module, name in ((gather_scatter, "gather_rows"), (gather_scatter, "scatter_rows"),
+                         (unshuffle, "unshuffle_rows"), (random_masking, "masking_gather"),
+                         (masked_shortcut, "masked_shortcut_forward"),
+                         (patch_merge_modulate, "ln_modulate_forward")):
+        monkeypatch.setattr(module, name, no_launch)
     call, exc, match = BAD_CALLS[case]
     with pytest.raises(exc, match=match):
         call()

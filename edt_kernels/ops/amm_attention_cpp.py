@@ -9,13 +9,10 @@ compiles anything; the extension is built (or a prebuilt one loaded) the first
 time the backend is asked about a CPU input, and when that fails the backend
 reports why and ``"auto"`` falls back to the PyTorch reference.
 
-:func:`register_token_kernels` makes the extension's token kernels
-(``csrc/tokens_cpu.cpp``, ``csrc/tokens_cuda.cu``) the implementation of the
-``edt_kernels::`` token ops of :mod:`edt_kernels.ops.tokens` on one device
-type, for the ops whose schema matches.  Importing this module does that for
-``"cuda"`` when ``EDT_KERNELS_CUDA_TOKENS=1`` and torch has a CUDA device
-(never for ``"cpu"``: there the token ops are the Triton kernels run by the
-interpreter in CI).
+The extension's token kernels (``csrc/tokens_cpu.cpp``, ``csrc/tokens_cuda.cu``)
+are the ``"cpp"`` backend of ``gather_tokens``, ``scatter_tokens`` and
+``unshuffle_with_mask_token`` (:class:`CppTokenBackend`): used when asked by
+name, and by ``"auto"`` for CUDA tensors when ``EDT_KERNELS_CUDA_TOKENS=1``.
 """
 from __future__ import annotations
 
@@ -23,13 +20,14 @@ import os
 from typing import List
 
 import torch
-from torch._library import custom_ops as _custom_ops
-
 from .. import _ext
+from .. import backends as _backends
+from ..backends import cpp_unavailable_reason
 from ..attention import AttentionBackend, AttentionInputs, register_backend
 from ._attention_op import register_attention_op
 
-__all__ = ["CppBackend", "amm_attention_cpp", "register_token_kernels", "TOKEN_OP_SCHEMAS"]
+__all__ = ["CppBackend", "CppTokenBackend", "amm_attention_cpp", "register_token_kernels", "token_backend",
+           "TOKEN_OP_SCHEMAS"]
 
 
 def _fwd(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
@@ -58,6 +56,9 @@ class CppBackend(AttentionBackend):
     name = "cpp"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+    def unavailable_reason(self):
+        return cpp_unavailable_reason("cpu")
+
     def not_supported_reasons(self, inp: AttentionInputs) -> List[str]:
         why = []
         if inp.device.type != "cpu":
@@ -79,8 +80,8 @@ register_backend(CppBackend(), auto_rank=1)
 
 # ------------------------------------------------------------------ token kernels
 
-#: Schemas of the token ops in csrc/ops.cpp (argument lists and returns), which
-#: must equal those of ``edt_kernels.ops.tokens`` for a kernel to be registered.
+#: Schemas of the token ops in csrc/ops.cpp (argument lists and returns); they
+#: equal those of the Triton custom ops of ``edt_kernels.ops.tokens``.
 TOKEN_OP_SCHEMAS = {
     "gather_tokens": "(Tensor x, Tensor ids) -> Tensor",
     "scatter_tokens": "(Tensor y, Tensor ids, SymInt length) -> Tensor",
@@ -90,46 +91,125 @@ TOKEN_OP_SCHEMAS = {
         "(Tensor dout, Tensor ids_restore, SymInt len_keep, bool need_dpos) -> (Tensor, Tensor, Tensor)",
 }
 
+_TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Device types on which ``"auto"`` takes the compiled token kernels.  CUDA:
+#: opt-in (EDT_KERNELS_CUDA_TOKENS=1), since they have not yet been measured
+#: against the Triton kernels on a GPU and the first call builds them with nvcc;
+#: CPU: only by name (there the token ops run the Triton kernels in the
+#: interpreter in CI, or the PyTorch reference).
+_AUTO_DEVICE_TYPES = set()
 
-def _token_impl(name: str, device_type: str, fallback):
-    def impl(*args):
-        reason = _ext.cuda_extension_error() if device_type == "cuda" else _ext.cpu_extension_error()
-        if reason is None:
-            return getattr(torch.ops.edt_kernels_cpp, name)(*args)
-        return fallback(*args)  # the op's own (Triton) implementation
 
-    impl.__name__ = f"{name}_{device_type}_compiled"
-    return impl
+def _cuda_tokens_opted_in() -> bool:
+    return "cuda" in _AUTO_DEVICE_TYPES or os.environ.get("EDT_KERNELS_CUDA_TOKENS", "0") == "1"
+
+
+def _kernels():
+    return torch.ops.edt_kernels_cpp
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids):
+        ctx.save_for_backward(ids)
+        ctx.length = x.shape[1]
+        return _kernels().gather_tokens(x, ids)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (ids,) = ctx.saved_tensors
+        return _Scatter.apply(dout.contiguous(), ids, ctx.length), None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, ids, length):
+        ctx.save_for_backward(ids)
+        return _kernels().scatter_tokens(y, ids, length)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (ids,) = ctx.saved_tensors
+        return _Gather.apply(dout.contiguous(), ids), None, None
+
+
+class _Unshuffle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_kept, ids_restore, mask_token, pos_embed):
+        ctx.save_for_backward(ids_restore)
+        ctx.len_keep = x_kept.shape[1]
+        ctx.meta = (x_kept.dtype, mask_token.dtype, mask_token.shape,
+                    None if pos_embed is None else (pos_embed.dtype, pos_embed.shape))
+        return _kernels().unshuffle_with_mask_token(x_kept, ids_restore, mask_token, pos_embed)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, mt_dtype, mt_shape, pos = ctx.meta
+        need_dpos = pos is not None and bool(ctx.needs_input_grad[3])
+        dx, dmt, dpos = _kernels().unshuffle_with_mask_token_backward(
+            dout.contiguous(), ids_restore, ctx.len_keep, need_dpos)
+        dpos = dpos.reshape(pos[1]).to(pos[0]) if need_dpos else None
+        return dx.to(x_dtype), None, dmt.reshape(mt_shape).to(mt_dtype), dpos
+
+
+_TOKEN_FUNCTIONS = {"gather_tokens": _Gather.apply, "scatter_tokens": _Scatter.apply,
+                    "unshuffle_with_mask_token": _Unshuffle.apply}
+
+
+class CppTokenBackend(_backends.Backend):
+    """The compiled token kernels (``csrc/tokens_cpu.cpp`` for CPU tensors,
+    ``csrc/tokens_cuda.cu`` for CUDA tensors) of one token op, with autograd."""
+
+    name = "cpp"
+
+    def __init__(self, op: str):
+        self.op = op
+        self._fn = _TOKEN_FUNCTIONS[op]
+
+    def unavailable_reason(self):
+        return cpp_unavailable_reason("cpu")
+
+    def not_supported_reasons(self, call) -> List[str]:
+        device = call.device
+        if device.type not in ("cpu", "cuda"):
+            return [f"the cpp token kernels run on CPU or CUDA tensors, got device {device.type!r}"]
+        why = [f"{n} is {t.dtype} (the cpp token kernels take float16, bfloat16, float32, float64)"
+               for n, t in call.tensors.items()
+               if t is not None and t.is_floating_point() and t.dtype not in _TOKEN_DTYPES]
+        reason = _ext.cuda_extension_error() if device.type == "cuda" else _ext.cpu_extension_error()
+        if reason is not None:
+            why.append(f"C++ extension unavailable ({reason})")
+        return why
+
+    def auto_reasons(self, call) -> List[str]:
+        device = call.device.type
+        if device == "cuda" and not _cuda_tokens_opted_in():
+            return ["'auto' uses the CUDA token kernels only with EDT_KERNELS_CUDA_TOKENS=1 "
+                    "(or ask backend='cpp')"]
+        if device == "cpu" and "cpu" not in _AUTO_DEVICE_TYPES:
+            return ["'auto' does not pick the CPU token kernels (ask backend='cpp')"]
+        return self.not_supported_reasons(call)
+
+    def apply(self, call):
+        return self._fn(*call.args)
+
+
+def token_backend(op: str) -> CppTokenBackend:
+    """The ``cpp`` backend of the token op ``op`` (one of ``TOKEN_FUNCTIONS``)."""
+    return CppTokenBackend(op)
 
 
 def register_token_kernels(device_type: str = "cuda") -> List[str]:
-    """Register the compiled token kernels as the ``device_type`` ("cpu" or
-    "cuda") implementation of ``edt_kernels::{gather_tokens, scatter_tokens,
-    unshuffle_with_mask_token, unshuffle_with_mask_token_backward}``, for each
-    op whose schema equals ours; returns the names registered.  The extension
-    is loaded on the first call of a registered kernel; if it is unavailable
-    then, the op's own implementation runs."""
+    """Deprecated: make ``"auto"`` take the ``cpp`` backend of the token ops
+    (gather, scatter, unshuffle) on ``device_type`` ("cpu" or "cuda").  Ask for
+    it with ``backend="cpp"`` (or ``EDT_KERNELS_CUDA_TOKENS=1`` for CUDA)
+    instead.  Returns the op names that now prefer it."""
+    import warnings
+
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
-    from . import tokens  # noqa: F401  (defines the edt_kernels:: token ops)
-
-    done = []
-    for name, schema in TOKEN_OP_SCHEMAS.items():
-        opdef = _custom_ops.OPDEFS.get(f"edt_kernels::{name}")
-        if opdef is None or str(opdef._opoverload._schema) != f"edt_kernels::{name}{schema}":
-            continue
-        torch.library.register_kernel(f"edt_kernels::{name}", device_type,
-                                      _token_impl(name, device_type, opdef._init_fn))
-        done.append(name)
-    return done
-
-
-# The CUDA token kernels compile here but have not yet run on a GPU, and the
-# first call would build them with nvcc: until they are measured against the
-# Triton kernels they are opt-in (EDT_KERNELS_CUDA_TOKENS=1, or call
-# register_token_kernels("cuda")).
-if torch.cuda.is_available() and os.environ.get("EDT_KERNELS_CUDA_TOKENS", "0") == "1":
-    try:
-        register_token_kernels("cuda")
-    except ImportError:  # the token ops need triton
-        pass
+    warnings.warn("register_token_kernels is deprecated: pass backend='cpp' to the token ops "
+                  "(or set EDT_KERNELS_CUDA_TOKENS=1)", DeprecationWarning, stacklevel=2)
+    _AUTO_DEVICE_TYPES.add(device_type)
+    return list(_TOKEN_FUNCTIONS)

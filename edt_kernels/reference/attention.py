@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._validation import infer_grid
 from ..amm import AMM, GridLike, amm_offset_table, normalize_grid, relative_position_index
 
 __all__ = ["reference_attention", "reference_attention_lse", "eager_attention", "eager_rel_pos_bias",
@@ -50,10 +51,7 @@ def reference_scores(q, k, *, scale=None, rel_pos_bias=None, grid=None, position
 
 
 def _square_side(n_tokens: int) -> int:
-    side = int(round(n_tokens ** 0.5))
-    if side * side != n_tokens:
-        raise ValueError(f"grid not given and N={n_tokens} is not a square: pass grid=(rows, cols)")
-    return side
+    return infer_grid(n_tokens, "N")
 
 
 def reference_modulation(q, *, grid=None, positions=None, amm=None, modulation=None):

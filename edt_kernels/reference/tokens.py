@@ -1,6 +1,6 @@
 """Plain-PyTorch definitions of the token kernels of masked diffusion training.
 
-MDT / MDTv2 (Gao et al., 2023; SPEC 5) and EDT (SPEC 4, 6) move whole token
+MDT / MDTv2 (Gao et al., 2023) and EDT (Chen et al., 2024) move whole token
 rows around: random masking keeps a per-sample random subset of the tokens,
 the side-interpolater puts them back in place with a learned mask token in the
 holes, and EDT's down-sampling merges 2x2 patches before a LayerNorm and an
@@ -18,6 +18,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .._validation import infer_grid
 from ..amm import GridLike, normalize_grid
 
 __all__ = [
@@ -100,12 +101,12 @@ def reference_masked_shortcut(x: torch.Tensor, x_before: torch.Tensor,
 
 
 def reference_patch_merge(x: torch.Tensor, grid: Optional[GridLike] = None) -> torch.Tensor:
-    """EDT's 2x2 patch merge (SPEC 4): ``[B, H*W, C]`` on an ``H x W`` grid
+    """EDT's 2x2 patch merge (Swin's order): ``[B, H*W, C]`` on an ``H x W`` grid
     (row-major) -> ``[B, H*W/4, 4C]`` on the ``H/2 x W/2`` grid, channels in
     the order (even row, even col), (odd row, even col), (even row, odd col),
     (odd row, odd col)."""
     B, L, C = x.shape
-    H, W = normalize_grid(grid if grid is not None else int(round(L ** 0.5)))
+    H, W = normalize_grid(grid if grid is not None else infer_grid(L, "L = x.shape[1]"))
     g = x.reshape(B, H, W, C)
     parts = [g[:, 0::2, 0::2], g[:, 1::2, 0::2], g[:, 0::2, 1::2], g[:, 1::2, 1::2]]
     return torch.cat(parts, dim=-1).reshape(B, (H // 2) * (W // 2), 4 * C)

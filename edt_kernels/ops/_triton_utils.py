@@ -1,0 +1,143 @@
+"""Helpers shared by the Triton token and adaLN ops: the triton import, tile
+sizes, launch checks, and the backends every such op registers.
+
+The Triton backend of an op is offered only where Triton can run here
+(``edt_kernels.backends.triton_unavailable_reason``); elsewhere the kernel
+definitions still parse (``triton.jit`` becomes the identity) and the reason
+appears in every dispatch error.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from ..backends import Backend, FunctionBackend, OpCall, register, select, triton_unavailable_reason
+
+HAS_TRITON = triton_unavailable_reason() is None
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - e.g. macOS, or an unsupported triton: only the torch backend is offered
+
+    class _NoTriton:
+        """Lets the kernel definitions below be parsed where Triton is absent."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton()
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+MAX_GRID_BATCH = 65535  # CUDA's limit on grid axes 1 and 2, where these kernels put the batch
+TILE_ELEMENTS = 4096  # elements of one [BLOCK_T, BLOCK_C] tile of the row kernels
+MAX_BLOCK_C = 512  # channels per program of the elementwise / row-copy kernels
+MAX_TILE_BLOCK_T = 64  # rows per program of the elementwise / row-copy kernels
+MAX_ROW_BLOCK_T = 32  # rows per program of the kernels that hold whole rows
+ELEMENTS_PER_WARP = 512  # whole-row kernels: one warp per this many tile elements (4..16 warps)
+
+
+def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every token/adaLN launcher allocates its outputs here (the tests fill
+    them with NaN to prove that the kernels write every element)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs through its interpreter (CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_launchable(t: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"the Triton kernels cannot run: {triton_unavailable_reason()}; use backend='torch'")
+    if t.dim() and t.shape[0] > MAX_GRID_BATCH:
+        raise ValueError(f"batch B = {t.shape[0]} exceeds {MAX_GRID_BATCH}, the CUDA grid limit of the "
+                         "Triton token/adaLN kernels: split the batch or use backend='torch'")
+    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
+        return
+    raise RuntimeError(f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+                       f"set before triton is imported), got a tensor on {t.device}; "
+                       f"use backend='torch'")
+
+
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take batch/row strides but need a unit channel stride."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def promote(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def row_config(n: int) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_T, num_warps) for kernels that hold whole rows of n channels."""
+    block_n = triton.next_power_of_2(n)
+    block_t = max(1, min(MAX_ROW_BLOCK_T, TILE_ELEMENTS // block_n))
+    num_warps = max(4, min(16, block_n * block_t // ELEMENTS_PER_WARP))
+    return block_n, block_t, num_warps
+
+
+def tile_config(c: int) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_T, num_warps) for elementwise/row-copy kernels tiled over channels."""
+    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
+    block_t = max(1, min(MAX_TILE_BLOCK_T, TILE_ELEMENTS // block_c))
+    return block_c, block_t, 4
+
+
+def rows_per_program(rows: int, other_programs: int, block_t: int, target: int = 1024) -> int:
+    """Rows one reducing program walks through: enough programs (about
+    ``target``) to fill a GPU, few enough partial rows to keep the reduction
+    buffer small.  A multiple of ``block_t``."""
+    chunks = max(1, min(triton.cdiv(rows, block_t), triton.cdiv(target, max(1, other_programs))))
+    return triton.cdiv(triton.cdiv(rows, chunks), block_t) * block_t
+
+
+def triton_reasons(call: OpCall) -> List[str]:
+    """Why the Triton kernels cannot take these inputs (empty list: they can)."""
+    why = []
+    device = call.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        why.append(f"tensors are on {device} (needs CUDA, or CPU with TRITON_INTERPRET=1)")
+    for name, t in call.tensors.items():
+        if t is not None and t.is_floating_point() and t.dtype not in TRITON_DTYPES:
+            why.append(f"{name} is {t.dtype} (Triton kernels take float16, bfloat16, float32)")
+    return why
+
+
+def triton_unsupported(**tensors: Optional[torch.Tensor]) -> List[str]:
+    """Why the Triton kernels cannot take these tensors (empty list: they can)."""
+    why = triton_unavailable_reason()
+    return ([why] if why else []) + triton_reasons(OpCall((), **tensors))
+
+
+def register_op(op: str, triton_fn: Callable, reference_fn: Callable, cpp: Optional[Backend] = None) -> None:
+    """The backends of one token/adaLN op: ``triton`` (``"auto"``'s choice on
+    CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, of the dtypes
+    it takes), ``torch`` (the PyTorch reference, any device/dtype), ``eager``
+    (the same reference: one backend string works for every op) and, where
+    given, ``cpp``."""
+    register(op, FunctionBackend("triton", triton_fn, triton_reasons, unavailable=triton_unavailable_reason),
+             auto_rank=0)
+    register(op, FunctionBackend("torch", reference_fn), auto_rank=100)
+    register(op, FunctionBackend("eager", reference_fn))
+    if cpp is not None:
+        register(op, cpp, auto_rank=-1)  # where "auto" may take it (opt-in), it comes first
+
+
+def dispatch(op: str, backend: str, call: OpCall):
+    """Run ``call`` on the backend of ``op`` that ``backend`` names (or ``"auto"`` picks)."""
+    return select(op, call, backend).apply(call)
+
+
+def use_triton(op: str, backend: str, **tensors: Optional[torch.Tensor]) -> bool:
+    """Whether ``backend`` (``"auto"`` included) runs ``op`` on these tensors with Triton."""
+    return select(op, OpCall((), **tensors), backend).name == "triton"

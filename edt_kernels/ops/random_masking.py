@@ -1,0 +1,174 @@
+"""MDT's per-sample random token masking, the gather fused.
+
+One kernel pass over ``ids_shuffle`` (a permutation per sample) writes the
+kept rows ``x_kept``, the mask (1 = removed, original order) and
+``ids_restore`` (the inverse permutation, i.e. ``argsort(ids_shuffle)``).
+Custom op ``edt_kernels::random_masking_gather(Tensor x, Tensor ids_shuffle,
+SymInt len_keep) -> (x_kept, mask float32 [B, L], ids_restore int64 [B, L])``;
+its backward is the scatter of ``gather_scatter``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _validation as V
+from ..backends import OpCall
+from . import _triton_utils as _tu
+from ._triton_utils import check_launchable, dispatch, register_op, tile_config, tl, triton, unit_stride
+from ..reference.tokens import reference_random_masking
+from .gather_scatter import _scatter_tokens_op
+
+__all__ = ["random_masking"]
+
+
+# ============================================================================ kernels
+
+@triton.jit
+def _masking_gather_kernel(
+    x_ptr, shuffle_ptr, out_ptr, mask_ptr, restore_ptr,
+    L, K, C,
+    stride_xb, stride_xl, stride_hb, stride_ob, stride_ol, stride_mb, stride_rb,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # MDT's masking in one pass over ids_shuffle (a permutation per sample):
+    # slot j < K keeps token i = ids_shuffle[b, j] (x_kept[b, j] = x[b, i]);
+    # mask[b, i] = (j >= K); ids_restore[b, i] = j, which is
+    # argsort(ids_shuffle) without a second sort.
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_ok = j < L
+    c_ok = c < C
+    i = tl.load(shuffle_ptr + b * stride_hb + j, mask=j_ok, other=-1).to(tl.int64)
+    i_ok = j_ok & (i >= 0) & (i < L)
+    i = tl.where(i_ok, i, 0)
+    slot = j < K
+    v = tl.load(x_ptr + b * stride_xb + i[:, None] * stride_xl + c[None, :],
+                mask=(i_ok & slot)[:, None] & c_ok[None, :], other=0.0)
+    tl.store(out_ptr + b * stride_ob + j[:, None].to(tl.int64) * stride_ol + c[None, :],
+             v.to(out_ptr.dtype.element_ty), mask=slot[:, None] & c_ok[None, :])
+    if pid_c == 0:
+        tl.store(mask_ptr + b * stride_mb + i, (j >= K).to(mask_ptr.dtype.element_ty), mask=i_ok)
+        tl.store(restore_ptr + b * stride_rb + i, j.to(tl.int64), mask=i_ok)
+
+# ============================================================================ launchers
+
+def masking_gather(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_kept, mask float32, ids_restore)`` from a per-sample permutation ``ids_shuffle``."""
+    check_launchable(x)
+    x, ids_shuffle = unit_stride(x), unit_stride(ids_shuffle)
+    B, L, C = x.shape
+    K = len_keep
+    out = _tu.empty_output((B, K, C), x.dtype, x.device)
+    mask = _tu.empty_output((B, L), torch.float32, x.device)
+    restore = _tu.empty_output((B, L), torch.int64, x.device)
+    if B == 0 or L == 0:
+        return out, mask, restore
+    block_c, block_t, num_warps = tile_config(max(C, 1))
+    grid = (triton.cdiv(L, block_t), max(1, triton.cdiv(C, block_c)), B)
+    _masking_gather_kernel[grid](
+        x, ids_shuffle, out, mask, restore, L, K, C,
+        x.stride(0), x.stride(1), ids_shuffle.stride(0), out.stride(0), out.stride(1),
+        mask.stride(0), restore.stride(0),
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return out, mask, restore
+
+# ============================================================================ custom ops
+
+@torch.library.custom_op("edt_kernels::random_masking_gather", mutates_args=())
+def _masking_gather_op(x: torch.Tensor, ids_shuffle: torch.Tensor,
+                       len_keep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return masking_gather(x, ids_shuffle, len_keep)
+
+
+@_masking_gather_op.register_fake
+def _(x, ids_shuffle, len_keep):
+    B, L, C = x.shape
+    return (x.new_empty((B, len_keep, C)), x.new_empty((B, L), dtype=torch.float32),
+            x.new_empty((B, L), dtype=torch.int64))
+
+
+def _masking_setup(ctx, inputs, output):
+    x, ids_shuffle, len_keep = inputs
+    ctx.save_for_backward(ids_shuffle)
+    ctx.len_keep, ctx.length = len_keep, x.shape[1]
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _masking_backward(ctx, dx_kept, dmask, drestore):
+    (ids_shuffle,) = ctx.saved_tensors
+    ids_keep = ids_shuffle[:, :ctx.len_keep]
+    return _scatter_tokens_op(dx_kept, ids_keep, ctx.length), None, None
+
+
+_masking_gather_op.register_autograd(_masking_backward, setup_context=_masking_setup)
+
+# ============================================================================ public functions
+
+def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
+                   generator: Optional[torch.Generator] = None, *, backend: str = "auto"
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MDT's per-sample random token masking, the gather fused.
+
+    ``mask_ratio`` is the FINAL ratio r of this call: MDTv2 draws
+    ``r = mask_ratio + 0.2 * U(0, 1)`` (``mask_ratio = 0.3``) in the model and
+    passes r here; this function does not add the random part.  With
+    ``len_keep = int(L * (1 - r))``, uniform noise ``rand(B, L)`` from
+    ``generator`` on x's device (the default generator when None) is argsorted
+    per sample into ``ids_shuffle``; ``ids_keep = ids_shuffle[:, :len_keep]``.
+    Given the same generator state the four outputs equal MDT's exactly (the
+    kernel writes ``ids_restore`` as the inverse permutation, which is what
+    ``argsort(ids_shuffle)`` is).
+
+    Args:
+        x: ``[B, L, C]`` floating point.
+        mask_ratio: float (or one-element tensor, as MDT's) in ``[0, 1)``.
+        generator: ``torch.Generator`` on x's device type, or None.
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"``.
+
+    Returns:
+        ``x_kept [B, K, C]`` (differentiable in x), ``mask [B, L]`` (1 = removed,
+        original order, ``torch.get_default_dtype()`` as MDT's ``torch.ones``),
+        ``ids_restore [B, L]`` int64, ``ids_keep [B, K]`` int64.
+    """
+    B, L, C = V.check_tokens("x", x)
+    if isinstance(mask_ratio, torch.Tensor):
+        if mask_ratio.numel() != 1 or not mask_ratio.is_floating_point():
+            raise TypeError(f"mask_ratio must be a float or a one-element floating tensor, got "
+                            f"{mask_ratio.dtype} tensor of shape {list(mask_ratio.shape)}")
+        ratio = float(mask_ratio)
+    elif isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
+    else:
+        ratio = float(mask_ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != x.device.type:
+            raise ValueError(f"generator must be on x's device type ({x.device.type}), "
+                             f"got a {generator.device.type} generator")
+    return dispatch("random_masking", backend, OpCall((x, mask_ratio, generator), x=x))
+
+
+def _random_masking_triton(call: OpCall):
+    x, mask_ratio, generator = call.args
+    B, L, C = x.shape
+    len_keep = int(L * (1 - mask_ratio))  # MDT's expression (tensor arithmetic for a tensor ratio)
+    noise = torch.rand(B, L, device=x.device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    x_kept, mask, ids_restore = _masking_gather_op(x, ids_shuffle, len_keep)
+    if mask.dtype != torch.get_default_dtype():
+        mask = mask.to(torch.get_default_dtype())
+    return x_kept, mask, ids_restore, ids_shuffle[:, :len_keep]
+
+# ============================================================================ backends
+
+register_op("random_masking", _random_masking_triton, lambda c: reference_random_masking(*c.args))
