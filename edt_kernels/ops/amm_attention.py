@@ -347,9 +347,14 @@ _fwd_kernel = (_amm_attn_fwd_kernel if _interpreting() else
                                     "HAS_BIAS", "HAS_MOD", "DOT_PRECISION"])(_amm_attn_fwd_kernel))
 
 
-def _block_sizes(N: int, D: int, device: torch.device):
+def _on_gpu(t: torch.Tensor) -> bool:
+    """GPU tiles/configs (the sm_90 profile compiles them for CPU tensors)."""
+    return t.device.type == "cuda"
+
+
+def _block_sizes(N: int, D: int, q: torch.Tensor):
     block_d = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":  # interpreter: large tiles mean fewer Python-level steps
+    if not _on_gpu(q):  # interpreter: large tiles mean fewer Python-level steps
         bm = 64 if N > 32 else 32
         return bm, bm, block_d, 4, 1
     # Hopper/Ampere heuristics (registers: the [BLOCK_M, BLOCK_D] accumulator).
@@ -371,7 +376,7 @@ _tile_choice: dict = {}
 
 
 def _launch_tiled(kernel, tiles, cpu_tiles, grid_of, args, kwargs, q):
-    if q.device.type != "cuda":
+    if not _on_gpu(q):
         tiles = [cpu_tiles]
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), q.device, q.dtype,
            tuple(sorted(kwargs.items())))
@@ -432,7 +437,7 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if lse is None else lse
     if B * H * N == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q)
     has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
     if isinstance(_fwd_kernel, triton.runtime.Autotuner):
         tiles = {}
@@ -470,7 +475,7 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     # Delta_i = dO_i . O_i (O includes the modulation, see module docstring).
     delta = (dout.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
-    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q)
     has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
     flags = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
                  HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None,
