@@ -105,8 +105,12 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 def _autotune_every_config(self, *args, **kwargs):
     """Autotuner.run in compile-only mode: compile each config (nothing to time)."""
     last = None
-    for cfg in self.configs:
-        last = self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+    self.nargs = dict(zip(self.arg_names, args))
+    for cfg in self.prune_configs(kwargs):  # the configs the autotuner would time
+        try:
+            last = self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+        except triton.runtime.errors.OutOfResources:
+            pass  # the autotuner skips a config that does not fit (recorded as rejected)
     return last
 
 
@@ -256,7 +260,7 @@ def attention_matrix(reduced: bool):
     """(kind, feature, dtype, head_dim, fwd_all_configs, bwd_all_tiles)."""
     m = []
     dims = (52, 64, 72) if reduced else HEAD_DIMS
-    for dt in ("bf16", "fp16"):
+    for dt in (("bf16",) if reduced else ("bf16", "fp16")):
         for d in dims:
             main = dt == "bf16" and not reduced
             m.append(("table+amm", dt, d, main, main and d == 72))
@@ -278,20 +282,23 @@ def run_attention(attn, reduced: bool):
         _REC.spec = dict(spec, phase="fwd")
         saved_cfgs = None
         if not fwd_all and isinstance(attn._fwd_kernel, triton.runtime.Autotuner):
-            saved_cfgs = attn._fwd_kernel.configs
-            attn._fwd_kernel.configs = saved_cfgs[:1]
+            saved_cfgs = attn._fwd_kernel.configs  # the first config the autotuner keeps for this D
+            attn._fwd_kernel.configs = attn._prune_fwd_configs(
+                saved_cfgs, {}, BLOCK_D=max(16, triton.next_power_of_2(d)))[:1]
         try:
             o, lse = attn.amm_attention_forward(*args)
         finally:
             if saved_cfgs is not None:
                 attn._fwd_kernel.configs = saved_cfgs
         _REC.spec = dict(spec, phase="bwd")
-        tiles = (attn._BWD_DKDV_TILES, attn._BWD_DQ_TILES)
+        block_d = max(16, triton.next_power_of_2(d))
+        lists = (attn._bwd_tiles(attn._BWD_DKDV_TILES_BY_D, block_d),
+                 attn._bwd_tiles(attn._BWD_DQ_TILES_BY_D, block_d))
         if bwd_all:  # every tile in the order the launcher tries them (each compiled)
-            for i in range(len(tiles[0])):
-                saved = attn._BWD_DKDV_TILES[:], attn._BWD_DQ_TILES[:]
-                attn._BWD_DKDV_TILES[:] = saved[0][i:i + 1]
-                attn._BWD_DQ_TILES[:] = saved[1][i:i + 1] if i < len(saved[1]) else saved[1][-1:]
+            for i in range(len(lists[0])):
+                saved = lists[0][:], lists[1][:]
+                lists[0][:] = saved[0][i:i + 1]
+                lists[1][:] = saved[1][i:i + 1] if i < len(saved[1]) else saved[1][-1:]
                 attn._tile_choice.clear()
                 try:
                     attn.amm_attention_backward(torch.randn_like(q), q, k, v, o, lse, *args[3:],
@@ -299,7 +306,7 @@ def run_attention(attn, reduced: bool):
                 except RuntimeError:
                     pass
                 finally:
-                    attn._BWD_DKDV_TILES[:], attn._BWD_DQ_TILES[:] = saved
+                    lists[0][:], lists[1][:] = saved
         attn._tile_choice.clear()
         attn.amm_attention_backward(torch.randn_like(q), q, k, v, o, lse, *args[3:],
                                     table is not None, bias is not None)
@@ -336,7 +343,8 @@ def run_tokens_adaln(adaln, tokens, reduced: bool):
 
 # ----------------------------------------------------------------------------- records and output
 
-_KIND = {"_amm_attn_fwd_kernel": "fwd", "_amm_attn_bwd_dkdv_kernel": "dkdv", "_amm_attn_bwd_dq_kernel": "dq"}
+_KIND = {"_amm_attn_fwd_kernel": "fwd", "_amm_attn_bwd_dkdv_kernel": "dkdv", "_amm_attn_bwd_dq_kernel": "dq",
+         "_amm_attn_bwd_delta_kernel": "delta"}
 
 
 def _spec_name(r: dict) -> str:
@@ -346,7 +354,8 @@ def _spec_name(r: dict) -> str:
         parts.append(f"d{s['head_dim']}")
     la = r["launch"]
     if "BLOCK_M" in la:
-        parts.append(f"m{la['BLOCK_M']}n{la['BLOCK_N']}w{la.get('num_warps', 4)}s{la.get('num_stages', 3)}")
+        parts.append(f"m{la['BLOCK_M']}" + (f"n{la['BLOCK_N']}" if "BLOCK_N" in la else "")
+                     + f"w{la.get('num_warps', 4)}s{la.get('num_stages', 3)}")
     return "-".join(parts)
 
 
