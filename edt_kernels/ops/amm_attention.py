@@ -472,8 +472,16 @@ _BWD_DQ_TILES = _BWD_DQ_TILES_BY_D[64]
 _tile_choice: dict = {}
 
 
-def _bwd_tiles(by_d: dict, block_d: int):
-    return by_d[min(k for k in by_d if k >= block_d)]
+# With positions the dK/dV kernel also holds the gathered key positions: at
+# D <= 64 its 64-row tile spills 8 bytes on sm_90, the 32-row one does not.
+_BWD_DKDV_POS_FIRST = (32, 64, 8, 1)
+
+
+def _bwd_tiles(by_d: dict, block_d: int, has_pos: bool = False):
+    tiles = by_d[min(k for k in by_d if k >= block_d)]
+    if has_pos and by_d is _BWD_DKDV_TILES_BY_D and block_d <= 64:
+        return [_BWD_DKDV_POS_FIRST] + [t for t in tiles if t != _BWD_DKDV_POS_FIRST]
+    return tiles
 
 
 def _launch_tiled(kernel, tiles, cpu_tiles, grid_of, args, kwargs, q):
@@ -618,7 +626,7 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     dtstr = (dtable.stride(0), dtable.stride(1)) if need_dtable else (0, 0)
     cpu_tiles = (BLOCK_M, BLOCK_N, warps, stages)
     _launch_tiled(
-        _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, BLOCK_D), cpu_tiles,
+        _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, BLOCK_D, positions is not None), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bn),
         (q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
