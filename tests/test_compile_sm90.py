@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(r"""
         const = dict(HAS_GRID=True, HAS_POS=True, HAS_TABLE=True, HAS_AMM=True, HAS_BIAS=False,
                      HAS_MOD=False, NEED_DTABLE=True, NEED_DBIAS=False,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64)
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HEAD_DIM=64, ALIGN=8)
         const.update(flags)
         const = {k: v for k, v in const.items() if k in fn.arg_names}
         sig = {}
@@ -85,7 +85,7 @@ EXPECTED_KERNELS = {
     "_masking_gather_kernel", "_masked_shortcut_fwd_kernel", "_masked_shortcut_bwd_kernel",
     "_ln_modulate_fwd_kernel", "_ln_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
     "_gated_residual_bwd_kernel", "_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel",
-    "_amm_attn_bwd_dq_kernel",
+    "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel",
 }
 
 

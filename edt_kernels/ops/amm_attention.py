@@ -57,6 +57,19 @@ def _load_tile(base_ptr, offs_n, offs_d, stride_n, stride_d, mask):
 
 
 @triton.jit
+def _aligned(stride_b, stride_h, stride_n, ALIGN: tl.constexpr):
+    """Alignment hints (checked on the host): the strides are multiples of ALIGN
+    elements, so rows of a tile load as ALIGN-wide vectors."""
+    if ALIGN > 1:
+        # (s // A) * A is s itself (host-checked) and carries the divisibility
+        # to the compiler's alignment analysis, which hints on arguments do not.
+        stride_b = (stride_b // ALIGN) * ALIGN
+        stride_h = (stride_h // ALIGN) * ALIGN
+        stride_n = (stride_n // ALIGN) * ALIGN
+    return stride_b, stride_h, stride_n
+
+
+@triton.jit
 def _tile_scores(q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_n_ptr,
                  stride_pb, stride_pn, stride_tr, stride_th, n_table,
                  stride_bb, stride_bh, stride_bm, stride_bn,
@@ -71,14 +84,15 @@ def _tile_scores(q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_n_ptr
         if HAS_POS:
             pos_n = tl.load(pos_n_ptr + b * stride_pb + offs_n * stride_pn, mask=n_valid, other=0).to(tl.int32)
         else:
-            pos_n = offs_n
+            pos_n = tl.where(n_valid, offs_n, 0)
         u_n = (pos_n // COLS) * (2 * COLS - 1) + pos_n % COLS
+        # Validated positions (and padded lanes, read as position 0) give an
+        # offset in [0, n_table): the per-offset tables are read without masks.
         idx = u_m[:, None] - u_n[None, :]
-        # Out-of-range offsets (impossible for validated positions) are never read.
-        pair_valid = pair_valid & (idx >= 0) & (idx < n_table)
     if HAS_TABLE:
-        tb = tl.load(table_ptr + idx * stride_tr + h * stride_th, mask=pair_valid, other=0.0)
-        s += tb.to(tl.float32) * 1.4426950408889634
+        # Head-major [H, n_table] float32, prescaled by log2(e) on the host.
+        tb = tl.load(table_ptr + idx * stride_tr + h * stride_th)
+        s += tb
     if HAS_BIAS:
         bb = tl.load(bias_ptr + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm
                      + offs_n[None, :] * stride_bn, mask=pair_valid, other=0.0)
@@ -95,7 +109,7 @@ def _tile_weights(amm_ptr, mod_ptr, b, h, idx, offs_m, offs_n, pair_valid,
     """Post-softmax multiplier of one tile (AMM ⊙ modulation); 1 where absent."""
     w = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
     if HAS_AMM:
-        w = tl.load(amm_ptr + idx, mask=pair_valid, other=0.0).to(tl.float32)
+        w = tl.load(amm_ptr + idx)
     if HAS_MOD:
         mv = tl.load(mod_ptr + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
                      + offs_n[None, :] * stride_mn, mask=pair_valid, other=0.0)
@@ -109,7 +123,7 @@ def _row_index(pos_ptr, b, offs_m, m_valid, stride_pb, stride_pn, COLS, IDX_OFF,
     if HAS_POS:
         pos_m = tl.load(pos_ptr + b * stride_pb + offs_m * stride_pn, mask=m_valid, other=0).to(tl.int32)
     else:
-        pos_m = offs_m
+        pos_m = tl.where(m_valid, offs_m, 0)
     return (pos_m // COLS) * (2 * COLS - 1) + pos_m % COLS + IDX_OFF
 
 
@@ -124,11 +138,12 @@ def _amm_attn_fwd_kernel(
     stride_tr, stride_th, stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, N, D, n_table, qk_scale, COLS, IDX_OFF,
+    H, N, N_BUCKET, n_table, qk_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
@@ -138,10 +153,13 @@ def _amm_attn_fwd_kernel(
     bh = pid // num_m_blocks
     b = (bh // H).to(tl.int64)
     h = bh % H
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
-    d_valid = offs_d < D
+    d_valid = offs_d < HEAD_DIM
 
     q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd,
                    m_valid[:, None] & d_valid[None, :])
@@ -198,11 +216,12 @@ def _amm_attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dtr, stride_dth,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    H, N, D, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
+    H, N, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
     NEED_DTABLE: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dK, dV for one key block (loop over query blocks); also scatters dS into
     the table gradient and the dense-bias gradient, each pair visited once."""
@@ -212,10 +231,14 @@ def _amm_attn_bwd_dkdv_kernel(
     bh = pid // num_n_blocks
     b = (bh // H).to(tl.int64)
     h = bh % H
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, ALIGN)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < N
-    d_valid = offs_d < D
+    d_valid = offs_d < HEAD_DIM
     kv_mask = n_valid[:, None] & d_valid[None, :]
     k = _load_tile(k_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, kv_mask)
     v = _load_tile(v_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, kv_mask)
@@ -259,9 +282,9 @@ def _amm_attn_bwd_dkdv_kernel(
                           + offs_n[None, :] * stride_dbn, ds,
                           mask=m_valid[:, None] & n_valid[None, :])
     dk = dk * sm_scale
-    tl.store(dk_ptr + bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :],
+    tl.store(dk_ptr + bh.to(tl.int64) * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :],
+    tl.store(dv_ptr + bh.to(tl.int64) * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -276,11 +299,12 @@ def _amm_attn_bwd_dq_kernel(
     stride_tr, stride_th, stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, N, D, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
+    H, N, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dQ for one query block (loop over key blocks)."""
     num_m_blocks = tl.cdiv(N, BLOCK_M)
@@ -289,10 +313,14 @@ def _amm_attn_bwd_dq_kernel(
     bh = pid // num_m_blocks
     b = (bh // H).to(tl.int64)
     h = bh % H
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
-    d_valid = offs_d < D
+    d_valid = offs_d < HEAD_DIM
     qm_mask = m_valid[:, None] & d_valid[None, :]
     q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, qm_mask)
     do = _load_tile(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, qm_mask)
@@ -325,53 +353,139 @@ def _amm_attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(dq_ptr + row_base * D + offs_m[:, None] * D + offs_d[None, :],
+    tl.store(dq_ptr + row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=qm_mask)
+
+
+@triton.jit
+def _amm_attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N,
+                               stride_ob, stride_oh, stride_on, stride_od,
+                               stride_dob, stride_doh, stride_don, stride_dod,
+                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               ALIGN: tl.constexpr):
+    """Backward preprocess: Delta_i = dO_i . O_i in float32, [B, H, N]."""
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    stride_ob, stride_oh, stride_on = _aligned(stride_ob, stride_oh, stride_on, ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, ALIGN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < N
+    mask = m_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = _load_tile(o_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, stride_od, mask)
+    do = _load_tile(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh.to(tl.int64) * N + offs_m, delta, mask=m_valid)
 
 
 # ============================================================================ launchers
 
 def _fwd_configs():
-    # Forward tiles for Hopper/Ampere; the backward kernels use fixed tiles
-    # (their atomics make autotuning re-runs unsafe without resets).
+    # Forward tiles for Hopper/Ampere, each free of register spills at D <= 128
+    # in the sm_90 profile (benchmarks/sm90_profile.py); the backward kernels use
+    # fixed tiles (their atomics make autotuning re-runs unsafe without resets).
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                  (64, 32, 4, 2), (128, 128, 8, 2)]]
+            for bm, bn, w, st in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)]]
 
 
+def _fwd_config_fits(cfg, block_d: int) -> bool:
+    """The float32 accumulator and score tiles per thread stay <= 80 registers
+    (above that the forward spills on sm_90 with table + AMM, see the profile)."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return (bm * block_d + bm * bn) <= 80 * 32 * cfg.num_warps
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    fits = [c for c in configs if _fwd_config_fits(c, kwargs["BLOCK_D"])]
+    return fits or configs[-1:]
+
+
+_FWD_KEY = ["N_BUCKET", "BLOCK_D", "HEAD_DIM", "ALIGN", "HAS_GRID", "HAS_POS", "HAS_TABLE", "HAS_AMM",
+            "HAS_BIAS", "HAS_MOD", "DOT_PRECISION"]
 # Under the interpreter there is nothing to tune: the plain kernel with the
-# tiles of _block_sizes is launched.
+# tiles of _block_sizes is launched.  On a GPU the autotuner is keyed on a
+# power-of-two bucket of N (MDT's kept-token count changes every step).
 _fwd_kernel = (_amm_attn_fwd_kernel if _interpreting() else
-               triton.autotune(configs=_fwd_configs(),
-                               key=["N", "BLOCK_D", "HAS_GRID", "HAS_POS", "HAS_TABLE", "HAS_AMM",
-                                    "HAS_BIAS", "HAS_MOD", "DOT_PRECISION"])(_amm_attn_fwd_kernel))
+               triton.autotune(configs=_fwd_configs(), key=_FWD_KEY,
+                               prune_configs_by={"early_config_prune": _prune_fwd_configs})(_amm_attn_fwd_kernel))
+_fwd_choice: dict = {}  # autotuned config per key, reused under CUDA-graph capture
 
 
-def _block_sizes(N: int, D: int, device: torch.device):
+def _on_gpu(t: torch.Tensor) -> bool:
+    """GPU tiles/configs (the sm_90 profile compiles them for CPU tensors)."""
+    return t.device.type == "cuda"
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _block_sizes(N: int, D: int, q: torch.Tensor):
     block_d = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":  # interpreter: large tiles mean fewer Python-level steps
+    if not _on_gpu(q):  # interpreter: large tiles mean fewer Python-level steps
         bm = 64 if N > 32 else 32
         return bm, bm, block_d, 4, 1
-    # Hopper/Ampere heuristics (registers: the [BLOCK_M, BLOCK_D] accumulator).
-    if block_d <= 64:
-        return 128, 64, block_d, 4, 3
-    if block_d <= 128:
-        return 128, 32, block_d, 8, 2
-    return 64, 32, block_d, 8, 1
+    # Hopper/Ampere heuristic (the first autotune config that fits), used under CUDA-graph capture.
+    cfg = _prune_fwd_configs(_fwd_configs(), {}, BLOCK_D=block_d)[0]
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_d, cfg.num_warps, cfg.num_stages
 
 
-# Backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first.  A
-# tile whose shared memory does not fit the device fails with OutOfResources
-# before anything runs (so the atomics never double-count) and the next one is
-# tried; the first that fits is remembered per kernel specialisation.  Shared
-# memory on sm_90 was read off `triton.compile` (tests/test_compile_sm90.py).
-_BWD_DKDV_TILES = [(64, 128, 8, 2), (32, 128, 8, 1), (64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)]
-_BWD_DQ_TILES = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)]
+def _alignment(*ts: torch.Tensor) -> int:
+    """The widest vector (elements, <= 16 bytes) that every row of every tensor
+    starts on: pointer and the batch/head/token strides are multiples of it and
+    the head dim is contiguous.  1 disables the hints."""
+    elt = ts[0].element_size()
+    a = max(1, 16 // elt)
+    for t in ts:
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return 1
+        vals = [t.data_ptr() // elt if t.data_ptr() % elt == 0 else 1, t.shape[-1]]
+        vals += [st for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
+        for v in vals:
+            while a > 1 and v % a:
+                a //= 2
+    return a
+
+
+# Backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first, per
+# padded head dim (<= 64, <= 128, larger).  A tile whose shared memory does not
+# fit the device fails with OutOfResources before anything runs (so the atomics
+# never double-count) and the next one is tried; the first that fits is
+# remembered per kernel specialisation.  Registers, spills and shared memory of
+# each on sm_90: benchmarks/sm90_profile.py.
+_BWD_DKDV_TILES_BY_D = {
+    64: [(64, 64, 8, 2), (32, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+    128: [(32, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+    256: [(32, 32, 8, 1), (16, 32, 4, 1)],
+}
+_BWD_DQ_TILES_BY_D = {
+    64: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)],
+    128: [(64, 64, 8, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+    256: [(32, 32, 8, 1), (16, 32, 4, 1)],
+}
+_BWD_DKDV_TILES = _BWD_DKDV_TILES_BY_D[64]  # the D <= 64 lists under their former names
+_BWD_DQ_TILES = _BWD_DQ_TILES_BY_D[64]
 _tile_choice: dict = {}
 
 
+# With positions the dK/dV kernel also holds the gathered key positions: at
+# D <= 64 its 64-row tile spills 8 bytes on sm_90, the 32-row one does not.
+_BWD_DKDV_POS_FIRST = (32, 64, 8, 1)
+
+
+def _bwd_tiles(by_d: dict, block_d: int, has_pos: bool = False):
+    tiles = by_d[min(k for k in by_d if k >= block_d)]
+    if has_pos and by_d is _BWD_DKDV_TILES_BY_D and block_d <= 64:
+        return [_BWD_DKDV_POS_FIRST] + [t for t in tiles if t != _BWD_DKDV_POS_FIRST]
+    return tiles
+
+
 def _launch_tiled(kernel, tiles, cpu_tiles, grid_of, args, kwargs, q):
-    if q.device.type != "cuda":
+    if not _on_gpu(q):
         tiles = [cpu_tiles]
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), q.device, q.dtype,
            tuple(sorted(kwargs.items())))
@@ -405,6 +519,14 @@ def _strides4(t: Optional[torch.Tensor], shape=None):
     return tuple(0 if t.shape[i] == 1 else st[i] for i in range(4))
 
 
+def _head_major_table(table: Optional[torch.Tensor], n_table: int) -> Optional[torch.Tensor]:
+    """[rows_t, H] table -> [H, n_table] float32 prescaled by log2(e): one
+    contiguous gather per score, in the kernel's log2 domain."""
+    if table is None:
+        return None
+    return (table[:n_table].t().to(torch.float32) * _LOG2E).contiguous()
+
+
 def _grid_args(table, positions, amm_table, rows, cols):
     has_grid = table is not None or amm_table is not None
     n_table = (2 * rows - 1) * (2 * cols - 1)
@@ -415,8 +537,11 @@ def _grid_args(table, positions, amm_table, rows, cols):
         pstr = (positions.stride(0), positions.stride(1))
     else:
         pstr = (0, 0)
-    tstr = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
-    return has_grid, n_table, idx_off, pstr, tstr
+    packed = _head_major_table(table, n_table)
+    tstr = (1, n_table) if table is not None else (0, 0)
+    if amm_table is not None:
+        amm_table = amm_table.to(torch.float32).contiguous()
+    return has_grid, n_table, idx_off, pstr, tstr, packed, amm_table
 
 
 def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -432,24 +557,35 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if lse is None else lse
     if B * H * N == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
-    has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
-    if isinstance(_fwd_kernel, triton.runtime.Autotuner):
+    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q)
+    has_grid, n_table, idx_off, pstr, tstr, table, amm_table = _grid_args(table, positions, amm_table, rows, cols)
+    flags = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
+                 HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None, HAS_MOD=modulation is not None,
+                 DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D, HEAD_DIM=D,
+                 ALIGN=_alignment(q, k, v))
+    n_bucket = triton.next_power_of_2(N)
+    key = (n_bucket, q.dtype, q.device, tuple(sorted(flags.items())))
+    tiles = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages)
+    autotuned = isinstance(_fwd_kernel, triton.runtime.Autotuner)
+    if autotuned and not _capturing(q):
         tiles = {}
         launch = _fwd_kernel[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_M"]),)]
     else:
-        tiles = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages)
-        launch = _fwd_kernel[(B * H * triton.cdiv(N, BLOCK_M),)]
+        # No autotuning under CUDA-graph capture: the config tuned earlier for
+        # this key, else the heuristic tiles.
+        cfg = _fwd_choice.get(key)
+        if cfg is not None:
+            tiles = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch = _amm_attn_fwd_kernel[(B * H * triton.cdiv(N, tiles["BLOCK_M"]),)]
     launch(
         q, k, v, out, lse,
         _dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q), _dummy(modulation, q),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *tstr, *pstr, *_strides4(bias), *_strides4(modulation),
-        H, N, D, n_table, scale * _LOG2E, cols, idx_off,
-        HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
-        HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None, HAS_MOD=modulation is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D, **tiles,
+        H, N, n_bucket, n_table, scale * _LOG2E, cols, idx_off, **flags, **tiles,
     )
+    if autotuned and not tiles and getattr(_fwd_kernel, "best_config", None) is not None:
+        _fwd_choice[key] = _fwd_kernel.best_config
     return out, lse
 
 
@@ -467,33 +603,44 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
              else q.new_empty((0,), dtype=torch.float32))
     if B * H * N == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dtable, dbias
-    # Delta_i = dO_i . O_i (O includes the modulation, see module docstring).
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q)
+    align = _alignment(q, k, v, dout)
+    # Delta_i = dO_i . O_i (O includes the modulation, see module docstring), in a
+    # Triton preprocess kernel.
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    dm = 64 if _on_gpu(q) else BLOCK_M
+    _amm_attn_bwd_delta_kernel[(B * H * triton.cdiv(N, dm),)](
+        out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=dm, BLOCK_D=BLOCK_D, HEAD_DIM=D,
+        ALIGN=_alignment(out, dout), num_warps=4)
     lse = lse.contiguous()
-    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q.device)
-    has_grid, n_table, idx_off, pstr, tstr = _grid_args(table, positions, amm_table, rows, cols)
+    has_grid, n_table, idx_off, pstr, tstr, table_hm, amm_table = _grid_args(table, positions, amm_table,
+                                                                              rows, cols)
     flags = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
                  HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None,
-                 HAS_MOD=modulation is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D)
-    ptrs = (_dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q),
+                 HAS_MOD=modulation is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D,
+                 HEAD_DIM=D, ALIGN=align)
+    ptrs = (_dummy(table_hm, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q),
             _dummy(modulation, q))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tstr, *pstr,
                *_strides4(bias), *_strides4(modulation))
     dtstr = (dtable.stride(0), dtable.stride(1)) if need_dtable else (0, 0)
     cpu_tiles = (BLOCK_M, BLOCK_N, warps, stages)
     _launch_tiled(
-        _amm_attn_bwd_dkdv_kernel, _BWD_DKDV_TILES, cpu_tiles, lambda bm, bn: B * H * triton.cdiv(N, bn),
+        _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, BLOCK_D, positions is not None), cpu_tiles,
+        lambda bm, bn: B * H * triton.cdiv(N, bn),
         (q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
          *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)),
-         H, N, D, n_table, scale * _LOG2E, scale, cols, idx_off),
+         H, N, n_table, scale * _LOG2E, scale, cols, idx_off),
         dict(NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias, **flags), q)
     _launch_tiled(
-        _amm_attn_bwd_dq_kernel, _BWD_DQ_TILES, cpu_tiles, lambda bm, bn: B * H * triton.cdiv(N, bm),
+        _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, BLOCK_D), cpu_tiles,
+        lambda bm, bn: B * H * triton.cdiv(N, bm),
         (q, k, v, dout, lse, delta, dq, *ptrs, *strides,
-         H, N, D, n_table, scale * _LOG2E, scale, cols, idx_off),
+         H, N, n_table, scale * _LOG2E, scale, cols, idx_off),
         flags, q)
     return dq, dk, dv, dtable, dbias
+
 
 
 # ============================================================================ op + backend

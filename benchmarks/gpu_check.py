@@ -1,0 +1,436 @@
+"""One-shot GPU check of the Triton kernels: correctness and the timings that settle the static profile.
+
+    python -m benchmarks.gpu_check --out DIR [--dry-run] [--budget-s 420]
+
+Meant for a fresh H100/H200 (torch + triton installed, nothing downloaded), in
+well under 8 minutes including Triton's compile time (the forward autotuner
+compiles at most four configs per specialisation).  Writes ``DIR/gpu_check.json``
+and ``DIR/gpu_check.md``.
+
+Sections, each with its own time budget and ``try/except`` (a failure is
+recorded with its error text, never turned into a number):
+
+* correctness, bf16 and fp16 against a float64 reference: attention out, dq,
+  dk, dv, d table, d bias (including a fully masked row), token and adaLN ops;
+* attention forward at N=4096, D=64: none / table / AMM / table+AMM vs SDPA
+  without bias; table+AMM at D=52, 64, 72;
+* backward at B=32, H=16, N=256, D=72 with the table gradient on and off, with
+  the Delta preprocess and each backward kernel timed alone;
+* MDT masked attention (179 of 256 tokens) with random vs sorted positions;
+* token / adaLN bandwidth at C=1152 and C=936 vs a device copy;
+* EDT-XL/2 vs MDTv2-XL/2: one training step and one CFG step at batch 32.
+
+Each timing sits beside its static estimate from ``benchmarks/sm90_profile.py``
+(``benchmarks/results/sm90-static/sm90_profile.json``) where one applies.
+Timing: CUDA events around each call after warm-up calls, median of the
+repeats.  ``--dry-run`` runs the same code on the CPU with tiny shapes under
+Triton's interpreter (no figure of it is a speed).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+PROFILE = pathlib.Path(__file__).resolve().parent / "results" / "sm90-static" / "sm90_profile.json"
+
+
+class Ctx:
+    def __init__(self, dry: bool, budget_s: float):
+        import torch
+        self.torch = torch
+        self.dry = dry
+        self.dev = torch.device("cpu" if dry else "cuda")
+        self.deadline = time.time() + budget_s
+        self.sections = {}
+        self.static = self._load_static()
+
+    def _load_static(self):
+        try:
+            return json.loads(PROFILE.read_text())["records"]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def static_estimate(self, kernel, feature, head_dim, dtype="bf16"):
+        for r in self.static:
+            if (r["kernel"] == kernel and r.get("feature") == feature and r.get("head_dim") == head_dim
+                    and r.get("dtype") == dtype and not r.get("rejected_over_shared_limit")):
+                m = r.get("loop_model") or {}
+                return dict(bound=m.get("bound"), bound_tflops=m.get("bound_tflops"),
+                            instr_per_score=m.get("instr_per_score"), registers=r["registers"],
+                            spill_bytes=r["stack_bytes"], label="static estimate")
+        return None
+
+    def time_ms(self, fn, warmup=3, repeats=10):
+        torch = self.torch
+        if self.dry:
+            warmup, repeats = 1, 1
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def section(self, name, budget_s, fn):
+        start = time.time()
+        left = self.deadline - start
+        if left <= 0:
+            self.sections[name] = dict(error="skipped: the overall time budget is spent")
+            return
+        rows = []
+        try:
+            fn(rows, start + min(budget_s, left))
+            self.sections[name] = dict(rows=rows, seconds=round(time.time() - start, 1))
+        except Exception as exc:  # recorded, never a number
+            self.sections[name] = dict(rows=rows, error=f"{type(exc).__name__}: {exc}",
+                                       traceback=traceback.format_exc()[-2000:],
+                                       seconds=round(time.time() - start, 1))
+        print(f"[{name}] {self.sections[name].get('error', 'ok')} ({time.time() - start:.1f} s)", flush=True)
+
+
+def _over(deadline):
+    if time.time() > deadline:
+        raise TimeoutError("section time budget spent")
+
+
+def _rel_err(a, b):
+    a, b = a.double(), b.double()
+    fin = a.isfinite() & b.isfinite()
+    same_nonfinite = bool(((~a.isfinite()) == (~b.isfinite())).all())
+    scale = b[fin].abs().max().item() if fin.any() else 1.0
+    err = (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
+    return err / max(scale, 1e-12), same_nonfinite
+
+
+TOL = {"bfloat16": 4e-2, "float16": 1e-2, "float32": 1e-4}
+
+
+# ----------------------------------------------------------------------------- correctness
+
+def correctness_attention(c: Ctx, rows, deadline):
+    torch = c.torch
+    from edt_kernels import amm_attention
+    B, H, side = (1, 2, 4) if c.dry else (2, 4, 16)
+    dims = (16,) if c.dry else (52, 64, 72, 128)
+    dtypes = (torch.float16, torch.float32) if c.dry else (torch.bfloat16, torch.float16)
+    n_off = (2 * side - 1) ** 2
+    for dt in dtypes:
+        for D in dims:
+            for case in ("table+amm", "table+amm+pos", "bias+masked_row"):
+                _over(deadline)
+                g = torch.Generator().manual_seed(D)
+                N = side * side if "pos" not in case else side * side - 3
+                qkv = torch.randn(B, N, 3, H, D, generator=g).to(c.dev, dt)
+                qkv.requires_grad_(True)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+                kw = dict(grid=side)
+                table = (torch.randn(n_off, H, generator=g) * 0.5).to(c.dev).requires_grad_(True)
+                bias = None
+                if "table" in case:
+                    kw.update(rel_pos_bias=table, amm=True)
+                if "pos" in case:
+                    kw["positions"] = torch.stack([torch.randperm(side * side, generator=g)[:N]
+                                                   for _ in range(B)]).to(c.dev)
+                if "bias" in case:
+                    bias = torch.randn(1, H, N, N, generator=g).to(c.dev)
+                    bias[0, 0, 1, :] = float("-inf")  # a fully masked row: NaN, as in the reference
+                    bias.requires_grad_(True)
+                    kw["bias"] = bias
+                out = amm_attention(q, k, v, backend="triton", **kw)
+                dout = torch.randn(out.shape, generator=g).to(c.dev, dt)
+                out.backward(dout)
+                got = dict(out=out.detach(), dqkv=qkv.grad)
+                if "table" in case:
+                    got["dtable"] = table.grad
+                if bias is not None:
+                    got["dbias"] = bias.grad
+                # float64 reference of the same call
+                qkv64 = qkv.detach().double().cpu().requires_grad_(True)
+                q6, k6, v6 = qkv64.permute(2, 0, 3, 1, 4).unbind(0)
+                kw64 = {k_: (v_.detach().double().cpu().requires_grad_(True) if torch.is_tensor(v_)
+                             and v_.is_floating_point() else (v_.cpu() if torch.is_tensor(v_) else v_))
+                        for k_, v_ in kw.items()}
+                o64 = amm_attention(q6, k6, v6, backend="torch", **kw64)
+                o64.backward(dout.double().cpu())
+                ref = dict(out=o64.detach(), dqkv=qkv64.grad)
+                if "table" in case:
+                    ref["dtable"] = kw64["rel_pos_bias"].grad
+                if bias is not None:
+                    ref["dbias"] = kw64["bias"].grad  # the masked row is NaN in both, like the output
+                for name in got:
+                    err, nf = _rel_err(got[name].float().cpu(), ref[name])
+                    tol = TOL[str(dt).split(".")[-1]]
+                    rows.append(dict(op="amm_attention", case=case, dtype=str(dt), head_dim=D, tensor=name,
+                                     rel_err=err, tol=tol, ok=bool(err <= tol and nf)))
+
+
+def correctness_tokens(c: Ctx, rows, deadline):
+    torch = c.torch
+    import edt_kernels as ek
+    from edt_kernels.reference import adaln as radaln
+    from edt_kernels.reference import tokens as rtok
+    B, L, K = (2, 16, 11) if c.dry else (8, 256, 179)
+    widths = (24,) if c.dry else (1152, 936)
+    dtypes = (torch.float16, torch.float32) if c.dry else (torch.bfloat16, torch.float16)
+    for dt in dtypes:
+        for C in widths:
+            _over(deadline)
+            x = torch.randn(B, L, C, device=c.dev).to(dt)
+            ids = torch.stack([torch.randperm(L)[:K] for _ in range(B)]).to(c.dev)
+            sh, sc = torch.randn(B, C, device=c.dev).to(dt), torch.randn(B, C, device=c.dev).to(dt)
+            gate, y = torch.randn(B, C, device=c.dev).to(dt), torch.randn(B, L, C, device=c.dev).to(dt)
+            cases = {
+                "gather_tokens": (lambda: ek.gather_tokens(x, ids), lambda: rtok.reference_gather_tokens(
+                    x.double(), ids)),
+                "layernorm_modulate": (lambda: ek.layernorm_modulate(x, sh, sc), lambda: radaln.reference_layernorm_modulate(
+                    x.double(), sh.double(), sc.double(), 1e-6)),
+                "gated_residual": (lambda: ek.gated_residual(x, gate, y), lambda: radaln.reference_gated_residual(
+                    x.double(), gate.double(), y.double())),
+            }
+            for name, (f, r) in cases.items():
+                err, nf = _rel_err(f().float().cpu(), r().cpu())
+                tol = TOL[str(dt).split(".")[-1]]
+                rows.append(dict(op=name, dtype=str(dt), C=C, rel_err=err, tol=tol, ok=bool(err <= tol and nf)))
+
+
+# ----------------------------------------------------------------------------- timings
+
+def _attn_inputs(c: Ctx, B, H, N, D, side, dt):
+    torch = c.torch
+    qkv = torch.randn(B, N, 3, H, D, device=c.dev, dtype=dt)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    table = torch.randn((2 * side - 1) ** 2, H, device=c.dev) * 0.5
+    return qkv, q, k, v, table
+
+
+def timing_forward(c: Ctx, rows, deadline):
+    torch = c.torch
+    from edt_kernels import amm_attention
+    dt = torch.float16 if c.dry else torch.bfloat16
+    B, H, side = (1, 2, 4) if c.dry else (4, 16, 64)
+    N = side * side
+    base = 16 if c.dry else 64
+    plan = [(base, ("none", "table", "amm", "table+amm"))]
+    plan += [(d, ("table+amm",)) for d in (() if c.dry else (52, 72))]
+    for d, feats in plan:
+        _, q, k, v, table = _attn_inputs(c, B, H, N, d, side, dt)
+        flops = 4 * B * H * N * N * d
+        if d == base:
+            _over(deadline)
+            ms = c.time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            rows.append(dict(op="sdpa (no bias)", head_dim=d, N=N, ms=ms, tflops=flops / ms / 1e9))
+        for f in feats:
+            _over(deadline)
+            kw = dict(grid=side)
+            if "table" in f:
+                kw["rel_pos_bias"] = table
+            if "amm" in f:
+                kw["amm"] = True
+            ms = c.time_ms(lambda: amm_attention(q, k, v, backend="triton", **kw))
+            rows.append(dict(op="amm_attention fwd", feature=f, head_dim=d, N=N, ms=ms,
+                             tflops=flops / ms / 1e9,
+                             static=c.static_estimate("_amm_attn_fwd_kernel", f, d)))
+
+
+def timing_backward(c: Ctx, rows, deadline):
+    torch = c.torch
+    from edt_kernels.ops import amm_attention as attn
+    dt = torch.float16 if c.dry else torch.bfloat16
+    B, H, side, D = (1, 2, 4, 16) if c.dry else (32, 16, 16, 72)
+    N = side * side
+    _, q, k, v, table = _attn_inputs(c, B, H, N, D, side, dt)
+    amm_tab = None
+    from edt_kernels.amm import AMM, cached_amm_offset_table
+    amm_tab = cached_amm_offset_table((side, side), AMM(), device=c.dev)
+    out, lse = attn.amm_attention_forward(q, k, v, table, None, amm_tab, None, None, D ** -0.5, side, side)
+    dout = torch.randn_like(out)
+    per_kernel = {}
+    orig = attn._launch_tiled
+
+    def timed(kernel, *a, **kw):  # each backward kernel alone, inside the real launcher
+        if c.dev.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            orig(kernel, *a, **kw)
+            e.record()
+            e.synchronize()
+            per_kernel.setdefault(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), []).append(
+                s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            orig(kernel, *a, **kw)
+            per_kernel.setdefault(getattr(kernel, "__name__", str(kernel)), []).append(
+                (time.perf_counter() - t0) * 1e3)
+
+    flops = 10 * B * H * N * N * D  # backward = 2.5x the forward's 4 B H N^2 D
+    for need in (True, False):
+        _over(deadline)
+        per_kernel.clear()
+        attn._launch_tiled = timed
+        try:
+            ms = c.time_ms(lambda: attn.amm_attention_backward(dout, q, k, v, out, lse, table, None, amm_tab,
+                                                               None, None, D ** -0.5, side, side, need, False))
+        finally:
+            attn._launch_tiled = orig
+        rows.append(dict(op="backward total", need_dtable=need, B=B, H=H, N=N, head_dim=D, ms=ms,
+                         tflops=flops / ms / 1e9,
+                         kernels_ms={k_: statistics.median(v_) for k_, v_ in per_kernel.items()},
+                         static=dict(dkdv=c.static_estimate("_amm_attn_bwd_dkdv_kernel", "table+amm", D),
+                                     dq=c.static_estimate("_amm_attn_bwd_dq_kernel", "table+amm", D))))
+    delta = torch.empty(lse.shape, device=c.dev, dtype=torch.float32)
+    bd = max(16, 1 << (D - 1).bit_length())
+    ms = c.time_ms(lambda: attn._amm_attn_bwd_delta_kernel[(B * H * math.ceil(N / 64),)](
+        out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=64, BLOCK_D=bd, HEAD_DIM=D,
+        ALIGN=attn._alignment(out, dout), num_warps=4))
+    rows.append(dict(op="delta preprocess", ms=ms, gbps=2 * out.numel() * out.element_size() / ms / 1e6))
+
+
+def timing_masked(c: Ctx, rows, deadline):
+    torch = c.torch
+    from edt_kernels import amm_attention
+    dt = torch.float16 if c.dry else torch.bfloat16
+    B, H, side, D, K = (1, 2, 4, 16, 11) if c.dry else (32, 16, 16, 72, 179)
+    _, q, k, v, table = _attn_inputs(c, B, H, K, D, side, dt)
+    ids = torch.stack([torch.randperm(side * side, device=c.dev)[:K] for _ in range(B)])
+    for name, pos in (("random", ids), ("sorted", ids.sort(1).values)):
+        _over(deadline)
+        ms = c.time_ms(lambda: amm_attention(q, k, v, rel_pos_bias=table, grid=side, positions=pos, amm=True,
+                                             backend="triton"))
+        rows.append(dict(op="MDT masked fwd", positions=name, kept=K, of=side * side, ms=ms))
+
+
+def timing_tokens(c: Ctx, rows, deadline):
+    torch = c.torch
+    import edt_kernels as ek
+    dt = torch.float16 if c.dry else torch.bfloat16
+    B, L = (2, 16) if c.dry else (32, 256)
+    for C in ((24,) if c.dry else (1152, 936)):
+        _over(deadline)
+        x = torch.randn(B, L, C, device=c.dev, dtype=dt)
+        dst = torch.empty_like(x)
+        nbytes = x.numel() * x.element_size()
+        ms = c.time_ms(lambda: dst.copy_(x))
+        rows.append(dict(op="device copy", C=C, ms=ms, gbps=2 * nbytes / ms / 1e6))
+        sh, sc = torch.randn(B, C, device=c.dev, dtype=dt), torch.randn(B, C, device=c.dev, dtype=dt)
+        ms = c.time_ms(lambda: ek.layernorm_modulate(x, sh, sc))
+        rows.append(dict(op="layernorm_modulate", C=C, ms=ms, gbps=2 * nbytes / ms / 1e6))
+        ms = c.time_ms(lambda: ek.gated_residual(x, sh, dst))
+        rows.append(dict(op="gated_residual", C=C, ms=ms, gbps=3 * nbytes / ms / 1e6))
+
+
+def timing_models(c: Ctx, rows, deadline):
+    torch = c.torch
+    import edt.models as em  # lazily: the public registries and forward(x, t, y) only
+    if c.dry:  # attention through the PyTorch reference on the CPU (no C++ extension build)
+        os.environ["EDT_KERNELS_BACKEND"] = "torch"
+    B = 2 if c.dry else 32
+    names = (("EDT-S/2", em.EDT_models), ("MDTv2-S/2", em.MDTv2_models)) if c.dry else (
+        ("EDT-XL/2", em.EDT_models), ("MDTv2-XL/2", em.MDTv2_models))
+    for name, reg in names:
+        _over(deadline)
+        res = 8 if c.dry else 32  # latent side (32 = 256 px images)
+        model = reg[name](input_size=res).to(c.dev)
+        x = torch.randn(B, 4, res, res, device=c.dev)
+        t = torch.randint(0, 1000, (B,), device=c.dev)
+        y = torch.randint(0, 1000, (B,), device=c.dev)
+        ctx = torch.autocast(c.dev.type, dtype=torch.bfloat16) if not c.dry else torch.autocast("cpu", enabled=False)
+
+        def train_step():
+            with ctx:
+                out = model(x, t, y)
+            (out.float() ** 2).mean().backward()
+
+        def cfg_step():
+            with torch.no_grad(), ctx:
+                model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 1000)]))
+
+        rows.append(dict(op="train step", model=name, batch=B, ms=c.time_ms(train_step, warmup=1, repeats=3)))
+        rows.append(dict(op="CFG step (2B forward)", model=name, batch=B, ms=c.time_ms(cfg_step, warmup=1,
+                                                                                      repeats=3)))
+        del model
+
+
+# ----------------------------------------------------------------------------- output
+
+def run_info(c: Ctx):
+    import torch
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    dev = torch.cuda.get_device_name() if c.dev.type == "cuda" else f"CPU {platform.processor()} (dry run)"
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                commit=commit or "unknown", device=dev, torch=torch.__version__, triton=triton.__version__,
+                dry_run=c.dry, note=("dry run: interpreter on CPU, tiny shapes; no figure is a speed"
+                                     if c.dry else "CUDA-event timings, median of repeats after warm-up"))
+
+
+def write(c: Ctx, out: pathlib.Path):
+    out.mkdir(parents=True, exist_ok=True)
+    info = run_info(c)
+    (out / "gpu_check.json").write_text(json.dumps(dict(info=info, sections=c.sections), indent=1,
+                                                   default=str) + "\n")
+    lines = [f"# gpu_check: {info['device']}", "", " · ".join(f"{k} {v}" for k, v in info.items()), ""]
+    for name, sec in c.sections.items():
+        lines += [f"## {name}", ""]
+        if sec.get("error"):
+            lines += [f"**error**: `{sec['error']}`", ""]
+        for r in sec.get("rows", []):
+            lines.append("- " + ", ".join(f"{k}={(f'{v:.4g}' if isinstance(v, float) else v)}"
+                                          for k, v in r.items()))
+        lines.append("")
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="overall time budget (default 420 s)")
+    a = ap.parse_args(argv)
+    if a.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+    if not a.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
+        return 2
+    c = Ctx(a.dry_run, a.budget_s)
+    c.section("correctness: attention", 120, lambda r, d: correctness_attention(c, r, d))
+    c.section("correctness: token/adaLN", 30, lambda r, d: correctness_tokens(c, r, d))
+    c.section("timing: attention forward", 90, lambda r, d: timing_forward(c, r, d))
+    c.section("timing: attention backward", 60, lambda r, d: timing_backward(c, r, d))
+    c.section("timing: MDT masked", 30, lambda r, d: timing_masked(c, r, d))
+    c.section("timing: token/adaLN bandwidth", 20, lambda r, d: timing_tokens(c, r, d))
+    c.section("timing: models", 120, lambda r, d: timing_models(c, r, d))
+    write(c, a.out)
+    bad = [n for n, s in c.sections.items() if s.get("error")]
+    bad += [f"{r.get('op')} {r.get('tensor', '')}" for n, s in c.sections.items() for r in s.get("rows", [])
+            if r.get("ok") is False]
+    print(f"wrote {a.out}/gpu_check.json, .md; problems: {bad if bad else 'none'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

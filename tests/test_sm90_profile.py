@@ -1,0 +1,65 @@
+"""CI checks on the static sm_90 profile (benchmarks/sm90_profile.py, reduced matrix).
+
+The attention kernels are compiled for sm_90 through their real launchers on
+the CPU (no GPU needed) and their SASS is read with the cuobjdump/nvdisasm
+that Triton ships.  At the production specialisations (bf16, q/k/v as views
+of one qkv tensor, table + AMM, the tile the launcher runs first) no attention
+kernel may spill registers to local memory, and no q/k/v/dO tile may be read
+with 2-byte scalar loads at D = 52, 64, 72.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ATTENTION = {"_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel", "_amm_attn_bwd_dq_kernel",
+             "_amm_attn_bwd_delta_kernel"}
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sm90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sm90_profile", "--out", str(out), "--reduced",
+                           "--attention-only"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=3000)
+    if proc.returncode == 2 and "ships no nvdisasm" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((out / "sm90_profile.json").read_text())
+    assert (out / "sm90_profile.md").read_text().count("static estimate") >= 1
+    for r in data["records"]:
+        assert (out / r["cubin"]).is_file()
+    return [r for r in data["records"] if r["kernel"] in ATTENTION and not r["rejected_over_shared_limit"]]
+
+
+@pytest.mark.slow
+def test_profile_covers_the_attention_kernels(profile):
+    got = {(r["kernel"], r["head_dim"]) for r in profile}
+    for d in (52, 64, 72):
+        for k in ATTENTION:
+            assert (k, d) in got, (k, d)
+    for r in profile:
+        assert r["label"] == "static estimate"
+        assert r["registers"] > 0 and r["sass"]["total"] > 0
+        if r["kernel"] != "_amm_attn_bwd_delta_kernel":
+            assert r["sass"].get("mma", 0) > 0, r["cubin"]  # tensor cores, not FMA loops
+            assert r["loop_model"]["instr_per_score"] > 0
+
+
+@pytest.mark.slow
+def test_no_attention_kernel_spills(profile):
+    spilling = [(r["cubin"], r["stack_bytes"], r["sass"].get("local", 0)) for r in profile if r["spills"]]
+    assert not spilling, spilling
+
+
+@pytest.mark.slow
+def test_no_scalar_tile_loads(profile):
+    scalar = [(r["cubin"], r["sass"].get("LDG.16", 0)) for r in profile
+              if r["head_dim"] in (52, 64, 72) and r["sass"].get("LDG.16", 0)]
+    assert not scalar, scalar
