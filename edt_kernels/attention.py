@@ -163,7 +163,9 @@ def select_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBack
         raise ValueError("no amm_attention backend supports these inputs: " + "; ".join(
             f"{n}: {', '.join(w)}" for n, w in reasons.items()))
     if backend not in _BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
+        missing = _IMPORT_ERRORS.get({"triton": "amm_attention", "cpp": "amm_attention_cpp"}.get(backend, ""))
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}"
+                         + (f" (not available here: {missing})" if missing else ""))
     why = _BACKENDS[backend].not_supported_reasons(inp)
     if why:
         others = [n for n in _BACKENDS if n != backend and not _BACKENDS[n].not_supported_reasons(inp)]

@@ -38,13 +38,19 @@ import torch
 
 from ..reference.adaln import reference_gated_residual, reference_layernorm_modulate
 
+from .._triton_support import triton_unavailable_reason
+
+TRITON_UNAVAILABLE = triton_unavailable_reason()  # None, or why the Triton kernels cannot run here
 try:
+    if TRITON_UNAVAILABLE:
+        raise ImportError(TRITON_UNAVAILABLE)
     import triton
     import triton.language as tl
 
     HAS_TRITON = True
-except ImportError:  # pragma: no cover - e.g. macOS: only the torch backend is offered
+except ImportError:  # e.g. macOS, or a triton outside the supported range: only the torch backend is offered
     HAS_TRITON = False
+    TRITON_UNAVAILABLE = TRITON_UNAVAILABLE or "triton is not installed"
 
     class _NoTriton:
         """Lets the kernel definitions below be parsed where Triton is absent."""
@@ -257,7 +263,7 @@ MAX_GRID_BATCH = 65535  # CUDA's limit on grid axes 1 and 2, where these kernels
 
 def check_launchable(t: torch.Tensor) -> None:
     if not HAS_TRITON:
-        raise RuntimeError("the Triton kernels need triton; use backend='torch'")
+        raise RuntimeError(f"the Triton kernels cannot run: {TRITON_UNAVAILABLE}; use backend='torch'")
     if t.dim() and t.shape[0] > MAX_GRID_BATCH:
         raise ValueError(f"batch B = {t.shape[0]} exceeds {MAX_GRID_BATCH}, the CUDA grid limit of the "
                          "Triton token/adaLN kernels: split the batch or use backend='torch'")
@@ -523,7 +529,7 @@ def triton_unsupported(**tensors: Optional[torch.Tensor]) -> List[str]:
     """Why the Triton kernels cannot take these tensors (empty list: they can)."""
     why = []
     if not HAS_TRITON:
-        why.append("triton is not installed")
+        why.append(TRITON_UNAVAILABLE)
     device = next(t.device for t in tensors.values() if t is not None)
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         why.append(f"tensors are on {device} (needs CUDA, or CPU with TRITON_INTERPRET=1)")
