@@ -176,7 +176,8 @@ def test_cpp_backend_builds_from_the_installed_wheel(built, tmp_path):
     # downloaded.  Listed in a .pth file (not --system-site-packages): the .pth
     # files of that directory, such as an editable install of this checkout, are
     # then not run and cannot shadow the wheel.
-    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    paths = dict.fromkeys(p for p in sys.path + [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+                          if p.rstrip("/").endswith(("site-packages", "dist-packages")) and Path(p).is_dir())
     (site / "edt_test_base.pth").write_text("\n".join(paths) + "\n")
     # Without PYTHONPATH: a checkout on it (with an egg-info) would look installed.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
