@@ -25,12 +25,23 @@ Method (the same for every module, see ``/benchmarks/README`` in the module docs
   written once), compared with the device's *measured* copy bandwidth
   (``dst.copy_(src)`` on a large tensor, read + write bytes).
 * **Results.** Rows recorded by any module during one run go to
-  ``benchmarks/results/<device-slug>.json`` and ``.md``; a section produced by
+  ``benchmarks/results/local/<device-slug>.json`` and ``.md`` (untracked);
+  the committed ``benchmarks/results/`` files are rewritten only when asked
+  (``EDT_BENCH_UPDATE=1``, ``pytest benchmarks/ --update-results`` or a
+  module's ``main(["--update-results"])``).  A section produced by
   this run replaces the section of the same name in the file, other sections
   are kept (merge by section).  Each section carries its own run information
   (date, git commit, torch/triton versions, shape set).  Failures are never
   turned into numbers: a failing measurement raises (pytest) or is recorded
   with its error text and makes ``main()`` exit non-zero.
+* **Busy machine.** A run is marked "busy machine: ratios unreliable" in every
+  table of every section it writes when any of these holds (:func:`busy_reasons`):
+  other processes used more than 25% of all cores' CPU time between the start
+  of the run and the writing of the section (``/proc/stat`` busy time minus
+  this process's own CPU time); CPU steal above 5% of that time (a VM whose
+  host is oversubscribed); a 1-minute load average above 0.75 per core when the
+  run started; or the section's timings are noisy (median over its rows of
+  ``spread`` = (p80 - p20) / median above 0.2).
 """
 from __future__ import annotations
 
@@ -51,8 +62,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"  # committed results
+LOCAL_RESULTS_DIR = RESULTS_DIR / "local"  # untracked (.gitignore): where a plain run writes
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+UPDATE_ENV = "EDT_BENCH_UPDATE"
+
+
+def update_requested() -> bool:
+    """Whether this run may rewrite the committed results (``EDT_BENCH_UPDATE=1``)."""
+    value = os.environ.get(UPDATE_ENV, "0").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{UPDATE_ENV} must be 0 or 1, got {value!r}")
+
+
+def default_results_dir() -> pathlib.Path:
+    """``benchmarks/results/`` when an update of the committed files is asked
+    for, else the untracked ``benchmarks/results/local/``."""
+    return RESULTS_DIR if update_requested() else LOCAL_RESULTS_DIR
 
 # ----------------------------------------------------------------------------- device
 
@@ -162,6 +191,89 @@ def busy_warning() -> Optional[str]:
     return (f"the machine is busy (load average {load:.1f} on {cores} cores): CPU timings will be noisy"
             + ("; with several torch threads an oversubscribed core stalls every OpenMP barrier, "
                "EDT_BENCH_THREADS=1 gives steadier numbers" if torch.get_num_threads() > 1 else ""))
+
+
+def _proc_stat_cpu() -> Optional[Tuple[float, float, float]]:
+    """(busy, steal, total) seconds of all cores since boot from ``/proc/stat``."""
+    try:
+        fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] != "cpu" or len(fields) < 5:
+        return None
+    v = [int(x) for x in fields[1:]]
+    hz = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+    user, nice, system, idle = v[:4]
+    iowait, irq, softirq, steal = (v[4:8] + [0, 0, 0, 0])[:4]
+    total = user + nice + system + idle + iowait + irq + softirq + steal  # guest is inside user
+    return (user + nice + system + irq + softirq) / hz, steal / hz, total / hz
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def machine_snapshot() -> Dict[str, Any]:
+    """What :func:`machine_load_since` compares: /proc/stat, own CPU time, load."""
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = None
+    return {"stat": _proc_stat_cpu(), "own": _own_cpu(), "load1": load1, "cores": os.cpu_count() or 1}
+
+
+RUN_START = machine_snapshot()  # the run starts when the benchmark machinery is imported
+
+
+def machine_load_since(start: Dict[str, Any], now: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Share of all cores' time used by *other* processes, and the steal share,
+    between two snapshots (None where /proc/stat is unreadable)."""
+    now = machine_snapshot() if now is None else now
+    out = {"others_share": None, "steal_share": None, "load1_at_start": start.get("load1"),
+           "cores": start.get("cores") or 1}
+    if start.get("stat") and now.get("stat"):
+        busy = now["stat"][0] - start["stat"][0]
+        steal = now["stat"][1] - start["stat"][1]
+        total = now["stat"][2] - start["stat"][2]
+        own = now["own"] - start["own"]
+        if total > 0:
+            out["others_share"] = max(0.0, busy - own) / total
+            out["steal_share"] = max(0.0, steal) / total
+    return out
+
+
+BUSY_OTHERS_SHARE = 0.25
+BUSY_STEAL_SHARE = 0.05
+BUSY_LOAD_PER_CORE = 0.75
+BUSY_SPREAD = 0.2
+BUSY_MARK = "busy machine: ratios unreliable"
+
+
+def busy_reasons(load: Dict[str, Any], spreads: Sequence[float] = ()) -> List[str]:
+    """Why the timings of a run are unreliable (empty: they are not), from
+    :func:`machine_load_since` and the ``spread`` of each timed row."""
+    why = []
+    cores = load.get("cores") or 1
+    if load.get("others_share") is not None and load["others_share"] > BUSY_OTHERS_SHARE:
+        why.append(f"other processes used {100 * load['others_share']:.0f}% of the {cores} cores' time "
+                   f"during the run (limit {100 * BUSY_OTHERS_SHARE:.0f}%)")
+    if load.get("steal_share") is not None and load["steal_share"] > BUSY_STEAL_SHARE:
+        why.append(f"CPU steal {100 * load['steal_share']:.0f}% (limit {100 * BUSY_STEAL_SHARE:.0f}%)")
+    if load.get("load1_at_start") is not None and load["load1_at_start"] > BUSY_LOAD_PER_CORE * cores:
+        why.append(f"load average {load['load1_at_start']:.1f} on {cores} cores when the run started "
+                   f"(limit {BUSY_LOAD_PER_CORE * cores:.1f})")
+    spreads = sorted(float(x) for x in spreads if isinstance(x, (int, float)) and math.isfinite(x))
+    if spreads:
+        med = spreads[len(spreads) // 2] if len(spreads) % 2 else 0.5 * (
+            spreads[len(spreads) // 2 - 1] + spreads[len(spreads) // 2])
+        if med > BUSY_SPREAD:
+            why.append(f"noisy timings: median spread (p80-p20)/median {med:.2f} (limit {BUSY_SPREAD})")
+    return why
+
+
+def busy_note(reasons: Sequence[str]) -> str:
+    return f"**{BUSY_MARK}** ({'; '.join(reasons)})"
 
 
 def run_info() -> Dict[str, Any]:
@@ -402,8 +514,17 @@ class Section:
 
     def to_json(self) -> Dict[str, Any]:
         tables = self.summarize(self) if self.summarize is not None else []
+        run = run_info()
+        load = machine_load_since(RUN_START)
+        busy = busy_reasons(load, [r.get("spread") for r in self.rows])
+        run["machine_load"] = load
+        run["busy"] = busy  # non-empty: every table of this section is marked unreliable
+        if busy:
+            note = busy_note(busy)
+            tables = [dict(t, notes=[note] + [n for n in t.get("notes", []) if BUSY_MARK not in n])
+                      for t in tables]
         return {"title": self.title, "notes": list(self.notes), "columns": [list(c) for c in self.columns],
-                "rows": self.rows, "tables": tables, "run": run_info()}
+                "rows": self.rows, "tables": tables, "run": run}
 
 
 RESULTS: Dict[str, Section] = {}
@@ -478,8 +599,11 @@ def render_markdown(data: Dict[str, Any]) -> str:
             out.append(f"- {note}")
         if sec.get("notes"):
             out.append("")
+        busy = busy_note(run["busy"]) if run.get("busy") else None
         for table in sec.get("tables", []):
             out += [f"### {table['title']}", ""]
+            if busy and not any(BUSY_MARK in n for n in table.get("notes", [])):
+                out += [f"- {busy}", ""]
             for note in table.get("notes", []):
                 out.append(f"- {note}")
             if table.get("notes"):
@@ -488,16 +612,20 @@ def render_markdown(data: Dict[str, Any]) -> str:
         if sec.get("rows"):
             if sec.get("tables"):
                 out += ["### All measurements", ""]
+            if busy:
+                out += [f"- {busy}", ""]
             out += [markdown_table(sec["columns"], sec["rows"]), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_results(sections: Optional[Sequence[Section]] = None, out_dir: pathlib.Path = RESULTS_DIR,
+def write_results(sections: Optional[Sequence[Section]] = None, out_dir: Optional[pathlib.Path] = None,
                   ) -> Tuple[pathlib.Path, pathlib.Path]:
     """Merge ``sections`` (default: everything recorded in this process) into
-    ``<out_dir>/<device-slug>.json`` and re-render ``.md``; returns both paths."""
+    ``<out_dir>/<device-slug>.json`` and re-render ``.md``; returns both paths.
+    ``out_dir`` defaults to :func:`default_results_dir` (the untracked
+    ``results/local/`` unless ``EDT_BENCH_UPDATE=1``)."""
     sections = list(RESULTS.values()) if sections is None else list(sections)
-    out_dir = pathlib.Path(out_dir)
+    out_dir = pathlib.Path(default_results_dir() if out_dir is None else out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = device_slug()
     jpath, mpath = out_dir / f"{slug}.json", out_dir / f"{slug}.md"
@@ -525,8 +653,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: per module)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default: per module)")
-    p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR,
-                   help=f"where <device>.json/.md go (default {RESULTS_DIR})")
+    p.add_argument("--out-dir", type=pathlib.Path, default=None,
+                   help=f"where <device>.json/.md go (default {LOCAL_RESULTS_DIR}, untracked; "
+                        f"{RESULTS_DIR} with --update-results or {UPDATE_ENV}=1)")
+    p.add_argument("--update-results", action="store_true",
+                   help=f"rewrite the committed results in {RESULTS_DIR}")
     p.add_argument("--no-write", action="store_true", help="print only, write no results file")
     p.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
     return p
@@ -539,7 +670,10 @@ def finish_main(args, section_names: Sequence[str], errors: List[str]) -> int:
             "sections": {s.name: s.to_json() for s in secs if s.rows}}
     print(render_markdown(data))
     if not args.no_write:
-        j, m = write_results(secs, args.out_dir)
+        out_dir = args.out_dir
+        if out_dir is None and getattr(args, "update_results", False):
+            out_dir = RESULTS_DIR
+        j, m = write_results(secs, out_dir)
         print(f"results written to {j} and {m}")
     for e in errors:
         print(f"ERROR: {e}", file=sys.stderr)

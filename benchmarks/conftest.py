@@ -3,9 +3,12 @@
 * The header says which device runs and, on a CPU-only machine, that the shapes
   are small and the figures are not the GPU targets.
 * At the end of the session every row recorded by the benchmark modules goes
-  into ``benchmarks/results/<device-slug>.json`` and ``.md`` (merged by section
-  with what is already there), the tables are printed, and the models chart
-  is drawn when matplotlib is installed.
+  into ``benchmarks/results/local/<device-slug>.json`` and ``.md`` (untracked;
+  merged by section with what is already there), the tables are printed, and
+  the models chart is drawn when matplotlib is installed.  ``--update-results``
+  (or ``EDT_BENCH_UPDATE=1``) writes the committed ``benchmarks/results/`` instead.
+* A run on a busy machine (see ``_utils.busy_reasons``) is marked
+  "busy machine: ratios unreliable" in every table it writes and prints.
 
 Unlike ``tests/conftest.py`` this does not set ``TRITON_INTERPRET``: timing
 Triton's interpreter would mean nothing, so on the CPU the kernels run on the
@@ -13,10 +16,21 @@ compiled C++ or PyTorch paths.
 """
 from __future__ import annotations
 
+import os
 
 from benchmarks import _utils as U
 
 _WRITTEN = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-results", action="store_true", default=False,
+                     help=f"write the committed results in {U.RESULTS_DIR} (default: {U.LOCAL_RESULTS_DIR})")
+
+
+def pytest_configure(config):
+    if config.getoption("update_results", default=False):
+        os.environ[U.UPDATE_ENV] = "1"
 
 
 def pytest_report_header(config):
@@ -62,6 +76,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"## {data['title']}")
         for table in data["tables"]:
             tr.write_line(f"### {table['title']}")
+            if data["run"].get("busy"):
+                tr.write_line(U.busy_note(data["run"]["busy"]))
             for line in U.markdown_table(table["columns"], table["rows"]).splitlines():
                 tr.write_line(line)
         tr.write_line("")

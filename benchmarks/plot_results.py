@@ -47,6 +47,8 @@ def plot(json_path, out_path=None) -> Tuple[Optional[pathlib.Path], str]:
     title = f"EDT vs MDTv2 speed-up: {dev.get('name', '?')}"
     if dev.get("kind") == "cpu":
         title += "\n(CPU, reduced sizes: not comparable with the paper's GPU numbers)"
+    if sec.get("run", {}).get("busy"):
+        title += "\nbusy machine: ratios unreliable"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     from benchmarks import _utils as U
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json", nargs="?", default=str(U.RESULTS_DIR / f"{U.device_slug()}.json"))
+    p.add_argument("json", nargs="?", default=str(U.default_results_dir() / f"{U.device_slug()}.json"))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     path, why = plot(args.json, args.out)

@@ -53,8 +53,9 @@ __all__ = [
 
 _log = logging.getLogger("edt_kernels")
 
-# csrc/ at the repository root (editable install), or shipped inside the package.
-CSRC_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "csrc")
+# csrc/ shipped inside the package (a wheel: setup.py's build_py copies it), else
+# csrc/ at the repository root (a checkout or an editable install).
+CSRC_DIR = next((d for d in (Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc")
                  if (d / "ops.cpp").exists()), Path(__file__).resolve().parent.parent / "csrc")
 CPU_SOURCES = ["ops.cpp", "amm_attention_cpu.cpp", "tokens_cpu.cpp"]
 CUDA_SOURCES = ["tokens_cuda.cu"]

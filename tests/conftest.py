@@ -21,6 +21,57 @@ if not _HAS_CUDA:
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
+# Tests of the Triton kernels: marked ``triton`` here (``pytest -m triton`` runs
+# them alone, as CI does for each triton version of the supported range).
+TRITON_TEST_FILES = {"test_amm_attention.py", "test_tokens.py", "test_adaln.py", "test_compile_sm90.py"}
+COMPILE_TEST_FILES = {"test_compile_sm90.py"}  # compile in a subprocess, without the interpreter
+
+
+def _triton_reasons():
+    """(why interpreter/in-process tests cannot run, why compile-only tests cannot run)."""
+    from edt_kernels._triton_support import check_versions, installed_versions, triton_unavailable_reason
+
+    tv, nv = installed_versions()
+    return triton_unavailable_reason(), check_versions(tv, nv, interpret=False)
+
+
+class _SkippedTritonModule(pytest.Module):
+    """A Triton test file that is not imported (its kernels cannot load here)."""
+
+    skip_reason = ""
+
+    def collect(self):
+        pytest.skip(self.skip_reason)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    """Where the installed triton cannot run here (too old, or an interpreter that
+    does not work with the installed numpy), skip each Triton test file with that
+    one reason at collection instead of letting every test fail inside Triton."""
+    name = module_path.name
+    if name not in TRITON_TEST_FILES:
+        return None
+    in_process, compiled = _triton_reasons()
+    why = compiled if name in COMPILE_TEST_FILES else in_process
+    if not why:
+        return None
+    module = _SkippedTritonModule.from_parent(parent, path=module_path)
+    module.skip_reason = f"Triton tests skipped: {why}"
+    module.add_marker(pytest.mark.triton)
+    return module
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the Triton tests (``-m triton``)."""
+    for item in items:
+        if item.path.name in TRITON_TEST_FILES or "_on_triton" in item.name:
+            item.add_marker(pytest.mark.triton)
+
+
+def pytest_report_header(config):
+    in_process, _ = _triton_reasons()
+    return f"edt-kernels triton check: {in_process or 'usable'}"
+
 
 def load_fixture(name: str):
     """Golden outputs of the authors' code (copied from ../shared/fixtures)."""

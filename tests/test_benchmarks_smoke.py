@@ -89,6 +89,73 @@ def test_results_merge_by_section(tmp_path, monkeypatch):
     assert png is None and "models" in why  # no models section in this file
 
 
+# ----------------------------------------------------------------------------- where results go, busy runs
+
+def test_results_go_to_the_untracked_folder_unless_an_update_is_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv(U.UPDATE_ENV, raising=False)
+    assert U.default_results_dir() == U.LOCAL_RESULTS_DIR == U.RESULTS_DIR / "local"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/benchmarks/results/local/" in ignored
+    monkeypatch.setenv(U.UPDATE_ENV, "1")
+    assert U.default_results_dir() == U.RESULTS_DIR
+    monkeypatch.setenv(U.UPDATE_ENV, "maybe")
+    with pytest.raises(ValueError, match=U.UPDATE_ENV):
+        U.default_results_dir()
+    # write_results() and main() without --out-dir: the default folder (redirected to tmp here)
+    monkeypatch.delenv(U.UPDATE_ENV)
+    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    monkeypatch.setattr(U, "LOCAL_RESULTS_DIR", tmp_path / "local")
+    monkeypatch.setattr(U, "RESULTS_DIR", tmp_path / "committed")
+    sec = U.Section("one", "Section one", [("a", "A")], rows=[{"a": 1}])
+    j, _ = U.write_results([sec])
+    assert j.parent == tmp_path / "local"
+    args = U.base_parser("t").parse_args(["--update-results"])
+    U.finish_main(args, [], [])  # nothing recorded: the files are still written where asked
+    assert (tmp_path / "committed" / j.name).exists()
+    monkeypatch.setenv(U.UPDATE_ENV, "1")
+    j2, _ = U.write_results([sec])
+    assert j2.parent == tmp_path / "committed"
+
+
+def _snap(busy, steal, total, own, load1=0.1, cores=2):
+    return {"stat": (busy, steal, total), "own": own, "load1": load1, "cores": cores}
+
+
+def test_busy_reasons():
+    quiet = U.machine_load_since(_snap(0, 0, 0, 0), _snap(90, 0, 100, 80))  # others: 10%
+    assert abs(quiet["others_share"] - 0.10) < 1e-9 and U.busy_reasons(quiet, [0.05, 0.1]) == []
+    others = U.machine_load_since(_snap(0, 0, 0, 0), _snap(90, 0, 100, 40))  # others: 50%
+    assert any("other processes used 50%" in w for w in U.busy_reasons(others))
+    steal = U.machine_load_since(_snap(0, 0, 0, 0), _snap(50, 10, 100, 50))
+    assert any("steal 10%" in w for w in U.busy_reasons(steal))
+    loaded = U.machine_load_since(_snap(0, 0, 0, 0, load1=3.0), _snap(50, 0, 100, 50))
+    assert any("load average 3.0 on 2 cores" in w for w in U.busy_reasons(loaded))
+    assert any("noisy timings" in w for w in U.busy_reasons(quiet, [0.3, 0.5, 0.1]))
+    assert U.busy_reasons({"others_share": None, "steal_share": None, "load1_at_start": None}) == []
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
+def test_busy_run_is_marked_in_every_table(tmp_path, monkeypatch, busy):
+    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    share = 0.6 if busy else 0.0
+    monkeypatch.setattr(U, "machine_load_since", lambda start, now=None: {
+        "others_share": share, "steal_share": 0.0, "load1_at_start": 0.0, "cores": 2})
+    tables = [{"title": f"ratios {i}", "kind": "ratios", "notes": ["n"], "columns": [["x", "X"]],
+               "rows": [{"x": 1.0, "size": "S", "metric": "train", "paper": 3.9, "eager": 1, "kernels": 2}]}
+              for i in range(2)]
+    sec = U.Section("models", "Models", [("x", "X"), ("spread", "spread")],
+                    rows=[{"x": 1.0, "spread": 0.01}], summarize=lambda s: tables)
+    j, m = U.write_results([sec], tmp_path)
+    data = json.loads(j.read_text())["sections"]["models"]
+    md = m.read_text()
+    n_tables = 3  # two summary tables and "All measurements"
+    if busy:
+        assert data["run"]["busy"] and all(U.BUSY_MARK in t["notes"][0] for t in data["tables"])
+        assert md.count(U.BUSY_MARK) == n_tables and "other processes used 60%" in md
+    else:
+        assert data["run"]["busy"] == [] and U.BUSY_MARK not in md
+
+
 # ----------------------------------------------------------------------------- attention
 
 TINY_ATTN = [

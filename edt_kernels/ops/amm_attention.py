@@ -32,8 +32,12 @@ from typing import List, Optional
 
 import torch
 
-import triton
-import triton.language as tl
+from .._triton_support import triton_unavailable_reason
+
+if triton_unavailable_reason():  # caught by attention._load_optional_backends: no "triton" backend
+    raise ImportError(triton_unavailable_reason())
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from ..attention import AttentionBackend, AttentionInputs, register_backend
 from ._attention_op import _empty_like_out, register_attention_op
