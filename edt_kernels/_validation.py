@@ -47,7 +47,7 @@ def check_eps(eps) -> float:
     return float(eps)
 
 
-def coerce_amm(amm: Union[None, bool, AMM]) -> Optional[AMM]:
+def coerce_amm(amm: Union[None, bool, AMM], name: str = "amm") -> Optional[AMM]:
     """The one meaning of the ``amm`` argument: ``None`` or ``False`` = no AMM,
     ``True`` = the published AMM (``AMM()``), an ``AMM`` = that configuration."""
     if amm is None or amm is False:
@@ -56,7 +56,7 @@ def coerce_amm(amm: Union[None, bool, AMM]) -> Optional[AMM]:
         return AMM()
     if isinstance(amm, AMM):
         return amm
-    raise TypeError(f"amm must be None, True/False or an edt_kernels.AMM config, got {type(amm).__name__}")
+    raise TypeError(f"{name} must be None, True/False or an edt_kernels.AMM config, got {type(amm).__name__}")
 
 
 def infer_grid(num_tokens: int, name: str = "N") -> int:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ._patch_kinds import AttentionKind, PatchState, square_grid
 from .amm import AMM, GridLike, normalize_grid
+from ._validation import coerce_amm
 from .attention import amm_attention
 
 __all__ = ["AMMAttnProcessor", "unsupported_reasons"]
@@ -57,16 +58,6 @@ def _is_stock(processor) -> Optional[str]:
     if cls.__name__ in STOCK_PROCESSORS and cls.__module__.startswith("diffusers."):
         return cls.__name__
     return None
-
-
-def _coerce_amm(amm) -> Optional[AMM]:
-    if amm is None or amm is False:
-        return None
-    if amm is True:
-        return AMM()
-    if isinstance(amm, AMM):
-        return amm
-    raise TypeError(f"amm must be None, True/False or an edt_kernels.AMM(...) config, got {type(amm).__name__}")
 
 
 class AMMAttnProcessor:
@@ -92,7 +83,7 @@ class AMMAttnProcessor:
             raise TypeError(f"backend must be a str, got {type(backend).__name__}")
         if fallback is not None and not callable(fallback):
             raise TypeError(f"fallback must be a diffusers attention processor, got {type(fallback).__name__}")
-        self.amm = _coerce_amm(amm)
+        self.amm = coerce_amm(amm)
         self.grid = normalize_grid(grid) if grid is not None else None
         self.eval_only = eval_only
         self.backend = backend

@@ -25,21 +25,12 @@ import torch
 from torch import nn
 
 from .amm import AMM, GridLike, normalize_grid, num_offsets, relative_position_index
+from ._validation import coerce_amm
 from .attention import amm_attention
 
 __all__ = ["RelativePositionBias", "AMMAttention"]
 
 AMMLike = Union[None, bool, AMM]
-
-
-def _check_amm(amm, name: str = "amm") -> Optional[AMM]:
-    if amm is None or amm is False:
-        return None
-    if amm is True:
-        return AMM()
-    if isinstance(amm, AMM):
-        return amm
-    raise TypeError(f"{name} must be None, True/False or an edt_kernels.AMM config, got {type(amm).__name__}")
 
 
 class RelativePositionBias(nn.Module):
@@ -163,7 +154,7 @@ class AMMAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
         self.grid = normalize_grid(grid) if grid is not None else None
-        self.amm = _check_amm(amm)
+        self.amm = coerce_amm(amm)
         self.amm_eval_only = bool(amm_eval_only)
         self.backend = backend
 
