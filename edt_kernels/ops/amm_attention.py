@@ -580,7 +580,8 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
         cfg = _fwd_choice.get(key)
         if cfg is not None:
             tiles = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        launch = _amm_attn_fwd_kernel[(B * H * triton.cdiv(N, tiles["BLOCK_M"]),)]
+        plain = _amm_attn_fwd_kernel if autotuned else _fwd_kernel
+        launch = plain[(B * H * triton.cdiv(N, tiles["BLOCK_M"]),)]
     launch(
         q, k, v, out, lse,
         _dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q), _dummy(modulation, q),
