@@ -1,4 +1,4 @@
-"""Shared driver of the memory-bound kernel benchmarks (tokens, adaLN; issue 3).
+"""Shared driver of the memory-bound kernel benchmarks (tokens, adaLN).
 
 Each op is given as an :class:`OpSpec`: how to build its inputs, which inputs
 take a gradient, the kernel (``edt_kernels`` public function, backend "auto"),
@@ -13,7 +13,7 @@ move.  Three implementations run on the same rotated inputs:
 * ``compiled``: ``torch.compile(reference, dynamic=False)``.
 
 GB/s = minimal bytes / median time; "% copy" compares it with the measured
-copy bandwidth of the device.  Target (H100, issue 3): >= 80% of copy
+copy bandwidth of the device.  Target (H100): >= 80% of copy
 bandwidth and >= 2x eager.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bar chart of the EDT/MDTv2 speed-ups measured vs the paper's (issue 5).
+"""Bar chart of the EDT/MDTv2 speed-ups measured vs the paper's.
 
     python -m benchmarks.plot_results benchmarks/results/<device>.json
 

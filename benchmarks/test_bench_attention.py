@@ -449,7 +449,7 @@ def _get(rows, case, mode, impl, key):
 
 
 def targets_table(rows) -> Dict:
-    """Issue 2's targets (H100, bf16), read off this run."""
+    """The attention targets (H100, bf16), read off this run."""
     out = []
 
     def add(target, value, ok):
@@ -474,7 +474,7 @@ def targets_table(rows) -> Dict:
     notes = ["Targets are stated for an H100 in bfloat16 at the full shapes."]
     if U.SMALL or U.DEVICE.type != "cuda":
         notes.append("This run used small shapes / no GPU: the targets are not measured here (n/a).")
-    return {"title": "Issue 2 targets (H100, bf16)", "notes": notes,
+    return {"title": "Attention targets (H100, bf16)", "notes": notes,
             "columns": [["target", "target"], ["measured", "measured"], ["met", "met"]], "rows": out}
 
 

@@ -1,4 +1,4 @@
-// CPU token gather / scatter of masked diffusion training (MDT / EDT, SPEC 5),
+// CPU token gather / scatter of masked diffusion training (MDT / EDT),
 // the kernels behind the schemas of edt_kernels/ops/tokens.py:
 //
 //   gather_tokens(x [B, L, C], ids [B, K])            -> out[b, k] = x[b, ids[b, k]]

@@ -1,4 +1,4 @@
-// CUDA token gather / scatter of masked diffusion training (MDT / EDT, SPEC 5):
+// CUDA token gather / scatter of masked diffusion training (MDT / EDT):
 // the kernels behind the schemas of edt_kernels/ops/tokens.py (same semantics
 // as csrc/tokens_cpu.cpp):
 //

@@ -7,7 +7,6 @@ the patch / unpatch logic live in :mod:`edt_kernels.patch`.
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple, Union
@@ -15,6 +14,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ._validation import infer_grid
 from .amm import AMM, modulation_matrix, normalize_grid, relative_position_index
 from .attention import amm_attention
 
@@ -80,10 +80,11 @@ class AttentionKind:
 
 def square_grid(n_tokens: int) -> Tuple[int, int]:
     """The grid of ``n_tokens`` tokens when no grid is given: a square one."""
-    side = math.isqrt(n_tokens)
-    if side * side != n_tokens:
+    try:
+        side = infer_grid(n_tokens, "N")
+    except ValueError:
         raise ValueError(f"AMM needs the token grid: N = {n_tokens} tokens is not a square; "
-                         "pass grid=(rows, cols) to apply_amm / patch_model")
+                         "pass grid=(rows, cols) to apply_amm / patch_model") from None
     return side, side
 
 

@@ -8,10 +8,10 @@ only through their integer grid offset (r_i - r_j, c_i - c_j).  With
     idx(i, j) = u_i - u_j + (rows - 1) * (2 * cols - 1) + (cols - 1)
 
 which, for a square grid of side n, is exactly the BEiT/Swin/MDT/EDT layout
-``(r_i - r_j + n - 1) * (2n - 1) + (c_i - c_j + n - 1)`` (SPEC 2).  The kernels
+``(r_i - r_j + n - 1) * (2n - 1) + (c_i - c_j + n - 1)`` (the BEiT/Swin/MDT/EDT table layout).  The kernels
 therefore never build an N x N matrix: they read the learned bias table and a
 tabulated AMM vector of ``(2 rows - 1) * (2 cols - 1)`` entries with the same
-index (SPEC 3).
+index.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class AMM:
     """EDT's Attention Modulation Matrix, as a configuration.
 
     ``M(i, j) = amplitude * exp(cos(2 pi d / period))`` for grid distance
-    ``d`` with ``d^2 <= radius2``, else 0 (SPEC 3).  ``None`` fields take the
+    ``d`` with ``d^2 <= radius2``, else 0 (EDT's published AMM).  ``None`` fields take the
     published values for a square grid of side n: ``period = 4 (n-1) sqrt 2``,
     ``radius2 = 2^2 + (n-1)^2`` (an integer squared distance) and amplitude 0.5.
     A non-square grid needs ``period`` and ``radius2`` given explicitly.

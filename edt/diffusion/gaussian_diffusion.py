@@ -1,7 +1,7 @@
 """Gaussian diffusion with a learned-range variance (ADM / DiT formulation).
 
 Facts used (Ho et al. 2020, "DDPM"; Nichol & Dhariwal 2021, "Improved DDPM";
-Song et al. 2021, "DDIM"; the DiT/ADM diffusion as summarised in SPEC 7):
+Song et al. 2021, "DDIM"; the DiT/ADM diffusion as EDT and MDTv2 train with it):
 
 * forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
 * posterior        q(x_{t-1} | x_t, x_0) = N(c1_t x_0 + c2_t x_t, beta~_t I),

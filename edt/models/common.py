@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from edt_kernels import gated_residual, layernorm_modulate
 from edt_kernels import nn as kernels_nn
+from edt_kernels._validation import infer_grid
 from edt_kernels.nn import AMMAttention
 
 __all__ = [
@@ -326,9 +327,7 @@ class FinalLayer(nn.Module):
 def unpatchify(x: torch.Tensor, patch_size: int, out_channels: int) -> torch.Tensor:
     """``(B, N, p*p*C)`` tokens -> ``(B, C, H, W)``."""
     B, N, _ = x.shape
-    h = w = int(round(N ** 0.5))
-    if h * w != N:
-        raise ValueError(f"cannot unpatchify {N} tokens: not a square grid")
+    h = w = infer_grid(N, "the number of tokens")
     p, c = patch_size, out_channels
     x = x.reshape(B, h, w, p, p, c)
     x = torch.einsum("nhwpqc->nchpwq", x)
