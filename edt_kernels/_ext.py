@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -207,7 +208,28 @@ def _jit_load(kind: str) -> None:
         kwargs.update(sources=[str(CSRC_DIR / n) for n in CUDA_SOURCES],
                       extra_cflags=["-O3", f"-I{gen_dir}", "-DEDT_KERNELS_HAVE_HASH_HEADER"],
                       extra_cuda_cflags=cuda_cflags(gen_dir))
+    clear_stale_lock(build_dir / "lock")
     cpp_extension.load(**kwargs)
+
+
+STALE_LOCK_S = 900  # a build takes about a minute; a lock this old was left by a killed build
+
+
+def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove torch's build lock file when a build killed half-way left it behind.
+
+    ``cpp_extension.load`` waits for that file to disappear before it loads, so a
+    lock left by an interrupted build (Ctrl-C, a killed job) would make every
+    later first use wait forever.  Returns whether a lock was removed."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    _log.warning("edt_kernels: removing the build lock %s, left %.0f s ago by an interrupted build", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def cuda_cflags(hash_dir: Optional[Path] = None) -> List[str]:
