@@ -243,6 +243,24 @@ def test_backward_writes_every_gradient():
     assert dt.shape == inp.table.shape and db.shape == inp.bias.shape
 
 
+def test_backward_writes_strided_gradient_views():
+    """dq/dk/dv may be the views of one [B, N, 3, H, D] buffer (the packed-qkv
+    gradient); the values equal those written to contiguous buffers."""
+    inp = _op_args()
+    args = inp.kernel_args()
+    out, lse = triton_op.amm_attention_forward(*args)
+    dout = torch.randn_like(out)
+    want = triton_op.amm_attention_backward(dout, *args[:3], out, lse, *args[3:], True, True)
+    B, H, N, D = inp.q.shape
+    dqkv = torch.full((B, N, 3, H, D), float("nan"), device=inp.q.device, dtype=inp.q.dtype)
+    views = [dqkv[:, :, i].transpose(1, 2) for i in range(3)]
+    got = triton_op.amm_attention_backward(dout, *args[:3], out, lse, *args[3:], True, True, grads=views)
+    assert not dqkv.isnan().any()
+    for g, w, view in zip(got[:3], want[:3], views):
+        assert g.data_ptr() == view.data_ptr()
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
 def test_opcheck_triton_op():
     inp = _op_args(N=9, D=16)
     q, k, v = (t.clone().requires_grad_() for t in (inp.q, inp.k, inp.v))

@@ -177,6 +177,8 @@ def _amm_attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dtr, stride_dth,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
@@ -243,9 +245,10 @@ def _amm_attn_bwd_dkdv_kernel(
                           + offs_n[None, :] * stride_dbn, ds,
                           mask=m_valid[:, None] & n_valid[None, :])
     dk = dk * sm_scale
-    tl.store(dk_ptr + bh.to(tl.int64) * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+    # dk/dv through their strides: contiguous [B, H, N, D] or views of one dqkv buffer.
+    tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + bh.to(tl.int64) * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -260,6 +263,7 @@ def _amm_attn_bwd_dq_kernel(
     stride_tr, stride_th, stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     H, N, n_table, qk_scale, sm_scale, COLS, IDX_OFF,
     HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
@@ -314,7 +318,7 @@ def _amm_attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(dq_ptr + row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
              dq.to(dq_ptr.dtype.element_ty), mask=qm_mask)
 
 

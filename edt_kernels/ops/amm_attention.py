@@ -267,7 +267,8 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
 def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
                            scale, rows, cols, need_dtable, need_dbias, grads=None):
     """Launch the backward kernels; returns ``(dq, dk, dv, dtable, dbias)``.
-    ``grads`` may give preallocated contiguous ``(dq, dk, dv)`` (tests poison them)."""
+    ``grads`` may give preallocated ``(dq, dk, dv)`` of shape ``[B, H, N, D]`` with any
+    strides, e.g. the views of one ``[B, N, 3, H, D]`` dqkv buffer (tests poison them)."""
     B, H, N, D = q.shape
     if grads is None:
         grads = [torch.empty((B, H, N, D), device=q.device, dtype=q.dtype) for _ in range(3)]
@@ -305,13 +306,13 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
         lambda bm, bn: B * H * triton.cdiv(N, bn),
         (q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
-         *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)),
+         *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)), *dk.stride(), *dv.stride(),
          H, N, n_table, scale * _LOG2E, scale, cols, idx_off),
         dict(NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias, **flags), q)
     _launch_tiled(
         _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, BLOCK_D), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bm),
-        (q, k, v, dout, lse, delta, dq, *ptrs, *strides,
+        (q, k, v, dout, lse, delta, dq, *ptrs, *strides, *dq.stride(),
          H, N, n_table, scale * _LOG2E, scale, cols, idx_off),
         flags, q)
     return dq, dk, dv, dtable, dbias
