@@ -460,6 +460,74 @@ def test_masking_is_seeded_and_changes_output(kind, torch_backend):
     assert (a - full).abs().max() > 1e-4
 
 
+class _MaskingLog:
+    """random_masking as the model calls it, its outputs kept."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def __call__(self, *args, **kwargs):
+        out = edt_kernels.random_masking(*args, **kwargs)
+        self.outputs.append(out)
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mdt_sort_kept_same_output_and_mask(backend, monkeypatch):
+    """sort_kept=True (kept tokens in grid order) vs False (the draw's order):
+    same mask from the same draws, the attention gets the sorted positions,
+    and the output and every gradient agree up to float summation order
+    (float64 on the PyTorch backends; float32 through the Triton kernels)."""
+    from edt_kernels import available_backends
+
+    if backend == "triton":
+        if "triton" not in available_backends():
+            pytest.skip("triton backend not available (triton not importable)")
+        config, dtype = dict(TINY_MDT, **TRITON_CASES["MDTv2"]), torch.float32
+    else:
+        monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+        config, dtype = TINY_MDT, torch.float64
+    log = _MaskingLog()
+    monkeypatch.setattr(mdt_module, "random_masking", log)
+    attn_log = _CallLog(edt_kernels.nn.amm_attention)
+    monkeypatch.setattr(edt_kernels.nn, "amm_attention", attn_log)
+    models = {}
+    for sort in (True, False):
+        models[sort] = MDTv2(**config, sort_kept=sort, backend="auto").to(dtype).train()
+        assert models[sort].config["sort_kept"] is sort
+        if backend == "triton":
+            models[sort].backend = "triton"
+    _randomize_(models[True])
+    models[False].load_state_dict(models[True].state_dict())
+    x, t, y = _inputs(models[True], batch=2 if backend == "triton" else 3)
+    x = x.to(dtype)
+    w = torch.randn(x.shape[0], models[True].out_channels, *x.shape[2:], generator=torch.Generator().manual_seed(7),
+                    dtype=dtype)
+    runs = {}
+    for sort in (True, False):
+        attn_log.calls.clear()
+        runs[sort] = _run(models[sort], (x, t, y), True, seed=3, grad_weight=w)
+        positions = [c["positions"] for c in attn_log.calls if c["positions"] is not None]
+        assert positions and all(torch.equal(p, log.outputs[-1][3]) for p in positions)
+    (_, mask_s, restore_s, keep_s), (_, mask_u, restore_u, keep_u) = log.outputs
+    assert torch.equal(mask_s, mask_u)
+    assert torch.equal(keep_s, keep_u.sort(dim=1).values)
+    assert not torch.equal(keep_u, keep_s)  # the draw's order is not already sorted here
+    assert torch.equal(torch.gather(restore_s, 1, keep_s), torch.arange(keep_s.shape[1]).expand_as(keep_s))
+    (out_s, grads_s), (out_u, grads_u) = runs[True], runs[False]
+    assert_close(out_s, out_u, dtype, FWD_TOL, name="output")
+    if dtype == torch.float64:
+        for n in grads_u:
+            assert_close(grads_s[n], grads_u[n], dtype, GRAD_TOL, name=n)
+    else:
+        _assert_grads_close(grads_s, grads_u, rel=1e-4)
+
+
+def test_mdt_sort_kept_must_be_bool():
+    with pytest.raises(TypeError, match="sort_kept must be a bool"):
+        MDTv2(**TINY_MDT, sort_kept=1)
+
+
 def test_edt_mid_mask_only_for_xl_layout():
     xl, _ = _pair("EDT-XL")
     s, _ = _pair("EDT")

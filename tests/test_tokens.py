@@ -23,6 +23,7 @@ from edt_kernels.reference.tokens import (
     reference_patch_merge_modulate,
     reference_random_masking,
     reference_scatter_tokens,
+    reference_sort_kept_ids,
     reference_unshuffle_with_mask_token,
 )
 from tolerances import GRAD_TOL, assert_close
@@ -200,6 +201,48 @@ def test_random_masking_is_mdt(backend, ratio):
     assert got[3].shape[1] == int(L * (1 - float(ratio)))
 
 
+def _sorted_slots(ids_keep, L):
+    """Loop-by-loop: slot of every position when the kept ones (ascending) come
+    first and the removed ones (ascending) after them."""
+    B, K = ids_keep.shape
+    slots = torch.empty(B, L, dtype=torch.int64)
+    for b in range(B):
+        kept = set(ids_keep[b].tolist())
+        n_kept = n_removed = 0
+        for i in range(L):
+            if i in kept:
+                slots[b, i] = n_kept
+                n_kept += 1
+            else:
+                slots[b, i] = K + n_removed
+                n_removed += 1
+    return slots
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.45, torch.tensor([0.3]) + 0.2 * torch.tensor([0.71])],
+                         ids=["0", "0.3", "0.45", "tensor"])
+def test_random_masking_sort_kept_is_mdt_in_position_order(ratio):
+    """sort_kept=True: MDT's kept set and mask from the same draws, the kept
+    tokens (and after them the removed ones) in ascending position order."""
+    B, L, C = 3, 37, 5
+    x = _rand((B, L, C), torch.float64, torch.Generator().manual_seed(0))
+    x_kept, mask, ids_restore, ids_keep = edt_kernels.random_masking(
+        x, ratio, torch.Generator().manual_seed(11), sort_kept=True, backend="torch")
+    _, mdt_mask, _, mdt_keep = mdt_random_masking(x, ratio, torch.Generator().manual_seed(11))
+    assert torch.equal(mask, mdt_mask)
+    assert torch.equal(ids_keep, mdt_keep.sort(dim=1).values)
+    assert torch.equal(ids_restore, _sorted_slots(mdt_keep, L))
+    assert torch.equal(x_kept, torch.stack([x[b, ids_keep[b]] for b in range(B)]))
+
+
+def test_reference_sort_kept_ids_loops():
+    gen = torch.Generator().manual_seed(3)
+    for B, L, K in ((2, 10, 0), (3, 37, 25), (1, 16, 16)):
+        shuffle = torch.argsort(torch.rand(B, L, generator=gen), dim=1)
+        got = reference_sort_kept_ids(shuffle, K)
+        assert torch.equal(torch.argsort(got, dim=1), _sorted_slots(shuffle[:, :K], L))
+
+
 def test_random_masking_default_generator_and_reference():
     x = torch.randn(2, 16, 8)
     with torch.random.fork_rng():
@@ -254,6 +297,22 @@ def test_triton_random_masking(shape, dtype, device, poison):
     d = _rand(got[0].shape, dtype, torch.Generator().manual_seed(2), device, requires_grad=False)
     dx = _grads(got[0], [x], d)[0]
     assert torch.equal(dx, _grads(want[0], [x], d)[0])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.37, 0.99], ids=["0", "0.37", "0.99"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES + [(2, 1500, 3)], ids=_id)  # L > 1024: the sort walks 2 chunks
+def test_triton_random_masking_sort_kept(shape, dtype, ratio, device, poison):
+    B, L, C = shape
+    x = _rand((B, L, C), dtype, torch.Generator().manual_seed(1), device)
+    gen_kind = "cuda" if device == "cuda" else "cpu"
+    got = edt_kernels.random_masking(x, ratio, torch.Generator(gen_kind).manual_seed(7), sort_kept=True,
+                                     backend="triton")
+    want = reference_random_masking(x, ratio, torch.Generator(gen_kind).manual_seed(7), sort_kept=True)
+    for g, w, name in zip(got, want, ["x_kept", "mask", "ids_restore", "ids_keep"]):
+        assert torch.equal(g, w), name
+    d = _rand(got[0].shape, dtype, torch.Generator().manual_seed(2), device, requires_grad=False)
+    assert torch.equal(_grads(got[0], [x], d)[0], _grads(want[0], [x], d)[0])
 
 
 @pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
@@ -373,6 +432,7 @@ def test_opcheck_masking_shortcut_merge(device):
     x = _rand((B, L, C), torch.float32, gen, device)
     shuffle = torch.argsort(torch.rand(B, L, generator=gen), 1).to(device)
     _opcheck(torch.ops.edt_kernels.random_masking_gather.default, (x, shuffle, 9))
+    _opcheck(torch.ops.edt_kernels.sort_kept_ids.default, (shuffle, 9))
     xb = _rand((1, L, C), torch.float32, gen, device)
     m = torch.rand(B, L, generator=gen).to(device).requires_grad_()
     _opcheck(torch.ops.edt_kernels.masked_shortcut.default, (x, xb, m))
@@ -479,6 +539,7 @@ BAD_CALLS = {
     "masking ratio 2 elems": (lambda: edt_kernels.random_masking(_X, torch.tensor([0.1, 0.2])), TypeError,
                               "one-element"),
     "masking generator": (lambda: edt_kernels.random_masking(_X, 0.3, generator=3), TypeError, "generator"),
+    "masking sort_kept int": (lambda: edt_kernels.random_masking(_X, 0.3, sort_kept=1), TypeError, "sort_kept"),
     "unshuffle token width": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE, torch.randn(1, 1, 5)),
                               ValueError, "mask_token must be"),
     "unshuffle token 1-d": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE, torch.randn(C_)),
@@ -529,6 +590,7 @@ def test_bad_input(case, monkeypatch):
     # every launcher, patched where the custom op that calls it looks it up
     for module, name in ((gather_scatter, "gather_rows"), (gather_scatter, "scatter_rows"),
                          (unshuffle, "unshuffle_rows"), (random_masking, "masking_gather"),
+                         (random_masking, "sort_kept"),
                          (masked_shortcut, "masked_shortcut_forward"),
                          (patch_merge_modulate, "ln_modulate_forward")):
         monkeypatch.setattr(module, name, no_launch)

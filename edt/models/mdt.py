@@ -10,7 +10,13 @@ extra rows, BEiT layout) whose index is a buffer saved in the state dict.
 Masked training (``enable_mask=True``): a ratio ``r = mask_ratio + 0.2 U(0,1)``
 of the tokens is removed per sample; the encoder runs on the kept tokens with
 the bias taken at their grid positions (``ids_keep``), then the
-side-interpolater fills the removed ones from a learned mask token.
+side-interpolater fills the removed ones from a learned mask token.  With
+``sort_kept`` (the default) the kept tokens run in ascending grid order
+instead of the draw's order: the encoder blocks are permutation-equivariant
+over tokens (attention with the positions carried along, per-token
+LayerNorm/MLP/adaLN) and the unshuffle puts every token back at its place,
+so the output is the same up to float summation order, from the same random
+draws; neighbouring kept tokens then read neighbouring rows of the bias table.
 
 Every op runs on the model's ``backend`` (``"auto"``: kernels; ``"eager"``:
 the authors' code path).  State-dict keys and shapes are those of the
@@ -76,8 +82,10 @@ class MDTv2(BackendMixin, nn.Module):
     ``decode_layer`` (decoder blocks; the encoder has ``(depth - decode_layer) // 2``
     in-blocks and as many out-blocks).  Ours: ``amm_blocks`` (AMM at these
     encoder/decoder blocks in eval mode, as the authors' MDT-with-AMM
-    ablation; default none) and ``backend`` (``"auto"``: the edt_kernels
-    kernels; ``"eager"``: the authors' code path).  ``fused`` is the
+    ablation; default none), ``sort_kept`` (masked training: the kept
+    tokens in ascending grid order, see the module docstring; False: in the
+    order of the random draw, as the authors' code) and ``backend``
+    (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors' code path).  ``fused`` is the
     deprecated boolean alias (True: ``"auto"``, False: ``"eager"``).
     """
 
@@ -96,6 +104,7 @@ class MDTv2(BackendMixin, nn.Module):
         mask_ratio: Optional[float] = None,
         decode_layer: int = 4,
         amm_blocks: Sequence[int] = (),
+        sort_kept: bool = True,
         backend: str = "auto",
         fused: Optional[bool] = None,
     ):
@@ -110,6 +119,8 @@ class MDTv2(BackendMixin, nn.Module):
         if mask_ratio is not None and not 0.0 <= float(mask_ratio) < 1.0 - MASK_RATIO_SPREAD:
             raise ValueError(f"mask_ratio must be in [0, {1 - MASK_RATIO_SPREAD}) (r = mask_ratio + "
                              f"{MASK_RATIO_SPREAD} U(0,1) must stay below 1), got {mask_ratio}")
+        if not isinstance(sort_kept, bool):
+            raise TypeError(f"sort_kept must be a bool, got {type(sort_kept).__name__}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -120,6 +131,7 @@ class MDTv2(BackendMixin, nn.Module):
         self.num_classes = num_classes
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
         self.decode_layer = decode_layer
+        self.sort_kept = sort_kept
         self._backend = backend
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
@@ -225,7 +237,8 @@ class MDTv2(BackendMixin, nn.Module):
         if enable_mask:
             ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), generator, x.device)
             # noise, argsort and the gather of the kept tokens: mask and ids_restore (B, L), ids_keep (B, K)
-            x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator, backend=self.backend)  # (B, K, D)
+            x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator, sort_kept=self.sort_kept,
+                                                            backend=self.backend)  # (B, K, D)
 
         skips = []
         for blk in self.en_inblocks:

@@ -6,6 +6,14 @@ kept rows ``x_kept``, the mask (1 = removed, original order) and
 Custom op ``edt_kernels::random_masking_gather(Tensor x, Tensor ids_shuffle,
 SymInt len_keep) -> (x_kept, mask float32 [B, L], ids_restore int64 [B, L])``;
 its backward is the scatter of ``gather_scatter``.
+
+``sort_kept=True`` first reorders ``ids_shuffle`` so that the kept tokens (and,
+after them, the removed ones) come in ascending position order: same kept set,
+same mask, ``ids_restore`` still its inverse.  Custom op
+``edt_kernels::sort_kept_ids(Tensor ids_shuffle, SymInt len_keep) -> Tensor``,
+one program per sample: the inverse permutation, then a prefix count of the
+kept flags gives each token its sorted slot (no comparison sort); its
+reference is ``edt_kernels.reference.tokens.reference_sort_kept_ids``.
 """
 from __future__ import annotations
 
@@ -55,7 +63,55 @@ def _masking_gather_kernel(
         tl.store(mask_ptr + b * stride_mb + i, (j >= K).to(mask_ptr.dtype.element_ty), mask=i_ok)
         tl.store(restore_ptr + b * stride_rb + i, j.to(tl.int64), mask=i_ok)
 
+
+@triton.jit
+def _sort_kept_kernel(
+    shuffle_ptr, rank_ptr, out_ptr, L, K,
+    stride_hb, stride_rb, stride_ob,
+    BLOCK: tl.constexpr,
+):
+    # One program per sample.  Phase 1: rank[i] = j for i = ids_shuffle[b, j]
+    # (the inverse permutation, written to a scratch row).  Phase 2, over the
+    # positions i in ascending order: kept(i) = rank[i] < K; with c(i) the
+    # number of kept positions <= i, a kept i goes to slot c(i) - 1 and a
+    # removed i to slot K + (i + 1 - c(i)) - 1: both groups ascending.
+    b = tl.program_id(0).to(tl.int64)
+    for start in range(0, L, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < L
+        i = tl.load(shuffle_ptr + b * stride_hb + j, mask=ok, other=0)
+        tl.store(rank_ptr + b * stride_rb + i, j, mask=ok)
+    tl.debug_barrier()  # every rank of this row written before any is read
+    carry = 0
+    for start in range(0, L, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < L
+        r = tl.load(rank_ptr + b * stride_rb + i, mask=ok, other=L)
+        kept = (r < K).to(tl.int32)
+        count = tl.cumsum(kept, 0) + carry  # kept positions <= i
+        slot = tl.where(kept != 0, count - 1, K + i - count)
+        tl.store(out_ptr + b * stride_ob + slot, i.to(tl.int64), mask=ok)
+        carry += tl.sum(kept, 0)
+
 # ============================================================================ launchers
+
+def sort_kept(ids_shuffle: torch.Tensor, len_keep: int) -> torch.Tensor:
+    """``ids_shuffle`` (a permutation per row) with its first ``len_keep``
+    entries, and separately the rest, in ascending order."""
+    check_launchable(ids_shuffle)
+    ids_shuffle = unit_stride(ids_shuffle)
+    B, L = ids_shuffle.shape
+    out = _tu.empty_output((B, L), torch.int64, ids_shuffle.device)
+    if B == 0 or L == 0:
+        return out
+    rank = torch.empty((B, L), dtype=torch.int32, device=ids_shuffle.device)  # scratch, fully written
+    block = min(triton.next_power_of_2(L), 1024)
+    _sort_kept_kernel[(B,)](
+        ids_shuffle, rank, out, L, len_keep, ids_shuffle.stride(0), rank.stride(0), out.stride(0),
+        BLOCK=block, num_warps=4 if block <= 256 else 8,
+    )
+    return out
+
 
 def masking_gather(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,10 +165,21 @@ def _masking_backward(ctx, dx_kept, dmask, drestore):
 
 _masking_gather_op.register_autograd(_masking_backward, setup_context=_masking_setup)
 
+
+@torch.library.custom_op("edt_kernels::sort_kept_ids", mutates_args=())
+def _sort_kept_op(ids_shuffle: torch.Tensor, len_keep: int) -> torch.Tensor:
+    return sort_kept(ids_shuffle, len_keep)
+
+
+@_sort_kept_op.register_fake
+def _(ids_shuffle, len_keep):
+    return torch.empty_like(ids_shuffle, dtype=torch.int64)
+
 # ============================================================================ public functions
 
 def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
-                   generator: Optional[torch.Generator] = None, *, backend: str = "auto"
+                   generator: Optional[torch.Generator] = None, *, sort_kept: bool = False,
+                   backend: str = "auto"
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MDT's per-sample random token masking, the gather fused.
 
@@ -126,10 +193,21 @@ def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
     kernel writes ``ids_restore`` as the inverse permutation, which is what
     ``argsort(ids_shuffle)`` is).
 
+    ``sort_kept=True`` keeps the same tokens (same random draws, same
+    ``mask``) but in ascending position order: ``ids_keep`` sorted per row,
+    ``x_kept`` gathered in that order, the removed tokens ascending after
+    them, ``ids_restore`` the inverse of that permutation.  A caller whose
+    work on the kept tokens is permutation-equivariant (attention with the
+    positions carried along, per-token layers) gets the same result after
+    the unshuffle, up to float summation order, and neighbouring kept
+    tokens are near in the grid (the relative-position table is gathered at
+    nearby rows).  The default False gives MDT's exact outputs.
+
     Args:
         x: ``[B, L, C]`` floating point.
         mask_ratio: float (or one-element tensor, as MDT's) in ``[0, 1)``.
         generator: ``torch.Generator`` on x's device type, or None.
+        sort_kept: kept (and removed) tokens in ascending position order.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"``.
 
     Returns:
@@ -155,15 +233,19 @@ def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
         if generator.device.type != x.device.type:
             raise ValueError(f"generator must be on x's device type ({x.device.type}), "
                              f"got a {generator.device.type} generator")
-    return dispatch("random_masking", backend, OpCall((x, mask_ratio, generator), x=x))
+    if not isinstance(sort_kept, bool):
+        raise TypeError(f"sort_kept must be a bool, got {type(sort_kept).__name__}")
+    return dispatch("random_masking", backend, OpCall((x, mask_ratio, generator, sort_kept), x=x))
 
 
 def _random_masking_triton(call: OpCall):
-    x, mask_ratio, generator = call.args
+    x, mask_ratio, generator, sort = call.args
     B, L, C = x.shape
     len_keep = int(L * (1 - mask_ratio))  # MDT's expression (tensor arithmetic for a tensor ratio)
     noise = torch.rand(B, L, device=x.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
+    if sort:
+        ids_shuffle = _sort_kept_op(ids_shuffle, len_keep)
     x_kept, mask, ids_restore = _masking_gather_op(x, ids_shuffle, len_keep)
     if mask.dtype != torch.get_default_dtype():
         mask = mask.to(torch.get_default_dtype())
@@ -171,4 +253,5 @@ def _random_masking_triton(call: OpCall):
 
 # ============================================================================ backends
 
-register_op("random_masking", _random_masking_triton, lambda c: reference_random_masking(*c.args))
+register_op("random_masking", _random_masking_triton,
+            lambda c: reference_random_masking(*c.args[:3], sort_kept=c.args[3]))

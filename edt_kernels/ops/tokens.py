@@ -6,7 +6,7 @@ Public functions (definitions in ``edt_kernels.reference.tokens``; every one
 takes ``backend="auto" | "triton" | "torch" | "eager"`` (and ``"cpp"`` for
 gather/scatter/unshuffle), see ``edt_kernels.backends``):
 
-- ``random_masking(x, mask_ratio, generator=None)`` -> ``(x_kept, mask, ids_restore, ids_keep)``
+- ``random_masking(x, mask_ratio, generator=None, *, sort_kept=False)`` -> ``(x_kept, mask, ids_restore, ids_keep)``
 - ``gather_tokens(x, ids)`` / ``scatter_tokens(y, ids, length)``
 - ``unshuffle_with_mask_token(x_kept, ids_restore, mask_token, pos_embed=None)``
 - ``masked_shortcut(x, x_before, mask)``
@@ -28,6 +28,8 @@ torch.compile traces them).  ``x`` is ``[B, L, C]``, index tensors int64::
         #    dpos_embed [1, L, C] float32 (or [0] when not need_dpos)
     random_masking_gather(Tensor x, Tensor ids_shuffle, int len_keep) -> (Tensor, Tensor, Tensor)
         # -> x_kept [B, K, C], mask [B, L] float32, ids_restore [B, L] int64
+    sort_kept_ids(Tensor ids_shuffle, int len_keep) -> Tensor
+        # [B, L] permutation -> the same with entries [:len_keep] and [len_keep:] each ascending
     masked_shortcut(Tensor x, Tensor x_before, Tensor mask) -> Tensor
         # [B, L, C], [B or 1, L, C], [B, L] (bool or float) -> [B, L, C]
     masked_shortcut_backward(Tensor dout, Tensor x, Tensor x_before, Tensor mask,
@@ -61,7 +63,7 @@ from .masked_shortcut import (  # noqa: F401
     _masked_shortcut_bwd_op, _masked_shortcut_op, masked_shortcut, masked_shortcut_backward, masked_shortcut_forward,
 )
 from .patch_merge_modulate import _patch_merge_bwd_op, _patch_merge_op, patch_merge_modulate  # noqa: F401
-from .random_masking import _masking_gather_op, masking_gather, random_masking  # noqa: F401
+from .random_masking import _masking_gather_op, _sort_kept_op, masking_gather, random_masking, sort_kept  # noqa: F401
 from .unshuffle import _unshuffle_bwd_op, _unshuffle_op, unshuffle_backward, unshuffle_with_mask_token  # noqa: F401
 
 __all__ = [

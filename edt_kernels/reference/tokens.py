@@ -23,6 +23,7 @@ from ..amm import GridLike, normalize_grid
 
 __all__ = [
     "reference_random_masking",
+    "reference_sort_kept_ids",
     "reference_gather_tokens",
     "reference_scatter_tokens",
     "reference_unshuffle_with_mask_token",
@@ -32,15 +33,24 @@ __all__ = [
 ]
 
 
+def reference_sort_kept_ids(ids_shuffle: torch.Tensor, len_keep: int) -> torch.Tensor:
+    """A per-row permutation ``[B, L]`` with its first ``len_keep`` entries
+    sorted ascending and, after them, the others sorted ascending."""
+    return torch.cat([ids_shuffle[:, :len_keep].sort(dim=1).values,
+                      ids_shuffle[:, len_keep:].sort(dim=1).values], dim=1)
+
+
 def reference_random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
-                             generator: Optional[torch.Generator] = None
+                             generator: Optional[torch.Generator] = None, sort_kept: bool = False
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MDT's per-sample random masking with the final ratio ``mask_ratio``.
 
     ``len_keep = int(L * (1 - mask_ratio))``; per sample, uniform noise
     ``rand(B, L)`` (drawn from ``generator`` on x's device) is argsorted into
     ``ids_shuffle``, ``ids_restore = argsort(ids_shuffle)``, the first
-    ``len_keep`` shuffled tokens are kept.  Returns ``(x_kept [B, K, C],
+    ``len_keep`` shuffled tokens are kept.  ``sort_kept``: ``ids_shuffle``
+    reordered by :func:`reference_sort_kept_ids` first (the same kept set in
+    ascending position order).  Returns ``(x_kept [B, K, C],
     mask [B, L] (1 = removed, original order, default float dtype),
     ids_restore [B, L], ids_keep [B, K])``.
     """
@@ -48,6 +58,8 @@ def reference_random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Ten
     len_keep = int(L * (1 - mask_ratio))
     noise = torch.rand(B, L, device=x.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
+    if sort_kept:
+        ids_shuffle = reference_sort_kept_ids(ids_shuffle, len_keep)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(B, len_keep, C))
