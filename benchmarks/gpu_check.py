@@ -16,7 +16,8 @@ recorded with its error text, never turned into a number):
   without bias; table+AMM at D=52, 64, 72;
 * backward at B=32, H=16, N=256, D=72 with the table gradient on and off, with
   the Delta preprocess and each backward kernel timed alone;
-* MDT masked attention (179 of 256 tokens) with random vs sorted positions;
+* MDT masked attention (179 of 256 tokens) with random vs sorted positions
+  (``random_masking(..., sort_kept=False / True)``), forward and forward + backward;
 * token / adaLN bandwidth at C=1152 and C=936 vs a device copy;
 * EDT-XL/2 vs MDTv2-XL/2: one training step and one CFG step at batch 32.
 
@@ -305,18 +306,63 @@ def timing_backward(c: Ctx, rows, deadline):
     rows.append(dict(op="delta preprocess", ms=ms, gbps=2 * out.numel() * out.element_size() / ms / 1e6))
 
 
+def _static_locality(dry: bool):
+    """Table-gather locality (lines per warp-load and per tile, a static
+    estimate) by positions case: the profile's (the compiled kernel's layout of
+    the table load), else computed here with the default layout."""
+    try:
+        loc = json.loads(PROFILE.read_text())["gather_locality"]
+    except (OSError, ValueError, KeyError, TypeError):
+        from benchmarks import _gather_locality
+        loc = _gather_locality.locality(batch=2 if dry else 8)
+    return {name: dict(table_lines_per_warp_load=v["table_lines_per_warp_load"],
+                       table_lines_per_tile=v["table_lines_per_tile"], layout=loc["layout_source"],
+                       shape=f"{loc['grid']} grid, {loc['kept']} of {loc['of']} kept", label=loc["label"])
+            for name, v in loc["cases"].items()}
+
+
 def timing_masked(c: Ctx, rows, deadline):
+    """MDT's masked-training attention: K of L tokens kept by ``random_masking``,
+    in the order of the random draw (``sort_kept=False``, the authors' order) or
+    in grid order (``sort_kept=True``, MDTv2's default); relative-position table,
+    no AMM (MDTv2 applies AMM in eval mode only); forward, then forward +
+    backward with the table gradient."""
     torch = c.torch
-    from edt_kernels import amm_attention
+    from edt_kernels import amm_attention, random_masking
     dt = torch.float16 if c.dry else torch.bfloat16
     B, H, side, D, K = (1, 2, 4, 16, 11) if c.dry else (32, 16, 16, 72, 179)
-    _, q, k, v, table = _attn_inputs(c, B, H, K, D, side, dt)
-    ids = torch.stack([torch.randperm(side * side, device=c.dev)[:K] for _ in range(B)])
-    for name, pos in (("random", ids), ("sorted", ids.sort(1).values)):
+    L = side * side
+    ratio = 1.0 - (K + 0.5) / L  # int(L * (1 - ratio)) == K, MDT's len_keep expression
+    qkv, q, k, v, table = _attn_inputs(c, B, H, K, D, side, dt)
+    dout = torch.randn_like(q)
+    tokens = torch.zeros(B, L, 1, device=c.dev)  # only the kept ids are used
+    static = _static_locality(c.dry)
+    positions = {}
+    for name, sort in (("random", False), ("sorted", True)):
+        pos = random_masking(tokens, ratio, torch.Generator(c.dev.type).manual_seed(0), sort_kept=sort)[3]
+        if pos.shape[1] != K:
+            raise RuntimeError(f"random_masking kept {pos.shape[1]} tokens, expected {K}")
+        positions[name] = (sort, pos)
+    if not torch.equal(positions["sorted"][1], positions["random"][1].sort(1).values):
+        raise RuntimeError("sort_kept=True did not give the random draw's kept set in ascending order")
+    for name, (sort, pos) in positions.items():
         _over(deadline)
-        ms = c.time_ms(lambda: amm_attention(q, k, v, rel_pos_bias=table, grid=side, positions=pos, amm=True,
+        ms = c.time_ms(lambda: amm_attention(q, k, v, rel_pos_bias=table, grid=side, positions=pos,
                                              backend="triton"))
-        rows.append(dict(op="MDT masked fwd", positions=name, kept=K, of=side * side, ms=ms))
+        rows.append(dict(op="MDT masked fwd", positions=name, sort_kept=sort, kept=K, of=L, B=B, H=H, head_dim=D,
+                         ms=ms, static=static.get(name)))
+    qkv_g, table_g = qkv.detach().requires_grad_(), table.detach().requires_grad_()
+    qg, kg, vg = qkv_g.permute(2, 0, 3, 1, 4).unbind(0)
+    for name, (sort, pos) in positions.items():
+        _over(deadline)
+
+        def step():
+            out = amm_attention(qg, kg, vg, rel_pos_bias=table_g, grid=side, positions=pos, backend="triton")
+            torch.autograd.grad(out, (qkv_g, table_g), dout)
+
+        ms = c.time_ms(step)
+        rows.append(dict(op="MDT masked fwd+bwd (table grad)", positions=name, sort_kept=sort, kept=K, of=L, B=B,
+                         H=H, head_dim=D, ms=ms, static=static.get(name)))
 
 
 def timing_tokens(c: Ctx, rows, deadline):
@@ -421,7 +467,7 @@ def main(argv=None) -> int:
     c.section("correctness: token/adaLN", 30, lambda r, d: correctness_tokens(c, r, d))
     c.section("timing: attention forward", 90, lambda r, d: timing_forward(c, r, d))
     c.section("timing: attention backward", 60, lambda r, d: timing_backward(c, r, d))
-    c.section("timing: MDT masked", 30, lambda r, d: timing_masked(c, r, d))
+    c.section("timing: MDT masked", 45, lambda r, d: timing_masked(c, r, d))
     c.section("timing: token/adaLN bandwidth", 20, lambda r, d: timing_tokens(c, r, d))
     c.section("timing: models", 120, lambda r, d: timing_models(c, r, d))
     write(c, a.out)

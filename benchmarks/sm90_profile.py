@@ -28,7 +28,10 @@ speed, ignores latency, memory stalls, dual issue and occupancy, and counts an
 instruction once per loop trip whatever its predicate.
 
 Writes ``DIR/sm90_profile.json``, ``DIR/sm90_profile.md`` and
-``DIR/cubins/<kernel>-<specialisation>.cubin``.
+``DIR/cubins/<kernel>-<specialisation>.cubin``.  Both files also carry the
+table-gather locality of MDT's masked attention with random vs sorted kept
+positions, counted on the host from the index pattern and the compiled
+kernel's layout of the table load (``benchmarks/_gather_locality.py``).
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ import triton  # noqa: E402
 import triton.runtime.jit as _jit  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
+
+from benchmarks import _gather_locality  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "sm90-static"
 SHARED_LIMIT = 232448  # bytes per block on sm_90 (opt-in maximum, 227 KiB)
@@ -118,8 +123,9 @@ def install():
     driver.set_active(_CompileOnlyDriver())
     _jit.JITFunction.run = _compile_only
     triton.runtime.Autotuner.run = _autotune_every_config
-    from edt_kernels.ops import adaln, amm_attention, tokens  # noqa: F401
+    from edt_kernels.ops import _triton_utils, adaln, amm_attention, tokens  # noqa: F401
     adaln.interpreting = lambda: True  # let the launchers accept CPU tensors (nothing runs)
+    _triton_utils.interpreting = lambda: True  # the token launchers' check_launchable, likewise
     amm_attention._on_gpu = lambda t: True  # the GPU tiles and configs, not the interpreter's
     return amm_attention, adaln, tokens
 
@@ -331,6 +337,7 @@ def run_tokens_adaln(adaln, tokens, reduced: bool):
                                   torch.randn(1, L, C, dtype=dt), dt)
             tokens.unshuffle_backward(x, inv, K, True)
             tokens.masking_gather(x, ids, K)
+            tokens.sort_kept(ids, K)
             m = (torch.rand(B, L) > 0.5).to(dt)
             tokens.masked_shortcut_forward(x, x.clone(), m)
             tokens.masked_shortcut_backward(x, x, x.clone(), m, True)
@@ -463,8 +470,12 @@ def profile(out_dir: pathlib.Path, reduced: bool = False, attention_only: bool =
     bpath = out_dir / "baseline" / "sm90_profile.json"
     if bpath.exists():
         baseline = json.loads(bpath.read_text())["records"]
-    (out_dir / "sm90_profile.json").write_text(json.dumps(dict(info=info, records=rows), indent=1) + "\n")
+    locality = _gather_locality.from_compiled(_REC.records)
+    (out_dir / "sm90_profile.json").write_text(json.dumps(dict(info=info, records=rows, gather_locality=locality),
+                                                          indent=1) + "\n")
     write_markdown(rows, info, out_dir, baseline)
+    with open(out_dir / "sm90_profile.md", "a") as f:
+        f.write("\n" + _gather_locality.markdown(locality))
     return rows
 
 

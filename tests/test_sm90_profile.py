@@ -35,6 +35,9 @@ def profile(tmp_path_factory):
     assert (out / "sm90_profile.md").read_text().count("static estimate") >= 1
     for r in data["records"]:
         assert (out / r["cubin"]).is_file()
+    loc = data["gather_locality"]  # MDT masked: table lines per warp-load, random vs sorted kept positions
+    assert loc["label"] == "static estimate" and loc["layout_source"].startswith("TTGIR")
+    assert loc["cases"]["sorted"]["table_lines_per_warp_load"] < loc["cases"]["random"]["table_lines_per_warp_load"]
     return [r for r in data["records"] if r["kernel"] in ATTENTION and not r["rejected_over_shared_limit"]]
 
 
