@@ -3,7 +3,7 @@
     python -m benchmarks.sm90_profile [--out DIR] [--reduced]
 
 Each kernel is compiled for sm_90 (H100/H200) through its real launcher: a
-compile-only driver reports an sm_90 target and ``JITFunction.run`` compiles
+compile-only driver (``benchmarks/_sm90_compile.py``) reports an sm_90 target and ``JITFunction.run`` compiles
 without launching (its ``warmup`` mode), so argument binding, specialisation
 (alignment, constexprs) and the whole pipeline TTIR -> PTX -> ptxas run exactly
 as they would on the GPU.  The forward autotuner compiles every one of its
@@ -51,11 +51,8 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the profile needs the real
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.runtime.jit as _jit  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
-from benchmarks import _gather_locality  # noqa: E402
+from benchmarks import _gather_locality, _sm90_compile  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "sm90-static"
 SHARED_LIMIT = 232448  # bytes per block on sm_90 (opt-in maximum, 227 KiB)
@@ -71,22 +68,6 @@ STATIC = "static estimate"
 
 # ----------------------------------------------------------------------------- compile-only driver
 
-class _CompileOnlyDriver:
-    """Just enough of a driver for JITFunction to compile for sm_90 on a CPU."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
 class _Recorder:
     def __init__(self):
         self.records: List[dict] = []
@@ -94,17 +75,14 @@ class _Recorder:
 
 
 _REC = _Recorder()
-_orig_run = _jit.JITFunction.run
 
 
-def _compile_only(self, *args, grid, warmup, **kwargs):
-    kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+def _record(fn, args, kwargs, kernel):
     meta = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in kwargs}
-    _REC.records.append(dict(kernel=self.fn.__name__, compiled=kernel, launch=meta, spec=dict(_REC.spec)))
+    _REC.records.append(dict(kernel=fn.fn.__name__, compiled=kernel, launch=meta, spec=dict(_REC.spec)))
     if kernel.metadata.shared > SHARED_LIMIT:  # what loading it on an H100 would raise
         _REC.records[-1]["rejected"] = True
         raise triton.runtime.errors.OutOfResources(kernel.metadata.shared, SHARED_LIMIT, "shared memory")
-    return kernel
 
 
 def _autotune_every_config(self, *args, **kwargs):
@@ -120,12 +98,9 @@ def _autotune_every_config(self, *args, **kwargs):
 
 
 def install():
-    driver.set_active(_CompileOnlyDriver())
-    _jit.JITFunction.run = _compile_only
+    _sm90_compile.install(_record)
     triton.runtime.Autotuner.run = _autotune_every_config
-    from edt_kernels.ops import _triton_utils, adaln, amm_attention, tokens  # noqa: F401
-    adaln.interpreting = lambda: True  # let the launchers accept CPU tensors (nothing runs)
-    _triton_utils.interpreting = lambda: True  # the token launchers' check_launchable, likewise
+    from edt_kernels.ops import adaln, amm_attention, tokens  # noqa: F401
     amm_attention._on_gpu = lambda t: True  # the GPU tiles and configs, not the interpreter's
     return amm_attention, adaln, tokens
 
@@ -327,25 +302,7 @@ def run_tokens_adaln(adaln, tokens, reduced: bool):
         dt = DTYPES[dt_name]
         for C in widths:
             _REC.spec = dict(feature=f"C={C}", dtype=dt_name, head_dim=None, N=L, layout="[B, L, C]")
-            x = torch.randn(B, L, C, dtype=dt)
-            ids = torch.stack([torch.randperm(L) for _ in range(B)])
-            keep_ids = ids[:, :K].contiguous()
-            inv = tokens.invert_ids(keep_ids, L)
-            tokens.gather_rows(x, keep_ids)
-            tokens.scatter_rows(x[:, :K].contiguous(), keep_ids, L)
-            tokens.unshuffle_rows(x[:, :K].contiguous(), inv, torch.randn(1, 1, C, dtype=dt),
-                                  torch.randn(1, L, C, dtype=dt), dt)
-            tokens.unshuffle_backward(x, inv, K, True)
-            tokens.masking_gather(x, ids, K)
-            tokens.sort_kept(ids, K)
-            m = (torch.rand(B, L) > 0.5).to(dt)
-            tokens.masked_shortcut_forward(x, x.clone(), m)
-            tokens.masked_shortcut_backward(x, x, x.clone(), m, True)
-            sh, sc = torch.randn(B, C, dtype=dt), torch.randn(B, C, dtype=dt)
-            adaln.ln_modulate_forward(x, sh, sc, 1e-6)
-            adaln.ln_modulate_backward(x, x, sc, 1e-6)
-            adaln.gated_residual_forward(x, sh, x.clone())
-            adaln.gated_residual_backward(x, sh, x.clone())
+            _sm90_compile.token_launchers(tokens, adaln, torch.randn(B, L, C, dtype=dt), K)
 
 
 # ----------------------------------------------------------------------------- records and output

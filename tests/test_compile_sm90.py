@@ -82,7 +82,7 @@ def test_kernels_compile_for_sm90_and_fit_shared_memory():
 
 EXPECTED_KERNELS = {
     "_gather_rows_kernel", "_invert_ids_kernel", "_unshuffle_rows_kernel", "_unshuffle_bwd_kernel",
-    "_masking_gather_kernel", "_masked_shortcut_fwd_kernel", "_masked_shortcut_bwd_kernel",
+    "_masking_gather_kernel", "_sort_kept_kernel", "_masked_shortcut_fwd_kernel", "_masked_shortcut_bwd_kernel",
     "_ln_modulate_fwd_kernel", "_ln_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
     "_gated_residual_bwd_kernel", "_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel",
     "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel",

@@ -8,6 +8,7 @@ with the authors' matrix ``M``, checked against a dense processor written here
 and set by hand in those blocks.  Skipped only when diffusers is not installed
 (``pip install "edt-kernels[diffusers]"``).
 """
+import functools
 import types
 import warnings
 
@@ -28,6 +29,7 @@ from edt_kernels.diffusers import AMMAttnProcessor  # noqa: E402
 from edt_kernels.patch import UnsupportedModuleError, is_patched  # noqa: E402
 
 from conftest import load_fixture  # noqa: E402
+from helpers import model_runs  # noqa: E402
 
 ATOL = 1e-5  # float32, patched vs stock (outputs and gradients)
 HEADS, HEAD_DIM, SIDE = 2, 8, 8  # inner width 16; latent 8 x 8, patch 2 -> a 4 x 4 grid of 16 tokens
@@ -52,28 +54,9 @@ def dit_inputs(seed=1):
     return (torch.randn(2, 4, SIDE, SIDE, generator=g), torch.tensor([3, 500]), torch.tensor([1, 7]))
 
 
-def run(model, *args, **kwargs):
-    """Output and gradients (first input and every parameter) of a random linear loss."""
-    model.zero_grad(set_to_none=True)
-    x = args[0].clone().requires_grad_(True)
-    torch.manual_seed(11)  # DiT drops class labels at random in training mode: the same draws each run
-    out = model(x, *args[1:], **kwargs)
-    out = out.sample if hasattr(out, "sample") else out
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    (out * w).sum().backward()
-    grads = {"x": x.grad}
-    grads.update({n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()})
-    return out.detach(), grads
-
-
-def assert_same_run(a, b, atol=ATOL):
-    (out_a, g_a), (out_b, g_b) = a, b
-    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=atol)
-    assert g_a.keys() == g_b.keys()
-    for name in g_a:
-        assert (g_a[name] is None) == (g_b[name] is None), name
-        if g_a[name] is not None:
-            torch.testing.assert_close(g_a[name], g_b[name], atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+# DiT drops class labels at random in training mode: the same draws each run.
+run = functools.partial(model_runs.run, manual_seed=11)
+assert_same_run = functools.partial(model_runs.assert_same_run, atol=ATOL)
 
 
 def sample(model, args):

@@ -14,6 +14,7 @@ skipped, saying so, when timm cannot be imported.
 Everything is float32 on the CPU with the ``amm_attention`` backend picked by
 "auto"; patched and unpatched forwards must agree to < 1e-5.
 """
+import functools
 import math
 import os
 import types
@@ -27,6 +28,8 @@ from edt_kernels import AMM, apply_amm, patch_model, unpatch_model
 from edt_kernels.patch import AMM_PRESETS, PatchReport, UnsupportedModuleError, is_patched
 
 from conftest import load_fixture
+from helpers import model_runs
+from helpers.model_runs import run
 
 TIMM_WHEEL_DIR = os.environ.get("EDT_TIMM_WHEEL_DIR",
                                 os.path.join(os.path.expanduser("~"), ".cache", "edt_kernels", "wheels"))
@@ -306,26 +309,7 @@ def inputs(seed=1, n=N, batch=2):
     return torch.randn(batch, n, DIM, generator=g), torch.randn(batch, DIM, generator=g)
 
 
-def run(model, x, c, **kw):
-    """Output and gradients (input and every parameter) of a random linear loss."""
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    out = model(x, c, **kw)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    (out * w).sum().backward()
-    grads = {"x": x.grad}
-    grads.update({n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()})
-    return out.detach(), grads
-
-
-def assert_same_run(a, b, atol=ATOL):
-    (out_a, g_a), (out_b, g_b) = a, b
-    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=atol)
-    assert g_a.keys() == g_b.keys()
-    for name in g_a:
-        assert (g_a[name] is None) == (g_b[name] is None), name
-        if g_a[name] is not None:
-            torch.testing.assert_close(g_a[name], g_b[name], atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+assert_same_run = functools.partial(model_runs.assert_same_run, atol=ATOL)
 
 
 def attention_modules(model):
