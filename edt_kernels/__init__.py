@@ -4,7 +4,7 @@
     >>> out = amm_attention(q, k, v, rel_pos_bias=table, grid=16, positions=ids_keep, amm=True)
 """
 from .amm import AMM, amm_offset_table, modulation_matrix, relative_position_index  # noqa: F401
-from .attention import amm_attention, available_backends  # noqa: F401
+from .attention import amm_attention, amm_attention_qkvpacked, available_backends  # noqa: F401
 from .reference import reference_attention  # noqa: F401
 # -- more exports below (one line per module) --
 from .ops.adaln import gated_residual, layernorm_modulate  # noqa: F401

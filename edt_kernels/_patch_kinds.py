@@ -1,7 +1,8 @@
 """The rows of the patch table for timm, MDT and EDT attention: how each module
 type is recognised, what can stop it from being patched, and the replacement
 forward that computes what the module's own forward computes through
-:func:`edt_kernels.amm_attention`.  The table itself, the per-module state and
+:func:`edt_kernels.amm_attention_qkvpacked` (``amm_attention`` where the module
+norms q and k per head).  The table itself, the per-module state and
 the patch / unpatch logic live in :mod:`edt_kernels.patch`.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from ._validation import infer_grid
 from .amm import AMM, modulation_matrix, normalize_grid, relative_position_index
-from .attention import amm_attention
+from .attention import amm_attention, amm_attention_qkvpacked
 
 STATE_ATTR = "_edt_kernels_patch"
 
@@ -128,11 +129,29 @@ def eager_attention(q, k, v, *, scale: float, drop: nn.Module, table=None, grid=
     return torch.matmul(drop(p), v)
 
 
-def _attend(self, st: PatchState, q, k, v, **kw) -> torch.Tensor:
-    """``amm_attention`` or, with active attention dropout, the eager path (warned once)."""
+def _is_identity(m: Optional[nn.Module]) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _attend(self, st: PatchState, qkv: torch.Tensor, q_norm: Optional[nn.Module] = None,
+            k_norm: Optional[nn.Module] = None, **kw) -> torch.Tensor:
+    """Attention of ``qkv [B, N, 3, H, D]`` (the fused projection's output
+    reshaped) -> ``[B, N, H, D]``.
+
+    ``amm_attention_qkvpacked`` (its gradient written straight into one dqkv
+    buffer) when q and k are used as projected; with per-head ``q_norm`` /
+    ``k_norm`` layers, ``amm_attention`` of the normed views; with active
+    attention dropout, the eager path (warned once)."""
     drop = attention_dropout(self)
+    if drop is None and _is_identity(q_norm) and _is_identity(k_norm):
+        return amm_attention_qkvpacked(qkv, backend=st.backend, **kw)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, N, D) views
+    if not _is_identity(q_norm):
+        q = q_norm(q)
+    if not _is_identity(k_norm):
+        k = k_norm(k)
     if drop is None:
-        return amm_attention(q, k, v, backend=st.backend, **kw)
+        return amm_attention(q, k, v, backend=st.backend, **kw).transpose(1, 2)
     if not st.warned_dropout:
         st.warned_dropout = True
         warnings.warn(
@@ -140,9 +159,10 @@ def _attend(self, st: PatchState, q, k, v, **kw) -> torch.Tensor:
             "attention does not implement: this module computes its attention eagerly (materialised "
             "N x N weights) while training; eval mode, or attn_drop.p = 0, uses amm_attention",
             UserWarning, stacklevel=3)
-    return eager_attention(q, k, v, drop=drop, table=kw.get("rel_pos_bias"), grid=kw.get("grid"),
-                           positions=kw.get("positions"), bias=kw.get("bias"), amm=kw.get("amm"),
-                           modulation=kw.get("modulation"), scale=kw["scale"])
+    out = eager_attention(q, k, v, drop=drop, table=kw.get("rel_pos_bias"), grid=kw.get("grid"),
+                          positions=kw.get("positions"), bias=kw.get("bias"), amm=kw.get("amm"),
+                          modulation=kw.get("modulation"), scale=kw["scale"])
+    return out.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- replacement forwards
@@ -156,20 +176,14 @@ def timm_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
     D = self.qkv.out_features // (3 * H)
     gate_layer = getattr(self, "gate", None)
     gate = gate_layer(x).sigmoid() if gate_layer is not None else None
-    qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D), a view
-    q, k, v = qkv.unbind(0)
-    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
+    qkv = self.qkv(x).reshape(B, N, 3, H, D)  # (B, N, 3, H, D), a view
 
     bias = None
     if is_causal:  # timm: is_causal takes precedence over attn_mask
-        bias = torch.full((N, N), float("-inf"), device=x.device, dtype=q.dtype).triu(1)
+        bias = torch.full((N, N), float("-inf"), device=x.device, dtype=qkv.dtype).triu(1)
     elif attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            bias = torch.zeros(attn_mask.shape, device=x.device, dtype=q.dtype).masked_fill(
+            bias = torch.zeros(attn_mask.shape, device=x.device, dtype=qkv.dtype).masked_fill(
                 ~attn_mask, float("-inf"))
         else:
             bias = attn_mask
@@ -178,8 +192,9 @@ def timm_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
     grid = None
     if active and amm is not None:
         grid = st.amm_grid if st.amm_grid is not None else square_grid(N)
-    out = _attend(self, st, q, k, v, scale=self.scale, grid=grid, amm=amm, bias=bias)  # (B, H, N, D)
-    x = out.transpose(1, 2).reshape(B, N, H * D)
+    out = _attend(self, st, qkv, getattr(self, "q_norm", None), getattr(self, "k_norm", None),
+                  scale=self.scale, grid=grid, amm=amm, bias=bias)  # (B, N, H, D)
+    x = out.reshape(B, N, H * D)
     norm = getattr(self, "norm", None)
     if norm is not None:
         x = norm(x)
@@ -195,13 +210,12 @@ def mdt_forward(self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) 
     st: PatchState = getattr(self, STATE_ATTR)
     B, N, C = x.shape  # (B, N, C); N = len(ids_keep[0]) when masked
     H = self.num_heads
-    qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
-    q, k, v = qkv.unbind(0)
+    qkv = self.qkv(x).reshape(B, N, 3, H, C // H)  # (B, N, 3, H, D), a view
     _, amm = override_amm(st, self.training)
-    out = _attend(self, st, q, k, v, scale=self.scale,
+    out = _attend(self, st, qkv, scale=self.scale,
                   rel_pos_bias=self.rel_pos_bias.relative_position_bias_table,
-                  grid=st.grid, positions=ids_keep, amm=amm)
-    x = out.transpose(1, 2).reshape(B, N, C)
+                  grid=st.grid, positions=ids_keep, amm=amm)  # (B, N, H, D)
+    x = out.reshape(B, N, C)
     return self.proj_drop(self.proj(x))
 
 
@@ -214,19 +228,18 @@ def edt_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> t
             "forward refuses it rather than ignore it silently (pass mask=None)")
     B, N, C = x.shape  # (B, N, C)
     H = self.num_heads
-    qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
-    q, k, v = qkv.unbind(0)
+    qkv = self.qkv(x).reshape(B, N, 3, H, C // H)  # (B, N, 3, H, D), a view
     active, amm = override_amm(st, self.training)
     modulation = None
     if not active and getattr(self, "local", False) and not self.training:
         if st.native_modulation is None:
             amm = AMM()  # the published matrix, computed in-kernel from the grid
         else:  # a module whose stored matrix is not the published one: use it as is
-            modulation = st.native_modulation.to(device=x.device, dtype=q.dtype)
-    out = _attend(self, st, q, k, v, scale=self.scale,
+            modulation = st.native_modulation.to(device=x.device, dtype=qkv.dtype)
+    out = _attend(self, st, qkv, scale=self.scale,
                   rel_pos_bias=self.rel_pos_bias.relative_position_bias_table,
-                  grid=st.grid, amm=amm, modulation=modulation)
-    x = out.transpose(1, 2).reshape(B, N, C)
+                  grid=st.grid, amm=amm, modulation=modulation)  # (B, N, H, D)
+    x = out.reshape(B, N, C)
     return self.proj_drop(self.proj(x))
 
 

@@ -24,6 +24,7 @@ from .reference.attention import eager_attention, reference_attention
 
 __all__ = [
     "amm_attention",
+    "amm_attention_qkvpacked",
     "AttentionInputs",
     "AttentionBackend",
     "register_backend",
@@ -51,6 +52,8 @@ class AttentionInputs:
     amm: Optional[AMM]
     bias: Optional[torch.Tensor]  # 4-d, broadcastable to [B, H, N, N]
     modulation: Optional[torch.Tensor]  # 4-d, broadcastable to [B, H, N, N]
+    # amm_attention_qkvpacked: the [B, N, 3, H, D] tensor that q, k, v are views of
+    qkv: Optional[torch.Tensor] = None
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +77,11 @@ class AttentionInputs:
         return (self.q, self.k, self.v, self.table, self.positions, self.amm_table(),
                 self.bias, self.modulation, self.scale, self.rows, self.cols)
 
+    def packed_kernel_args(self) -> Tuple:
+        """Positional arguments of the packed-qkv custom ops: ``kernel_args`` with
+        ``qkv [B, N, 3, H, D]`` in place of ``q, k, v``."""
+        return (self.qkv,) + self.kernel_args()[3:]
+
 
 class AttentionBackend(_backends.Backend):
     """One way of computing ``amm_attention`` (see :mod:`edt_kernels.backends`)."""
@@ -85,6 +93,15 @@ class AttentionBackend(_backends.Backend):
 
     def apply(self, inp: AttentionInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def apply_qkvpacked(self, inp: AttentionInputs) -> torch.Tensor:
+        """``amm_attention_qkvpacked``: ``[B, N, H, D]`` from ``inp.qkv``.
+
+        This default runs :meth:`apply` on ``inp.q/k/v``, the ``qkv.unbind(2)``
+        views, so autograd stacks their three gradients into one new
+        ``[B, N, 3, H, D]`` tensor (one copy); a backend whose kernels write
+        through strides overrides it to write ``dqkv`` in place (triton)."""
+        return self.apply(inp).transpose(1, 2)
 
 
 class TorchBackend(AttentionBackend):
@@ -187,9 +204,10 @@ def _as_4d(name: str, t: torch.Tensor, B: int, H: int, N: int) -> torch.Tensor:
 
 
 def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positions=None,
-                    amm=None, bias=None, modulation=None) -> AttentionInputs:
+                    amm=None, bias=None, modulation=None, n_name: str = "q.shape[2]") -> AttentionInputs:
     """Check every argument of ``amm_attention``; raise ``TypeError``/``ValueError``
-    naming the argument and the expected shape or type."""
+    naming the argument and the expected shape or type (``n_name``: where the
+    messages say the token count N comes from)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, allow_none=False)
         if t.dim() != 4:
@@ -226,14 +244,14 @@ def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positi
         if positions is not None and uses_grid:
             raise ValueError("grid must be given with positions (the token grid is not N)")
         if uses_grid:
-            rows = cols = infer_grid(N, "N = q.shape[2]")
+            rows = cols = infer_grid(N, f"N = {n_name}")
         else:  # the grid is unused: the square side when there is one, else one row
             side = math.isqrt(N)
             rows, cols = (side, side) if side * side == N else (1, N)
     else:
         rows, cols = normalize_grid(grid)
     if positions is None and uses_grid and rows * cols != N:
-        raise ValueError(f"without positions, N = q.shape[2] = {N} must equal rows*cols of "
+        raise ValueError(f"without positions, N = {n_name} = {N} must equal rows*cols of "
                          f"grid ({rows}, {cols}) = {rows * cols}; pass positions for a token subset")
 
     if positions is not None and uses_grid:
@@ -311,3 +329,65 @@ def amm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     inp = validate_inputs(q, k, v, scale=scale, rel_pos_bias=rel_pos_bias, grid=grid,
                           positions=positions, amm=amm, bias=bias, modulation=modulation)
     return select_backend(inp, backend).apply(inp)
+
+
+# ----------------------------------------------------------------------------- packed qkv
+
+def validate_qkvpacked(qkv, **kwargs) -> AttentionInputs:
+    """Check the arguments of ``amm_attention_qkvpacked``: ``qkv`` is
+    ``[B, N, 3, H, D]``; the keyword options as in :func:`validate_inputs`.
+    The returned inputs hold ``qkv`` and its ``[B, H, N, D]`` views
+    ``q, k, v = qkv.unbind(2)`` transposed (no copy)."""
+    _check_tensor("qkv", qkv, allow_none=False)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError("qkv must be [B, N, 3, H, D] (the fused qkv projection's output reshaped, "
+                         f"without a permute), got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"qkv must be float16, bfloat16, float32 or float64, got {qkv.dtype}")
+    if not 1 <= qkv.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = qkv.shape[-1] must be in 1..{MAX_HEAD_DIM}, got {qkv.shape[-1]}")
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, N, D) views
+    inp = validate_inputs(q, k, v, n_name="qkv.shape[1]", **kwargs)
+    inp.qkv = qkv
+    return inp
+
+
+def amm_attention_qkvpacked(qkv: torch.Tensor, *,
+                            scale: Optional[float] = None,
+                            rel_pos_bias: Optional[torch.Tensor] = None,
+                            grid: Optional[GridLike] = None,
+                            positions: Optional[torch.Tensor] = None,
+                            amm: Union[None, bool, AMM] = None,
+                            bias: Optional[torch.Tensor] = None,
+                            modulation: Optional[torch.Tensor] = None,
+                            backend: str = "auto") -> torch.Tensor:
+    """:func:`amm_attention` of ``q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))``,
+    from one packed tensor::
+
+        qkv = attn.qkv(x).reshape(B, N, 3, H, D)       # timm / DiT / MDT / EDT, no permute
+        out = amm_attention_qkvpacked(qkv, rel_pos_bias=table, grid=16, amm=True)
+        x = attn.proj(out.reshape(B, N, H * D))
+
+    Args:
+        qkv: ``[B, N, 3, H, D]``, any strides (read in place); dtypes as
+            :func:`amm_attention`.
+        scale, rel_pos_bias, grid, positions, amm, bias, modulation, backend:
+            as :func:`amm_attention` (N is ``qkv.shape[1]``).
+
+    Returns:
+        ``[B, N, H, D]`` in qkv's dtype: the tokens' layout, so that
+        ``out.reshape(B, N, H * D)`` is a view on the ``triton`` backend (whose
+        output is contiguous); other backends may return a strided ``[B, N, H, D]``.
+
+    Gradient: on the ``triton`` backend the backward kernels write ``dq, dk, dv``
+    straight into one ``[B, N, 3, H, D]`` buffer, which autograd passes on as
+    qkv's gradient (no stack, no copy).  The ``cpp``, ``torch`` and ``eager``
+    backends compute ``dq, dk, dv`` apart and autograd stacks them into one
+    new ``[B, N, 3, H, D]`` tensor (one copy).
+    """
+    inp = validate_qkvpacked(qkv, scale=scale, rel_pos_bias=rel_pos_bias, grid=grid,
+                             positions=positions, amm=amm, bias=bias, modulation=modulation)
+    chosen = select_backend(inp, backend)
+    # A backend registered from outside may be a plain backends.Backend: the default applies.
+    packed = getattr(type(chosen), "apply_qkvpacked", AttentionBackend.apply_qkvpacked)
+    return packed(chosen, inp)

@@ -13,7 +13,8 @@ or by hand, for a model or one module::
 :class:`AMMAttnProcessor` reproduces the stock processors ``AttnProcessor2_0``,
 ``AttnProcessor`` and ``FusedAttnProcessor2_0`` for self-attention without a
 mask: the optional ``spatial_norm`` and ``group_norm`` before the projections,
-separate ``to_q``/``to_k``/``to_v`` or fused ``to_qkv``, ``norm_q``/``norm_k``
+separate ``to_q``/``to_k``/``to_v`` or fused ``to_qkv`` (without q/k norms read as one
+packed ``[B, N, 3, H, D]`` tensor by :func:`edt_kernels.amm_attention_qkvpacked`), ``norm_q``/``norm_k``
 (which the classic ``AttnProcessor`` does not apply),
 the output projection and dropout, ``residual_connection`` and
 ``rescale_output_factor``; 4-d inputs ``(B, C, H, W)`` give the AMM its grid
@@ -37,7 +38,7 @@ from torch import nn
 from ._patch_kinds import AttentionKind, PatchState, square_grid
 from .amm import AMM, GridLike, normalize_grid
 from ._validation import coerce_amm
-from .attention import amm_attention
+from .attention import amm_attention, amm_attention_qkvpacked
 
 __all__ = ["AMMAttnProcessor", "unsupported_reasons"]
 
@@ -142,24 +143,34 @@ class AMMAttnProcessor:
         B, N, _ = hidden_states.shape  # (B, N, C)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if _uses_fused(attn, self.fallback):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         H = attn.heads
-        D = key.shape[-1] // H
-        q = query.view(B, -1, H, D).transpose(1, 2)  # (B, H, N, D)
-        k = key.view(B, -1, H, D).transpose(1, 2)
-        v = value.view(B, -1, H, D).transpose(1, 2)
-        if _is_stock(self.fallback) != "AttnProcessor":  # the classic processor has no q/k norms
-            if attn.norm_q is not None:
-                q = attn.norm_q(q)
-            if attn.norm_k is not None:
-                k = attn.norm_k(k)
+        normed = _is_stock(self.fallback) != "AttnProcessor" and (
+            attn.norm_q is not None or attn.norm_k is not None)  # the classic processor has no q/k norms
         if amm is not None and grid is None:
             grid = square_grid(N)
-        out = amm_attention(q, k, v, scale=attn.scale, grid=grid, amm=amm, backend=self.backend)
-        hidden_states = out.transpose(1, 2).reshape(B, -1, H * D).to(q.dtype)  # (B, N, C)
+        if _uses_fused(attn, self.fallback) and not normed:
+            # to_qkv's output [q | k | v] reshaped is [B, N, 3, H, D]: one packed tensor, and one dqkv
+            fused = attn.to_qkv(hidden_states)
+            D = fused.shape[-1] // (3 * H)
+            out = amm_attention_qkvpacked(fused.view(B, -1, 3, H, D), scale=attn.scale, grid=grid, amm=amm,
+                                          backend=self.backend)  # (B, N, H, D)
+            hidden_states = out.reshape(B, -1, H * D).to(fused.dtype)  # (B, N, C)
+        else:
+            if _uses_fused(attn, self.fallback):
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            D = key.shape[-1] // H
+            q = query.view(B, -1, H, D).transpose(1, 2)  # (B, H, N, D)
+            k = key.view(B, -1, H, D).transpose(1, 2)
+            v = value.view(B, -1, H, D).transpose(1, 2)
+            if normed:
+                if attn.norm_q is not None:
+                    q = attn.norm_q(q)
+                if attn.norm_k is not None:
+                    k = attn.norm_k(k)
+            out = amm_attention(q, k, v, scale=attn.scale, grid=grid, amm=amm, backend=self.backend)
+            hidden_states = out.transpose(1, 2).reshape(B, -1, H * D).to(q.dtype)  # (B, N, C)
         hidden_states = attn.to_out[0](hidden_states)  # projection
         hidden_states = attn.to_out[1](hidden_states)  # dropout
         if input_ndim == 4:

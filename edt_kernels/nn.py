@@ -26,7 +26,7 @@ from torch import nn
 
 from .amm import AMM, GridLike, normalize_grid, num_offsets, relative_position_index
 from ._validation import coerce_amm
-from .attention import amm_attention
+from .attention import amm_attention_qkvpacked
 
 __all__ = ["RelativePositionBias", "AMMAttention"]
 
@@ -103,7 +103,7 @@ class RelativePositionBias(nn.Module):
 
 
 class AMMAttention(nn.Module):
-    """Multi-head self-attention computed by :func:`edt_kernels.amm_attention`::
+    """Multi-head self-attention computed by :func:`edt_kernels.amm_attention_qkvpacked`::
 
         out = proj((softmax(q k^T * scale + T[idx(p_i, p_j)]) ⊙ M(p_i, p_j)) v)
 
@@ -200,14 +200,13 @@ class AMMAttention(nn.Module):
         if C != self.dim:
             raise ValueError(f"x must be [B, N, C] with C = {self.dim}, got {list(x.shape)}")
         H, D = self.num_heads, self.head_dim
-        qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D), a view
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, H, D)  # (B, N, 3, H, D), a view; its gradient is written in place
         if amm is None:
             amm = self.amm if self.amm_active() else None
         table = self.rel_pos_bias.relative_position_bias_table if self.rel_pos_bias is not None else None
-        out = amm_attention(q, k, v, scale=self.scale, rel_pos_bias=table, grid=self.grid,
-                            positions=positions, amm=amm, backend=self.backend)  # (B, H, N, D)
-        x = out.transpose(1, 2).reshape(B, N, C)
+        out = amm_attention_qkvpacked(qkv, scale=self.scale, rel_pos_bias=table, grid=self.grid,
+                                      positions=positions, amm=amm, backend=self.backend)  # (B, N, H, D)
+        x = out.reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:

@@ -276,8 +276,8 @@ class _CallLog:
 
 
 def test_attention_gets_positions_and_the_model_backend(monkeypatch, torch_backend):
-    log = _CallLog(edt_kernels.nn.amm_attention)
-    monkeypatch.setattr(edt_kernels.nn, "amm_attention", log)
+    log = _CallLog(edt_kernels.nn.amm_attention_qkvpacked)
+    monkeypatch.setattr(edt_kernels.nn, "amm_attention_qkvpacked", log)
     fused, plain = _pair("MDTv2")
     fused.train()
     plain.train()
@@ -309,8 +309,8 @@ def test_every_op_gets_the_model_backend(backend, monkeypatch, torch_backend):
         logs[name] = _CallLog(getattr(edt_kernels, name))
         for mod in modules:
             monkeypatch.setattr(mod, name, logs[name])
-    logs["amm_attention"] = _CallLog(edt_kernels.nn.amm_attention)
-    monkeypatch.setattr(edt_kernels.nn, "amm_attention", logs["amm_attention"])
+    logs["amm_attention"] = _CallLog(edt_kernels.nn.amm_attention_qkvpacked)
+    monkeypatch.setattr(edt_kernels.nn, "amm_attention_qkvpacked", logs["amm_attention"])
     for kind in ("EDT-XL", "MDTv2"):
         model = TINY[kind][0](**TINY[kind][1], backend=backend).train()
         _run(model, _inputs(model), True, seed=0)

@@ -134,21 +134,23 @@ def test_amm_attention_matches_eager(amm, masked, setup):
 
 
 def test_amm_attention_uses_qkv_views(monkeypatch):
+    """The module passes its qkv projection's output, reshaped to [B, N, 3, H, D]
+    (a view, no copy), to the packed entry."""
     seen = {}
-    real = edt_kernels.nn.amm_attention
+    real = edt_kernels.nn.amm_attention_qkvpacked
 
-    def spy(q, k, v, **kw):
-        seen.update(q=q, k=k, v=v)
-        return real(q, k, v, **kw)
+    def spy(qkv, **kw):
+        seen.update(qkv=qkv)
+        return real(qkv, **kw)
 
-    monkeypatch.setattr(edt_kernels.nn, "amm_attention", spy)
+    monkeypatch.setattr(edt_kernels.nn, "amm_attention_qkvpacked", spy)
     attn = AMMAttention(DIM, HEADS, grid=GRID)
+    proj = {}
+    attn.qkv.register_forward_hook(lambda mod, inp, out: proj.update(out=out))
     attn(torch.randn(2, N, DIM))
-    q, k, v = seen["q"], seen["k"], seen["v"]
-    assert not q.is_contiguous()  # the permuted view, not a copy
-    base = q.untyped_storage().data_ptr()
-    assert k.untyped_storage().data_ptr() == base == v.untyped_storage().data_ptr()
-    assert q.shape == (2, HEADS, N, DIM // HEADS)
+    qkv = seen["qkv"]
+    assert qkv.shape == (2, N, 3, HEADS, DIM // HEADS)
+    assert qkv.data_ptr() == proj["out"].data_ptr()  # the projection's memory, not a copy
 
 
 def test_amm_attention_module_amm_default_override_and_eval_only():
@@ -222,7 +224,7 @@ def test_amm_attention_bad_arguments():
     attn = AMMAttention(DIM, HEADS, grid=GRID)
     with pytest.raises(ValueError, match=f"C = {DIM}"):
         attn(torch.randn(2, N, DIM + 1))
-    with pytest.raises(ValueError, match="N = q.shape\\[2\\] = 15 must equal rows\\*cols"):
+    with pytest.raises(ValueError, match="N = qkv.shape\\[1\\] = 15 must equal rows\\*cols"):
         attn(torch.randn(2, 15, DIM))
 
 

@@ -11,6 +11,10 @@ Every compiled backend (Triton, C++) exposes the same two entry points:
     -> (dq, dk, dv, dtable (table's shape, float32 — float64 for float64 q — or empty),
         dbias (bias's shape, float32, or empty))``
 
+A backend whose ``bwd`` also takes ``grads=(dq, dk, dv)`` (preallocated
+``[B, H, N, D]`` tensors of any strides, written in place) gets the packed-qkv
+ops too (:func:`register_attention_qkvpacked_op`).
+
 where ``table`` is the learned ``[rows_t, H]`` bias table, ``positions`` int64
 ``[B, N]`` or ``[N]`` flat grid indices, ``amm_table`` the float32 AMM per grid
 offset (``edt_kernels.amm.amm_offset_table``), ``bias``/``modulation`` dense
@@ -22,7 +26,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["register_attention_op"]
+__all__ = ["register_attention_op", "register_attention_qkvpacked_op"]
 
 
 def _dtable_dtype(q: torch.Tensor) -> torch.dtype:
@@ -102,6 +106,94 @@ def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
     def apply(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
         return fwd(q, k, v, table, positions, amm_table, bias, modulation, float(scale),
                    int(rows), int(cols))[0]
+
+    apply.fwd_op = fwd
+    apply.bwd_op = bwd
+    return apply
+
+
+def _new_dqkv(qkv: torch.Tensor) -> torch.Tensor:
+    """The one gradient buffer of the packed backward, ``[B, N, 3, H, D]``
+    contiguous (tests poison it)."""
+    return torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+
+
+def _qkv_views(qkv: torch.Tensor):
+    """The ``[B, H, N, D]`` views q, k, v of ``qkv [B, N, 3, H, D]``."""
+    return [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+
+def register_attention_qkvpacked_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
+                                    device_types: Optional[Sequence[str]] = None):
+    """Register ``edt_kernels::{name}_qkvpacked_fwd`` / ``_bwd`` over one
+    ``qkv [B, N, 3, H, D]`` tensor and return a callable
+    ``apply(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols) -> out [B, N, H, D]``
+    that is differentiable in qkv, table and bias.
+
+    The forward reads q, k, v as views of qkv; the backward allocates one
+    ``dqkv [B, N, 3, H, D]``, lets ``bwd_impl`` write dq, dk, dv into its three
+    views (``grads=``) and returns it: autograd receives dqkv itself."""
+    fwd_name = f"edt_kernels::{name}_qkvpacked_fwd"
+    bwd_name = f"edt_kernels::{name}_qkvpacked_bwd"
+
+    @torch.library.custom_op(fwd_name, mutates_args=(), device_types=device_types)
+    def fwd(qkv: torch.Tensor, table: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+            amm_table: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            modulation: Optional[torch.Tensor], scale: float, rows: int, cols: int) -> List[torch.Tensor]:
+        q, k, v = _qkv_views(qkv)
+        out, lse = fwd_impl(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols)
+        return [out.transpose(1, 2).contiguous(), lse]  # (B, N, H, D): a view of the kernel's output
+
+    @fwd.register_fake
+    def _(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols):
+        B, N, _, H, D = qkv.shape
+        return [qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=torch.float32)]
+
+    @torch.library.custom_op(bwd_name, mutates_args=(), device_types=device_types)
+    def bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            table: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+            amm_table: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            modulation: Optional[torch.Tensor], scale: float, rows: int, cols: int,
+            need_dtable: bool, need_dbias: bool) -> List[torch.Tensor]:
+        dqkv = _new_dqkv(qkv)  # (B, N, 3, H, D)
+        q, k, v = _qkv_views(qkv)
+        _, _, _, dtable, dbias = bwd_impl(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, table,
+                                          positions, amm_table, bias, modulation, scale, rows, cols,
+                                          need_dtable, need_dbias, grads=_qkv_views(dqkv))
+        return [dqkv, dtable, dbias]
+
+    @bwd.register_fake
+    def _(dout, qkv, out, lse, table, positions, amm_table, bias, modulation, scale, rows, cols,
+          need_dtable, need_dbias):
+        dtable = (table.new_empty(table.shape, dtype=_dtable_dtype(qkv)) if need_dtable
+                  else qkv.new_empty((0,), dtype=torch.float32))
+        dbias = (bias.new_empty(bias.shape, dtype=torch.float32) if need_dbias
+                 else qkv.new_empty((0,), dtype=torch.float32))
+        return [qkv.new_empty(qkv.shape), dtable, dbias]
+
+    def setup_context(ctx, inputs, output):
+        qkv, table, positions, amm_table, bias, modulation, scale, rows, cols = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse, table, positions, amm_table, bias, modulation)
+        ctx.scale, ctx.rows, ctx.cols = scale, rows, cols
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grads):
+        dout = grads[0]  # the LSE output is not differentiable
+        qkv, out, lse, table, positions, amm_table, bias, modulation = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_dtable = table is not None and bool(need[1])
+        need_dbias = bias is not None and bool(need[4])
+        dqkv, dtable, dbias = bwd(dout, qkv, out, lse, table, positions, amm_table, bias, modulation,
+                                  ctx.scale, ctx.rows, ctx.cols, need_dtable, need_dbias)
+        dtable = dtable.to(table.dtype) if need_dtable else None
+        dbias = dbias.to(bias.dtype) if need_dbias else None
+        return (dqkv if need[0] else None), dtable, None, None, dbias, None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+    def apply(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols):
+        return fwd(qkv, table, positions, amm_table, bias, modulation, float(scale), int(rows), int(cols))[0]
 
     apply.fwd_op = fwd
     apply.bwd_op = bwd

@@ -40,7 +40,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..attention import AttentionBackend, AttentionInputs, register_backend
-from ._attention_op import _empty_like_out, register_attention_op
+from ._attention_op import _empty_like_out, register_attention_op, register_attention_qkvpacked_op
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
     _amm_attn_fwd_kernel, _load_tile, _row_index, _tile_scores, _tile_weights,
@@ -322,6 +322,9 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
 # ============================================================================ op + backend
 
 _apply = register_attention_op("amm_attention_triton", amm_attention_forward, amm_attention_backward)
+# qkv [B, N, 3, H, D] in, dqkv written in place through the backward's grads= views
+_apply_qkvpacked = register_attention_qkvpacked_op("amm_attention_triton", amm_attention_forward,
+                                                   amm_attention_backward)
 
 
 class TritonBackend(AttentionBackend):
@@ -348,6 +351,9 @@ class TritonBackend(AttentionBackend):
 
     def apply(self, inp: AttentionInputs) -> torch.Tensor:
         return _apply(*inp.kernel_args())
+
+    def apply_qkvpacked(self, inp: AttentionInputs) -> torch.Tensor:
+        return _apply_qkvpacked(*inp.packed_kernel_args())
 
 
 register_backend(TritonBackend(), auto_rank=0)
