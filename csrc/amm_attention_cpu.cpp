@@ -42,6 +42,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/flip.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
@@ -71,10 +72,16 @@ struct Dense4 {  // a 4-d tensor read with broadcast (stride 0) strides
 struct Geometry {
   int64_t B = 0, H = 0, N = 0, D = 0;
   double scale = 1.0;
-  at::Tensor tab;        // [H, rows_t] acc dtype (transposed learned table) or undefined
+  // The learned table and the AMM are stored reversed along the offset
+  // index (tab[h, x] = table[rows_t - 1 - x, h], amm[x] = amm_table[R - 1 - x])
+  // so that a row of keys with consecutive grid codes reads them forwards.
+  at::Tensor tab;        // [H, rows_t] acc dtype or undefined
   int64_t tab_rows = 0;  // rows_t
   at::Tensor amm;        // [R] acc dtype or undefined
+  int64_t amm_rows = 0;  // R
   at::Tensor u;          // int32 [Bp, N] grid code of each token, or undefined
+  at::Tensor run_end;    // int32 [Bp, N]: end of the run of consecutive codes that token j belongs to
+  bool runs = false;     // runs are long enough (>= 8 tokens on average) to be read run by run
   bool u_batched = false;
   int64_t off = 0;  // (rows - 1) * (2 cols - 1) + (cols - 1)
   at::Tensor bias_t, mod_t;  // acc dtype 4-d (keep alive)
@@ -141,7 +148,7 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 ", ", g.H, "] tensor, got ", t.sizes(), " on ", t.device());
     TORCH_CHECK(t.is_floating_point(), "edt_kernels cpp amm_attention: table must be floating point, got ",
                 t.scalar_type());
-    g.tab = t.to(acc).t().contiguous();  // [H, rows_t]
+    g.tab = t.to(acc).t().flip({1}).contiguous();  // [H, rows_t], reversed
     g.tab_rows = t.size(0);
   }
   if (has_amm) {
@@ -149,7 +156,8 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(a.device().is_cpu() && a.dim() == 1 && a.size(0) == R,
                 "edt_kernels cpp amm_attention: amm_table must be a CPU [(2*rows-1)*(2*cols-1)] = [", R,
                 "] tensor, got ", a.sizes(), " on ", a.device());
-    g.amm = a.to(acc).contiguous();
+    g.amm = a.to(acc).flip({0}).contiguous();  // reversed
+    g.amm_rows = R;
   }
   if (has_table || has_amm) {
     at::Tensor pos;
@@ -178,6 +186,17 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   rows * cols, "), got ", x);
       u[t] = static_cast<int32_t>((x / cols) * (2 * cols - 1) + x % cols);
     }
+    g.run_end = at::empty({Bp, g.N}, at::TensorOptions().dtype(at::kInt));
+    int32_t* re = g.run_end.data_ptr<int32_t>();
+    int64_t n_runs = 0;
+    for (int64_t b = 0; b < Bp; ++b) {
+      const int32_t* ub = u + b * g.N;
+      int32_t* rb = re + b * g.N;
+      for (int64_t j = g.N - 1; j >= 0; --j)
+        rb[j] = (j + 1 < g.N && ub[j + 1] == ub[j] + 1) ? rb[j + 1] : static_cast<int32_t>(j + 1);
+      for (int64_t j = 0; j < g.N; ++j) n_runs += (j == 0 || ub[j] != ub[j - 1] + 1) ? 1 : 0;
+    }
+    g.runs = n_runs * 8 <= Bp * g.N;
   }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->is_floating_point(),
@@ -228,9 +247,12 @@ void write_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc
 // Per-head views of the geometry.
 template <typename acc_t>
 struct HeadView {
-  const acc_t* tab = nullptr;   // [rows_t] of head h
-  const acc_t* amm = nullptr;   // [R]
+  const acc_t* tab = nullptr;   // [rows_t] of head h, reversed
+  const acc_t* amm = nullptr;   // [R], reversed
   const int32_t* u = nullptr;   // [N] of batch b
+  const int32_t* run_end = nullptr;  // [N] of batch b
+  bool runs = false;
+  int32_t tab_last = 0, amm_last = 0;  // rows_t - 1, R - 1
   const acc_t* bias = nullptr;  // bias[b, h] with strides bs2, bs3
   int64_t bs2 = 0, bs3 = 0;
   const acc_t* mod = nullptr;
@@ -241,7 +263,13 @@ struct HeadView {
     off = g.off;
     if (g.tab.defined()) tab = g.tab.data_ptr<acc_t>() + h * g.tab_rows;
     if (g.amm.defined()) amm = g.amm.data_ptr<acc_t>();
-    if (g.u.defined()) u = g.u.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
+    tab_last = static_cast<int32_t>(g.tab_rows - 1);
+    amm_last = static_cast<int32_t>(g.amm_rows - 1);
+    runs = g.runs;
+    if (g.u.defined()) {
+      u = g.u.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
+      run_end = g.run_end.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
+    }
     if (g.has_bias()) {
       bias = static_cast<const acc_t*>(g.bias.data) + b * g.bias.s[0] + h * g.bias.s[1];
       bs2 = g.bias.s[2];
@@ -254,9 +282,13 @@ struct HeadView {
     }
   }
 
+  // T[idx(i, j)] = tab[tab_base(i) + u[j]], M[idx(i, j)] = amm[amm_base(i) + u[j]].
+  inline int32_t tab_base(int64_t i) const { return tab_last - (u[i] + static_cast<int32_t>(off)); }
+  inline int32_t amm_base(int64_t i) const { return amm_last - (u[i] + static_cast<int32_t>(off)); }
+
   // s[j] += T[idx(i, j0 + j)] + bias[i, j0 + j] for j < bn.
   inline void add_scores(acc_t* s, int64_t i, int64_t j0, int64_t bn) const {
-    if (tab) cpu::gather_add<acc_t>(s, tab, u[i] + static_cast<int32_t>(off), u + j0, bn);
+    if (tab) cpu::table_add<acc_t>(s, tab, tab_base(i), u + j0, run_end + j0, j0, bn, runs);
     if (bias) {
       const acc_t* br = bias + i * bs2 + j0 * bs3;
       if (bs3 == 1) {
@@ -271,7 +303,7 @@ struct HeadView {
   // w[j] = M[idx(i, j0 + j)] * W[i, j0 + j] (at least one of them present).
   inline void weights(acc_t* w, int64_t i, int64_t j0, int64_t bn) const {
     if (amm) {
-      cpu::gather_set<acc_t>(w, amm, u[i] + static_cast<int32_t>(off), u + j0, bn);
+      cpu::table_set<acc_t>(w, amm, amm_base(i), u + j0, run_end + j0, j0, bn, runs);
     } else {
       std::fill(w, w + bn, acc_t(1));
     }
@@ -534,11 +566,9 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                     w = W.data();
                   }
                   cpu::softmax_grad_row<acc_t>(s, dp, w, bn, li, di);
-                  if (dtab_h) {
-                    const int32_t ui = hv.u[i0 + i] + static_cast<int32_t>(g.off);
-                    const int32_t* uk = hv.u + j0;
-                    for (int64_t j = 0; j < bn; ++j) dtab_h[ui - uk[j]] += dp[j];
-                  }
+                  if (dtab_h)  // (reversed like the table)
+                    cpu::table_scatter<acc_t>(dtab_h, dp, hv.tab_base(i0 + i), hv.u + j0, hv.run_end + j0, j0, bn,
+                                              hv.runs);
                   if (dbias_bh) {
                     float* br = dbias_bh + (i0 + i) * ts[2] + j0 * ts[3];
                     for (int64_t j = 0; j < bn; ++j) br[j * ts[3]] += static_cast<float>(dp[j]);
@@ -574,7 +604,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
       for (int64_t h = 0; h < H; ++h)
         for (int64_t r = 0; r < R; ++r) {
           double s = 0;
-          for (int64_t c = 0; c < T; ++c) s += dtab_buf[c][h * R + r];
+          for (int64_t c = 0; c < T; ++c) s += dtab_buf[c][h * R + (R - 1 - r)];  // reversed
           dt[r * st0 + h * st1] = static_cast<out_t>(s);
         }
     };

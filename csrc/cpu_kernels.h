@@ -311,36 +311,98 @@ inline void softmax_grad_row(T* s, T* dp, const T* w, int64_t n, T lse, T delta)
   }
 }
 
-// s[j] += tab[ui - uk[j]] for j < n (the per-offset table gathered along a row).
+// ------------------------------------------------- per-offset tables on a row
+// The attention kernels read a per-offset table t (indexed by the grid offset
+// of a query and a key) along a row of keys as t[base + uk[j]], with uk the
+// keys' grid codes and base fixed by the query (the tables are stored
+// reversed so that the index grows with uk).  Keys whose codes go up by one
+// (consecutive columns of a grid row) read consecutive entries: a run.
+// run_end[j] is the (exclusive) end of the run that key j belongs to; with
+// runs = true the row is read run by run with contiguous vector loads,
+// otherwise element by element (a vector gather).
+
+// s[j] += t[base + uk[j]] for j < n, element by element.
 template <typename T>
-inline void gather_add(T* s, const T* tab, int32_t ui, const int32_t* uk, int64_t n) {
+inline void gather_add(T* s, const T* t, int32_t base, const int32_t* uk, int64_t n) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float> &&
                 at::vec::Vectorized<float>::size() == at::vec::Vectorized<int32_t>::size()) {
     using VF = at::vec::Vectorized<float>;
     using VI = at::vec::Vectorized<int32_t>;
-    const VI vui(ui);
+    const VI vb(base);
     for (; j + VF::size() <= n; j += VF::size()) {
-      const VF t = at::vec::gather<sizeof(float)>(tab, vui - VI::loadu(uk + j));
-      (VF::loadu(s + j) + t).store(s + j);
+      const VF g = at::vec::gather<sizeof(float)>(t, vb + VI::loadu(uk + j));
+      (VF::loadu(s + j) + g).store(s + j);
     }
   }
-  for (; j < n; ++j) s[j] += tab[ui - uk[j]];
+  for (; j < n; ++j) s[j] += t[base + uk[j]];
 }
 
-// w[j] = tab[ui - uk[j]] for j < n.
+// w[j] = t[base + uk[j]] for j < n, element by element.
 template <typename T>
-inline void gather_set(T* w, const T* tab, int32_t ui, const int32_t* uk, int64_t n) {
+inline void gather_set(T* w, const T* t, int32_t base, const int32_t* uk, int64_t n) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float> &&
                 at::vec::Vectorized<float>::size() == at::vec::Vectorized<int32_t>::size()) {
     using VF = at::vec::Vectorized<float>;
     using VI = at::vec::Vectorized<int32_t>;
-    const VI vui(ui);
+    const VI vb(base);
     for (; j + VF::size() <= n; j += VF::size())
-      at::vec::gather<sizeof(float)>(tab, vui - VI::loadu(uk + j)).store(w + j);
+      at::vec::gather<sizeof(float)>(t, vb + VI::loadu(uk + j)).store(w + j);
   }
-  for (; j < n; ++j) w[j] = tab[ui - uk[j]];
+  for (; j < n; ++j) w[j] = t[base + uk[j]];
+}
+
+// Calls f(j, src, len) for each run [j, j + len) of keys j0 + j, j < n, with
+// src = t + base + uk[j] (the run's len consecutive table entries).
+template <typename T, typename F>
+inline void for_each_run(const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                         int64_t n, F&& f) {
+  for (int64_t j = 0; j < n;) {
+    const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
+    f(j, t + base + uk[j], e - j);
+    j = e;
+  }
+}
+
+// s[j] += t[base + uk[j]] for j < n (uk = codes of keys j0.., run_end of the same keys).
+template <typename T>
+inline void table_add(T* s, const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                      int64_t n, bool runs) {
+  if (!runs) return gather_add<T>(s, t, base, uk, n);
+  for_each_run(t, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
+    T* d = s + j;
+#pragma omp simd
+    for (int64_t x = 0; x < len; ++x) d[x] += src[x];
+  });
+}
+
+// w[j] = t[base + uk[j]] for j < n.
+template <typename T>
+inline void table_set(T* w, const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                      int64_t n, bool runs) {
+  if (!runs) return gather_set<T>(w, t, base, uk, n);
+  for_each_run(t, base, uk, run_end, j0, n,
+               [&](int64_t j, const T* src, int64_t len) { std::memcpy(w + j, src, len * sizeof(T)); });
+}
+
+// dt[base + uk[j]] += g[j] for j < n (the transpose of table_add: the table
+// gradient; several j may hit one entry only across runs, never within one).
+template <typename T>
+inline void table_scatter(double* dt, const T* g, int32_t base, const int32_t* uk, const int32_t* run_end,
+                          int64_t j0, int64_t n, bool runs) {
+  if (!runs) {
+    for (int64_t j = 0; j < n; ++j) dt[base + uk[j]] += static_cast<double>(g[j]);
+    return;
+  }
+  for (int64_t j = 0; j < n;) {
+    const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
+    double* d = dt + base + uk[j];
+    const T* src = g + j;
+#pragma omp simd
+    for (int64_t x = 0; x < e - j; ++x) d[x] += static_cast<double>(src[x]);
+    j = e;
+  }
 }
 
 template <typename T>

@@ -74,6 +74,8 @@ CASES = [
     (40, 7, 7, "batch", True, True, None, None),  # odd head dims: 7 and 256
     (24, 256, None, None, False, False, (2, 3, 24, 24), None),
     (600, 16, (20, 30), None, True, "custom", None, (1, 3, 600, 1)),  # several key tiles: online rescaling
+    # sorted positions, 248 of 16x16: mostly long runs of consecutive columns (read run by run)
+    (248, 40, 16, "sorted", True, True, (1, 3, 248, 248), None),
 ]
 
 
@@ -103,6 +105,9 @@ def make_inputs(case, dtype, seed=0, B=2, H=3):
             kw["amm"] = AMM(period=5.0, radius2=8) if amm == "custom" else True
         if pos == "batch":
             kw["positions"] = torch.stack([torch.randperm(rows * cols, generator=g)[:N] for _ in range(B)])
+        elif pos == "sorted":
+            kw["positions"] = torch.stack([torch.randperm(rows * cols, generator=g)[:N].sort().values
+                                           for _ in range(B)])
         elif pos == "shared":
             kw["positions"] = torch.randperm(rows * cols, generator=g)[:N]
     if bias is not None:
