@@ -231,16 +231,15 @@ inline int64_t packed_size(int64_t N, int64_t ktot) { return round_up(N, kPanel)
 template <typename S>
 inline void pack_b_transposed(const S* src, int64_t sn, int64_t sk, int64_t N, int64_t K, float* dst) {
   for (int64_t p = 0; p * kPanel < N; ++p) {
-    const int64_t w = panel_width(N, p);
+    const int64_t w = panel_width(N, p), nn = std::min<int64_t>(w, N - p * kPanel);
     float* d = dst + p * kPanel * K;
-    for (int64_t c = 0; c < w; ++c) {
-      const int64_t n = p * kPanel + c;
-      if (n < N) {
-        const S* r = src + n * sn;
-        for (int64_t k = 0; k < K; ++k) d[k * w + c] = static_cast<float>(r[k * sk]);
-      } else {
-        for (int64_t k = 0; k < K; ++k) d[k * w + c] = 0.0f;
-      }
+    const S* r = src + p * kPanel * sn;
+    // k outer: contiguous stores, the nn source rows read in step
+    for (int64_t k = 0; k < K; ++k) {
+      float* o = d + k * w;
+      int64_t c = 0;
+      for (; c < nn; ++c) o[c] = static_cast<float>(r[c * sn + k * sk]);
+      for (; c < w; ++c) o[c] = 0.0f;
     }
   }
 }
