@@ -20,19 +20,26 @@
 //   dS = P ⊙ (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q,
 //   dT[idx, h] += dS,  dbias = dS summed over bias's broadcast dims.
 //
-// Every product is a GEMM on tiles (cpu::gemm_rm: the BLAS sgemm/dgemm that
-// libtorch links, MKL or OpenBLAS, called single-threaded inside the parallel
-// region; a register-blocked micro-kernel where libtorch exports none): the
-// forward forms S = scale Q_i K_j^T and acc += P V_j on a TQ x TK tile; the
-// backward S, dP = dO_i V_j^T, dV_j += P^T dO_i, dK_j += dS^T Q_i and dQ_i +=
-// dS K_j.  Between the GEMMs one vectorised pass per row adds the table and
-// AMM gathered from the per-offset tables (T[idx, h], M[idx]) and the bias,
-// and takes max / exp / sum.  No N x N tensor is formed: scratch is
-// O(TQ * TK + TQ * D) per thread in the forward and O(N * D) per thread in the
-// backward.  q, k, v are read in place when they are float32/float64 with
-// contiguous rows, else converted tile by tile (float16/bfloat16 -> float32).
+// Every product is a GEMM on tiles: the forward forms S = scale Q_i K_j^T and
+// acc += P V_j on a TQ x TK tile; the backward S, dP = dO_i V_j^T, dV_j +=
+// P^T dO_i, dK_j += dS^T Q_i and dQ_i += dS K_j.  In float (float32 and the
+// float16/bfloat16 inputs it accumulates) they run on cpu::gemm_packed, a
+// 6 x 16 AVX2 register-blocked kernel that reads A in place and B from
+// panels packed once per thread and head (K^T and V in the forward; K^T,
+// V^T, dO, Q and K in the backward).  float64, machines without 8-float
+// vectors and EDT_KERNELS_CPU_PACKED=0 use cpu::gemm_rm (the BLAS
+// sgemm/dgemm that libtorch links, single-threaded inside the parallel
+// region).  Between the GEMMs, per row of the tile: the learned table and
+// the AMM (T[idx, h], M[idx], stored reversed along idx) are read run by run
+// where the keys' grid codes go up by one (consecutive columns of a grid
+// row: contiguous vector loads), else gathered; without a dense bias or
+// modulation the forward takes table add + max in one pass and exp / sum /
+// AMM in a second, the backward exp / dS / table gradient in one.  No N x N
+// tensor is formed: scratch is O(TQ * TK + N * D) per thread in the forward
+// and O(N * D) per thread in the backward.
 // Parallelism: at::parallel_for (OpenMP) over batch * heads * query blocks in
-// the forward and over batch * heads in the backward.
+// the forward (a thread's items of one head share its packed K/V) and over
+// batch * heads in the backward.
 //
 // Kernel contract: edt_kernels/ops/_attention_op.py.
 #include "cpu_kernels.h"  // first: it selects at::vec's instruction set
@@ -42,6 +49,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/flip.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
@@ -71,10 +79,16 @@ struct Dense4 {  // a 4-d tensor read with broadcast (stride 0) strides
 struct Geometry {
   int64_t B = 0, H = 0, N = 0, D = 0;
   double scale = 1.0;
-  at::Tensor tab;        // [H, rows_t] acc dtype (transposed learned table) or undefined
+  // The learned table and the AMM are stored reversed along the offset
+  // index (tab[h, x] = table[rows_t - 1 - x, h], amm[x] = amm_table[R - 1 - x])
+  // so that a row of keys with consecutive grid codes reads them forwards.
+  at::Tensor tab;        // [H, rows_t] acc dtype or undefined
   int64_t tab_rows = 0;  // rows_t
   at::Tensor amm;        // [R] acc dtype or undefined
+  int64_t amm_rows = 0;  // R
   at::Tensor u;          // int32 [Bp, N] grid code of each token, or undefined
+  at::Tensor run_end;    // int32 [Bp, N]: end of the run of consecutive codes that token j belongs to
+  bool runs = false;     // runs are long enough (>= 8 tokens on average) to be read run by run
   bool u_batched = false;
   int64_t off = 0;  // (rows - 1) * (2 cols - 1) + (cols - 1)
   at::Tensor bias_t, mod_t;  // acc dtype 4-d (keep alive)
@@ -141,7 +155,7 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 ", ", g.H, "] tensor, got ", t.sizes(), " on ", t.device());
     TORCH_CHECK(t.is_floating_point(), "edt_kernels cpp amm_attention: table must be floating point, got ",
                 t.scalar_type());
-    g.tab = t.to(acc).t().contiguous();  // [H, rows_t]
+    g.tab = t.to(acc).t().flip({1}).contiguous();  // [H, rows_t], reversed
     g.tab_rows = t.size(0);
   }
   if (has_amm) {
@@ -149,7 +163,8 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(a.device().is_cpu() && a.dim() == 1 && a.size(0) == R,
                 "edt_kernels cpp amm_attention: amm_table must be a CPU [(2*rows-1)*(2*cols-1)] = [", R,
                 "] tensor, got ", a.sizes(), " on ", a.device());
-    g.amm = a.to(acc).contiguous();
+    g.amm = a.to(acc).flip({0}).contiguous();  // reversed
+    g.amm_rows = R;
   }
   if (has_table || has_amm) {
     at::Tensor pos;
@@ -178,6 +193,17 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   rows * cols, "), got ", x);
       u[t] = static_cast<int32_t>((x / cols) * (2 * cols - 1) + x % cols);
     }
+    g.run_end = at::empty({Bp, g.N}, at::TensorOptions().dtype(at::kInt));
+    int32_t* re = g.run_end.data_ptr<int32_t>();
+    int64_t n_runs = 0;
+    for (int64_t b = 0; b < Bp; ++b) {
+      const int32_t* ub = u + b * g.N;
+      int32_t* rb = re + b * g.N;
+      for (int64_t j = g.N - 1; j >= 0; --j)
+        rb[j] = (j + 1 < g.N && ub[j + 1] == ub[j] + 1) ? rb[j + 1] : static_cast<int32_t>(j + 1);
+      for (int64_t j = 0; j < g.N; ++j) n_runs += (j == 0 || ub[j] != ub[j - 1] + 1) ? 1 : 0;
+    }
+    g.runs = n_runs * 8 <= Bp * g.N;
   }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->is_floating_point(),
@@ -228,9 +254,13 @@ void write_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc
 // Per-head views of the geometry.
 template <typename acc_t>
 struct HeadView {
-  const acc_t* tab = nullptr;   // [rows_t] of head h
-  const acc_t* amm = nullptr;   // [R]
+  const acc_t* tab = nullptr;   // [rows_t] of head h, reversed
+  const acc_t* amm = nullptr;   // [R], reversed
   const int32_t* u = nullptr;   // [N] of batch b
+  const int32_t* run_end = nullptr;  // [N] of batch b
+  bool runs = false;
+  bool fused = false;  // runs, no bias, no modulation: one pass per row (cpu::*_table)
+  int32_t tab_last = 0, amm_last = 0;  // rows_t - 1, R - 1
   const acc_t* bias = nullptr;  // bias[b, h] with strides bs2, bs3
   int64_t bs2 = 0, bs3 = 0;
   const acc_t* mod = nullptr;
@@ -241,7 +271,14 @@ struct HeadView {
     off = g.off;
     if (g.tab.defined()) tab = g.tab.data_ptr<acc_t>() + h * g.tab_rows;
     if (g.amm.defined()) amm = g.amm.data_ptr<acc_t>();
-    if (g.u.defined()) u = g.u.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
+    tab_last = static_cast<int32_t>(g.tab_rows - 1);
+    amm_last = static_cast<int32_t>(g.amm_rows - 1);
+    runs = g.runs;
+    if (g.u.defined()) {
+      u = g.u.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
+      run_end = g.run_end.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
+    }
+    fused = runs && u != nullptr && !g.has_bias() && !g.has_mod();
     if (g.has_bias()) {
       bias = static_cast<const acc_t*>(g.bias.data) + b * g.bias.s[0] + h * g.bias.s[1];
       bs2 = g.bias.s[2];
@@ -254,9 +291,13 @@ struct HeadView {
     }
   }
 
+  // T[idx(i, j)] = tab[tab_base(i) + u[j]], M[idx(i, j)] = amm[amm_base(i) + u[j]].
+  inline int32_t tab_base(int64_t i) const { return tab_last - (u[i] + static_cast<int32_t>(off)); }
+  inline int32_t amm_base(int64_t i) const { return amm_last - (u[i] + static_cast<int32_t>(off)); }
+
   // s[j] += T[idx(i, j0 + j)] + bias[i, j0 + j] for j < bn.
   inline void add_scores(acc_t* s, int64_t i, int64_t j0, int64_t bn) const {
-    if (tab) cpu::gather_add<acc_t>(s, tab, u[i] + static_cast<int32_t>(off), u + j0, bn);
+    if (tab) cpu::table_add<acc_t>(s, tab, tab_base(i), u + j0, run_end + j0, j0, bn, runs);
     if (bias) {
       const acc_t* br = bias + i * bs2 + j0 * bs3;
       if (bs3 == 1) {
@@ -271,7 +312,7 @@ struct HeadView {
   // w[j] = M[idx(i, j0 + j)] * W[i, j0 + j] (at least one of them present).
   inline void weights(acc_t* w, int64_t i, int64_t j0, int64_t bn) const {
     if (amm) {
-      cpu::gather_set<acc_t>(w, amm, u[i] + static_cast<int32_t>(off), u + j0, bn);
+      cpu::table_set<acc_t>(w, amm, amm_base(i), u + j0, run_end + j0, j0, bn, runs);
     } else {
       std::fill(w, w + bn, acc_t(1));
     }
@@ -330,11 +371,25 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   const auto sq = q.strides(), sk = k.strides(), sv = v.strides(), so = out.strides();
   const bool weighted = g.has_weight();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  // float: the GEMMs run on cpu::gemm_packed with K^T and V of the head
+  // packed once per thread and head (work items of one head are consecutive);
+  // otherwise on cpu::gemm_rm (BLAS).
+  const bool packed = std::is_same_v<acc_t, float> && cpu::use_packed_gemm();
+  const int64_t TKp = cpu::round_up(TK, cpu::kPanel);       // row stride of the score tile
+  const int64_t ldacc = packed ? cpu::round_up(D, cpu::kPanel) : D;  // row stride of the accumulator
 
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    Buffer<acc_t> Qb(TQ * D), Kb(TK * D), Vb(TK * D), S(TQ * TK), acc(TQ * D), W(TK), m(TQ), l(TQ);
+    Buffer<acc_t> Qb(TQ * D), Kb(packed ? 0 : TK * D), Vb(packed ? 0 : TK * D), S(TQ * TKp), acc(TQ * ldacc), W(TK),
+        m(TQ), l(TQ);
+    Buffer<float> KTp(packed ? cpu::packed_size(N, D) : 0), Vp(packed ? cpu::packed_size(D, N) : 0);
+    int64_t packed_bh = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % nqb, bh = item / nqb, h = bh % H, b = bh / H;
+      if (packed && bh != packed_bh) {
+        cpu::pack_b_transposed<scalar_t>(kp + b * sk[0] + h * sk[1], sk[2], sk[3], N, D, KTp.data());
+        cpu::pack_b<scalar_t>(vp + b * sv[0] + h * sv[1], sv[2], sv[3], N, D, Vp.data());
+        packed_bh = bh;
+      }
       const int64_t i0 = qb * TQ, bm = std::min(TQ, N - i0);
       const HeadView<acc_t> hv(g, b, h);
       int64_t ldq = 0, ldk = 0, ldv = 0;
@@ -345,32 +400,51 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       for (int64_t j0 = 0; j0 < N; j0 += TK) {
         const int64_t bn = std::min(TK, N - j0);
         const bool first = j0 == 0;
-        const acc_t* K = rows_as_acc<scalar_t, acc_t>(kp + b * sk[0] + h * sk[1] + j0 * sk[2], sk[2], sk[3], bn, D,
-                                                      Kb.data(), ldk);
-        const acc_t* V = rows_as_acc<scalar_t, acc_t>(vp + b * sv[0] + h * sv[1] + j0 * sv[2], sv[2], sv[3], bn, D,
-                                                      Vb.data(), ldv);
+        const acc_t* V = nullptr;
         // S = scale Q K^T
-        cpu::gemm_rm<acc_t>(false, true, bm, bn, D, scale, Q, ldq, K, ldk, acc_t(0), S.data(), TK);
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (packed)
+            cpu::gemm_packed(bm, bn, D, scale, Q, ldq, KTp.data() + j0 * D, D, 0, S.data(), TKp, false);
+        }
+        if (!packed) {
+          const acc_t* K = rows_as_acc<scalar_t, acc_t>(kp + b * sk[0] + h * sk[1] + j0 * sk[2], sk[2], sk[3], bn,
+                                                        D, Kb.data(), ldk);
+          V = rows_as_acc<scalar_t, acc_t>(vp + b * sv[0] + h * sv[1] + j0 * sv[2], sv[2], sv[3], bn, D, Vb.data(),
+                                           ldv);
+          cpu::gemm_rm<acc_t>(false, true, bm, bn, D, scale, Q, ldq, K, ldk, acc_t(0), S.data(), TKp);
+        }
         for (int64_t i = 0; i < bm; ++i) {
-          acc_t* s = S.data() + i * TK;
-          hv.add_scores(s, i0 + i, j0, bn);
-          const acc_t mx = cpu::row_max<acc_t>(s, bn);
+          acc_t* s = S.data() + i * TKp;
+          acc_t mx;
+          if (hv.fused) {
+            mx = cpu::table_add_max<acc_t>(s, hv.tab, hv.tab ? hv.tab_base(i0 + i) : 0, hv.u + j0, hv.run_end + j0,
+                                           j0, bn);
+          } else {
+            hv.add_scores(s, i0 + i, j0, bn);
+            mx = cpu::row_max<acc_t>(s, bn);
+          }
           // A NaN score makes the row NaN (as in the reference softmax).
           const acc_t m_new = mx != mx ? mx : std::max(m[i], mx);
           const acc_t m_use = m_new == -kInf ? acc_t(0) : m_new;
-          const acc_t* w = nullptr;
-          if (weighted) {
-            hv.weights(W.data(), i0 + i, j0, bn);
-            w = W.data();
+          acc_t sum;
+          if (hv.fused) {
+            sum = cpu::exp_row_table<acc_t>(s, hv.amm, hv.amm ? hv.amm_base(i0 + i) : 0, hv.u + j0, hv.run_end + j0,
+                                            j0, bn, m_use);
+          } else {
+            const acc_t* w = nullptr;
+            if (weighted) {
+              hv.weights(W.data(), i0 + i, j0, bn);
+              w = W.data();
+            }
+            sum = cpu::exp_row<acc_t>(s, w, bn, m_use);
           }
-          const acc_t sum = cpu::exp_row<acc_t>(s, w, bn, m_use);
           if (first) {
             l[i] = sum;
           } else {
             const acc_t alpha = std::exp(m[i] - m_use);
             l[i] = l[i] * alpha + sum;
             if (alpha != acc_t(1)) {
-              acc_t* a = acc.data() + i * D;
+              acc_t* a = acc.data() + i * ldacc;
 #pragma omp simd
               for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
             }
@@ -378,15 +452,19 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           m[i] = m_new;
         }
         // acc (+)= (P ⊙ M ⊙ W) V
-        cpu::gemm_rm<acc_t>(false, false, bm, D, bn, acc_t(1), S.data(), TK, V, ldv, first ? acc_t(0) : acc_t(1),
-                            acc.data(), D);
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (packed) cpu::gemm_packed(bm, D, bn, 1.0f, S.data(), TKp, Vp.data(), N, j0, acc.data(), ldacc, !first);
+        }
+        if (!packed)
+          cpu::gemm_rm<acc_t>(false, false, bm, D, bn, acc_t(1), S.data(), TKp, V, ldv, first ? acc_t(0) : acc_t(1),
+                              acc.data(), ldacc);
       }
       float* lrow = lp + (b * H + h) * N + i0;
       for (int64_t i = 0; i < bm; ++i) {
         lrow[i] = static_cast<float>(m[i] + std::log(l[i]));
         l[i] = acc_t(1) / l[i];
       }
-      write_rows<scalar_t, acc_t>(acc.data(), D, bm, D, l.data(), acc_t(1), op + b * so[0] + h * so[1] + i0 * so[2],
+      write_rows<scalar_t, acc_t>(acc.data(), ldacc, bm, D, l.data(), acc_t(1), op + b * so[0] + h * so[1] + i0 * so[2],
                                   so[2], so[3]);
     }
   });
@@ -452,9 +530,16 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   // operands and dK/dV accumulators are [N, D]).
   const int64_t TQ = std::min<int64_t>(N, 64), TK = std::min<int64_t>(N, 256);
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  // float: the five GEMMs of a tile run on cpu::gemm_packed, their B operands
+  // (K^T, V^T, dO, Q, K of the head) packed once per head; otherwise gemm_rm.
+  const bool packed = std::is_same_v<acc_t, float> && cpu::use_packed_gemm();
+  const int64_t TKp = cpu::round_up(TK, cpu::kPanel);               // row stride of S / dP
+  const int64_t ldacc = packed ? cpu::round_up(D, cpu::kPanel) : D;  // row stride of dQ / dK / dV
+  const int64_t npk = packed ? std::max(cpu::packed_size(N, D), cpu::packed_size(D, N)) : 0;
   at::parallel_for(0, T, 1, [&](int64_t cbegin, int64_t cend) {
-    Buffer<acc_t> Qs(N * D), dO(N * D), Kr(N * D), Vr(N * D), dK(N * D), dV(N * D), dQ(TQ * D), S(TQ * TK),
-        dP(TQ * TK), W(TK), lse_r(N), delta(N), mrun(TQ);
+    Buffer<acc_t> Qs(N * D), dO(N * D), Kr(N * D), Vr(N * D), dK(N * ldacc), dV(N * ldacc), dQ(TQ * ldacc),
+        S(TQ * TKp), dP(TQ * TKp), W(TK), lse_r(N), delta(N), mrun(TQ);
+    Buffer<float> KTp(npk), VTp(npk), dOp(npk), Qp(npk), Kp(npk);
     for (int64_t c = cbegin; c < cend; ++c) {
       double* dtab = dtable ? dtab_buf[c].data() : nullptr;
       float* dbias_tgt = private_dbias ? dbias_buf[c].data() : dbias_out;
@@ -489,9 +574,9 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                 for (int64_t j0 = 0; j0 < N; j0 += TK) {
                   const int64_t bn = std::min(TK, N - j0);
                   cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), Qs.data() + i0 * D, D, Kr.data() + j0 * D, D,
-                                      acc_t(0), S.data(), TK);
+                                      acc_t(0), S.data(), TKp);
                   for (int64_t i = 0; i < bm; ++i) {
-                    acc_t* s = S.data() + i * TK;
+                    acc_t* s = S.data() + i * TKp;
                     hv.add_scores(s, i0 + i, j0, bn);
                     acc_t mx = -kInf;
 #pragma omp simd reduction(max : mx)
@@ -510,6 +595,15 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
               const float* lrow = lsep + b * lse_sb + h * lse_sh;
               for (int64_t i = 0; i < N; ++i) lse_r[i] = lrow[i * lse_sn];
             }
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (packed) {
+                cpu::pack_b_transposed<float>(Kr.data(), D, 1, N, D, KTp.data());
+                cpu::pack_b_transposed<float>(Vr.data(), D, 1, N, D, VTp.data());
+                cpu::pack_b<float>(dO.data(), D, 1, N, D, dOp.data());
+                cpu::pack_b<float>(Qs.data(), D, 1, N, D, Qp.data());
+                cpu::pack_b<float>(Kr.data(), D, 1, N, D, Kp.data());
+              }
+            }
             double* dtab_h = dtab ? dtab + h * R : nullptr;
             float* dbias_bh = dbias ? dbias_tgt + b * ts[0] + h * ts[1] : nullptr;
             for (int64_t i0 = 0; i0 < N; i0 += TQ) {
@@ -519,46 +613,69 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                 const acc_t* Qi = Qs.data() + i0 * D;
                 const acc_t* dOi = dO.data() + i0 * D;
                 // S = (scale Q_i) K_j^T, dP = dO_i V_j^T
-                cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), Qi, D, Kr.data() + j0 * D, D, acc_t(0),
-                                    S.data(), TK);
-                cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), dOi, D, Vr.data() + j0 * D, D, acc_t(0),
-                                    dP.data(), TK);
+                if constexpr (std::is_same_v<acc_t, float>) {
+                  if (packed) {
+                    cpu::gemm_packed(bm, bn, D, 1.0f, Qi, D, KTp.data() + j0 * D, D, 0, S.data(), TKp, false);
+                    cpu::gemm_packed(bm, bn, D, 1.0f, dOi, D, VTp.data() + j0 * D, D, 0, dP.data(), TKp, false);
+                  }
+                }
+                if (!packed) {
+                  cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), Qi, D, Kr.data() + j0 * D, D, acc_t(0),
+                                      S.data(), TKp);
+                  cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), dOi, D, Vr.data() + j0 * D, D, acc_t(0),
+                                      dP.data(), TKp);
+                }
                 for (int64_t i = 0; i < bm; ++i) {
-                  acc_t* s = S.data() + i * TK;   // scores -> P ⊙ M ⊙ W
-                  acc_t* dp = dP.data() + i * TK;  // dO V^T -> dS
-                  hv.add_scores(s, i0 + i, j0, bn);
+                  acc_t* s = S.data() + i * TKp;   // scores -> P ⊙ M ⊙ W
+                  acc_t* dp = dP.data() + i * TKp;  // dO V^T -> dS
                   const acc_t li = lse_r[i0 + i], di = delta[i0 + i];
+                  if (hv.fused) {
+                    cpu::softmax_grad_row_table<acc_t>(s, dp, hv.tab, hv.tab ? hv.tab_base(i0 + i) : 0, hv.amm,
+                                                       hv.amm ? hv.amm_base(i0 + i) : 0, dtab_h, hv.u + j0,
+                                                       hv.run_end + j0, j0, bn, li, di);
+                    continue;
+                  }
+                  hv.add_scores(s, i0 + i, j0, bn);
                   const acc_t* w = nullptr;
                   if (weighted) {
                     hv.weights(W.data(), i0 + i, j0, bn);
                     w = W.data();
                   }
                   cpu::softmax_grad_row<acc_t>(s, dp, w, bn, li, di);
-                  if (dtab_h) {
-                    const int32_t ui = hv.u[i0 + i] + static_cast<int32_t>(g.off);
-                    const int32_t* uk = hv.u + j0;
-                    for (int64_t j = 0; j < bn; ++j) dtab_h[ui - uk[j]] += dp[j];
-                  }
+                  if (dtab_h)  // (reversed like the table)
+                    cpu::table_scatter<acc_t>(dtab_h, dp, hv.tab_base(i0 + i), hv.u + j0, hv.run_end + j0, j0, bn,
+                                              hv.runs);
                   if (dbias_bh) {
                     float* br = dbias_bh + (i0 + i) * ts[2] + j0 * ts[3];
                     for (int64_t j = 0; j < bn; ++j) br[j * ts[3]] += static_cast<float>(dp[j]);
                   }
                 }
                 // dV_j += (P⊙M⊙W)^T dO_i, dK_j += dS^T (scale Q_i), dQ_i (+)= dS K_j.
-                const acc_t beta_kv = i0 == 0 ? acc_t(0) : acc_t(1);
-                cpu::gemm_rm<acc_t>(true, false, bn, D, bm, acc_t(1), S.data(), TK, dOi, D, beta_kv,
-                                    dV.data() + j0 * D, D);
-                cpu::gemm_rm<acc_t>(true, false, bn, D, bm, acc_t(1), dP.data(), TK, Qi, D, beta_kv,
-                                    dK.data() + j0 * D, D);
-                cpu::gemm_rm<acc_t>(false, false, bm, D, bn, acc_t(1), dP.data(), TK, Kr.data() + j0 * D, D,
-                                    j0 == 0 ? acc_t(0) : acc_t(1), dQ.data(), D);
+                if constexpr (std::is_same_v<acc_t, float>) {
+                  if (packed) {
+                    cpu::gemm_packed<true>(bn, D, bm, 1.0f, S.data(), TKp, dOp.data(), N, i0, dV.data() + j0 * ldacc,
+                                           ldacc, i0 != 0);
+                    cpu::gemm_packed<true>(bn, D, bm, 1.0f, dP.data(), TKp, Qp.data(), N, i0, dK.data() + j0 * ldacc,
+                                           ldacc, i0 != 0);
+                    cpu::gemm_packed(bm, D, bn, 1.0f, dP.data(), TKp, Kp.data(), N, j0, dQ.data(), ldacc, j0 != 0);
+                  }
+                }
+                if (!packed) {
+                  const acc_t beta_kv = i0 == 0 ? acc_t(0) : acc_t(1);
+                  cpu::gemm_rm<acc_t>(true, false, bn, D, bm, acc_t(1), S.data(), TKp, dOi, D, beta_kv,
+                                      dV.data() + j0 * ldacc, ldacc);
+                  cpu::gemm_rm<acc_t>(true, false, bn, D, bm, acc_t(1), dP.data(), TKp, Qi, D, beta_kv,
+                                      dK.data() + j0 * ldacc, ldacc);
+                  cpu::gemm_rm<acc_t>(false, false, bm, D, bn, acc_t(1), dP.data(), TKp, Kr.data() + j0 * D, D,
+                                      j0 == 0 ? acc_t(0) : acc_t(1), dQ.data(), ldacc);
+                }
               }
-              write_rows<scalar_t, acc_t>(dQ.data(), D, bm, D, nullptr, scale,
+              write_rows<scalar_t, acc_t>(dQ.data(), ldacc, bm, D, nullptr, scale,
                                           dqp + b * sdq[0] + h * sdq[1] + i0 * sdq[2], sdq[2], sdq[3]);
             }
-            write_rows<scalar_t, acc_t>(dK.data(), D, N, D, nullptr, acc_t(1), dkp + b * sdk[0] + h * sdk[1],
+            write_rows<scalar_t, acc_t>(dK.data(), ldacc, N, D, nullptr, acc_t(1), dkp + b * sdk[0] + h * sdk[1],
                                         sdk[2], sdk[3]);
-            write_rows<scalar_t, acc_t>(dV.data(), D, N, D, nullptr, acc_t(1), dvp + b * sdv[0] + h * sdv[1],
+            write_rows<scalar_t, acc_t>(dV.data(), ldacc, N, D, nullptr, acc_t(1), dvp + b * sdv[0] + h * sdv[1],
                                         sdv[2], sdv[3]);
           }
       }
@@ -574,7 +691,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
       for (int64_t h = 0; h < H; ++h)
         for (int64_t r = 0; r < R; ++r) {
           double s = 0;
-          for (int64_t c = 0; c < T; ++c) s += dtab_buf[c][h * R + r];
+          for (int64_t c = 0; c < T; ++c) s += dtab_buf[c][h * R + (R - 1 - r)];  // reversed
           dt[r * st0 + h * st1] = static_cast<out_t>(s);
         }
     };

@@ -207,6 +207,135 @@ inline void gemm_rm(bool TA, bool TB, int64_t M, int64_t N, int64_t K, T alpha, 
       C[i * ldc + j] = alpha * pc[i * Np + j] + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
 }
 
+// ------------------------------------------------- packed-B micro-GEMM (float)
+// C[M, N] (+)= alpha A[M, K] B[K, N] with A row-major (read in place, one
+// element broadcast per row and k) and B packed once into column panels:
+// panel p holds columns [16 p, 16 p + w_p) as [ktot][w_p] (w_p = 16, or 8 for
+// a last panel of at most 8 columns; columns past N zero), panel p starting
+// at 16 p ktot.  The register block is 6 rows x w_p columns (12 or 6 of the
+// 16 AVX2 registers as accumulators).  Columns of C are written up to the
+// panel width: C needs round_up(N, 8) (<= 16 p + w_p) columns of room.
+// Only with 8-float vectors (AVX2); elsewhere the callers use gemm_rm.
+constexpr bool kPackedGemm = at::vec::Vectorized<float>::size() == 8;
+constexpr int kPanel = 16;
+constexpr int kPackMR = 6;
+
+inline int64_t panel_width(int64_t n, int64_t p) { return n - p * kPanel > 8 ? kPanel : 8; }
+
+// Floats of a packed B of N columns and ktot rows.
+inline int64_t packed_size(int64_t N, int64_t ktot) { return round_up(N, kPanel) * ktot; }
+
+// Pack B[k, n] = src[n * sn + k * sk] (B = src^T, e.g. keys [n] x head dim
+// [k]) for k < K, n < N, panels as panel_width.  (Panels before the last are
+// 16 wide, so columns [16 q, N) of a packed B are themselves a packed B.)
+template <typename S>
+inline void pack_b_transposed(const S* src, int64_t sn, int64_t sk, int64_t N, int64_t K, float* dst) {
+  for (int64_t p = 0; p * kPanel < N; ++p) {
+    const int64_t w = panel_width(N, p), nn = std::min<int64_t>(w, N - p * kPanel);
+    float* d = dst + p * kPanel * K;
+    const S* r = src + p * kPanel * sn;
+    // k outer: contiguous stores, the nn source rows read in step
+    for (int64_t k = 0; k < K; ++k) {
+      float* o = d + k * w;
+      int64_t c = 0;
+      for (; c < nn; ++c) o[c] = static_cast<float>(r[c * sn + k * sk]);
+      for (; c < w; ++c) o[c] = 0.0f;
+    }
+  }
+}
+
+// Pack B[k, n] = src[k * sk + n * sn] (e.g. values: keys [k] x head dim [n])
+// for k < K, n < N, panels as panel_width.
+template <typename S>
+inline void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, float* dst) {
+  for (int64_t p = 0; p * kPanel < N; ++p) {
+    const int64_t w = panel_width(N, p), n0 = p * kPanel, nn = std::min<int64_t>(w, N - n0);
+    float* d = dst + n0 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const S* r = src + k * sk + n0 * sn;
+      float* o = d + k * w;
+      int64_t c = 0;
+      if (sn == 1) {
+        for (; c < nn; ++c) o[c] = static_cast<float>(r[c]);
+      } else {
+        for (; c < nn; ++c) o[c] = static_cast<float>(r[c * sn]);
+      }
+      for (; c < w; ++c) o[c] = 0.0f;
+    }
+  }
+}
+
+template <int MR, int W, bool TA>
+static inline __attribute__((always_inline)) void packed_kernel(int64_t K, const float* __restrict A, int64_t lda,
+                                                                const float* __restrict Bp, float* __restrict C,
+                                                                int64_t ldc, float alpha, bool accumulate) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int NV = W / 8;
+  V c[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = V(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = V::loadu(Bp + k * W + v * 8);
+    for (int r = 0; r < MR; ++r) {
+      const V a(TA ? A[k * lda + r] : A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
+    }
+  }
+  const V va(alpha);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* o = C + r * ldc + v * 8;
+      V x = c[r][v] * va;
+      if (accumulate) x = x + V::loadu(o);
+      x.store(o);
+    }
+}
+
+template <int W, bool TA>
+inline void packed_rows(int64_t mr, int64_t K, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
+                        float alpha, bool accumulate) {
+  switch (mr) {
+    case 6: packed_kernel<6, W, TA>(K, A, lda, Bp, C, ldc, alpha, accumulate); break;
+    case 5: packed_kernel<5, W, TA>(K, A, lda, Bp, C, ldc, alpha, accumulate); break;
+    case 4: packed_kernel<4, W, TA>(K, A, lda, Bp, C, ldc, alpha, accumulate); break;
+    case 3: packed_kernel<3, W, TA>(K, A, lda, Bp, C, ldc, alpha, accumulate); break;
+    case 2: packed_kernel<2, W, TA>(K, A, lda, Bp, C, ldc, alpha, accumulate); break;
+    default: packed_kernel<1, W, TA>(K, A, lda, Bp, C, ldc, alpha, accumulate); break;
+  }
+}
+
+// C (+)= alpha op(A) B over rows k0 .. k0 + K of a packed B with ktot rows;
+// op(A)[i, k] = A[i * lda + k], or A[k * lda + i] with TA.
+template <bool TA = false>
+inline void gemm_packed(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* Bp,
+                        int64_t ktot, int64_t k0, float* C, int64_t ldc, bool accumulate) {
+  if constexpr (kPackedGemm) {
+    for (int64_t p = 0; p * kPanel < N; ++p) {
+      const int64_t w = panel_width(N, p);
+      const float* b = Bp + p * kPanel * ktot + k0 * w;
+      float* c = C + p * kPanel;
+      for (int64_t i = 0; i < M; i += kPackMR) {
+        const int64_t mr = std::min<int64_t>(kPackMR, M - i);
+        const float* a = TA ? A + i : A + i * lda;
+        if (w == kPanel) packed_rows<kPanel, TA>(mr, K, a, lda, b, c + i * ldc, ldc, alpha, accumulate);
+        else packed_rows<8, TA>(mr, K, a, lda, b, c + i * ldc, ldc, alpha, accumulate);
+      }
+    }
+  }
+}
+
+// Whether the float kernels use gemm_packed (true unless
+// EDT_KERNELS_CPU_PACKED=0 in the environment, read once, or the vectors are
+// not 8 floats wide).
+inline bool use_packed_gemm() {
+  static const bool allowed = [] {
+    const char* e = std::getenv("EDT_KERNELS_CPU_PACKED");
+    return !(e != nullptr && e[0] == '0' && e[1] == '\0');
+  }();
+  return kPackedGemm && allowed;
+}
+
 // ------------------------------------------------------------------------- exp
 // exp(x) for float without libm, so that loops over it vectorise.  Cody-Waite
 // reduction x = n ln2 + f, |f| <= ln2/2, degree-7 Taylor polynomial (relative
@@ -311,36 +440,210 @@ inline void softmax_grad_row(T* s, T* dp, const T* w, int64_t n, T lse, T delta)
   }
 }
 
-// s[j] += tab[ui - uk[j]] for j < n (the per-offset table gathered along a row).
+// ------------------------------------------------- per-offset tables on a row
+// The attention kernels read a per-offset table t (indexed by the grid offset
+// of a query and a key) along a row of keys as t[base + uk[j]], with uk the
+// keys' grid codes and base fixed by the query (the tables are stored
+// reversed so that the index grows with uk).  Keys whose codes go up by one
+// (consecutive columns of a grid row) read consecutive entries: a run.
+// run_end[j] is the (exclusive) end of the run that key j belongs to; with
+// runs = true the row is read run by run with contiguous vector loads,
+// otherwise element by element (a vector gather).
+
+// s[j] += t[base + uk[j]] for j < n, element by element.
 template <typename T>
-inline void gather_add(T* s, const T* tab, int32_t ui, const int32_t* uk, int64_t n) {
+inline void gather_add(T* s, const T* t, int32_t base, const int32_t* uk, int64_t n) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float> &&
                 at::vec::Vectorized<float>::size() == at::vec::Vectorized<int32_t>::size()) {
     using VF = at::vec::Vectorized<float>;
     using VI = at::vec::Vectorized<int32_t>;
-    const VI vui(ui);
+    const VI vb(base);
     for (; j + VF::size() <= n; j += VF::size()) {
-      const VF t = at::vec::gather<sizeof(float)>(tab, vui - VI::loadu(uk + j));
-      (VF::loadu(s + j) + t).store(s + j);
+      const VF g = at::vec::gather<sizeof(float)>(t, vb + VI::loadu(uk + j));
+      (VF::loadu(s + j) + g).store(s + j);
     }
   }
-  for (; j < n; ++j) s[j] += tab[ui - uk[j]];
+  for (; j < n; ++j) s[j] += t[base + uk[j]];
 }
 
-// w[j] = tab[ui - uk[j]] for j < n.
+// w[j] = t[base + uk[j]] for j < n, element by element.
 template <typename T>
-inline void gather_set(T* w, const T* tab, int32_t ui, const int32_t* uk, int64_t n) {
+inline void gather_set(T* w, const T* t, int32_t base, const int32_t* uk, int64_t n) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float> &&
                 at::vec::Vectorized<float>::size() == at::vec::Vectorized<int32_t>::size()) {
     using VF = at::vec::Vectorized<float>;
     using VI = at::vec::Vectorized<int32_t>;
-    const VI vui(ui);
+    const VI vb(base);
     for (; j + VF::size() <= n; j += VF::size())
-      at::vec::gather<sizeof(float)>(tab, vui - VI::loadu(uk + j)).store(w + j);
+      at::vec::gather<sizeof(float)>(t, vb + VI::loadu(uk + j)).store(w + j);
   }
-  for (; j < n; ++j) w[j] = tab[ui - uk[j]];
+  for (; j < n; ++j) w[j] = t[base + uk[j]];
+}
+
+// Calls f(j, src, len) for each run [j, j + len) of keys j0 + j, j < n, with
+// src = t + base + uk[j] (the run's len consecutive table entries).
+template <typename T, typename F>
+inline void for_each_run(const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                         int64_t n, F&& f) {
+  for (int64_t j = 0; j < n;) {
+    const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
+    f(j, t + base + uk[j], e - j);
+    j = e;
+  }
+}
+
+// s[j] += t[base + uk[j]] for j < n (uk = codes of keys j0.., run_end of the same keys).
+template <typename T>
+inline void table_add(T* s, const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                      int64_t n, bool runs) {
+  if (!runs) return gather_add<T>(s, t, base, uk, n);
+  for_each_run(t, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
+    T* d = s + j;
+#pragma omp simd
+    for (int64_t x = 0; x < len; ++x) d[x] += src[x];
+  });
+}
+
+// w[j] = t[base + uk[j]] for j < n.
+template <typename T>
+inline void table_set(T* w, const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                      int64_t n, bool runs) {
+  if (!runs) return gather_set<T>(w, t, base, uk, n);
+  for_each_run(t, base, uk, run_end, j0, n,
+               [&](int64_t j, const T* src, int64_t len) { std::memcpy(w + j, src, len * sizeof(T)); });
+}
+
+// dt[base + uk[j]] += g[j] for j < n (the transpose of table_add: the table
+// gradient; several j may hit one entry only across runs, never within one).
+template <typename T>
+inline void table_scatter(double* dt, const T* g, int32_t base, const int32_t* uk, const int32_t* run_end,
+                          int64_t j0, int64_t n, bool runs) {
+  if (!runs) {
+    for (int64_t j = 0; j < n; ++j) dt[base + uk[j]] += static_cast<double>(g[j]);
+    return;
+  }
+  for (int64_t j = 0; j < n;) {
+    const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
+    double* d = dt + base + uk[j];
+    const T* src = g + j;
+#pragma omp simd
+    for (int64_t x = 0; x < e - j; ++x) d[x] += static_cast<double>(src[x]);
+    j = e;
+  }
+}
+
+// ------------------------------------------- fused rows, tables read by runs
+// One pass per row of a score tile where the table and AMM are read run by
+// run (see above) and there is no dense bias or modulation.  Runs are handled
+// with full vectors and a partial vector for their tail.
+
+template <typename T, typename F>
+inline void for_each_vec(int64_t len, F&& f) {
+  constexpr int64_t VW = at::vec::Vectorized<T>::size();
+  int64_t x = 0;
+  for (; x + VW <= len; x += VW) f(x, VW);
+  if (x < len) f(x, len - x);
+}
+
+// s[j] += t[base + uk[j]] (t may be null: nothing added); returns max_j s[j]
+// (NaN if any is NaN, -inf for n = 0).
+template <typename T>
+inline T table_add_max(T* s, const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                       int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  if (t == nullptr) return row_max<T>(s, n);
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  Vec vmax(kNegInf);
+  for_each_run(t, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
+    T* d = s + j;
+    for_each_vec<T>(len, [&](int64_t x, int64_t r) {
+      if (r == Vec::size()) {
+        const Vec v = Vec::loadu(d + x) + Vec::loadu(src + x);
+        v.store(d + x);
+        vmax = at::vec::maximum(vmax, v);
+      } else {
+        const Vec v = Vec::loadu(d + x, r) + Vec::loadu(src + x, r);
+        v.store(d + x, r);
+        vmax = at::vec::maximum(vmax, Vec::set(Vec(kNegInf), v, r));
+      }
+    });
+  });
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
+// p[j] = exp(s[j] - m); s[j] = p[j] * w[base + uk[j]] (w may be null: s[j] =
+// p[j]); returns sum_j p[j].
+template <typename T>
+inline T exp_row_table(T* s, const T* w, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
+                       int64_t n, T m) {
+  using Vec = at::vec::Vectorized<T>;
+  if (w == nullptr) return exp_row<T>(s, nullptr, n, m);
+  const Vec vm(m);
+  Vec vsum(T(0));
+  for_each_run(w, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
+    T* d = s + j;
+    for_each_vec<T>(len, [&](int64_t x, int64_t r) {
+      if (r == Vec::size()) {
+        const Vec p = vexp<T>(Vec::loadu(d + x) - vm);
+        vsum = vsum + p;
+        (p * Vec::loadu(src + x)).store(d + x);
+      } else {
+        const Vec p = vexp<T>(Vec::loadu(d + x, r) - vm);
+        vsum = Vec::set(vsum, vsum + p, r);
+        (p * Vec::loadu(src + x, r)).store(d + x, r);
+      }
+    });
+  });
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
+}
+
+// Backward row in one pass: s[j] += t[tb + uk[j]]; p = exp(s[j] - lse);
+// w = a[ab + uk[j]]; s[j] = p w; dp[j] = p (dp[j] w - delta); dt[tb + uk[j]]
+// += dp[j].  t, a, dt may be null (no table: nothing added; no AMM: w = 1; no
+// table gradient).
+template <typename T>
+inline void softmax_grad_row_table(T* s, T* dp, const T* t, int32_t tb, const T* a, int32_t ab, double* dt,
+                                   const int32_t* uk, const int32_t* run_end, int64_t j0, int64_t n, T lse,
+                                   T delta) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vl(lse), vd(delta);
+  for (int64_t j = 0; j < n;) {
+    const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
+    const int64_t len = e - j;
+    T* sd = s + j;
+    T* gd = dp + j;
+    const T* ts = t ? t + tb + uk[j] : nullptr;
+    const T* as = a ? a + ab + uk[j] : nullptr;
+    for_each_vec<T>(len, [&](int64_t x, int64_t r) {
+      const bool full = r == Vec::size();
+      Vec sv = full ? Vec::loadu(sd + x) : Vec::loadu(sd + x, r);
+      if (ts) sv = sv + (full ? Vec::loadu(ts + x) : Vec::loadu(ts + x, r));
+      const Vec p = vexp<T>(sv - vl);
+      Vec g = full ? Vec::loadu(gd + x) : Vec::loadu(gd + x, r);
+      Vec pw = p;
+      if (as) {
+        const Vec wv = full ? Vec::loadu(as + x) : Vec::loadu(as + x, r);
+        pw = p * wv;
+        g = g * wv;
+      }
+      const Vec ds = p * (g - vd);
+      if (full) {
+        pw.store(sd + x);
+        ds.store(gd + x);
+      } else {
+        pw.store(sd + x, r);
+        ds.store(gd + x, r);
+      }
+    });
+    if (dt) {
+      double* d = dt + tb + uk[j];
+#pragma omp simd
+      for (int64_t x = 0; x < len; ++x) d[x] += static_cast<double>(gd[x]);
+    }
+    j = e;
+  }
 }
 
 template <typename T>

@@ -263,6 +263,14 @@ def test_cpu_attention_bench():
     else:
         with pytest.raises(BATT.NotApplicable):
             BCPU.run_one(case, "cpp", "fwd", **FAST)
+    # main()'s interleaved timing and the per-target summary
+    res = BCPU.run_interleaved(case, "fwd+bwd", ["torch", "sdpa"], warmup=0, repeats=2, rounds=2, record=False,
+                               n_sets=1)
+    assert all(res[i]["ms"] > 0 and len(res[i]) > 0 for i in ("torch", "sdpa"))
+    sec = U.Section("cpu_attention", "t", BCPU.COLUMNS, rows=[res["torch"], res["sdpa"]])
+    (table,) = BCPU.summarize(sec)
+    (summary,) = table["rows"]
+    assert summary["fwd_sdpa_met"] == "n/a" and summary["met"] is False  # no fwd / cpp rows here
 
 
 # ----------------------------------------------------------------------------- models

@@ -74,6 +74,13 @@ CASES = [
     (40, 7, 7, "batch", True, True, None, None),  # odd head dims: 7 and 256
     (24, 256, None, None, False, False, (2, 3, 24, 24), None),
     (600, 16, (20, 30), None, True, "custom", None, (1, 3, 600, 1)),  # several key tiles: online rescaling
+    # sorted positions, 248 of 16x16: mostly long runs of consecutive columns (read run by run)
+    (248, 40, 16, "sorted", True, True, (1, 3, 248, 248), None),
+    # run by run without bias/modulation (one fused pass per row): sorted positions, AMM only
+    # (runs of 12, partial vectors), and a run split by the key tile boundary at 512
+    (248, 40, 16, "sorted", True, False, None, None),
+    (144, 24, 12, None, False, True, None, None),
+    (540, 16, (18, 30), None, True, False, None, None),
 ]
 
 
@@ -103,6 +110,9 @@ def make_inputs(case, dtype, seed=0, B=2, H=3):
             kw["amm"] = AMM(period=5.0, radius2=8) if amm == "custom" else True
         if pos == "batch":
             kw["positions"] = torch.stack([torch.randperm(rows * cols, generator=g)[:N] for _ in range(B)])
+        elif pos == "sorted":
+            kw["positions"] = torch.stack([torch.randperm(rows * cols, generator=g)[:N].sort().values
+                                           for _ in range(B)])
         elif pos == "shared":
             kw["positions"] = torch.randperm(rows * cols, generator=g)[:N]
     if bias is not None:
@@ -197,7 +207,7 @@ _NO_BLAS_SCRIPT = textwrap.dedent("""
     _ext.require_cpu()
     from test_cpp_ext import make_inputs, run_grads
     from tolerances import FWD_TOL, GRAD_TOL, assert_close
-    assert torch.ops.edt_kernels_cpp.cpu_gemm() == "micro-kernel"
+    assert torch.ops.edt_kernels_cpp.cpu_gemm() == sys.argv[3]
     case = (300, 16, (15, 20), "shared", True, "custom", (1, 3, 300, 300), None)
     for dtype in (torch.float64, torch.float32):
         qkv64, kw64, qkv, kw = make_inputs(case, dtype)
@@ -211,16 +221,24 @@ _NO_BLAS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_gemm_fallback_without_blas_matches_reference():
-    """EDT_KERNELS_CPU_BLAS=0: the kernels' own micro-kernel instead of the
-    BLAS libtorch exports (what runs where libtorch exports none), forward and
-    every gradient, several query and key tiles."""
+@pytest.mark.parametrize("env", [{"EDT_KERNELS_CPU_BLAS": "0"},
+                                 {"EDT_KERNELS_CPU_BLAS": "0", "EDT_KERNELS_CPU_PACKED": "0"},
+                                 {"EDT_KERNELS_CPU_PACKED": "0"}],
+                         ids=["no-blas", "no-blas-no-packed", "blas-no-packed"])
+def test_gemm_fallback_without_blas_matches_reference(env):
+    """The GEMM paths other than the default: EDT_KERNELS_CPU_BLAS=0 (the
+    kernels' own micro-kernel instead of the BLAS libtorch exports, what runs
+    where libtorch exports none; float64 uses it, float32 still the packed
+    kernel) and EDT_KERNELS_CPU_PACKED=0 (float32 on that micro-kernel or on
+    the BLAS too), forward and every gradient, several query and key tiles."""
     here = os.path.dirname(os.path.abspath(__file__))
     if _ext.cpu_extension_error() is None and "MKL" in torch.__config__.show():
         assert ops.cpu_gemm() == "blas"  # libtorch built with MKL exports sgemm_/dgemm_
-    env = dict(os.environ, EDT_KERNELS_CPU_BLAS="0")
-    res = subprocess.run([sys.executable, "-c", _NO_BLAS_SCRIPT, os.path.dirname(here), here], env=env,
-                         capture_output=True, text=True, timeout=600)
+    want = "micro-kernel" if env.get("EDT_KERNELS_CPU_BLAS") == "0" else "blas"
+    if want == "blas" and "MKL" not in torch.__config__.show():
+        want = ops.cpu_gemm()
+    res = subprocess.run([sys.executable, "-c", _NO_BLAS_SCRIPT, os.path.dirname(here), here, want],
+                         env=dict(os.environ, **env), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "ok", res.stdout[-2000:]
 
