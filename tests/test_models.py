@@ -489,8 +489,8 @@ def test_mdt_sort_kept_same_output_and_mask(backend, monkeypatch):
         config, dtype = TINY_MDT, torch.float64
     log = _MaskingLog()
     monkeypatch.setattr(mdt_module, "random_masking", log)
-    attn_log = _CallLog(edt_kernels.nn.amm_attention)
-    monkeypatch.setattr(edt_kernels.nn, "amm_attention", attn_log)
+    attn_log = _CallLog(edt_kernels.nn.amm_attention_qkvpacked)
+    monkeypatch.setattr(edt_kernels.nn, "amm_attention_qkvpacked", attn_log)
     models = {}
     for sort in (True, False):
         models[sort] = MDTv2(**config, sort_kept=sort, backend="auto").to(dtype).train()
