@@ -185,6 +185,38 @@ def test_extreme_head_dims(D):
     check_backend("triton", inputs, kw, torch.float32)
 
 
+def test_head_dim_tiles():
+    """72 runs as 64 + 16 (90% of the MMA work useful instead of 56% on 128);
+    52 stays on one 64-wide tile; powers of two are one tile."""
+    assert triton_op._head_blocks(72) == (64, 16)
+    assert triton_op._head_blocks(80) == (64, 16)
+    assert triton_op._head_blocks(96) == (64, 32)
+    assert triton_op._head_blocks(52) == (64, 0)
+    assert triton_op._head_blocks(64) == (64, 0)
+    assert triton_op._head_blocks(128) == (128, 0)
+    assert triton_op._head_blocks(130) == (128, 16)
+
+
+@pytest.mark.parametrize("N,D", [(128, 72), (64, 96), (65, 80)])
+def test_full_and_peeled_tiles_with_split_head_dim(N, D):
+    """Only full key/query tiles (N = 128 on 64-wide interpreter tiles), and one
+    row past them, with head dims computed as two tiles."""
+    inputs, kw = make_case(1, 2, N, D, grid=(8, 16) if N == 128 else (8, 9), table=True,
+                           positions="batch" if N != 128 else None,
+                           amm=AMM(period=7.5, radius2=5, amplitude=0.7), seed=N + D)
+    check_backend("triton", inputs, kw, torch.float32)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-12])
+def test_scale_not_folded(scale):
+    """Scales that cannot be folded into the exp2 FFMA (<= 0, extreme) take the
+    unfolded path: table and bias added after the scaled dot."""
+    inputs, kw = make_case(2, 2, 70, 16, grid=9, table=True, amm=True, bias=(1, 2, 70, 70),
+                           positions="batch", seed=5)
+    kw["scale"] = scale
+    check_backend("triton", inputs, kw, torch.float32)
+
+
 def test_rectangular_grid_and_custom_amm():
     cfg = AMM(period=7.5, radius2=5, amplitude=0.7)
     inputs, kw = make_case(1, 2, 24, 16, grid=(4, 6), table=True, amm=cfg, extra=0, seed=3)
