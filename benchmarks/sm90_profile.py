@@ -119,8 +119,9 @@ def install():
     driver.set_active(_CompileOnlyDriver())
     _jit.JITFunction.run = _compile_only
     triton.runtime.Autotuner.run = _autotune_every_config
-    from edt_kernels.ops import adaln, amm_attention, tokens  # noqa: F401
+    from edt_kernels.ops import _triton_utils, adaln, amm_attention, tokens  # noqa: F401
     adaln.interpreting = lambda: True  # let the launchers accept CPU tensors (nothing runs)
+    _triton_utils.interpreting = lambda: True  # the token/adaLN launch check reads this one
     amm_attention._on_gpu = lambda t: True  # the GPU tiles and configs, not the interpreter's
     return amm_attention, adaln, tokens
 
@@ -292,7 +293,7 @@ def run_attention(attn, reduced: bool):
             if saved_cfgs is not None:
                 attn._fwd_kernel.configs = saved_cfgs
         _REC.spec = dict(spec, phase="bwd")
-        block_d = max(16, triton.next_power_of_2(d))
+        block_d = sum(attn._head_blocks(d))  # the width of the head-dim tiles, as the launcher keys its lists
         lists = (attn._bwd_tiles(attn._BWD_DKDV_TILES_BY_D, block_d),
                  attn._bwd_tiles(attn._BWD_DQ_TILES_BY_D, block_d))
         if bwd_all:  # every tile in the order the launcher tries them (each compiled)

@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(r"""
         # D = 72 as a 64-wide tile plus a 16-wide tail (8 valid lanes).
         "fwd_bf16_d72": compile_one(m._amm_attn_fwd_kernel, "bf16", fwd_tiles, BLOCK_D=64, BLOCK_D2=16,
                                     HEAD_DIM=72),
-        "dkdv_bf16_d72": compile_one(m._amm_attn_bwd_dkdv_kernel, "bf16", m._BWD_DKDV_TILES_BY_D[128][0],
+        "dkdv_bf16_d72": compile_one(m._amm_attn_bwd_dkdv_kernel, "bf16", m._BWD_DKDV_TILES_BY_D[80][0],
                                      BLOCK_D=64, BLOCK_D2=16, HEAD_DIM=72),
         # Worst case (float32, every option on): the last-resort tiles must fit.
         "dkdv_fp32_all_last": compile_one(m._amm_attn_bwd_dkdv_kernel, "fp32", m._BWD_DKDV_TILES[-1],

@@ -135,7 +135,7 @@ def _alignment(*ts: torch.Tensor) -> int:
 
 
 # Backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first, per
-# padded head dim (<= 64, <= 128, larger).  A tile whose shared memory does not
+# width of the head-dim tiles (<= 64, 64 + 16, <= 128, larger).  A tile whose shared memory does not
 # fit the device fails with OutOfResources before anything runs (so the atomics
 # never double-count) and the next one is tried; the first that fits is
 # remembered per kernel specialisation.  Registers, spills and shared memory of
@@ -144,6 +144,8 @@ _BWD_DKDV_TILES_BY_D = {
     # The 64-row tile spills on sm_90 at D = 52/64; the 32-row one does not
     # and issues fewer instructions per score.
     64: [(32, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+    # 64 + 16 (D = 72, 80): the 32-key tiles of the 128 list spill with the two head-dim tiles.
+    80: [(32, 64, 8, 1), (16, 64, 4, 1)],
     128: [(32, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
     256: [(32, 32, 8, 1), (16, 32, 4, 1)],
 }
