@@ -347,3 +347,92 @@ def _amm_attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N,
     tl.store(delta_ptr + bh.to(tl.int64) * N + offs_m, delta, mask=m_valid)
 
 
+
+
+@triton.jit(do_not_specialize=["B_PER_PROGRAM"])  # one compiled loop whatever the batch split
+def _amm_attn_bwd_dtable_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
+    table_ptr, pos_ptr, amm_ptr, bias_ptr, mod_ptr, dtable_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_tr, stride_th, stride_pb, stride_pn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dtr, stride_dth,
+    B, H, N, n_table, qk_scale, COLS, IDX_OFF, B_PER_PROGRAM,
+    HAS_GRID: tl.constexpr, HAS_POS: tl.constexpr, HAS_TABLE: tl.constexpr,
+    HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Table gradient when the grid offsets do not depend on the batch
+    (positions absent, or one ``[N]`` positions vector shared by the batch).
+
+    dtable[idx(i, j), h] = sum_b dS[b, h, i, j],  dS = P ⊙ (dP ⊙ W - Delta),
+    dP = dO V^T, the gradient w.r.t. the natural-log scores (as in the dK/dV
+    kernel).  One program per (batch chunk, head, query block, key block):
+    the scores and dS of the tile are recomputed for every batch element of
+    the chunk and summed in registers, then added with one relaxed atomic per
+    (h, i, j) of the tile: B / B_PER_PROGRAM times fewer atomics than one per
+    (b, h, i, j).  Positions, when given, are read through row 0 (stride_pb is
+    not used).
+    """
+    tl.static_assert(HAS_GRID and HAS_TABLE)
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n_blocks
+    pid_m = (pid // num_n_blocks) % num_m_blocks
+    ch = pid // (num_n_blocks * num_m_blocks)  # (batch chunk, head): programs of one head run together
+    h = ch % H
+    b_start = (ch // H).to(tl.int64) * B_PER_PROGRAM
+    b_count = tl.minimum(B_PER_PROGRAM, B - b_start)
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, ALIGN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < N
+    n_valid = offs_n < N
+    d_valid = offs_d < HEAD_DIM
+    qm_mask = m_valid[:, None] & d_valid[None, :]
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    pair_valid = m_valid[:, None] & n_valid[None, :]
+
+    # The tile's offset index, the same for every batch element.
+    u_m = _row_index(pos_ptr, 0, offs_m, m_valid, 0, stride_pn, COLS, IDX_OFF, HAS_POS)
+    u_n = _row_index(pos_ptr, 0, offs_n, n_valid, 0, stride_pn, COLS, 0, HAS_POS)
+    idx = u_m[:, None] - u_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for i in range(0, b_count):
+        b = b_start + i
+        q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, qm_mask)
+        do = _load_tile(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, qm_mask)
+        k = _load_tile(k_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, kv_mask)
+        v = _load_tile(v_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, kv_mask)
+        row_base = (b * H + h) * N
+        lse2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
+        # The same scores and weights as in the dK/dV kernel.  The table and AMM
+        # values depend on the offset index only, not on b: the compiler hoists
+        # their gathers out of this loop (sm_90 SASS: the only global loads left
+        # in it are lse and Delta, besides the dense bias/modulation if given).
+        s, _idx, _valid = _tile_scores(
+            q, k, table_ptr, bias_ptr, b, h, u_m, offs_m, offs_n, pos_ptr,
+            0, stride_pn, stride_tr, stride_th, n_table,
+            stride_bb, stride_bh, stride_bm, stride_bn, m_valid, n_valid, qk_scale, COLS,
+            HAS_GRID, HAS_POS, HAS_TABLE, HAS_BIAS, DOT_PRECISION)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_AMM or HAS_MOD:
+            dp = dp * _tile_weights(amm_ptr, mod_ptr, b, h, idx, offs_m, offs_n, pair_valid,
+                                    stride_mb, stride_mh, stride_mm, stride_mn,
+                                    HAS_AMM, HAS_MOD, BLOCK_M, BLOCK_N)
+        acc += p * (dp - delta[:, None])
+    # Padded rows/columns hold finite garbage or NaN: masked here.
+    tl.atomic_add(dtable_ptr + idx * stride_dtr + h * stride_dth, acc, mask=pair_valid, sem="relaxed")

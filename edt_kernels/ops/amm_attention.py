@@ -43,7 +43,7 @@ from ..attention import AttentionBackend, AttentionInputs, register_backend
 from ._attention_op import _empty_like_out, register_attention_op
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
-    _amm_attn_fwd_kernel, _load_tile, _row_index, _tile_scores, _tile_weights,
+    _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_tile, _row_index, _tile_scores, _tile_weights,
 )
 
 __all__ = ["amm_attention_forward", "amm_attention_backward", "TritonBackend"]
@@ -264,6 +264,42 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
     return out, lse
 
 
+# Table gradient without per-sample positions (the offset index of a tile is the
+# same for every batch element): _amm_attn_bwd_dtable_kernel sums dS over the
+# batch in registers and adds one atomic per (head, query, key) instead of one
+# per (batch, head, query, key) in the dK/dV kernel.  Tiles as for the other
+# backward kernels (preferred first, per padded head dim); registers and spills
+# of each on sm_90: benchmarks/sm90_profile.py.
+_BWD_DTABLE_TILES_BY_D = {
+    64: [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 1)],
+    128: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 64, 4, 1)],
+    256: [(32, 64, 8, 1), (16, 32, 4, 1)],
+}
+
+
+def _batch_shared_offsets(positions) -> bool:
+    """The grid offsets of every (query, key) pair are the same for all batch elements."""
+    return positions is None or positions.dim() == 1
+
+
+_sm_count: dict = {}
+
+
+def _dtable_batch_per_program(B: int, programs: int, q: torch.Tensor) -> int:
+    """Batch elements each dtable program sums: all of them when the
+    (head, query block, key block) programs alone fill the GPU's SMs, else the
+    batch is split into as many chunks as fill them (each chunk adds its own
+    atomics)."""
+    if not _on_gpu(q):
+        return B
+    sms = _sm_count.get(q.device)
+    if sms is None:  # CPU tensors here: the sm_90 profile, which compiles for an H100 (132 SMs)
+        sms = _sm_count[q.device] = (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                     if q.device.type == "cuda" else 132)
+    chunks = min(B, max(1, -(-sms // programs)))
+    return -(-B // chunks)
+
+
 def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
                            scale, rows, cols, need_dtable, need_dbias, grads=None):
     """Launch the backward kernels; returns ``(dq, dk, dv, dtable, dbias)``.
@@ -301,6 +337,8 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
                *_strides4(bias), *_strides4(modulation))
     dtstr = (dtable.stride(0), dtable.stride(1)) if need_dtable else (0, 0)
     cpu_tiles = (BLOCK_M, BLOCK_N, warps, stages)
+    # Batch-independent offsets: the table gradient is pre-reduced over the batch by its own kernel.
+    dtable_apart = need_dtable and _batch_shared_offsets(positions)
     _launch_tiled(
         _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, BLOCK_D, positions is not None), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bn),
@@ -308,7 +346,17 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
          *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)), *dk.stride(), *dv.stride(),
          H, N, n_table, scale * _LOG2E, scale, cols, idx_off),
-        dict(NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias, **flags), q)
+        dict(NEED_DTABLE=need_dtable and not dtable_apart, NEED_DBIAS=need_dbias, **flags), q)
+    if dtable_apart:
+        tiles = _bwd_tiles(_BWD_DTABLE_TILES_BY_D, BLOCK_D)
+        bm0, bn0 = tiles[0][:2] if _on_gpu(q) else cpu_tiles[:2]  # the batch split, sized on the first tile
+        per_program = _dtable_batch_per_program(B, H * triton.cdiv(N, bm0) * triton.cdiv(N, bn0), q)
+        _launch_tiled(
+            _amm_attn_bwd_dtable_kernel, tiles, cpu_tiles,
+            lambda bm, bn: H * triton.cdiv(N, bm) * triton.cdiv(N, bn) * triton.cdiv(B, per_program),
+            (q, k, v, dout, lse, delta, *ptrs, dtable, *strides, *dtstr,
+             B, H, N, n_table, scale * _LOG2E, cols, idx_off, per_program),
+            flags, q)
     _launch_tiled(
         _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, BLOCK_D), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bm),
