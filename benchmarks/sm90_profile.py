@@ -219,14 +219,14 @@ def analyse_cubin(path: pathlib.Path) -> dict:
 
 def _loop_model(kind: str, rec: dict) -> Optional[dict]:
     loop = rec.get("main_loop")
-    if loop is None or kind not in ("fwd", "dkdv", "dq"):
+    if loop is None or kind not in ("fwd", "dkdv", "dq", "dtable"):
         return None
     bm, bn, warps = rec["BLOCK_M"], rec["BLOCK_N"], rec["num_warps"]
     d = rec["head_dim"]
     per = 32 * warps / (bm * bn)  # thread instructions per score per warp instruction of the loop
     non_mma = loop["total"] - loop.get("mma", 0)
     instr = non_mma * per
-    dots = {"fwd": 2, "dkdv": 4, "dq": 3}[kind]
+    dots = {"fwd": 2, "dkdv": 4, "dq": 3, "dtable": 2}[kind]
     flop = 2 * dots * d
     clk = {"mma": flop / MMA_PER_CLK, "exp": 1.0 / EXP_PER_CLK, "issue": instr / ISSUE_PER_CLK}
     bound = max(clk, key=clk.get)
@@ -295,12 +295,14 @@ def run_attention(attn, reduced: bool):
         _REC.spec = dict(spec, phase="bwd")
         block_d = sum(attn._head_blocks(d))  # the width of the head-dim tiles, as the launcher keys its lists
         lists = (attn._bwd_tiles(attn._BWD_DKDV_TILES_BY_D, block_d),
-                 attn._bwd_tiles(attn._BWD_DQ_TILES_BY_D, block_d))
+                 attn._bwd_tiles(attn._BWD_DQ_TILES_BY_D, block_d),
+                 attn._bwd_tiles(attn._BWD_DTABLE_TILES_BY_D, block_d))
         if bwd_all:  # every tile in the order the launcher tries them (each compiled)
             for i in range(len(lists[0])):
-                saved = lists[0][:], lists[1][:]
+                saved = lists[0][:], lists[1][:], lists[2][:]
                 lists[0][:] = saved[0][i:i + 1]
                 lists[1][:] = saved[1][i:i + 1] if i < len(saved[1]) else saved[1][-1:]
+                lists[2][:] = saved[2][i:i + 1] if i < len(saved[2]) else saved[2][-1:]
                 attn._tile_choice.clear()
                 try:
                     attn.amm_attention_backward(torch.randn_like(q), q, k, v, o, lse, *args[3:],
@@ -308,7 +310,7 @@ def run_attention(attn, reduced: bool):
                 except RuntimeError:
                     pass
                 finally:
-                    lists[0][:], lists[1][:] = saved
+                    lists[0][:], lists[1][:], lists[2][:] = saved
         attn._tile_choice.clear()
         attn.amm_attention_backward(torch.randn_like(q), q, k, v, o, lse, *args[3:],
                                     table is not None, bias is not None)
@@ -346,7 +348,7 @@ def run_tokens_adaln(adaln, tokens, reduced: bool):
 # ----------------------------------------------------------------------------- records and output
 
 _KIND = {"_amm_attn_fwd_kernel": "fwd", "_amm_attn_bwd_dkdv_kernel": "dkdv", "_amm_attn_bwd_dq_kernel": "dq",
-         "_amm_attn_bwd_delta_kernel": "delta"}
+         "_amm_attn_bwd_delta_kernel": "delta", "_amm_attn_bwd_dtable_kernel": "dtable"}
 
 
 def _spec_name(r: dict) -> str:

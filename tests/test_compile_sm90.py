@@ -63,6 +63,12 @@ SCRIPT = textwrap.dedent(r"""
                                     HEAD_DIM=72),
         "dkdv_bf16_d72": compile_one(m._amm_attn_bwd_dkdv_kernel, "bf16", m._BWD_DKDV_TILES_BY_D[80][0],
                                      BLOCK_D=64, BLOCK_D2=16, HEAD_DIM=72),
+        # The table gradient summed over the batch (positions absent or shared).
+        "dtable_bf16": compile_one(m._amm_attn_bwd_dtable_kernel, "bf16", m._BWD_DTABLE_TILES_BY_D[64][0]),
+        "dtable_bf16_d72": compile_one(m._amm_attn_bwd_dtable_kernel, "bf16", m._BWD_DTABLE_TILES_BY_D[80][0],
+                                       BLOCK_D=64, BLOCK_D2=16, HEAD_DIM=72),
+        "dtable_fp32_all_last": compile_one(m._amm_attn_bwd_dtable_kernel, "fp32",
+                                            m._BWD_DTABLE_TILES_BY_D[64][-1], HAS_BIAS=True, HAS_MOD=True),
         # Worst case (float32, every option on): the last-resort tiles must fit.
         "dkdv_fp32_all_last": compile_one(m._amm_attn_bwd_dkdv_kernel, "fp32", m._BWD_DKDV_TILES[-1],
                                           HAS_BIAS=True, HAS_MOD=True, NEED_DBIAS=True),
@@ -90,7 +96,7 @@ EXPECTED_KERNELS = {
     "_masking_gather_kernel", "_masked_shortcut_fwd_kernel", "_masked_shortcut_bwd_kernel",
     "_ln_modulate_fwd_kernel", "_ln_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
     "_gated_residual_bwd_kernel", "_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel",
-    "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel",
+    "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel", "_amm_attn_bwd_dtable_kernel",
 }
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels of the fused AMM attention (forward, dK/dV, dQ, Delta).
+"""Triton kernels of the fused AMM attention (forward, dK/dV, dQ, Delta, and the
+table gradient summed over the batch).
 
     out = (softmax(q k^T * scale + T[idx(p_i, p_j), h] + bias) ⊙ M(p_i, p_j) ⊙ W) v
 
@@ -599,3 +600,157 @@ def _amm_attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N,
     do = _load_tile(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + bh.to(tl.int64) * N + offs_m, delta, mask=m_valid)
+
+
+# ============================================================================ table gradient summed over the batch
+
+@triton.jit
+def _dtable_batch_sum(acc, b_start, b_count, h, N, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
+                      bias_ptr, mod_ptr, H,
+                      stride_qb, stride_qh, stride_qn, stride_qd,
+                      stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd,
+                      stride_dob, stride_doh, stride_don, stride_dod,
+                      stride_bb, stride_bh, stride_bm, stride_bn,
+                      stride_mb, stride_mh, stride_mm, stride_mn,
+                      offs_m, offs_n, m_valid, n_valid, offs_d, offs_d2, tab_h, u_m, u_n, qk_scale, bias_scale,
+                      HAS_TABLE: tl.constexpr, HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_MOD: tl.constexpr, FOLD: tl.constexpr, MASK: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """acc + sum over the batch elements [b_start, b_start + b_count) of the
+    tile's dS, built exactly as in the dK/dV loop (``_dkdv_tile``).  MASK: the
+    tile runs past N in rows or columns (rows/columns past N hold finite
+    garbage or NaN; the caller's atomic masks them)."""
+    for i in range(0, b_count):
+        b = b_start + i
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        q = _load_rows(q_base, offs_m, m_valid, offs_d, stride_qn, stride_qd, HEAD_DIM, MASK, BLOCK_D > HEAD_DIM)
+        do = _load_rows(do_base, offs_m, m_valid, offs_d, stride_don, stride_dod, HEAD_DIM, MASK,
+                        BLOCK_D > HEAD_DIM)
+        k = _load_rows(k_base, offs_n, n_valid, offs_d, stride_kn, stride_kd, HEAD_DIM, MASK, BLOCK_D > HEAD_DIM)
+        v = _load_rows(v_base, offs_n, n_valid, offs_d, stride_vn, stride_vd, HEAD_DIM, MASK, BLOCK_D > HEAD_DIM)
+        q2 = q
+        do2 = do
+        k2 = k
+        v2 = v
+        if BLOCK_D2 > 0:
+            q2 = _load_rows(q_base, offs_m, m_valid, offs_d2, stride_qn, stride_qd, HEAD_DIM, MASK,
+                            BLOCK_D + BLOCK_D2 > HEAD_DIM)
+            do2 = _load_rows(do_base, offs_m, m_valid, offs_d2, stride_don, stride_dod, HEAD_DIM, MASK,
+                             BLOCK_D + BLOCK_D2 > HEAD_DIM)
+            k2 = _load_rows(k_base, offs_n, n_valid, offs_d2, stride_kn, stride_kd, HEAD_DIM, MASK,
+                            BLOCK_D + BLOCK_D2 > HEAD_DIM)
+            v2 = _load_rows(v_base, offs_n, n_valid, offs_d2, stride_vn, stride_vd, HEAD_DIM, MASK,
+                            BLOCK_D + BLOCK_D2 > HEAD_DIM)
+        row_base = (b * H + h) * N
+        lse2 = _load_vec(lse_ptr + row_base, offs_m, m_valid, MASK) * _LOG2E
+        delta = _load_vec(delta_ptr + row_base, offs_m, m_valid, MASK)
+        # The per-offset entry depends on (h, u_m, u_n) only, not on b: its
+        # gather is loop-invariant and hoisted out of this loop by the compiler
+        # (sm_90 SASS: the only LDGs left in the loop are lse and Delta, and the
+        # dense bias/modulation if given; q/k/v/dO are async copies).
+        s, g = _tile_scores(q, k, q2, k2, tab_h, u_m, u_n, bias_ptr + b * stride_bb + h * stride_bh,
+                            offs_m, offs_n, m_valid, n_valid, stride_bm, stride_bn, qk_scale, bias_scale,
+                            HAS_TABLE, HAS_AMM, HAS_BIAS, FOLD, False, BLOCK_D2 > 0, DOT_PRECISION)
+        if FOLD:
+            p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        else:
+            p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            dp = tl.dot(do2, tl.trans(v2), acc=dp, input_precision=DOT_PRECISION)
+        if HAS_AMM or HAS_MOD:
+            dp = dp * _tile_weights(g, mod_ptr + b * stride_mb + h * stride_mh, offs_m, offs_n, m_valid,
+                                    n_valid, stride_mm, stride_mn, HAS_TABLE, HAS_AMM, HAS_MOD,
+                                    BLOCK_M, BLOCK_N)
+        acc += p * (dp - delta[:, None])  # dS: the gradient w.r.t. the natural-log scores
+    return acc
+
+
+@triton.jit(do_not_specialize=["B_PER_PROGRAM"])  # one compiled loop whatever the batch split
+def _amm_attn_bwd_dtable_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
+    tab_ptr, u_ptr, bias_ptr, mod_ptr, dtable_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_th, stride_ub,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dtr, stride_dth,
+    B, H, N, qk_scale, bias_scale, IDX_OFF, B_PER_PROGRAM,
+    HAS_GRID: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_AMM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr, FOLD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Table gradient when the grid offsets do not depend on the batch
+    (positions absent, or one ``[N]`` positions vector shared by the batch:
+    the grid indices ``u`` are one ``[N]`` vector, ``stride_ub`` is 0 and not used).
+
+    dtable[idx(i, j), h] = sum_b dS[b, h, i, j],  dS = P ⊙ (dP ⊙ W - Delta),
+    dP = dO V^T, the gradient w.r.t. the natural-log scores (as in the dK/dV
+    kernel, from the same packed per-offset table).  One program per (batch
+    chunk, head, query block, key block): the scores and dS of the tile are
+    recomputed for every batch element of the chunk and summed in registers,
+    then added with one relaxed atomic per (h, i, j) of the tile:
+    B / B_PER_PROGRAM times fewer atomics than one per (b, h, i, j).  Tiles
+    inside N x N run without bounds masks; the edge tiles run the masked body.
+    """
+    tl.static_assert(HAS_GRID and HAS_TABLE)
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n_blocks
+    pid_m = (pid // num_n_blocks) % num_m_blocks
+    ch = pid // (num_n_blocks * num_m_blocks)  # (batch chunk, head): programs of one head run together
+    h = ch % H
+    b_start = (ch // H).to(tl.int64) * B_PER_PROGRAM
+    b_count = tl.minimum(B_PER_PROGRAM, B - b_start)
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, ALIGN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_d2 = offs_d
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    m_valid = offs_m < N
+    n_valid = offs_n < N
+    # The tile's grid indices, the same for every batch element (padded lanes
+    # read index 0, which keeps their gather inside the table).
+    u_m = _load_vec(u_ptr, offs_m, m_valid, True)
+    u_n = _load_vec(u_ptr, offs_n, n_valid, True)
+    tab_h = tab_ptr + h * stride_th + IDX_OFF
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if (pid_m + 1) * BLOCK_M <= N and (pid_n + 1) * BLOCK_N <= N:
+        acc = _dtable_batch_sum(
+            acc, b_start, b_count, h, N, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, mod_ptr, H,
+            stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
+            stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+            offs_m, offs_n, m_valid, n_valid, offs_d, offs_d2, tab_h, u_m, u_n, qk_scale, bias_scale,
+            HAS_TABLE, HAS_AMM, HAS_BIAS, HAS_MOD, FOLD, False, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM)
+    else:  # an edge tile, past N in rows or columns
+        acc = _dtable_batch_sum(
+            acc, b_start, b_count, h, N, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, mod_ptr, H,
+            stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
+            stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+            offs_m, offs_n, m_valid, n_valid, offs_d, offs_d2, tab_h, u_m, u_n, qk_scale, bias_scale,
+            HAS_TABLE, HAS_AMM, HAS_BIAS, HAS_MOD, FOLD, True, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM)
+    # dtable[IDX_OFF + u_m - u_n, h]: the same addresses as the dK/dV kernel's scatter.
+    # No ordering is needed between these adds: relaxed atomics (RED on sm_90).
+    drow = dtable_ptr + h * stride_dth + (IDX_OFF + u_m) * stride_dtr
+    tl.atomic_add(drow[:, None] - (u_n * stride_dtr)[None, :], acc,
+                  mask=m_valid[:, None] & n_valid[None, :], sem="relaxed")

@@ -50,7 +50,7 @@ from ..attention import AttentionBackend, AttentionInputs, register_backend
 from ._attention_op import _empty_like_out, register_attention_op
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
-    _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
+    _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
 )
 
 __all__ = ["amm_attention_forward", "amm_attention_backward", "TritonBackend"]
@@ -314,6 +314,47 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
     return out, lse
 
 
+# Table gradient without per-sample positions (the offset index of a tile is the
+# same for every batch element): _amm_attn_bwd_dtable_kernel sums dS over the
+# batch in registers and adds one atomic per (head, query, key) instead of one
+# per (batch, head, query, key) in the dK/dV kernel.  Tiles as for the other
+# backward kernels (preferred first, per width of the head-dim tiles).  On
+# sm_90 (benchmarks/sm90_profile.py): at D <= 64 the 4-warp 64 x 64 tile
+# reaches 255 registers and spills at D = 52 or with a dense bias, the 8-warp
+# one does not; at 64 + 16 (D = 72) the 32 x 64 tile is the one that fits
+# without spilling and with the fewest instructions per score; at 128 the
+# 2-stage 64 x 64 tile needs more shared memory than a block may use.
+_BWD_DTABLE_TILES_BY_D = {
+    64: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 64, 4, 1)],
+    80: [(32, 64, 4, 2), (32, 64, 4, 1), (16, 64, 4, 1)],
+    128: [(64, 64, 8, 1), (32, 64, 4, 1), (16, 32, 4, 1)],
+    256: [(32, 64, 8, 1), (16, 32, 4, 1)],
+}
+
+
+def _batch_shared_offsets(positions) -> bool:
+    """The grid offsets of every (query, key) pair are the same for all batch elements."""
+    return positions is None or positions.dim() == 1
+
+
+_sm_count: dict = {}
+
+
+def _dtable_batch_per_program(B: int, programs: int, q: torch.Tensor) -> int:
+    """Batch elements each dtable program sums: all of them when the
+    (head, query block, key block) programs alone fill the GPU's SMs, else the
+    batch is split into as many chunks as fill them (each chunk adds its own
+    atomics)."""
+    if not _on_gpu(q):
+        return B
+    sms = _sm_count.get(q.device)
+    if sms is None:  # CPU tensors here: the sm_90 profile, which compiles for an H100 (132 SMs)
+        sms = _sm_count[q.device] = (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                     if q.device.type == "cuda" else 132)
+    chunks = min(B, max(1, -(-sms // programs)))
+    return -(-B // chunks)
+
+
 def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
                            scale, rows, cols, need_dtable, need_dbias, grads=None):
     """Launch the backward kernels; returns ``(dq, dk, dv, dtable, dbias)``.
@@ -347,6 +388,8 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     dtstr = (dtable.stride(0), dtable.stride(1)) if need_dtable else (0, 0)
     scales = (g["qk_scale"], g["bias_scale"], scale, g["idx_off"])
     cpu_tiles = (BLOCK_M, BLOCK_N, warps, stages)
+    # Batch-independent offsets: the table gradient is pre-reduced over the batch by its own kernel.
+    dtable_apart = need_dtable and _batch_shared_offsets(positions)
     _launch_tiled(
         _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, width, positions is not None), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bn),
@@ -354,7 +397,17 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
          *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)), *dk.stride(), *dv.stride(),
          H, N, *scales),
-        dict(NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias, **flags), q)
+        dict(NEED_DTABLE=need_dtable and not dtable_apart, NEED_DBIAS=need_dbias, **flags), q)
+    if dtable_apart:
+        tiles = _bwd_tiles(_BWD_DTABLE_TILES_BY_D, width)
+        bm0, bn0 = tiles[0][:2] if _on_gpu(q) else cpu_tiles[:2]  # the batch split, sized on the first tile
+        per_program = _dtable_batch_per_program(B, H * triton.cdiv(N, bm0) * triton.cdiv(N, bn0), q)
+        _launch_tiled(
+            _amm_attn_bwd_dtable_kernel, tiles, cpu_tiles,
+            lambda bm, bn: H * triton.cdiv(N, bm) * triton.cdiv(N, bn) * triton.cdiv(B, per_program),
+            (q, k, v, dout, lse, delta, *ptrs, dtable, *strides, *dtstr,
+             B, H, N, g["qk_scale"], g["bias_scale"], g["idx_off"], per_program),
+            flags, q)
     _launch_tiled(
         _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, width), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bm),
