@@ -21,9 +21,9 @@ What the main loops do per score element, and why:
 - No separate multiply for the scale and add for the table: with a positive
   scale (``FOLD``) the table is stored divided by the scale and is the
   accumulator the ``q k^T`` dot starts from, and ``scale * log2(e)`` is
-  applied in the FFMA that feeds ``exp2``.  Otherwise (scale <= 0 or extreme)
-  the scores are scaled after the dot and the table, stored times log2(e),
-  is added.
+  applied in the FFMA that feeds ``exp2``.  Otherwise (scale <= 0 or extreme,
+  and in the backward kernels, where the launcher does not fold) the scores
+  are scaled after the dot and the table, stored times log2(e), is added.
 - Full key (forward, dQ) or query (dK/dV) tiles run without bounds masks; the
   last partial tile, if any, is peeled and runs the masked body.
 - A head dim just above a power of two (e.g. 72) is computed as two tiles, a
@@ -271,11 +271,10 @@ def _amm_attn_fwd_kernel(
 
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     o_base = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
-    inv_l = 1.0 / l_i
-    tl.store(o_base + offs_d[None, :] * stride_od, (acc * inv_l[:, None]).to(o_ptr.dtype.element_ty),
+    tl.store(o_base + offs_d[None, :] * stride_od, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
              mask=m_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
     if BLOCK_D2 > 0:
-        tl.store(o_base + offs_d2[None, :] * stride_od, (acc2 * inv_l[:, None]).to(o_ptr.dtype.element_ty),
+        tl.store(o_base + offs_d2[None, :] * stride_od, (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
                  mask=m_valid[:, None] & (offs_d2 < HEAD_DIM)[None, :])
     tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, lse, mask=m_valid)
 

@@ -151,6 +151,8 @@ _BWD_DKDV_TILES_BY_D = {
 }
 _BWD_DQ_TILES_BY_D = {
     64: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)],
+    # 64 + 16 (D = 72, 80): the 32-key tile issues ~40% fewer instructions per score.
+    80: [(64, 32, 4, 1), (64, 64, 8, 2), (32, 32, 4, 1), (16, 32, 4, 1)],
     128: [(64, 64, 8, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
     256: [(32, 32, 8, 1), (16, 32, 4, 1)],
 }
@@ -226,7 +228,7 @@ def _fold_scale(scale: float) -> bool:
     return 2.0 ** -30 < scale < 2.0 ** 30
 
 
-def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device):
+def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fold=True):
     """Per-call host tables of the grid terms (float32/int32, so exactness is kept):
 
     - ``tab``: the per-offset table, head-major ``[H, n_table]``: with table and
@@ -236,9 +238,10 @@ def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device):
       divided by the scale when it is folded, else times log2(e).
     - ``u``: each token's grid index ``row * (2 cols - 1) + col`` (int32,
       ``[B, N]`` with per-batch positions, else ``[N]`` with batch stride 0).
-    The kernels gather ``tab[h, idx_off + u_j - u_i]``, i.e. offset ``u_i - u_j``."""
+    The kernels gather ``tab[h, idx_off + u_j - u_i]``, i.e. offset ``u_i - u_j``.
+    ``fold=False`` keeps the scale unfolded whatever its value."""
     has_grid = table is not None or amm_table is not None
-    fold = _fold_scale(scale)
+    fold = fold and _fold_scale(scale)
     n_table = (2 * rows - 1) * (2 * cols - 1)
     idx_off = (rows - 1) * (2 * cols - 1) + (cols - 1)
     tab, u, stride_th, stride_ub = None, None, 0, 0
@@ -379,7 +382,10 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
         out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=dm, BLOCK_D=BLOCK_D, HEAD_DIM=D,
         ALIGN=_alignment(out, dout), num_warps=4)
     lse = lse.contiguous()
-    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device)
+    # The backward kernels take the unfolded scores (scaled dot + table * log2 e): in their
+    # SASS the fold saves nothing, and this form keeps the table gradient's rounding noise
+    # lower (it sums dS terms that cancel, e.g. to exactly 0 on a 1 x 1 grid).
+    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, fold=False)
     flags = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v, dout))
     width = flags["BLOCK_D"] + flags["BLOCK_D2"]
     ptrs = (_dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q))
