@@ -15,7 +15,8 @@ recorded with its error text, never turned into a number):
 * attention forward at N=4096, D=64: none / table / AMM / table+AMM vs SDPA
   without bias; table+AMM at D=52, 64, 72;
 * backward at B=32, H=16, N=256, D=72 with the table gradient on and off, with
-  the Delta preprocess and each backward kernel timed alone;
+  the Delta preprocess and each backward kernel timed alone (dK/dV, dQ and,
+  with the table gradient on, the kernel that sums it over the batch);
 * MDT masked attention (179 of 256 tokens) with random vs sorted positions
   (``random_masking(..., sort_kept=False / True)``), forward and forward + backward;
 * token / adaLN bandwidth at C=1152 and C=936 vs a device copy;
@@ -297,7 +298,8 @@ def timing_backward(c: Ctx, rows, deadline):
                          tflops=flops / ms / 1e9,
                          kernels_ms={k_: statistics.median(v_) for k_, v_ in per_kernel.items()},
                          static=dict(dkdv=c.static_estimate("_amm_attn_bwd_dkdv_kernel", "table+amm", D),
-                                     dq=c.static_estimate("_amm_attn_bwd_dq_kernel", "table+amm", D))))
+                                     dq=c.static_estimate("_amm_attn_bwd_dq_kernel", "table+amm", D),
+                                     dtable=c.static_estimate("_amm_attn_bwd_dtable_kernel", "table+amm", D))))
     delta = torch.empty(lse.shape, device=c.dev, dtype=torch.float32)
     bd = max(16, 1 << (D - 1).bit_length())
     ms = c.time_ms(lambda: attn._amm_attn_bwd_delta_kernel[(B * H * math.ceil(N / 64),)](

@@ -78,7 +78,8 @@ _REC = _Recorder()
 
 
 def _record(fn, args, kwargs, kernel):
-    meta = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in kwargs}
+    meta = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_D", "BLOCK_D2")
+            if k in kwargs}
     _REC.records.append(dict(kernel=fn.fn.__name__, compiled=kernel, launch=meta, spec=dict(_REC.spec)))
     if kernel.metadata.shared > SHARED_LIMIT:  # what loading it on an H100 would raise
         _REC.records[-1]["rejected"] = True
@@ -198,14 +199,14 @@ def analyse_cubin(path: pathlib.Path) -> dict:
 
 def _loop_model(kind: str, rec: dict) -> Optional[dict]:
     loop = rec.get("main_loop")
-    if loop is None or kind not in ("fwd", "dkdv", "dq"):
+    if loop is None or kind not in ("fwd", "dkdv", "dq", "dtable"):
         return None
     bm, bn, warps = rec["BLOCK_M"], rec["BLOCK_N"], rec["num_warps"]
     d = rec["head_dim"]
     per = 32 * warps / (bm * bn)  # thread instructions per score per warp instruction of the loop
     non_mma = loop["total"] - loop.get("mma", 0)
     instr = non_mma * per
-    dots = {"fwd": 2, "dkdv": 4, "dq": 3}[kind]
+    dots = {"fwd": 2, "dkdv": 4, "dq": 3, "dtable": 2}[kind]
     flop = 2 * dots * d
     clk = {"mma": flop / MMA_PER_CLK, "exp": 1.0 / EXP_PER_CLK, "issue": instr / ISSUE_PER_CLK}
     bound = max(clk, key=clk.get)
@@ -264,22 +265,24 @@ def run_attention(attn, reduced: bool):
         saved_cfgs = None
         if not fwd_all and isinstance(attn._fwd_kernel, triton.runtime.Autotuner):
             saved_cfgs = attn._fwd_kernel.configs  # the first config the autotuner keeps for this D
-            attn._fwd_kernel.configs = attn._prune_fwd_configs(
-                saved_cfgs, {}, BLOCK_D=max(16, triton.next_power_of_2(d)))[:1]
+            d1, d2 = attn._head_blocks(d)  # the head-dim tiles (72 = 64 + 16)
+            attn._fwd_kernel.configs = attn._prune_fwd_configs(saved_cfgs, {}, BLOCK_D=d1, BLOCK_D2=d2)[:1]
         try:
             o, lse = attn.amm_attention_forward(*args)
         finally:
             if saved_cfgs is not None:
                 attn._fwd_kernel.configs = saved_cfgs
         _REC.spec = dict(spec, phase="bwd")
-        block_d = max(16, triton.next_power_of_2(d))
+        block_d = sum(attn._head_blocks(d))  # the width of the head-dim tiles, as the launcher keys its lists
         lists = (attn._bwd_tiles(attn._BWD_DKDV_TILES_BY_D, block_d),
-                 attn._bwd_tiles(attn._BWD_DQ_TILES_BY_D, block_d))
+                 attn._bwd_tiles(attn._BWD_DQ_TILES_BY_D, block_d),
+                 attn._bwd_tiles(attn._BWD_DTABLE_TILES_BY_D, block_d))
         if bwd_all:  # every tile in the order the launcher tries them (each compiled)
             for i in range(len(lists[0])):
-                saved = lists[0][:], lists[1][:]
+                saved = lists[0][:], lists[1][:], lists[2][:]
                 lists[0][:] = saved[0][i:i + 1]
                 lists[1][:] = saved[1][i:i + 1] if i < len(saved[1]) else saved[1][-1:]
+                lists[2][:] = saved[2][i:i + 1] if i < len(saved[2]) else saved[2][-1:]
                 attn._tile_choice.clear()
                 try:
                     attn.amm_attention_backward(torch.randn_like(q), q, k, v, o, lse, *args[3:],
@@ -287,7 +290,7 @@ def run_attention(attn, reduced: bool):
                 except RuntimeError:
                     pass
                 finally:
-                    lists[0][:], lists[1][:] = saved
+                    lists[0][:], lists[1][:], lists[2][:] = saved
         attn._tile_choice.clear()
         attn.amm_attention_backward(torch.randn_like(q), q, k, v, o, lse, *args[3:],
                                     table is not None, bias is not None)
@@ -308,7 +311,7 @@ def run_tokens_adaln(adaln, tokens, reduced: bool):
 # ----------------------------------------------------------------------------- records and output
 
 _KIND = {"_amm_attn_fwd_kernel": "fwd", "_amm_attn_bwd_dkdv_kernel": "dkdv", "_amm_attn_bwd_dq_kernel": "dq",
-         "_amm_attn_bwd_delta_kernel": "delta"}
+         "_amm_attn_bwd_delta_kernel": "delta", "_amm_attn_bwd_dtable_kernel": "dtable"}
 
 
 def _spec_name(r: dict) -> str:
@@ -346,8 +349,19 @@ def collect(out_dir: pathlib.Path) -> List[dict]:
         model = _loop_model(_KIND.get(r["kernel"], ""), rec)
         if model:
             rec["loop_model"] = model
+            rec["useful_mma"] = _useful_mma(rec["head_dim"], r["launch"])
         rows.append(rec)
     return rows
+
+
+def _useful_mma(d: int, launch: dict) -> Optional[float]:
+    """Fraction of the MMA work on real head-dim lanes: D over the width of the
+    head-dim tiles (one padded power of two, or a tile plus a tail tile)."""
+    if "BLOCK_D" in launch:
+        width = launch["BLOCK_D"] + launch.get("BLOCK_D2", 0)
+    else:
+        width = max(16, triton.next_power_of_2(d))
+    return round(d / width, 3)
 
 
 def _fmt_row(r: dict) -> str:
@@ -359,12 +373,13 @@ def _fmt_row(r: dict) -> str:
             f"{m.get('mma', 0)} | {m.get('mufu', 0)} | {m.get('alu', 0)} | {loads} | {m.get('async_copy', 0)}"
             f"/{m.get('tma', 0)} | {m.get('atomic', 0)} | {lm.get('total', '')} | "
             f"{model.get('instr_per_score', '')} | {model.get('budget_instr_per_score', '')} | "
-            f"{model.get('bound', '')} {model.get('bound_tflops', '')} |")
+            f"{model.get('bound', '')} {model.get('bound_tflops', '')} | {r.get('useful_mma', '')} |")
 
 
 HEADER = ("| kernel | specialisation | regs | stack B | LDL/STL | shared B | MMA | MUFU | other ALU | "
-          "LDG 16/32/64/128 | LDGSTS/TMA | atomics | loop SASS | instr/score | budget | bound (TFLOP/s) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "LDG 16/32/64/128 | LDGSTS/TMA | atomics | loop SASS | instr/score | budget | bound (TFLOP/s) | "
+          "useful MMA |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def write_markdown(rows, info, out_dir: pathlib.Path, baseline: Optional[List[dict]] = None):
@@ -375,11 +390,13 @@ def write_markdown(rows, info, out_dir: pathlib.Path, baseline: Optional[List[di
              "(FlashAttention-3, Shah et al. 2024, sec. 3.1), 128 issued thread instructions per SM and clock. "
              "`instr/score` = non-MMA SASS instructions of the main loop x 32 x warps / (BLOCK_M x BLOCK_N); "
              "`budget` = the instructions per score that fit under the MMA or exp time, whichever is larger. "
+             "`useful MMA` = head dim / width of the head-dim tiles (the MMA work on real lanes). "
              "It ignores latency, stalls, memory and occupancy.", ""]
     if baseline:
         lines += ["## Before / after (attention kernels, first tile the launcher would run)", "",
                   "| kernel | specialisation | regs before | regs after | stack B before | after | "
-                  "LDG.16 before | after | instr/score before | after |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "LDG.16 before | after | instr/score before | after | useful MMA before | after |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         key = lambda r: (r["kernel"], r["dtype"], r["feature"], r["head_dim"])  # noqa: E731
         first_b, first_a = {}, {}
         for src, dst in ((baseline, first_b), (rows, first_a)):
@@ -394,7 +411,8 @@ def write_markdown(rows, info, out_dir: pathlib.Path, baseline: Optional[List[di
             ia = (a.get("loop_model") or {}).get("instr_per_score", "")
             lines.append(f"| {a['kernel']} | {a['dtype']} {a['feature']} D={a['head_dim']} | {b['registers']} | "
                          f"{a['registers']} | {b['stack_bytes']} | {a['stack_bytes']} | "
-                         f"{b['sass'].get('LDG.16', 0)} | {a['sass'].get('LDG.16', 0)} | {ib} | {ia} |")
+                         f"{b['sass'].get('LDG.16', 0)} | {a['sass'].get('LDG.16', 0)} | {ib} | {ia} | "
+                         f"{b.get('useful_mma') or _useful_mma(b['head_dim'], {})} | {a.get('useful_mma', '')} |")
         lines.append("")
     lines += ["## Every compiled kernel", "", HEADER]
     lines += [_fmt_row(r) for r in rows]

@@ -185,6 +185,38 @@ def test_extreme_head_dims(D):
     check_backend("triton", inputs, kw, torch.float32)
 
 
+def test_head_dim_tiles():
+    """72 runs as 64 + 16 (90% of the MMA work useful instead of 56% on 128);
+    52 stays on one 64-wide tile; powers of two are one tile."""
+    assert triton_op._head_blocks(72) == (64, 16)
+    assert triton_op._head_blocks(80) == (64, 16)
+    assert triton_op._head_blocks(96) == (64, 32)
+    assert triton_op._head_blocks(52) == (64, 0)
+    assert triton_op._head_blocks(64) == (64, 0)
+    assert triton_op._head_blocks(128) == (128, 0)
+    assert triton_op._head_blocks(130) == (128, 16)
+
+
+@pytest.mark.parametrize("N,D", [(128, 72), (64, 96), (65, 80)])
+def test_full_and_peeled_tiles_with_split_head_dim(N, D):
+    """Only full key/query tiles (N = 128 on 64-wide interpreter tiles), and one
+    row past them, with head dims computed as two tiles."""
+    inputs, kw = make_case(1, 2, N, D, grid=(8, 16) if N == 128 else (8, 9), table=True,
+                           positions="batch" if N != 128 else None,
+                           amm=AMM(period=7.5, radius2=5, amplitude=0.7), seed=N + D)
+    check_backend("triton", inputs, kw, torch.float32)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-12])
+def test_scale_not_folded(scale):
+    """Scales that cannot be folded into the exp2 FFMA (<= 0, extreme) take the
+    unfolded path: table and bias added after the scaled dot."""
+    inputs, kw = make_case(2, 2, 70, 16, grid=9, table=True, amm=True, bias=(1, 2, 70, 70),
+                           positions="batch", seed=5)
+    kw["scale"] = scale
+    check_backend("triton", inputs, kw, torch.float32)
+
+
 def test_rectangular_grid_and_custom_amm():
     cfg = AMM(period=7.5, radius2=5, amplitude=0.7)
     inputs, kw = make_case(1, 2, 24, 16, grid=(4, 6), table=True, amm=cfg, extra=0, seed=3)
@@ -455,3 +487,176 @@ def test_torch_compile_fullgraph_auto_backend_cpu():
     out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, table)
     ref = reference_attention(q.double(), k.double(), v.double(), rel_pos_bias=table.double(), grid=4, amm=True)
     assert_close(out, ref, torch.float32)
+
+
+# ----------------------------------------------------------------------------- table gradient summed over the batch
+
+# Without per-sample positions the offset index of a (query, key) pair is the same for every
+# batch element: the table gradient comes from _amm_attn_bwd_dtable_kernel, which sums dS over
+# the batch before its atomics, and the dK/dV kernel runs without its table atomics.
+_DTABLE_CASES = [
+    # B, H, grid, D, options (N = rows*cols, or len(positions))
+    pytest.param(1, 2, 5, 16, dict(table=True), id="B1-N25"),
+    pytest.param(3, 3, 9, 24, dict(table=True, amm=True), id="B3-N81-table+amm"),
+    pytest.param(4, 1, 4, 16, dict(table=True, amm=True), id="B4-N16-table+amm"),
+    pytest.param(2, 2, (7, 10), 20, dict(table=True, bias=(2, 2, 70, 70), modulation=(2, 1, 70, 70)),
+                 id="B2-N70-table+bias+modulation"),
+    pytest.param(2, 2, 8, 16, dict(table=True, amm=True, bias=(1, 2, 64, 64), modulation=(1, 2, 64, 64)),
+                 id="B2-N64-table+amm+broadcast_bias+modulation"),
+    pytest.param(3, 2, 6, 16, dict(table=True, amm=True, positions="shared", n=30),
+                 id="B3-N30-shared_positions"),
+    # D = 72 as a 64-wide tile plus a 16-wide tail: N = 64, only full (unmasked) tiles
+    # on the interpreter's 64-wide ones; N = 70, interior and edge tiles.
+    pytest.param(2, 2, 8, 72, dict(table=True, amm=True), id="B2-N64-D72-table+amm"),
+    pytest.param(2, 1, (7, 10), 72, dict(table=True, amm=AMM(period=7.5, radius2=5, amplitude=0.7),
+                                         bias=(1, 1, 70, 70)),
+                 id="B2-N70-D72-table+amm+bias"),
+]
+
+
+def _dtable_case(B, H, grid, D, opts, seed):
+    opts = dict(opts)
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    N = opts.pop("n", rows * cols)
+    return make_case(B, H, N, D, grid=grid, seed=seed, **opts)
+
+
+@pytest.mark.parametrize("B,H,grid,D,opts", _DTABLE_CASES)
+def test_dtable_summed_over_batch_float32(B, H, grid, D, opts):
+    """Every gradient (the table's included) against float64, N a multiple of the block or not."""
+    inputs, kw = _dtable_case(B, H, grid, D, opts, seed=B * 10 + H)
+    check_backend("triton", inputs, kw, torch.float32)
+
+
+@pytest.mark.parametrize("B,H,grid,D,opts", [_DTABLE_CASES[1], _DTABLE_CASES[3]])
+def test_dtable_summed_over_batch_float16(B, H, grid, D, opts):
+    inputs, kw = _dtable_case(B, H, grid, D, opts, seed=B * 10 + H + 1)
+    check_backend("triton", inputs, kw, torch.float16)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 1e-12])
+def test_dtable_summed_over_batch_scale_not_folded(scale):
+    """Scales that cannot be folded (table stored times log2(e), added after the
+    scaled dot): the batch-reducing kernel reads the same table as the dK/dV one."""
+    inputs, kw = make_case(3, 2, 70, 16, grid=(7, 10), table=True, amm=AMM(period=7.5, radius2=5, amplitude=0.7),
+                           bias=(1, 2, 70, 70), seed=6)
+    kw["scale"] = scale
+    check_backend("triton", inputs, kw, torch.float32)
+
+
+class _LaunchSpy:
+    """Records (kernel name, kwargs, programs of the first tile) of every _launch_tiled call;
+    runs them unless ``run`` is False."""
+
+    def __init__(self, monkeypatch, run=True):
+        self.calls = []
+        orig = triton_op._launch_tiled
+
+        def spy(kernel, tiles, cpu_tiles, grid_of, args, kwargs, q):
+            first = tiles[0] if triton_op._on_gpu(q) else cpu_tiles
+            self.calls.append(dict(kernel=kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+                                   kwargs=dict(kwargs), tile=first, programs=grid_of(*first[:2]), args=args))
+            if run:
+                orig(kernel, tiles, cpu_tiles, grid_of, args, kwargs, q)
+
+        monkeypatch.setattr(triton_op, "_launch_tiled", spy)
+
+    def by_kernel(self):
+        return {c["kernel"]: c for c in self.calls}
+
+
+@pytest.mark.parametrize("positions", [None, "shared", "batch"])
+def test_dkdv_kernel_skips_table_atomics_without_per_sample_positions(monkeypatch, positions):
+    """positions absent or shared by the batch: the dK/dV kernel runs with NEED_DTABLE=False
+    and the batch-reducing kernel computes the table gradient; per-sample positions keep the
+    dK/dV kernel's atomics (no dtable kernel).  The gradients are right either way."""
+    inputs, kw = make_case(2, 2, 12 if positions else 16, 16, grid=4, table=True, amm=True,
+                           positions=positions, seed=8)
+    spy = _LaunchSpy(monkeypatch)
+    check_backend("triton", inputs, kw, torch.float32)
+    kernels = spy.by_kernel()
+    apart = positions != "batch"
+    assert kernels["_amm_attn_bwd_dkdv_kernel"]["kwargs"]["NEED_DTABLE"] is (not apart)
+    assert ("_amm_attn_bwd_dtable_kernel" in kernels) is apart
+    assert "_amm_attn_bwd_dq_kernel" in kernels
+
+
+def test_dkdv_kernel_without_table_gradient_launches_no_dtable_kernel(monkeypatch):
+    inputs, kw = make_case(2, 2, 16, 16, grid=4, table=True, amm=True, seed=9)
+    (q, k, v), kwd = cast(inputs, kw, torch.float32, DEV, requires_grad=False)
+    inp = validate_inputs(q, k, v, **kwd)
+    args = inp.kernel_args()
+    out, lse = triton_op.amm_attention_forward(*args)
+    spy = _LaunchSpy(monkeypatch)
+    res = triton_op.amm_attention_backward(torch.randn_like(out), *args[:3], out, lse, *args[3:], False, False)
+    kernels = spy.by_kernel()
+    assert set(kernels) == {"_amm_attn_bwd_dkdv_kernel", "_amm_attn_bwd_dq_kernel"}
+    assert kernels["_amm_attn_bwd_dkdv_kernel"]["kwargs"]["NEED_DTABLE"] is False
+    assert res[3].numel() == 0
+
+
+def test_dtable_batch_reduced_writes_every_output(monkeypatch):
+    """Poisoned dq/dk/dv come back finite; the table gradient equals the float64 one (the rows
+    beyond the offsets exactly zero), also when the batch is split into chunks (last one partial)."""
+    B, H, side, D = 3, 2, 5, 16
+    inputs, kw = make_case(B, H, side * side, D, grid=side, table=True, amm=True, bias=(B, H, 25, 25),
+                           seed=12)
+    (q, k, v), kwd = cast(inputs, kw, torch.float32, DEV, requires_grad=False)
+    qkv64, kw64 = cast(inputs, kw, torch.float64, "cpu")
+    ref = reference_attention(*qkv64, **kw64)
+    dout64 = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g_ref = grads_of(ref, qkv64, kw64, dout64)
+    inp = validate_inputs(q, k, v, **kwd)
+    args = inp.kernel_args()
+    out, lse = triton_op.amm_attention_forward(*args)
+    n_off = (2 * side - 1) ** 2
+    for per_program in (None, 2, 1):
+        if per_program is not None:
+            monkeypatch.setattr(triton_op, "_dtable_batch_per_program", lambda B_, programs, q_, p=per_program: p)
+        spy = _LaunchSpy(monkeypatch)
+        grads = [torch.full(q.shape, float("nan"), device=DEV) for _ in range(3)]
+        dq, dk, dv, dt, db = triton_op.amm_attention_backward(dout64.to(DEV, torch.float32), *args[:3], out, lse,
+                                                              *args[3:], True, True, grads=grads)
+        call = spy.by_kernel()["_amm_attn_bwd_dtable_kernel"]
+        bm, bn = call["tile"][:2]
+        chunks = -(-B // (per_program or B))
+        assert call["programs"] == H * -(-25 // bm) * -(-25 // bn) * chunks
+        for t in (dq, dk, dv, dt, db):
+            assert not t.isnan().any()
+        assert torch.equal(dt[n_off:], torch.zeros_like(dt[n_off:]))
+        tol = {k_: (a * 10, r) for k_, (a, r) in GRAD_TOL.items()}
+        assert_close(dt.cpu(), g_ref[3], torch.float32, tol, f"dtable (batch per program {per_program})")
+        assert_close(db.cpu(), g_ref[4], torch.float32, GRAD_TOL, "dbias")
+        for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref[:3]):
+            assert_close(a.cpu(), b, torch.float32, GRAD_TOL, name)
+
+
+def test_dtable_atomics_at_b32_h16_n256(monkeypatch):
+    """Static count at the shape of an EDT-XL layer's backward (B=32, H=16, N=256) on the GPU
+    tiles: one atomic per (h, i, j) and batch chunk instead of one per (b, h, i, j), at least
+    16x fewer (B-fold when the head x tile programs alone fill an H100's 132 SMs).  Nothing runs."""
+    B, H, side, D = 32, 16, 16, 64
+    N = side * side
+    monkeypatch.setattr(triton_op, "_on_gpu", lambda t: True)
+    spy = _LaunchSpy(monkeypatch, run=False)
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(triton_op, "_amm_attn_bwd_delta_kernel", _NoLaunch())
+    q = torch.zeros(B, H, N, D)
+    table = torch.zeros((2 * side - 1) ** 2, H)
+    lse = torch.zeros(B, H, N)
+    triton_op.amm_attention_backward(q, q, q, q, q, lse, table, None, None, None, None, D ** -0.5, side, side,
+                                     True, False)
+    kernels = spy.by_kernel()
+    assert kernels["_amm_attn_bwd_dkdv_kernel"]["kwargs"]["NEED_DTABLE"] is False
+    call = kernels["_amm_attn_bwd_dtable_kernel"]
+    bm, bn = call["tile"][:2]
+    assert N % bm == 0 and N % bn == 0  # every pair valid: each program adds bm * bn atomics
+    atomics = call["programs"] * bm * bn
+    before = B * H * N * N  # one per (b, h, i, j) in the dK/dV kernel
+    assert before == 33_554_432
+    assert before // atomics >= 16, (before, atomics)
+    assert atomics == H * N * N  # 256 programs fill 132 SMs: the batch is not split

@@ -23,13 +23,12 @@ SCRIPT = textwrap.dedent(r"""
     from triton.compiler import ASTSource
     from edt_kernels.ops import amm_attention as m
 
-    FP32_PTRS = {"lse_ptr", "delta_ptr", "dtable_ptr", "dbias_ptr", "amm_ptr", "table_ptr",
-                 "bias_ptr", "mod_ptr"}
+    FP32_PTRS = {"lse_ptr", "delta_ptr", "dtable_ptr", "dbias_ptr", "bias_ptr", "mod_ptr"}
 
     def compile_one(fn, dtype, tiles, **flags):
         bm, bn, warps, stages = tiles
         const = dict(HAS_GRID=True, HAS_POS=True, HAS_TABLE=True, HAS_AMM=True, HAS_BIAS=False,
-                     HAS_MOD=False, NEED_DTABLE=True, NEED_DBIAS=False,
+                     HAS_MOD=False, NEED_DTABLE=True, NEED_DBIAS=False, FOLD=True, BLOCK_D2=0,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HEAD_DIM=64, ALIGN=8)
         const.update(flags)
@@ -39,9 +38,10 @@ SCRIPT = textwrap.dedent(r"""
             if name in const:
                 sig[name] = "constexpr"
             elif name.endswith("_ptr"):
-                sig[name] = ("*fp32" if name in FP32_PTRS else "*i64" if name == "pos_ptr"
-                             else "*" + dtype)
-            elif name in ("qk_scale", "sm_scale"):
+                # tab_ptr: the packed (table, AMM) per-offset table, one 64-bit word per entry.
+                sig[name] = ("*fp32" if name in FP32_PTRS else "*i32" if name == "u_ptr"
+                             else "*i64" if name == "tab_ptr" else "*" + dtype)
+            elif name in ("qk_scale", "sm_scale", "bias_scale"):
                 sig[name] = "fp32"
             else:
                 sig[name] = "i32"
@@ -58,6 +58,17 @@ SCRIPT = textwrap.dedent(r"""
         "fwd_bf16": compile_one(m._amm_attn_fwd_kernel, "bf16", fwd_tiles),
         "dkdv_bf16": compile_one(m._amm_attn_bwd_dkdv_kernel, "bf16", m._BWD_DKDV_TILES[0]),
         "dq_bf16": compile_one(m._amm_attn_bwd_dq_kernel, "bf16", m._BWD_DQ_TILES[0]),
+        # D = 72 as a 64-wide tile plus a 16-wide tail (8 valid lanes).
+        "fwd_bf16_d72": compile_one(m._amm_attn_fwd_kernel, "bf16", fwd_tiles, BLOCK_D=64, BLOCK_D2=16,
+                                    HEAD_DIM=72),
+        "dkdv_bf16_d72": compile_one(m._amm_attn_bwd_dkdv_kernel, "bf16", m._BWD_DKDV_TILES_BY_D[80][0],
+                                     BLOCK_D=64, BLOCK_D2=16, HEAD_DIM=72),
+        # The table gradient summed over the batch (positions absent or shared).
+        "dtable_bf16": compile_one(m._amm_attn_bwd_dtable_kernel, "bf16", m._BWD_DTABLE_TILES_BY_D[64][0]),
+        "dtable_bf16_d72": compile_one(m._amm_attn_bwd_dtable_kernel, "bf16", m._BWD_DTABLE_TILES_BY_D[80][0],
+                                       BLOCK_D=64, BLOCK_D2=16, HEAD_DIM=72),
+        "dtable_fp32_all_last": compile_one(m._amm_attn_bwd_dtable_kernel, "fp32",
+                                            m._BWD_DTABLE_TILES_BY_D[64][-1], HAS_BIAS=True, HAS_MOD=True),
         # Worst case (float32, every option on): the last-resort tiles must fit.
         "dkdv_fp32_all_last": compile_one(m._amm_attn_bwd_dkdv_kernel, "fp32", m._BWD_DKDV_TILES[-1],
                                           HAS_BIAS=True, HAS_MOD=True, NEED_DBIAS=True),
@@ -85,7 +96,7 @@ EXPECTED_KERNELS = {
     "_masking_gather_kernel", "_sort_kept_kernel", "_masked_shortcut_fwd_kernel", "_masked_shortcut_bwd_kernel",
     "_ln_modulate_fwd_kernel", "_ln_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
     "_gated_residual_bwd_kernel", "_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel",
-    "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel",
+    "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel", "_amm_attn_bwd_dtable_kernel",
 }
 
 

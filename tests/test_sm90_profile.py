@@ -17,7 +17,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ATTENTION = {"_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel", "_amm_attn_bwd_dq_kernel",
-             "_amm_attn_bwd_delta_kernel"}
+             "_amm_attn_bwd_delta_kernel", "_amm_attn_bwd_dtable_kernel"}
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,16 @@ Design notes
   denominator come from the unmodulated scores; the numerator accumulates
   ``exp(s - m) * M``.  The backward uses ``Delta_i = dO_i . O_i``, which stays
   exact with the modulation because ``O`` already contains it.
-- Scores are kept in the log2 domain (scale folded with log2 e) so ``exp2`` is used.
+- Scores are kept in the log2 domain (scale folded with log2 e) so ``exp2`` is used;
+  with a positive scale the table is stored divided by it and starts the ``q k^T``
+  dot as its accumulator, the scale is applied in the FFMA feeding ``exp2``.
+- The table and the AMM are one packed, head-major per-offset table built here per
+  call (``_grid_args``): one 64-bit gather per score; token grid indices are computed
+  here too, so the kernels do no division.
 - Head dims that are not powers of two are handled by masked loads of a
-  padded ``BLOCK_D`` tile; inputs are read through their strides, never copied.
+  padded ``BLOCK_D`` tile, or above 64 by a tile plus a narrow tail tile
+  (``_head_blocks``: 72 = 64 + 16); inputs are read through their strides, never copied.
+- Full tiles run unmasked; the last partial tile of each loop is peeled.
 - The grid is 1-D (``B * H * cdiv(N, BLOCK_M)`` programs), so batch * heads
   beyond 65535 is fine; offsets into q/k/v use int64.
 """
@@ -43,7 +50,7 @@ from ..attention import AttentionBackend, AttentionInputs, register_backend
 from ._attention_op import _empty_like_out, register_attention_op, register_attention_qkvpacked_op
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
-    _amm_attn_fwd_kernel, _load_tile, _row_index, _tile_scores, _tile_weights,
+    _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
 )
 
 __all__ = ["amm_attention_forward", "amm_attention_backward", "TritonBackend"]
@@ -74,12 +81,13 @@ def _fwd_config_fits(cfg, block_d: int) -> bool:
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
-    fits = [c for c in configs if _fwd_config_fits(c, kwargs["BLOCK_D"])]
+    width = kwargs["BLOCK_D"] + kwargs.get("BLOCK_D2", 0)  # both head-dim tiles
+    fits = [c for c in configs if _fwd_config_fits(c, width)]
     return fits or configs[-1:]
 
 
-_FWD_KEY = ["N_BUCKET", "BLOCK_D", "HEAD_DIM", "ALIGN", "HAS_GRID", "HAS_POS", "HAS_TABLE", "HAS_AMM",
-            "HAS_BIAS", "HAS_MOD", "DOT_PRECISION"]
+_FWD_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "HEAD_DIM", "ALIGN", "HAS_GRID", "HAS_TABLE", "HAS_AMM",
+            "HAS_BIAS", "HAS_MOD", "FOLD", "DOT_PRECISION"]
 # Under the interpreter there is nothing to tune: the plain kernel with the
 # tiles of _block_sizes is launched.  On a GPU the autotuner is keyed on a
 # power-of-two bucket of N (MDT's kept-token count changes every step).
@@ -99,12 +107,13 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 def _block_sizes(N: int, D: int, q: torch.Tensor):
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, triton.next_power_of_2(D))  # the padded width of one tile (the Delta kernel's)
     if not _on_gpu(q):  # interpreter: large tiles mean fewer Python-level steps
         bm = 64 if N > 32 else 32
         return bm, bm, block_d, 4, 1
     # Hopper/Ampere heuristic (the first autotune config that fits), used under CUDA-graph capture.
-    cfg = _prune_fwd_configs(_fwd_configs(), {}, BLOCK_D=block_d)[0]
+    d1, d2 = _head_blocks(D)
+    cfg = _prune_fwd_configs(_fwd_configs(), {}, BLOCK_D=d1, BLOCK_D2=d2)[0]
     return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_d, cfg.num_warps, cfg.num_stages
 
 
@@ -126,18 +135,24 @@ def _alignment(*ts: torch.Tensor) -> int:
 
 
 # Backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first, per
-# padded head dim (<= 64, <= 128, larger).  A tile whose shared memory does not
+# width of the head-dim tiles (<= 64, 64 + 16, <= 128, larger).  A tile whose shared memory does not
 # fit the device fails with OutOfResources before anything runs (so the atomics
 # never double-count) and the next one is tried; the first that fits is
 # remembered per kernel specialisation.  Registers, spills and shared memory of
 # each on sm_90: benchmarks/sm90_profile.py.
 _BWD_DKDV_TILES_BY_D = {
-    64: [(64, 64, 8, 2), (32, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+    # The 64-row tile spills on sm_90 at D = 52/64; the 32-row one does not
+    # and issues fewer instructions per score.
+    64: [(32, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+    # 64 + 16 (D = 72, 80): the 32-key tiles of the 128 list spill with the two head-dim tiles.
+    80: [(32, 64, 8, 1), (16, 64, 4, 1)],
     128: [(32, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
     256: [(32, 32, 8, 1), (16, 32, 4, 1)],
 }
 _BWD_DQ_TILES_BY_D = {
     64: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)],
+    # 64 + 16 (D = 72, 80): the 32-key tile issues ~40% fewer instructions per score.
+    80: [(64, 32, 4, 1), (64, 64, 8, 2), (32, 32, 4, 1), (16, 32, 4, 1)],
     128: [(64, 64, 8, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
     256: [(32, 32, 8, 1), (16, 32, 4, 1)],
 }
@@ -193,33 +208,74 @@ def _strides4(t: Optional[torch.Tensor], shape=None):
     return tuple(0 if t.shape[i] == 1 else st[i] for i in range(4))
 
 
-def _head_major_table(table: Optional[torch.Tensor], n_table: int) -> Optional[torch.Tensor]:
-    """[rows_t, H] table -> [H, n_table] float32 prescaled by log2(e): one
-    contiguous gather per score, in the kernel's log2 domain."""
-    if table is None:
-        return None
-    return (table[:n_table].t().to(torch.float32) * _LOG2E).contiguous()
+def _head_blocks(D: int):
+    """(BLOCK_D, BLOCK_D2): the head dim as one power-of-two tile, or above 64
+    as a power-of-two tile plus a narrower tail tile when that wastes less
+    MMA work (72 = 64 + 16 with 8 valid lanes, 90% useful, instead of 128,
+    56%).  At D <= 64 one tile (52 on 64)."""
+    full = max(16, triton.next_power_of_2(D))
+    if D > 64 and D != full:
+        head = full // 2
+        tail = max(16, triton.next_power_of_2(D - head))
+        if head + tail < full:
+            return head, tail
+    return full, 0
 
 
-def _grid_args(table, positions, amm_table, rows, cols):
+def _fold_scale(scale: float) -> bool:
+    """The scale can be folded (table stored divided by it, applied in the exp2
+    FFMA): positive, and neither it nor its inverse extreme."""
+    return 2.0 ** -30 < scale < 2.0 ** 30
+
+
+def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fold=True):
+    """Per-call host tables of the grid terms (float32/int32, so exactness is kept):
+
+    - ``tab``: the per-offset table, head-major ``[H, n_table]``: with table and
+      AMM each entry is one 64-bit word, the table value in its low and the AMM
+      in its high float32 half; with one of them the plain float32 table
+      ``[H, n_table]`` or AMM ``[n_table]`` (head stride 0).  The table is stored
+      divided by the scale when it is folded, else times log2(e).
+    - ``u``: each token's grid index ``row * (2 cols - 1) + col`` (int32,
+      ``[B, N]`` with per-batch positions, else ``[N]`` with batch stride 0).
+    The kernels gather ``tab[h, idx_off + u_j - u_i]``, i.e. offset ``u_i - u_j``.
+    ``fold=False`` keeps the scale unfolded whatever its value."""
     has_grid = table is not None or amm_table is not None
+    fold = fold and _fold_scale(scale)
     n_table = (2 * rows - 1) * (2 * cols - 1)
     idx_off = (rows - 1) * (2 * cols - 1) + (cols - 1)
-    if positions is not None and positions.dim() == 1:
-        pstr = (0, positions.stride(0))
-    elif positions is not None:
-        pstr = (positions.stride(0), positions.stride(1))
-    else:
-        pstr = (0, 0)
-    packed = _head_major_table(table, n_table)
-    tstr = (1, n_table) if table is not None else (0, 0)
-    if amm_table is not None:
-        amm_table = amm_table.to(torch.float32).contiguous()
-    return has_grid, n_table, idx_off, pstr, tstr, packed, amm_table
+    tab, u, stride_th, stride_ub = None, None, 0, 0
+    if has_grid:
+        if table is not None:
+            pre = 1.0 / scale if fold else _LOG2E
+            tab = (table[:n_table].t().to(device, torch.float64) * pre).to(torch.float32)
+            stride_th = n_table
+        if amm_table is not None:
+            amm = amm_table.to(device, torch.float32).reshape(n_table)
+            if tab is None:
+                tab = amm.contiguous()
+            else:
+                tab = torch.stack([tab, amm.expand(H, n_table)], -1).contiguous().view(torch.int64)[..., 0]
+        # Reversed offset order: entry idx_off + d holds offset -d (n_table - 1 = 2 idx_off).
+        tab = tab.flip(-1).contiguous()
+        p = (torch.arange(N, device=device, dtype=torch.int32) if positions is None
+             else positions.to(device, torch.int32))
+        u = ((p // cols) * (2 * cols - 1) + p % cols).to(torch.int32).contiguous()
+        stride_ub = u.stride(0) if u.dim() == 2 else 0
+    return dict(has_grid=has_grid, fold=fold, idx_off=idx_off, tab=tab, u=u, stride_th=stride_th,
+                stride_ub=stride_ub, qk_scale=scale * _LOG2E, bias_scale=(1.0 / scale if fold else _LOG2E))
 
 
 def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like
+
+
+def _flags(g: dict, q, bias, modulation, amm_table, table, D: int, align: int) -> dict:
+    block_d, block_d2 = _head_blocks(D)
+    return dict(HAS_GRID=g["has_grid"], HAS_TABLE=table is not None, HAS_AMM=amm_table is not None,
+                HAS_BIAS=bias is not None, HAS_MOD=modulation is not None, FOLD=g["fold"],
+                DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_D2=block_d2, HEAD_DIM=D,
+                ALIGN=align)
 
 
 def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols,
@@ -231,12 +287,9 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if lse is None else lse
     if B * H * N == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q)
-    has_grid, n_table, idx_off, pstr, tstr, table, amm_table = _grid_args(table, positions, amm_table, rows, cols)
-    flags = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
-                 HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None, HAS_MOD=modulation is not None,
-                 DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D, HEAD_DIM=D,
-                 ALIGN=_alignment(q, k, v))
+    BLOCK_M, BLOCK_N, _, warps, stages = _block_sizes(N, D, q)
+    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device)
+    flags = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v))
     n_bucket = triton.next_power_of_2(N)
     key = (n_bucket, q.dtype, q.device, tuple(sorted(flags.items())))
     tiles = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages)
@@ -254,14 +307,55 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
         launch = plain[(B * H * triton.cdiv(N, tiles["BLOCK_M"]),)]
     launch(
         q, k, v, out, lse,
-        _dummy(table, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q), _dummy(modulation, q),
+        _dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *tstr, *pstr, *_strides4(bias), *_strides4(modulation),
-        H, N, n_bucket, n_table, scale * _LOG2E, cols, idx_off, **flags, **tiles,
+        g["stride_th"], g["stride_ub"], *_strides4(bias), *_strides4(modulation),
+        H, N, n_bucket, g["qk_scale"], g["bias_scale"], g["idx_off"], **flags, **tiles,
     )
     if autotuned and not tiles and getattr(_fwd_kernel, "best_config", None) is not None:
         _fwd_choice[key] = _fwd_kernel.best_config
     return out, lse
+
+
+# Table gradient without per-sample positions (the offset index of a tile is the
+# same for every batch element): _amm_attn_bwd_dtable_kernel sums dS over the
+# batch in registers and adds one atomic per (head, query, key) instead of one
+# per (batch, head, query, key) in the dK/dV kernel.  Tiles as for the other
+# backward kernels (preferred first, per width of the head-dim tiles).  On
+# sm_90 (benchmarks/sm90_profile.py): at D <= 64 the 4-warp 64 x 64 tile
+# reaches 255 registers and spills at D = 52 or with a dense bias, the 8-warp
+# one does not; at 64 + 16 (D = 72) the 32 x 64 tile is the one that fits
+# without spilling and with the fewest instructions per score; at 128 the
+# 2-stage 64 x 64 tile needs more shared memory than a block may use.
+_BWD_DTABLE_TILES_BY_D = {
+    64: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 64, 4, 1)],
+    80: [(32, 64, 4, 2), (32, 64, 4, 1), (16, 64, 4, 1)],
+    128: [(64, 64, 8, 1), (32, 64, 4, 1), (16, 32, 4, 1)],
+    256: [(32, 64, 8, 1), (16, 32, 4, 1)],
+}
+
+
+def _batch_shared_offsets(positions) -> bool:
+    """The grid offsets of every (query, key) pair are the same for all batch elements."""
+    return positions is None or positions.dim() == 1
+
+
+_sm_count: dict = {}
+
+
+def _dtable_batch_per_program(B: int, programs: int, q: torch.Tensor) -> int:
+    """Batch elements each dtable program sums: all of them when the
+    (head, query block, key block) programs alone fill the GPU's SMs, else the
+    batch is split into as many chunks as fill them (each chunk adds its own
+    atomics)."""
+    if not _on_gpu(q):
+        return B
+    sms = _sm_count.get(q.device)
+    if sms is None:  # CPU tensors here: the sm_90 profile, which compiles for an H100 (132 SMs)
+        sms = _sm_count[q.device] = (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                     if q.device.type == "cuda" else 132)
+    chunks = min(B, max(1, -(-sms // programs)))
+    return -(-B // chunks)
 
 
 def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table, bias, modulation,
@@ -280,7 +374,6 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     if B * H * N == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dtable, dbias
     BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q)
-    align = _alignment(q, k, v, dout)
     # Delta_i = dO_i . O_i (O includes the modulation, see module docstring), in a
     # Triton preprocess kernel.
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
@@ -289,31 +382,42 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
         out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=dm, BLOCK_D=BLOCK_D, HEAD_DIM=D,
         ALIGN=_alignment(out, dout), num_warps=4)
     lse = lse.contiguous()
-    has_grid, n_table, idx_off, pstr, tstr, table_hm, amm_table = _grid_args(table, positions, amm_table,
-                                                                              rows, cols)
-    flags = dict(HAS_GRID=has_grid, HAS_POS=positions is not None, HAS_TABLE=table is not None,
-                 HAS_AMM=amm_table is not None, HAS_BIAS=bias is not None,
-                 HAS_MOD=modulation is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=BLOCK_D,
-                 HEAD_DIM=D, ALIGN=align)
-    ptrs = (_dummy(table_hm, q), _dummy(positions, q), _dummy(amm_table, q), _dummy(bias, q),
-            _dummy(modulation, q))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tstr, *pstr,
+    # The backward kernels take the unfolded scores (scaled dot + table * log2 e): in their
+    # SASS the fold saves nothing, and this form keeps the table gradient's rounding noise
+    # lower (it sums dS terms that cancel, e.g. to exactly 0 on a 1 x 1 grid).
+    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, fold=False)
+    flags = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v, dout))
+    width = flags["BLOCK_D"] + flags["BLOCK_D2"]
+    ptrs = (_dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), g["stride_th"], g["stride_ub"],
                *_strides4(bias), *_strides4(modulation))
     dtstr = (dtable.stride(0), dtable.stride(1)) if need_dtable else (0, 0)
+    scales = (g["qk_scale"], g["bias_scale"], scale, g["idx_off"])
     cpu_tiles = (BLOCK_M, BLOCK_N, warps, stages)
+    # Batch-independent offsets: the table gradient is pre-reduced over the batch by its own kernel.
+    dtable_apart = need_dtable and _batch_shared_offsets(positions)
     _launch_tiled(
-        _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, BLOCK_D, positions is not None), cpu_tiles,
+        _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, width, positions is not None), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bn),
         (q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
          *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)), *dk.stride(), *dv.stride(),
-         H, N, n_table, scale * _LOG2E, scale, cols, idx_off),
-        dict(NEED_DTABLE=need_dtable, NEED_DBIAS=need_dbias, **flags), q)
+         H, N, *scales),
+        dict(NEED_DTABLE=need_dtable and not dtable_apart, NEED_DBIAS=need_dbias, **flags), q)
+    if dtable_apart:
+        tiles = _bwd_tiles(_BWD_DTABLE_TILES_BY_D, width)
+        bm0, bn0 = tiles[0][:2] if _on_gpu(q) else cpu_tiles[:2]  # the batch split, sized on the first tile
+        per_program = _dtable_batch_per_program(B, H * triton.cdiv(N, bm0) * triton.cdiv(N, bn0), q)
+        _launch_tiled(
+            _amm_attn_bwd_dtable_kernel, tiles, cpu_tiles,
+            lambda bm, bn: H * triton.cdiv(N, bm) * triton.cdiv(N, bn) * triton.cdiv(B, per_program),
+            (q, k, v, dout, lse, delta, *ptrs, dtable, *strides, *dtstr,
+             B, H, N, g["qk_scale"], g["bias_scale"], g["idx_off"], per_program),
+            flags, q)
     _launch_tiled(
-        _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, BLOCK_D), cpu_tiles,
+        _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, width), cpu_tiles,
         lambda bm, bn: B * H * triton.cdiv(N, bm),
-        (q, k, v, dout, lse, delta, dq, *ptrs, *strides, *dq.stride(),
-         H, N, n_table, scale * _LOG2E, scale, cols, idx_off),
+        (q, k, v, dout, lse, delta, dq, *ptrs, *strides, *dq.stride(), H, N, *scales),
         flags, q)
     return dq, dk, dv, dtable, dbias
 
