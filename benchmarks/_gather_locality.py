@@ -1,8 +1,9 @@
 """Locality of the attention kernels' per-offset table gathers, computed on the host (a static estimate).
 
-For a tile of scores the forward kernel reads ``T[h, idx(p_i, p_j)]`` (the
-head-major ``[H, n_table]`` float32 bias table) and ``M[idx]`` (the
-``[n_table]`` float32 AMM table) at
+For a tile of scores the forward kernel reads the packed per-offset table
+entry of head ``h`` at ``idx(p_i, p_j)`` (head-major ``[H, n_table]``: the
+float32 bias table, or (table, AMM) pairs as one 8-byte entry; stored in
+reversed offset order, which does not change the counts) at
 
     u(p) = (p // cols) * (2 cols - 1) + p % cols,   idx = u(p_i) - u(p_j) + (rows - 1)(2 cols - 1) + cols - 1,
 
@@ -46,11 +47,16 @@ DEFAULT_LAYOUT = dict(kind="blocked", sizePerThread=[1, 8], threadsPerWarp=[4, 8
 def parse_table_layout(ttgir: str, pointer: str = "table_ptr") -> Optional[dict]:
     """The distributed layout of the 2-D tensor of ``pointer`` pointers in a TTGIR
     module (``tt.splat %<pointer>``), as a dict; None if not found or not parsed."""
-    m = re.search(r"tt\.splat %" + re.escape(pointer) + r"\b[^\n]*tensor<\d+x\d+x!tt\.ptr<[^>]+>, #(\w+)>",
+    m = re.search(r"tt\.splat %" + re.escape(pointer) + r"\b[^\n]*tensor<\d+x\d+x!tt\.ptr<([^>]+)>, #(\w+)>",
                   ttgir)
     if not m:
+        # The packed per-offset table: the 2-D gather ``g = tl.load(tab_h + (u_n - u_m))``
+        # of the forward kernel (i64 entries = (table, AMM) pairs, f32 = one of them).
+        m = re.search(r"%g(?:_\d+)? = tt\.load %\S+ : tensor<\d+x\d+x!tt\.ptr<(i64|f32)>, #(\w+)>", ttgir)
+    if not m:
         return None
-    name = m.group(1)
+    entry_bytes = 8 if m.group(1) in ("i64", "f64") else 4
+    name = m.group(2)
     d = re.search(r"^#" + re.escape(name) + r" = #ttg\.(\w+)<\{(.*)\}>", ttgir, re.M)
     if not d:
         return None
@@ -63,10 +69,11 @@ def parse_table_layout(ttgir: str, pointer: str = "table_ptr") -> Optional[dict]
     if kind == "blocked":
         lay = dict(kind="blocked", sizePerThread=ints("sizePerThread"), threadsPerWarp=ints("threadsPerWarp"),
                    warpsPerCTA=ints("warpsPerCTA"), order=ints("order"))
-        return lay if all(lay.values()) and len(lay["order"]) == 2 else None
+        return dict(lay, entry_bytes=entry_bytes) if all(lay.values()) and len(lay["order"]) == 2 else None
     if kind == "nvidia_mma":
         inst = ints("instrShape")
-        return dict(kind="mma", warpsPerCTA=ints("warpsPerCTA"), instrN=inst[1] if inst else 8)
+        return dict(kind="mma", warpsPerCTA=ints("warpsPerCTA"), instrN=inst[1] if inst else 8,
+                    entry_bytes=entry_bytes)
     return None
 
 
@@ -132,11 +139,12 @@ def _distinct(vals: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return seen[:, 1:].sum(-1)
 
 
-def _units(idx_flat: torch.Tensor, valid: torch.Tensor, heads: int, n_table: int, unit: int) -> torch.Tensor:
+def _units(idx_flat: torch.Tensor, valid: torch.Tensor, heads: int, n_table: int, unit: int,
+           entry: int = 4) -> torch.Tensor:
     """Mean distinct ``unit``-byte blocks over rows of ``idx_flat [M, n]`` (rows
     with a valid entry), for the head-major table (row h at h * n_table floats)."""
     keep = valid.any(-1)
-    per = [_distinct(((h * n_table + idx_flat) * 4) // unit, valid)[keep].double() for h in range(heads)]
+    per = [_distinct(((h * n_table + idx_flat) * entry) // unit, valid)[keep].double() for h in range(heads)]
     return torch.stack(per).mean()
 
 
@@ -171,6 +179,7 @@ def locality(side: int = 16, kept: int = 179, heads: int = 16, batch: int = 8, t
     """Distinct lines/sectors of the table (per head) and AMM gathers, random
     vs sorted kept positions vs the full grid."""
     lay = layout or DEFAULT_LAYOUT
+    eb = lay.get("entry_bytes", 4)
     bm_w, bn_w = warp_tile
     n_table = (2 * side - 1) ** 2
     full = torch.arange(side * side).expand(batch, -1)
@@ -188,14 +197,15 @@ def locality(side: int = 16, kept: int = 179, heads: int = 16, batch: int = 8, t
         res[name] = dict(
             tokens=n,
             pairs_per_tile=round(tok.sum(-1)[tok.any(-1)].double().mean().item(), 1),
-            table_lines_per_tile=round(_units(tv, tok, heads, n_table, LINE_BYTES).item(), 2),
+            table_lines_per_tile=round(_units(tv, tok, heads, n_table, LINE_BYTES, eb).item(), 2),
             amm_lines_per_tile=round(_units(tv, tok, 1, n_table, LINE_BYTES).item(), 2),
-            table_lines_per_warp_load=round(_units(wv, wok, heads, n_table, LINE_BYTES).item(), 2),
-            table_sectors_per_warp_load=round(_units(wv, wok, heads, n_table, SECTOR_BYTES).item(), 2),
+            table_lines_per_warp_load=round(_units(wv, wok, heads, n_table, LINE_BYTES, eb).item(), 2),
+            table_sectors_per_warp_load=round(_units(wv, wok, heads, n_table, SECTOR_BYTES, eb).item(), 2),
             amm_lines_per_warp_load=round(_units(wv, wok, 1, n_table, LINE_BYTES).item(), 2),
         )
     return dict(label=STATIC, grid=f"{side}x{side}", kept=kept, of=side * side, heads=heads, batch=batch,
-                table=f"float32 head-major [{heads}, {n_table}] ({n_table * 4} B per head)",
+                table=(f"head-major [{heads}, {n_table}], {eb}-byte entries ({n_table * eb} B per head"
+                       + (": (table, AMM) pairs, one gather)" if eb == 8 else ")")),
                 amm=f"float32 [{n_table}]", tile=f"{tile}x{tile}", warp_tile=f"{bm_w}x{bn_w}",
                 layout=layout_str(lay), layout_source=lay.get("source", "default"), cases=res)
 
