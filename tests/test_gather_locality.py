@@ -20,10 +20,20 @@ module {
 """
 
 
+PACKED_TTGIR = """#blocked = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [4, 8], warpsPerCTA = [8, 1], order = [1, 0]}>
+module {
+      %g_279 = tt.load %g_278 : tensor<128x64x!tt.ptr<i64>, #blocked> loc(#loc458)
+}
+"""
+
+
 def test_parse_table_layout():
     assert G.parse_table_layout(TTGIR) == dict(kind="blocked", sizePerThread=[1, 8], threadsPerWarp=[4, 8],
-                                               warpsPerCTA=[4, 1], order=[1, 0])
+                                               warpsPerCTA=[4, 1], order=[1, 0], entry_bytes=4)
     assert G.parse_table_layout(TTGIR, pointer="amm_ptr") is None
+    # The packed (table, AMM) gather of the forward kernel: 8-byte entries.
+    assert G.parse_table_layout(PACKED_TTGIR) == dict(kind="blocked", sizePerThread=[1, 8], threadsPerWarp=[4, 8],
+                                                      warpsPerCTA=[8, 1], order=[1, 0], entry_bytes=8)
 
 
 @pytest.mark.parametrize("layout", [G.DEFAULT_LAYOUT, dict(kind="mma", warpsPerCTA=[4, 1], instrN=64),
