@@ -651,7 +651,8 @@ def _dtable_batch_sum(acc, b_start, b_count, h, N, q_ptr, k_ptr, v_ptr, do_ptr, 
         # The per-offset entry depends on (h, u_m, u_n) only, not on b: its
         # gather is loop-invariant and hoisted out of this loop by the compiler
         # (sm_90 SASS: the only LDGs left in the loop are lse and Delta, and the
-        # dense bias/modulation if given; q/k/v/dO are async copies).
+        # dense bias/modulation if given, besides the q/k/v/dO tiles, which the
+        # 2-stage tiles read with async copies).
         s, g = _tile_scores(q, k, q2, k2, tab_h, u_m, u_n, bias_ptr + b * stride_bb + h * stride_bh,
                             offs_m, offs_n, m_valid, n_valid, stride_bm, stride_bn, qk_scale, bias_scale,
                             HAS_TABLE, HAS_AMM, HAS_BIAS, FOLD, False, BLOCK_D2 > 0, DOT_PRECISION)
