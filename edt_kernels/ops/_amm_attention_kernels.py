@@ -152,17 +152,16 @@ def _tile_weights(g, mod_b, offs_m, offs_n, m_valid, n_valid, stride_mm, stride_
     return w
 
 
-# ============================================================================ forward
-
 @triton.jit
-def _fwd_tile(acc, acc2, m_i, l_i, q, q2, start_n, N, k_base, v_base, stride_kn, stride_kd,
-              stride_vn, stride_vd, offs_d, offs_d2, tab_h, u_m, u_b, bias_b, mod_b, offs_m, m_valid,
-              stride_bm, stride_bn, stride_mm, stride_mn, qk_scale, bias_scale,
-              HAS_GRID: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_AMM: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr, FOLD: tl.constexpr, MASK_N: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One key tile of the online softmax."""
+def _key_tile_scores(q, q2, start_n, N, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                     offs_d, offs_d2, tab_h, u_m, u_b, bias_b, offs_m, m_valid, stride_bm, stride_bn,
+                     qk_scale, bias_scale, HAS_GRID: tl.constexpr, HAS_TABLE: tl.constexpr,
+                     HAS_AMM: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr, MASK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_D2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key tile ``start_n`` of the loops over keys (forward, dQ): its k/v rows (two
+    head-dim tiles when BLOCK_D2 > 0, e.g. 72 = 64 + 16), its grid indices, the
+    scores and the per-offset entries ``g``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
     k = _load_rows(k_base, offs_n, n_valid, offs_d, stride_kn, stride_kd, HEAD_DIM, MASK_N, BLOCK_D > HEAD_DIM)
@@ -180,6 +179,24 @@ def _fwd_tile(acc, acc2, m_i, l_i, q, q2, start_n, N, k_base, v_base, stride_kn,
     s, g = _tile_scores(q, k, q2, k2, tab_h, u_m, u_n, bias_b, offs_m, offs_n, m_valid, n_valid,
                         stride_bm, stride_bn, qk_scale, bias_scale, HAS_TABLE, HAS_AMM, HAS_BIAS, FOLD,
                         MASK_N, BLOCK_D2 > 0, DOT_PRECISION)
+    return s, g, k, k2, v, v2, offs_n, n_valid
+
+
+# ============================================================================ forward
+
+@triton.jit
+def _fwd_tile(acc, acc2, m_i, l_i, q, q2, start_n, N, k_base, v_base, stride_kn, stride_kd,
+              stride_vn, stride_vd, offs_d, offs_d2, tab_h, u_m, u_b, bias_b, mod_b, offs_m, m_valid,
+              stride_bm, stride_bn, stride_mm, stride_mn, qk_scale, bias_scale,
+              HAS_GRID: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_AMM: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr, FOLD: tl.constexpr, MASK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One key tile of the online softmax."""
+    s, g, k, k2, v, v2, offs_n, n_valid = _key_tile_scores(
+        q, q2, start_n, N, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_d2,
+        tab_h, u_m, u_b, bias_b, offs_m, m_valid, stride_bm, stride_bn, qk_scale, bias_scale,
+        HAS_GRID, HAS_TABLE, HAS_AMM, HAS_BIAS, FOLD, MASK_N, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM)
     if FOLD:
         post = qk_scale
     else:
@@ -459,23 +476,10 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, start_n, N, k_base, v_base, s
              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One key tile of the dQ loop."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < N
-    k = _load_rows(k_base, offs_n, n_valid, offs_d, stride_kn, stride_kd, HEAD_DIM, MASK_N, BLOCK_D > HEAD_DIM)
-    v = _load_rows(v_base, offs_n, n_valid, offs_d, stride_vn, stride_vd, HEAD_DIM, MASK_N, BLOCK_D > HEAD_DIM)
-    k2 = k
-    v2 = v
-    if BLOCK_D2 > 0:
-        k2 = _load_rows(k_base, offs_n, n_valid, offs_d2, stride_kn, stride_kd, HEAD_DIM, MASK_N,
-                        BLOCK_D + BLOCK_D2 > HEAD_DIM)
-        v2 = _load_rows(v_base, offs_n, n_valid, offs_d2, stride_vn, stride_vd, HEAD_DIM, MASK_N,
-                        BLOCK_D + BLOCK_D2 > HEAD_DIM)
-    u_n = offs_n
-    if HAS_GRID:
-        u_n = _load_vec(u_b, offs_n, n_valid, MASK_N)
-    s, g = _tile_scores(q, k, q2, k2, tab_h, u_m, u_n, bias_b, offs_m, offs_n, m_valid, n_valid,
-                        stride_bm, stride_bn, qk_scale, bias_scale, HAS_TABLE, HAS_AMM, HAS_BIAS, FOLD,
-                        MASK_N, BLOCK_D2 > 0, DOT_PRECISION)
+    s, g, k, k2, v, v2, offs_n, n_valid = _key_tile_scores(
+        q, q2, start_n, N, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_d2,
+        tab_h, u_m, u_b, bias_b, offs_m, m_valid, stride_bm, stride_bn, qk_scale, bias_scale,
+        HAS_GRID, HAS_TABLE, HAS_AMM, HAS_BIAS, FOLD, MASK_N, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_D2, HEAD_DIM)
     if FOLD:
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
     else:
