@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import load_fixture, triton_device
+from helpers.attention_cases import attention_kwargs
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 import edt_kernels
@@ -30,23 +31,8 @@ def make_case(B, H, N, D, *, grid=None, table=False, positions=None, amm=False, 
     """Random inputs (float64 masters) and the kwargs of amm_attention."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3))
-    kw = {}
-    if grid is not None:
-        kw["grid"] = grid
-    rows, cols = (grid, grid) if isinstance(grid, int) else (grid or (None, None))
-    if table:
-        kw["rel_pos_bias"] = torch.randn((2 * rows - 1) * (2 * cols - 1) + extra, H, generator=g,
-                                         dtype=torch.float64)
-    if positions == "batch":
-        kw["positions"] = torch.stack([torch.randperm(rows * cols, generator=g)[:N] for _ in range(B)])
-    elif positions == "shared":
-        kw["positions"] = torch.randperm(rows * cols, generator=g)[:N]
-    if amm:
-        kw["amm"] = amm
-    if bias is not None:
-        kw["bias"] = torch.randn(*bias, generator=g, dtype=torch.float64)
-    if modulation is not None:
-        kw["modulation"] = torch.rand(*modulation, generator=g, dtype=torch.float64) * 2
+    kw = attention_kwargs(g, B, H, N, grid=grid, table=table, positions=positions, amm=amm, bias=bias,
+                          modulation=modulation, extra=extra)
     return (q, k, v), kw
 
 

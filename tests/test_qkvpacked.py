@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import triton_device
+from helpers.attention_cases import attention_kwargs
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 import edt_kernels
@@ -38,23 +39,8 @@ def make_case(B, H, N, D, *, grid=None, table=False, positions=None, amm=False, 
     """A float64 master qkv [B, N, 3, H, D] and the kwargs of the packed entry."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, N, 3, H, D, generator=g, dtype=torch.float64)
-    kw = {}
-    if grid is not None:
-        kw["grid"] = grid
-    rows = cols = grid
-    if table:
-        kw["rel_pos_bias"] = torch.randn((2 * rows - 1) * (2 * cols - 1) + extra, H, generator=g,
-                                         dtype=torch.float64)
-    if positions == "batch":
-        kw["positions"] = torch.stack([torch.randperm(rows * cols, generator=g)[:N] for _ in range(B)])
-    elif positions == "shared":
-        kw["positions"] = torch.randperm(rows * cols, generator=g)[:N]
-    if amm:
-        kw["amm"] = True
-    if bias is not None:
-        kw["bias"] = torch.randn(*bias, generator=g, dtype=torch.float64)
-    if modulation is not None:
-        kw["modulation"] = torch.rand(*modulation, generator=g, dtype=torch.float64) * 2
+    kw = attention_kwargs(g, B, H, N, grid=grid, table=table, positions=positions, amm=amm, bias=bias,
+                          modulation=modulation, extra=extra)
     return qkv, kw
 
 
