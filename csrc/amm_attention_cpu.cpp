@@ -14,7 +14,9 @@
 // max m and denominator l taken from the *unmodulated* scores and accumulates
 // exp(s - m) ⊙ M ⊙ W into the numerator (AMM after the softmax, no
 // renormalisation); it saves only the natural-log LSE per row.  The backward
-// recomputes P = exp(S - lse) tile by tile:
+// recomputes P = exp(S - lse) tile by tile.  Both score in base 2 (scores,
+// table and bias times log2(e), softmax as 2^x: a leaner polynomial than
+// exp; cpu::vexp2):
 //
 //   Delta_i = rowsum(dO_i ⊙ O_i),  dV = (P⊙M⊙W)^T dO,  dP = (dO V^T) ⊙ M ⊙ W,
 //   dS = P ⊙ (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q,
@@ -80,8 +82,10 @@ struct Geometry {
   int64_t B = 0, H = 0, N = 0, D = 0;
   double scale = 1.0;
   // The learned table and the AMM are stored reversed along the offset
-  // index (tab[h, x] = table[rows_t - 1 - x, h], amm[x] = amm_table[R - 1 - x])
-  // so that a row of keys with consecutive grid codes reads them forwards.
+  // index (tab[h, x] = log2(e) table[rows_t - 1 - x, h], amm[x] =
+  // amm_table[R - 1 - x]) so that a row of keys with consecutive grid codes
+  // reads them forwards.  The kernels score in base 2 (see forward_impl):
+  // the table is stored times log2(e), the bias is added times log2(e).
   at::Tensor tab;        // [H, rows_t] acc dtype or undefined
   int64_t tab_rows = 0;  // rows_t
   at::Tensor amm;        // [R] acc dtype or undefined
@@ -155,7 +159,7 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 ", ", g.H, "] tensor, got ", t.sizes(), " on ", t.device());
     TORCH_CHECK(t.is_floating_point(), "edt_kernels cpp amm_attention: table must be floating point, got ",
                 t.scalar_type());
-    g.tab = t.to(acc).t().flip({1}).contiguous();  // [H, rows_t], reversed
+    g.tab = t.to(acc).mul(cpu::kLog2e).t().flip({1}).contiguous();  // [H, rows_t], reversed, base 2
     g.tab_rows = t.size(0);
   }
   if (has_amm) {
@@ -295,16 +299,17 @@ struct HeadView {
   inline int32_t tab_base(int64_t i) const { return tab_last - (u[i] + static_cast<int32_t>(off)); }
   inline int32_t amm_base(int64_t i) const { return amm_last - (u[i] + static_cast<int32_t>(off)); }
 
-  // s[j] += T[idx(i, j0 + j)] + bias[i, j0 + j] for j < bn.
+  // s[j] += log2(e) (T[idx(i, j0 + j)] + bias[i, j0 + j]) for j < bn.
   inline void add_scores(acc_t* s, int64_t i, int64_t j0, int64_t bn) const {
     if (tab) cpu::table_add<acc_t>(s, tab, tab_base(i), u + j0, run_end + j0, j0, bn, runs);
     if (bias) {
       const acc_t* br = bias + i * bs2 + j0 * bs3;
+      constexpr acc_t l2e = static_cast<acc_t>(cpu::kLog2e);
       if (bs3 == 1) {
 #pragma omp simd
-        for (int64_t j = 0; j < bn; ++j) s[j] += br[j];
+        for (int64_t j = 0; j < bn; ++j) s[j] += l2e * br[j];
       } else {
-        for (int64_t j = 0; j < bn; ++j) s[j] += br[j * bs3];
+        for (int64_t j = 0; j < bn; ++j) s[j] += l2e * br[j * bs3];
       }
     }
   }
@@ -362,7 +367,9 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   int64_t TQ = 0, TK = 0;
   forward_tiles(N, B * H, at::get_num_threads(), TQ, TK);
   const int64_t nqb = (N + TQ - 1) / TQ;
-  const acc_t scale = static_cast<acc_t>(g.scale);
+  // Scores in base 2: S = log2(e) (scale q k^T + T + bias), so that the
+  // softmax is 2^(S - m) (cpu::vexp2) and the LSE ln(2) (m + log2 l).
+  const acc_t scale = static_cast<acc_t>(g.scale * cpu::kLog2e);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -401,7 +408,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         const int64_t bn = std::min(TK, N - j0);
         const bool first = j0 == 0;
         const acc_t* V = nullptr;
-        // S = scale Q K^T
+        // S = log2(e) scale Q K^T
         if constexpr (std::is_same_v<acc_t, float>) {
           if (packed)
             cpu::gemm_packed(bm, bn, D, scale, Q, ldq, KTp.data() + j0 * D, D, 0, S.data(), TKp, false);
@@ -423,25 +430,27 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
             hv.add_scores(s, i0 + i, j0, bn);
             mx = cpu::row_max<acc_t>(s, bn);
           }
-          // A NaN score makes the row NaN (as in the reference softmax).
+          // A NaN score makes the row NaN (as in the reference softmax); a
+          // finite max (or -inf, all keys masked) lets exp take the lean 2^x.
           const acc_t m_new = mx != mx ? mx : std::max(m[i], mx);
           const acc_t m_use = m_new == -kInf ? acc_t(0) : m_new;
+          const bool finite = std::isfinite(m_use);
           acc_t sum;
           if (hv.fused) {
             sum = cpu::exp_row_table<acc_t>(s, hv.amm, hv.amm ? hv.amm_base(i0 + i) : 0, hv.u + j0, hv.run_end + j0,
-                                            j0, bn, m_use);
+                                            j0, bn, m_use, finite);
           } else {
             const acc_t* w = nullptr;
             if (weighted) {
               hv.weights(W.data(), i0 + i, j0, bn);
               w = W.data();
             }
-            sum = cpu::exp_row<acc_t>(s, w, bn, m_use);
+            sum = cpu::exp_row<acc_t>(s, w, bn, m_use, finite);
           }
           if (first) {
             l[i] = sum;
           } else {
-            const acc_t alpha = std::exp(m[i] - m_use);
+            const acc_t alpha = std::exp2(m[i] - m_use);
             l[i] = l[i] * alpha + sum;
             if (alpha != acc_t(1)) {
               acc_t* a = acc.data() + i * ldacc;
@@ -461,7 +470,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       }
       float* lrow = lp + (b * H + h) * N + i0;
       for (int64_t i = 0; i < bm; ++i) {
-        lrow[i] = static_cast<float>(m[i] + std::log(l[i]));
+        lrow[i] = static_cast<float>((m[i] + std::log2(l[i])) * static_cast<acc_t>(cpu::kLn2));
         l[i] = acc_t(1) / l[i];
       }
       write_rows<scalar_t, acc_t>(acc.data(), ldacc, bm, D, l.data(), acc_t(1), op + b * so[0] + h * so[1] + i0 * so[2],
@@ -479,6 +488,9 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   using acc_t = acc_type_t<scalar_t>;
   const int64_t B = g.B, H = g.H, N = g.N, D = g.D;
   const acc_t scale = static_cast<acc_t>(g.scale);
+  // Scores in base 2 as in the forward: S = log2(e) (Qs K^T + T + bias) with
+  // Qs = scale Q (the dK operand), P = 2^(S - log2(e) lse).
+  constexpr acc_t l2e = static_cast<acc_t>(cpu::kLog2e);
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
                  *dop = dout.data_ptr<scalar_t>(), *outp = out.data_ptr<scalar_t>();
   const float* lsep = lse.data_ptr<float>();
@@ -565,6 +577,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             if constexpr (std::is_same_v<acc_t, double>) {
               // The saved LSE is float32; recompute it in double so that the
               // float64 path stays float64-accurate (an extra pass over QK^T).
+              // lse_r is in base 2 like the scores.
               for (int64_t i0 = 0; i0 < N; i0 += TQ) {
                 const int64_t bm = std::min(TQ, N - i0);
                 for (int64_t i = 0; i < bm; ++i) {
@@ -573,7 +586,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                 }
                 for (int64_t j0 = 0; j0 < N; j0 += TK) {
                   const int64_t bn = std::min(TK, N - j0);
-                  cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), Qs.data() + i0 * D, D, Kr.data() + j0 * D, D,
+                  cpu::gemm_rm<acc_t>(false, true, bm, bn, D, l2e, Qs.data() + i0 * D, D, Kr.data() + j0 * D, D,
                                       acc_t(0), S.data(), TKp);
                   for (int64_t i = 0; i < bm; ++i) {
                     acc_t* s = S.data() + i * TKp;
@@ -584,16 +597,16 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                     const acc_t m_new = std::max<acc_t>(mrun[i], mx);
                     const acc_t m_use = m_new == -kInf ? acc_t(0) : m_new;
                     acc_t sum = 0;
-                    for (int64_t j = 0; j < bn; ++j) sum += std::exp(s[j] - m_use);
-                    lse_r[i0 + i] = lse_r[i0 + i] * std::exp(mrun[i] - m_use) + sum;
+                    for (int64_t j = 0; j < bn; ++j) sum += std::exp2(s[j] - m_use);
+                    lse_r[i0 + i] = lse_r[i0 + i] * std::exp2(mrun[i] - m_use) + sum;
                     mrun[i] = m_new;
                   }
                 }
-                for (int64_t i = 0; i < bm; ++i) lse_r[i0 + i] = mrun[i] + std::log(lse_r[i0 + i]);
+                for (int64_t i = 0; i < bm; ++i) lse_r[i0 + i] = mrun[i] + std::log2(lse_r[i0 + i]);
               }
             } else {
               const float* lrow = lsep + b * lse_sb + h * lse_sh;
-              for (int64_t i = 0; i < N; ++i) lse_r[i] = lrow[i * lse_sn];
+              for (int64_t i = 0; i < N; ++i) lse_r[i] = static_cast<acc_t>(lrow[i * lse_sn]) * l2e;
             }
             if constexpr (std::is_same_v<acc_t, float>) {
               if (packed) {
@@ -612,15 +625,15 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                 const int64_t bn = std::min(TK, N - j0);
                 const acc_t* Qi = Qs.data() + i0 * D;
                 const acc_t* dOi = dO.data() + i0 * D;
-                // S = (scale Q_i) K_j^T, dP = dO_i V_j^T
+                // S = log2(e) (scale Q_i) K_j^T, dP = dO_i V_j^T
                 if constexpr (std::is_same_v<acc_t, float>) {
                   if (packed) {
-                    cpu::gemm_packed(bm, bn, D, 1.0f, Qi, D, KTp.data() + j0 * D, D, 0, S.data(), TKp, false);
+                    cpu::gemm_packed(bm, bn, D, l2e, Qi, D, KTp.data() + j0 * D, D, 0, S.data(), TKp, false);
                     cpu::gemm_packed(bm, bn, D, 1.0f, dOi, D, VTp.data() + j0 * D, D, 0, dP.data(), TKp, false);
                   }
                 }
                 if (!packed) {
-                  cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), Qi, D, Kr.data() + j0 * D, D, acc_t(0),
+                  cpu::gemm_rm<acc_t>(false, true, bm, bn, D, l2e, Qi, D, Kr.data() + j0 * D, D, acc_t(0),
                                       S.data(), TKp);
                   cpu::gemm_rm<acc_t>(false, true, bm, bn, D, acc_t(1), dOi, D, Vr.data() + j0 * D, D, acc_t(0),
                                       dP.data(), TKp);
@@ -629,10 +642,11 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                   acc_t* s = S.data() + i * TKp;   // scores -> P ⊙ M ⊙ W
                   acc_t* dp = dP.data() + i * TKp;  // dO V^T -> dS
                   const acc_t li = lse_r[i0 + i], di = delta[i0 + i];
+                  const bool finite = std::isfinite(li);
                   if (hv.fused) {
                     cpu::softmax_grad_row_table<acc_t>(s, dp, hv.tab, hv.tab ? hv.tab_base(i0 + i) : 0, hv.amm,
                                                        hv.amm ? hv.amm_base(i0 + i) : 0, dtab_h, hv.u + j0,
-                                                       hv.run_end + j0, j0, bn, li, di);
+                                                       hv.run_end + j0, j0, bn, li, di, finite);
                     continue;
                   }
                   hv.add_scores(s, i0 + i, j0, bn);
@@ -641,7 +655,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                     hv.weights(W.data(), i0 + i, j0, bn);
                     w = W.data();
                   }
-                  cpu::softmax_grad_row<acc_t>(s, dp, w, bn, li, di);
+                  cpu::softmax_grad_row<acc_t>(s, dp, w, bn, li, di, finite);
                   if (dtab_h)  // (reversed like the table)
                     cpu::table_scatter<acc_t>(dtab_h, dp, hv.tab_base(i0 + i), hv.u + j0, hv.run_end + j0, j0, bn,
                                               hv.runs);

@@ -336,49 +336,67 @@ inline bool use_packed_gemm() {
   return kPackedGemm && allowed;
 }
 
-// ------------------------------------------------------------------------- exp
-// exp(x) for float without libm, so that loops over it vectorise.  Cody-Waite
-// reduction x = n ln2 + f, |f| <= ln2/2, degree-7 Taylor polynomial (relative
-// error < 1e-8 before rounding), 2^n built in the exponent bits.  exp(-inf) =
-// 0, NaN propagates; the attention kernels only evaluate it for x <= ~0.
-static inline __attribute__((always_inline)) float exp_approx(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = xc * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  float f = xc - n * 0.693145751953125f;  // ln2 split in two for exact n*ln2_hi
-  f = f - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  int32_t ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  const int32_t e = (ti - 0x4B400000 + 127) << 23;  // integer n from the shifted mantissa
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  const float r = p * scale;
-  return x < -87.0f ? 0.0f : (x != x ? x : r);
+// ---------------------------------------------------------------- exp2 (base 2)
+// The attention kernels work in base 2: scores carry a factor log2(e) (folded
+// into the GEMM scale, the tables and the bias), so that softmax needs 2^x.
+
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kLeanExp2 = true;
+#else
+constexpr bool kLeanExp2 = false;
+#endif
+
+// 2^x of float vectors whose lanes are finite or -inf (never NaN or +inf):
+// x = n + f with n = round(x) (the 1.5 * 2^23 shifter), 2^f by the degree-6
+// polynomial of Cephes' exp2f (S. L. Moshier; relative error 1.7e-7 on
+// |f| <= 0.5), 2^n written into the exponent bits.  x is clamped to
+// [-127, 127]; x <= -126.5 (and -inf) gives exactly 0 (denormal results are
+// flushed).  13 vector operations against ~20 for Vectorized::exp_u20.
+inline at::vec::Vectorized<float> vexp2_finite(at::vec::Vectorized<float> xv) {
+  using V = at::vec::Vectorized<float>;
+  if constexpr (!kLeanExp2) {
+    return xv.exp2();
+  } else {
+    const V x = at::vec::minimum(at::vec::maximum(xv, V(-127.0f)), V(127.0f));
+    const V shifter(12582912.0f);
+    const V t = x + shifter;  // round(x) in the low mantissa bits
+    const V f = x - (t - shifter);
+    V p = at::vec::fmadd(V(1.535336188319500e-4f), f, V(1.339887440266574e-3f));
+    p = at::vec::fmadd(p, f, V(9.618437357674640e-3f));
+    p = at::vec::fmadd(p, f, V(5.550332471162809e-2f));
+    p = at::vec::fmadd(p, f, V(2.402264791363012e-1f));
+    p = at::vec::fmadd(p, f, V(6.931472028550421e-1f));
+    p = at::vec::fmadd(p, f, V(1.0f));
+    // t's bits are 0x4B400000 + n: 2^n = (n + 127) << 23 (0 for n = -127).
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i e = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000)), 23);
+    return p * V(_mm512_castsi512_ps(e));
+#else
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000)), 23);
+    return p * V(_mm256_castsi256_ps(e));
+#endif
+  }
+}
+
+// 2^x: with FINITE (the caller guarantees no NaN or +inf lane) the lean
+// float version above, otherwise Sleef's exp2 (1 ulp; NaN and infinities as
+// IEEE says).  double always takes Sleef's.
+template <typename T, bool FINITE>
+inline at::vec::Vectorized<T> vexp2(const at::vec::Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float> && FINITE) {
+    return vexp2_finite(x);
+  } else {
+    return x.exp2();
+  }
 }
 
 // ------------------------------------------------------------ vectorised rows
 // (at::vec::Vectorized: 8 floats with AVX2, 16 with AVX-512.)
-
-// exp of a vector: float with the polynomial of Vectorized::exp_u20 (error
-// below 20 ulp) with NaN passed through (exp_u20 clamps it), double with
-// Sleef's exp (1 ulp).
-template <typename T>
-inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return at::vec::Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
-  } else {
-    return x.exp();
-  }
-}
 
 // max_j s[j] over j < n (NaN if any s[j] is NaN); -inf for n = 0.
 template <typename T>
@@ -388,56 +406,71 @@ inline T row_max(const T* s, int64_t n) {
   return at::vec::reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
 }
 
-// s[j] = exp(s[j] - m) * (w ? w[j] : 1) for j < n; returns sum_j exp(s[j] - m).
-template <typename T>
-inline T exp_row(T* s, const T* w, int64_t n, T m) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t VW = Vec::size();
-  const Vec vm(m);
-  Vec vsum(T(0));
-  int64_t j = 0;
-  for (; j + VW <= n; j += VW) {
-    Vec p = vexp<T>(Vec::loadu(s + j) - vm);
-    vsum = vsum + p;
-    if (w) p = p * Vec::loadu(w + j);
-    p.store(s + j);
-  }
-  if (j < n) {
-    const int64_t r = n - j;
-    Vec p = vexp<T>(Vec::loadu(s + j, r) - vm);
-    vsum = Vec::set(vsum, vsum + p, r);
-    if (w) p = p * Vec::loadu(w + j, r);
-    p.store(s + j, r);
-  }
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
+// Calls f(std::true_type{}) when finite, else f(std::false_type{}): the row
+// functions below take `finite` (the row's max or LSE is finite, so no lane
+// of x - m is NaN or +inf) and pick the lean 2^x for it.
+template <typename F>
+inline decltype(auto) with_finite(bool finite, F&& f) {
+  if (finite) return f(std::true_type{});
+  return f(std::false_type{});
 }
 
-// Backward row: p = exp(s[j] - lse); s[j] = p w[j]; dp[j] = p (dp[j] w[j] - delta)
-// (w = 1 when null), for j < n.
+// s[j] = 2^(s[j] - m) * (w ? w[j] : 1) for j < n; returns sum_j 2^(s[j] - m).
 template <typename T>
-inline void softmax_grad_row(T* s, T* dp, const T* w, int64_t n, T lse, T delta) {
+inline T exp_row(T* s, const T* w, int64_t n, T m, bool finite) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t VW = Vec::size();
-  const Vec vl(lse), vd(delta);
-  for (int64_t j = 0; j < n; j += VW) {
-    const int64_t r = std::min<int64_t>(VW, n - j);
-    const Vec p = vexp<T>(Vec::loadu(s + j, r) - vl);
-    Vec g = Vec::loadu(dp + j, r);
-    Vec pw = p;
-    if (w) {
-      const Vec wv = Vec::loadu(w + j, r);
-      pw = p * wv;
-      g = g * wv;
+  return with_finite(finite, [&](auto fin) {
+    constexpr bool F = decltype(fin)::value;
+    const Vec vm(m);
+    Vec vsum(T(0));
+    int64_t j = 0;
+    for (; j + VW <= n; j += VW) {
+      Vec p = vexp2<T, F>(Vec::loadu(s + j) - vm);
+      vsum = vsum + p;
+      if (w) p = p * Vec::loadu(w + j);
+      p.store(s + j);
     }
-    const Vec ds = p * (g - vd);
-    if (r == VW) {
-      pw.store(s + j);
-      ds.store(dp + j);
-    } else {
-      pw.store(s + j, r);
-      ds.store(dp + j, r);
+    if (j < n) {
+      const int64_t r = n - j;
+      Vec p = vexp2<T, F>(Vec::loadu(s + j, r) - vm);
+      vsum = Vec::set(vsum, vsum + p, r);
+      if (w) p = p * Vec::loadu(w + j, r);
+      p.store(s + j, r);
     }
-  }
+    return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  });
+}
+
+// Backward row: p = 2^(s[j] - lse); s[j] = p w[j]; dp[j] = p (dp[j] w[j] - delta)
+// (w = 1 when null), for j < n.
+template <typename T>
+inline void softmax_grad_row(T* s, T* dp, const T* w, int64_t n, T lse, T delta, bool finite) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t VW = Vec::size();
+  with_finite(finite, [&](auto fin) {
+    constexpr bool F = decltype(fin)::value;
+    const Vec vl(lse), vd(delta);
+    for (int64_t j = 0; j < n; j += VW) {
+      const int64_t r = std::min<int64_t>(VW, n - j);
+      const Vec p = vexp2<T, F>(Vec::loadu(s + j, r) - vl);
+      Vec g = Vec::loadu(dp + j, r);
+      Vec pw = p;
+      if (w) {
+        const Vec wv = Vec::loadu(w + j, r);
+        pw = p * wv;
+        g = g * wv;
+      }
+      const Vec ds = p * (g - vd);
+      if (r == VW) {
+        pw.store(s + j);
+        ds.store(dp + j);
+      } else {
+        pw.store(s + j, r);
+        ds.store(dp + j, r);
+      }
+    }
+  });
 }
 
 // ------------------------------------------------- per-offset tables on a row
@@ -573,41 +606,46 @@ inline T table_add_max(T* s, const T* t, int32_t base, const int32_t* uk, const 
   return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 }
 
-// p[j] = exp(s[j] - m); s[j] = p[j] * w[base + uk[j]] (w may be null: s[j] =
+// p[j] = 2^(s[j] - m); s[j] = p[j] * w[base + uk[j]] (w may be null: s[j] =
 // p[j]); returns sum_j p[j].
 template <typename T>
 inline T exp_row_table(T* s, const T* w, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
-                       int64_t n, T m) {
+                       int64_t n, T m, bool finite) {
   using Vec = at::vec::Vectorized<T>;
-  if (w == nullptr) return exp_row<T>(s, nullptr, n, m);
-  const Vec vm(m);
-  Vec vsum(T(0));
-  for_each_run(w, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
-    T* d = s + j;
-    for_each_vec<T>(len, [&](int64_t x, int64_t r) {
-      if (r == Vec::size()) {
-        const Vec p = vexp<T>(Vec::loadu(d + x) - vm);
-        vsum = vsum + p;
-        (p * Vec::loadu(src + x)).store(d + x);
-      } else {
-        const Vec p = vexp<T>(Vec::loadu(d + x, r) - vm);
-        vsum = Vec::set(vsum, vsum + p, r);
-        (p * Vec::loadu(src + x, r)).store(d + x, r);
-      }
+  if (w == nullptr) return exp_row<T>(s, nullptr, n, m, finite);
+  return with_finite(finite, [&](auto fin) {
+    constexpr bool F = decltype(fin)::value;
+    const Vec vm(m);
+    Vec vsum(T(0));
+    for_each_run(w, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
+      T* d = s + j;
+      for_each_vec<T>(len, [&](int64_t x, int64_t r) {
+        if (r == Vec::size()) {
+          const Vec p = vexp2<T, F>(Vec::loadu(d + x) - vm);
+          vsum = vsum + p;
+          (p * Vec::loadu(src + x)).store(d + x);
+        } else {
+          const Vec p = vexp2<T, F>(Vec::loadu(d + x, r) - vm);
+          vsum = Vec::set(vsum, vsum + p, r);
+          (p * Vec::loadu(src + x, r)).store(d + x, r);
+        }
+      });
     });
+    return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
   });
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
 
-// Backward row in one pass: s[j] += t[tb + uk[j]]; p = exp(s[j] - lse);
+// Backward row in one pass: s[j] += t[tb + uk[j]]; p = 2^(s[j] - lse);
 // w = a[ab + uk[j]]; s[j] = p w; dp[j] = p (dp[j] w - delta); dt[tb + uk[j]]
 // += dp[j].  t, a, dt may be null (no table: nothing added; no AMM: w = 1; no
 // table gradient).
 template <typename T>
 inline void softmax_grad_row_table(T* s, T* dp, const T* t, int32_t tb, const T* a, int32_t ab, double* dt,
                                    const int32_t* uk, const int32_t* run_end, int64_t j0, int64_t n, T lse,
-                                   T delta) {
+                                   T delta, bool finite) {
   using Vec = at::vec::Vectorized<T>;
+  with_finite(finite, [&](auto fin) {
+  constexpr bool F = decltype(fin)::value;
   const Vec vl(lse), vd(delta);
   for (int64_t j = 0; j < n;) {
     const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
@@ -620,7 +658,7 @@ inline void softmax_grad_row_table(T* s, T* dp, const T* t, int32_t tb, const T*
       const bool full = r == Vec::size();
       Vec sv = full ? Vec::loadu(sd + x) : Vec::loadu(sd + x, r);
       if (ts) sv = sv + (full ? Vec::loadu(ts + x) : Vec::loadu(ts + x, r));
-      const Vec p = vexp<T>(sv - vl);
+      const Vec p = vexp2<T, F>(sv - vl);
       Vec g = full ? Vec::loadu(gd + x) : Vec::loadu(gd + x, r);
       Vec pw = p;
       if (as) {
@@ -644,14 +682,8 @@ inline void softmax_grad_row_table(T* s, T* dp, const T* t, int32_t tb, const T*
     }
     j = e;
   }
+  });
 }
-
-template <typename T>
-static inline __attribute__((always_inline)) T fast_exp(T x);
-template <>
-inline __attribute__((always_inline)) float fast_exp<float>(float x) { return exp_approx(x); }
-template <>
-inline __attribute__((always_inline)) double fast_exp<double>(double x) { return std::exp(x); }
 
 }  // namespace cpu
 }  // namespace edt_kernels
