@@ -255,6 +255,24 @@ void write_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc
   }
 }
 
+// sum_d a[d] b[d * sb] for d < D (vectorised when b is acc_t with unit stride).
+template <typename scalar_t, typename acc_t>
+acc_t dot_row(const acc_t* a, const scalar_t* b, int64_t sb, int64_t D) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (sb == 1) {
+      Vec acc(acc_t(0));
+      cpu::for_each_vec<acc_t>(D, [&](int64_t d, int64_t r) {
+        acc = at::vec::fmadd(cpu::load_part(a + d, r), cpu::load_part(b + d, r), acc);
+      });
+      return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, acc);
+    }
+  }
+  acc_t s = 0;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * static_cast<acc_t>(b[d * sb]);
+  return s;
+}
+
 // Per-head views of the geometry.
 template <typename acc_t>
 struct HeadView {
@@ -263,7 +281,7 @@ struct HeadView {
   const int32_t* u = nullptr;   // [N] of batch b
   const int32_t* run_end = nullptr;  // [N] of batch b
   bool runs = false;
-  bool fused = false;  // runs, no bias, no modulation: one pass per row (cpu::*_table)
+  bool fused = false;  // table or AMM, no bias, no modulation: one pass per row (cpu::*_table)
   int32_t tab_last = 0, amm_last = 0;  // rows_t - 1, R - 1
   const acc_t* bias = nullptr;  // bias[b, h] with strides bs2, bs3
   int64_t bs2 = 0, bs3 = 0;
@@ -282,7 +300,7 @@ struct HeadView {
       u = g.u.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
       run_end = g.run_end.data_ptr<int32_t>() + (g.u_batched ? b * g.N : 0);
     }
-    fused = runs && u != nullptr && !g.has_bias() && !g.has_mod();
+    fused = u != nullptr && !g.has_bias() && !g.has_mod();
     if (g.has_bias()) {
       bias = static_cast<const acc_t*>(g.bias.data) + b * g.bias.s[0] + h * g.bias.s[1];
       bs2 = g.bias.s[2];
@@ -349,12 +367,12 @@ const acc_t* rows_as_acc(const scalar_t* src, int64_t sn, int64_t sd, int64_t ro
 }
 
 // Query rows per work item and keys per GEMM tile of the forward.  Keys: up
-// to 512 per tile (one tile, no online rescaling, for N <= 512); queries: 64
-// rows (128 from N = 768), fewer when the work items would leave threads idle.
+// to 512 per tile (one tile, no online rescaling, for N <= 512); queries: 48
+// rows (120 from N = 768), fewer when the work items would leave threads idle.
 // Scratch per thread is O(tile_q * tile_kv + tile_q * D): linear in N.
 inline void forward_tiles(int64_t N, int64_t BH, int64_t threads, int64_t& tq, int64_t& tkv) {
   tkv = std::min<int64_t>(N, 512);
-  tq = N >= 768 ? 128 : 64;
+  tq = N >= 768 ? 120 : 48;  // multiples of the micro-GEMM's 6 rows
   while (tq > 16 && BH * ((N + tq - 1) / tq) < 4 * threads) tq /= 2;
   tq = std::min(tq, N);
 }
@@ -425,7 +443,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           acc_t mx;
           if (hv.fused) {
             mx = cpu::table_add_max<acc_t>(s, hv.tab, hv.tab ? hv.tab_base(i0 + i) : 0, hv.u + j0, hv.run_end + j0,
-                                           j0, bn);
+                                           j0, bn, hv.runs);
           } else {
             hv.add_scores(s, i0 + i, j0, bn);
             mx = cpu::row_max<acc_t>(s, bn);
@@ -438,7 +456,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           acc_t sum;
           if (hv.fused) {
             sum = cpu::exp_row_table<acc_t>(s, hv.amm, hv.amm ? hv.amm_base(i0 + i) : 0, hv.u + j0, hv.run_end + j0,
-                                            j0, bn, m_use, finite);
+                                            j0, bn, m_use, finite, hv.runs);
           } else {
             const acc_t* w = nullptr;
             if (weighted) {
@@ -568,12 +586,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             pack_rows(vp + b * sv[0] + h * sv[1], sv[2], sv[3], N, N, D, acc_t(1), Vr.data(), D);
             // Delta_i = rowsum(dO_i * O_i) from the saved output.
             const scalar_t* o_bh = outp + b * sout[0] + h * sout[1];
-            for (int64_t i = 0; i < N; ++i) {
-              acc_t s = 0;
-              const acc_t* dorow = dO.data() + i * D;
-              for (int64_t d = 0; d < D; ++d) s += dorow[d] * static_cast<acc_t>(o_bh[i * sout[2] + d * sout[3]]);
-              delta[i] = s;
-            }
+            for (int64_t i = 0; i < N; ++i)
+              delta[i] = dot_row<scalar_t, acc_t>(dO.data() + i * D, o_bh + i * sout[2], sout[3], D);
             if constexpr (std::is_same_v<acc_t, double>) {
               // The saved LSE is float32; recompute it in double so that the
               // float64 path stays float64-accurate (an extra pass over QK^T).
@@ -643,19 +657,20 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                   acc_t* dp = dP.data() + i * TKp;  // dO V^T -> dS
                   const acc_t li = lse_r[i0 + i], di = delta[i0 + i];
                   const bool finite = std::isfinite(li);
-                  if (hv.fused) {
+                  // (Gathered tables: two passes, measured faster than one here.)
+                  if (hv.fused && hv.runs) {
                     cpu::softmax_grad_row_table<acc_t>(s, dp, hv.tab, hv.tab ? hv.tab_base(i0 + i) : 0, hv.amm,
-                                                       hv.amm ? hv.amm_base(i0 + i) : 0, dtab_h, hv.u + j0,
-                                                       hv.run_end + j0, j0, bn, li, di, finite);
-                    continue;
+                                                       hv.amm ? hv.amm_base(i0 + i) : 0, hv.u + j0, hv.run_end + j0,
+                                                       j0, bn, li, di, finite);
+                  } else {
+                    hv.add_scores(s, i0 + i, j0, bn);
+                    const acc_t* w = nullptr;
+                    if (weighted) {
+                      hv.weights(W.data(), i0 + i, j0, bn);
+                      w = W.data();
+                    }
+                    cpu::softmax_grad_row<acc_t>(s, dp, w, bn, li, di, finite);
                   }
-                  hv.add_scores(s, i0 + i, j0, bn);
-                  const acc_t* w = nullptr;
-                  if (weighted) {
-                    hv.weights(W.data(), i0 + i, j0, bn);
-                    w = W.data();
-                  }
-                  cpu::softmax_grad_row<acc_t>(s, dp, w, bn, li, di, finite);
                   if (dtab_h)  // (reversed like the table)
                     cpu::table_scatter<acc_t>(dtab_h, dp, hv.tab_base(i0 + i), hv.u + j0, hv.run_end + j0, j0, bn,
                                               hv.runs);

@@ -567,10 +567,10 @@ inline void table_scatter(double* dt, const T* g, int32_t base, const int32_t* u
   }
 }
 
-// ------------------------------------------- fused rows, tables read by runs
-// One pass per row of a score tile where the table and AMM are read run by
-// run (see above) and there is no dense bias or modulation.  Runs are handled
-// with full vectors and a partial vector for their tail.
+// ------------------------------------------------------------------ fused rows
+// One pass per row of a score tile when there is no dense bias or
+// modulation: the table and the AMM are read run by run (contiguous vector
+// loads) when `runs`, else gathered lane by lane.
 
 template <typename T, typename F>
 inline void for_each_vec(int64_t len, F&& f) {
@@ -580,28 +580,71 @@ inline void for_each_vec(int64_t len, F&& f) {
   if (x < len) f(x, len - x);
 }
 
+// Vector of t[base + uk[l]] for lanes l < r (lanes past r are 0).
+template <typename T>
+inline at::vec::Vectorized<T> gather_vec(const T* t, int32_t base, const int32_t* uk, int64_t r) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<T, float> &&
+                at::vec::Vectorized<float>::size() == at::vec::Vectorized<int32_t>::size()) {
+    using VI = at::vec::Vectorized<int32_t>;
+    if (r == Vec::size()) return at::vec::gather<sizeof(float)>(t, VI(base) + VI::loadu(uk));
+  }
+  alignas(64) T buf[Vec::size()] = {};
+  for (int64_t l = 0; l < r; ++l) buf[l] = t[base + uk[l]];
+  return Vec::loadu(buf);
+}
+
+// Walks keys j < n of a row (codes uk of keys j0.., run_end of the same keys)
+// in vectors: f(x, r, lanes) for lanes x .. x + r, where lanes(t, base)
+// returns the vector of t[base + uk[x + l]] (l < r; lanes past r are not
+// defined): a contiguous load inside a run, else a gather.
+template <typename T, typename F>
+inline void for_each_key_vec(const int32_t* uk, const int32_t* run_end, int64_t j0, int64_t n, bool runs, F&& f) {
+  using Vec = at::vec::Vectorized<T>;
+  if (runs) {
+    for (int64_t j = 0; j < n;) {
+      const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
+      const int32_t u0 = uk[j];
+      for_each_vec<T>(e - j, [&](int64_t x, int64_t r) {
+        f(j + x, r, [&](const T* t, int32_t base) {
+          const T* src = t + base + u0 + x;
+          return r == Vec::size() ? Vec::loadu(src) : Vec::loadu(src, r);
+        });
+      });
+      j = e;
+    }
+  } else {
+    for_each_vec<T>(n, [&](int64_t x, int64_t r) {
+      f(x, r, [&](const T* t, int32_t base) { return gather_vec<T>(t, base, uk + x, r); });
+    });
+  }
+}
+
+template <typename T>
+inline at::vec::Vectorized<T> load_part(const T* p, int64_t r) {
+  using Vec = at::vec::Vectorized<T>;
+  return r == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, r);
+}
+
+template <typename T>
+inline void store_part(const at::vec::Vectorized<T>& v, T* p, int64_t r) {
+  if (r == at::vec::Vectorized<T>::size()) v.store(p);
+  else v.store(p, r);
+}
+
 // s[j] += t[base + uk[j]] (t may be null: nothing added); returns max_j s[j]
 // (NaN if any is NaN, -inf for n = 0).
 template <typename T>
 inline T table_add_max(T* s, const T* t, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
-                       int64_t n) {
+                       int64_t n, bool runs) {
   using Vec = at::vec::Vectorized<T>;
   if (t == nullptr) return row_max<T>(s, n);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   Vec vmax(kNegInf);
-  for_each_run(t, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
-    T* d = s + j;
-    for_each_vec<T>(len, [&](int64_t x, int64_t r) {
-      if (r == Vec::size()) {
-        const Vec v = Vec::loadu(d + x) + Vec::loadu(src + x);
-        v.store(d + x);
-        vmax = at::vec::maximum(vmax, v);
-      } else {
-        const Vec v = Vec::loadu(d + x, r) + Vec::loadu(src + x, r);
-        v.store(d + x, r);
-        vmax = at::vec::maximum(vmax, Vec::set(Vec(kNegInf), v, r));
-      }
-    });
+  for_each_key_vec<T>(uk, run_end, j0, n, runs, [&](int64_t x, int64_t r, auto&& lanes) {
+    const Vec v = load_part(s + x, r) + lanes(t, base);
+    store_part(v, s + x, r);
+    vmax = at::vec::maximum(vmax, r == Vec::size() ? v : Vec::set(Vec(kNegInf), v, r));
   });
   return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 }
@@ -610,78 +653,47 @@ inline T table_add_max(T* s, const T* t, int32_t base, const int32_t* uk, const 
 // p[j]); returns sum_j p[j].
 template <typename T>
 inline T exp_row_table(T* s, const T* w, int32_t base, const int32_t* uk, const int32_t* run_end, int64_t j0,
-                       int64_t n, T m, bool finite) {
+                       int64_t n, T m, bool finite, bool runs) {
   using Vec = at::vec::Vectorized<T>;
   if (w == nullptr) return exp_row<T>(s, nullptr, n, m, finite);
   return with_finite(finite, [&](auto fin) {
     constexpr bool F = decltype(fin)::value;
     const Vec vm(m);
     Vec vsum(T(0));
-    for_each_run(w, base, uk, run_end, j0, n, [&](int64_t j, const T* src, int64_t len) {
-      T* d = s + j;
-      for_each_vec<T>(len, [&](int64_t x, int64_t r) {
-        if (r == Vec::size()) {
-          const Vec p = vexp2<T, F>(Vec::loadu(d + x) - vm);
-          vsum = vsum + p;
-          (p * Vec::loadu(src + x)).store(d + x);
-        } else {
-          const Vec p = vexp2<T, F>(Vec::loadu(d + x, r) - vm);
-          vsum = Vec::set(vsum, vsum + p, r);
-          (p * Vec::loadu(src + x, r)).store(d + x, r);
-        }
-      });
+    for_each_key_vec<T>(uk, run_end, j0, n, runs, [&](int64_t x, int64_t r, auto&& lanes) {
+      const Vec p = vexp2<T, F>(load_part(s + x, r) - vm);
+      vsum = r == Vec::size() ? vsum + p : Vec::set(vsum, vsum + p, r);
+      store_part(p * lanes(w, base), s + x, r);
     });
     return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
   });
 }
 
-// Backward row in one pass: s[j] += t[tb + uk[j]]; p = 2^(s[j] - lse);
-// w = a[ab + uk[j]]; s[j] = p w; dp[j] = p (dp[j] w - delta); dt[tb + uk[j]]
-// += dp[j].  t, a, dt may be null (no table: nothing added; no AMM: w = 1; no
-// table gradient).
+// Backward row in one pass, tables read run by run: s[j] += t[tb + uk[j]];
+// p = 2^(s[j] - lse); w = a[ab + uk[j]]; s[j] = p w; dp[j] = p (dp[j] w -
+// delta).  t, a may be null (no table: nothing added; no AMM: w = 1).
 template <typename T>
-inline void softmax_grad_row_table(T* s, T* dp, const T* t, int32_t tb, const T* a, int32_t ab, double* dt,
+inline void softmax_grad_row_table(T* s, T* dp, const T* t, int32_t tb, const T* a, int32_t ab,
                                    const int32_t* uk, const int32_t* run_end, int64_t j0, int64_t n, T lse,
                                    T delta, bool finite) {
   using Vec = at::vec::Vectorized<T>;
   with_finite(finite, [&](auto fin) {
-  constexpr bool F = decltype(fin)::value;
-  const Vec vl(lse), vd(delta);
-  for (int64_t j = 0; j < n;) {
-    const int64_t e = std::min<int64_t>(static_cast<int64_t>(run_end[j]) - j0, n);
-    const int64_t len = e - j;
-    T* sd = s + j;
-    T* gd = dp + j;
-    const T* ts = t ? t + tb + uk[j] : nullptr;
-    const T* as = a ? a + ab + uk[j] : nullptr;
-    for_each_vec<T>(len, [&](int64_t x, int64_t r) {
-      const bool full = r == Vec::size();
-      Vec sv = full ? Vec::loadu(sd + x) : Vec::loadu(sd + x, r);
-      if (ts) sv = sv + (full ? Vec::loadu(ts + x) : Vec::loadu(ts + x, r));
+    constexpr bool F = decltype(fin)::value;
+    const Vec vl(lse), vd(delta);
+    for_each_key_vec<T>(uk, run_end, j0, n, true, [&](int64_t x, int64_t r, auto&& lanes) {
+      Vec sv = load_part(s + x, r);
+      if (t) sv = sv + lanes(t, tb);
       const Vec p = vexp2<T, F>(sv - vl);
-      Vec g = full ? Vec::loadu(gd + x) : Vec::loadu(gd + x, r);
+      Vec g = load_part(dp + x, r);
       Vec pw = p;
-      if (as) {
-        const Vec wv = full ? Vec::loadu(as + x) : Vec::loadu(as + x, r);
+      if (a) {
+        const Vec wv = lanes(a, ab);
         pw = p * wv;
         g = g * wv;
       }
-      const Vec ds = p * (g - vd);
-      if (full) {
-        pw.store(sd + x);
-        ds.store(gd + x);
-      } else {
-        pw.store(sd + x, r);
-        ds.store(gd + x, r);
-      }
+      store_part(pw, s + x, r);
+      store_part(Vec(p * (g - vd)), dp + x, r);
     });
-    if (dt) {
-      double* d = dt + tb + uk[j];
-#pragma omp simd
-      for (int64_t x = 0; x < len; ++x) d[x] += static_cast<double>(gd[x]);
-    }
-    j = e;
-  }
   });
 }
 

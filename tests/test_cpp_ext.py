@@ -65,6 +65,8 @@ CASES = [
     (64, 72, 8, None, True, False, (1, 1, 64, 64), None),
     (97, 52, 16, "batch", True, True, None, None),  # masked subset of a 16x16 grid
     (179, 72, 16, "batch", True, False, None, None),  # MDT masked (179 of 256)
+    # few keys of a large grid (40 of 256), table + AMM gathered
+    (40, 32, 16, "batch", True, True, None, None),
     (130, 128, (12, 13), "shared", True, "custom", (2, 1, 130, 130), (1, 3, 130, 130)),
     (256, 52, 16, None, True, True, None, None),  # EDT stage 0 / 4
     (300, 16, (15, 20), None, True, "custom", None, (2, 3, 1, 300)),
