@@ -212,9 +212,10 @@ inline void gemm_rm(bool TA, bool TB, int64_t M, int64_t N, int64_t K, T alpha, 
 // element broadcast per row and k) and B packed once into column panels:
 // panel p holds columns [16 p, 16 p + w_p) as [ktot][w_p] (w_p = 16, or 8 for
 // a last panel of at most 8 columns; columns past N zero), panel p starting
-// at 16 p ktot.  The register block is 6 rows x w_p columns (12 or 6 of the
-// 16 AVX2 registers as accumulators).  Columns of C are written up to the
-// panel width: C needs round_up(N, 8) (<= 16 p + w_p) columns of room.
+// at 16 p ktot.  The register block is 6 rows x 16 columns, or 12 rows x 8
+// on an 8-wide panel (12 of the 16 AVX2 registers as accumulators).  Columns
+// of C are written up to the panel width: C needs round_up(N, 8) (<= 16 p +
+// w_p) columns of room.
 // Only with 8-float vectors (AVX2); elsewhere the callers use gemm_rm.
 constexpr bool kPackedGemm = at::vec::Vectorized<float>::size() == 8;
 constexpr int kPanel = 16;
@@ -315,11 +316,18 @@ inline void gemm_packed(int64_t M, int64_t N, int64_t K, float alpha, const floa
       const int64_t w = panel_width(N, p);
       const float* b = Bp + p * kPanel * ktot + k0 * w;
       float* c = C + p * kPanel;
-      for (int64_t i = 0; i < M; i += kPackMR) {
+      auto a_at = [&](int64_t i) { return TA ? A + i : A + i * lda; };
+      int64_t i = 0;
+      if (w != kPanel) {
+        // An 8-wide last panel: 12-row blocks keep 12 accumulators (as the
+        // 6 x 16 block does) so that the FMAs do not wait on each other.
+        for (; i + 2 * kPackMR <= M; i += 2 * kPackMR)
+          packed_kernel<2 * kPackMR, 8, TA>(K, a_at(i), lda, b, c + i * ldc, ldc, alpha, accumulate);
+      }
+      for (; i < M; i += kPackMR) {
         const int64_t mr = std::min<int64_t>(kPackMR, M - i);
-        const float* a = TA ? A + i : A + i * lda;
-        if (w == kPanel) packed_rows<kPanel, TA>(mr, K, a, lda, b, c + i * ldc, ldc, alpha, accumulate);
-        else packed_rows<8, TA>(mr, K, a, lda, b, c + i * ldc, ldc, alpha, accumulate);
+        if (w == kPanel) packed_rows<kPanel, TA>(mr, K, a_at(i), lda, b, c + i * ldc, ldc, alpha, accumulate);
+        else packed_rows<8, TA>(mr, K, a_at(i), lda, b, c + i * ldc, ldc, alpha, accumulate);
       }
     }
   }

@@ -475,8 +475,10 @@ def test_forward_memory_is_not_quadratic():
     per_head_nn = 1024 * 1024 * 4
     assert m["err"] < 1e-4
     assert m["ref"] > 2 * per_head_nn, m  # the control: materialising shows up
-    # out itself is 2 MiB: the rest (tiles, LSE) must stay below one N x N matrix.
-    assert m["cpp"] < per_head_nn, m
+    # Beyond out itself (2 MiB), the rest (per-thread tiles and packed K/V, LSE) must stay
+    # below one N x N matrix (4 MiB; materialising scores would take that per head and thread).
+    out_bytes = 1 * 8 * 1024 * 64 * 4
+    assert m["cpp"] - out_bytes < per_head_nn, m
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
