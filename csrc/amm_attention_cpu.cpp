@@ -566,8 +566,13 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   const int64_t TKp = cpu::round_up(TK, cpu::kPanel);               // row stride of S / dP
   const int64_t ldacc = packed ? cpu::round_up(D, cpu::kPanel) : D;  // row stride of dQ / dK / dV
   const int64_t npk = packed ? std::max(cpu::packed_size(N, D), cpu::packed_size(D, N)) : 0;
+  // float32 inputs whose rows are unit-stride: Q and dO read in place, the
+  // GEMM panels packed straight from q, k, v and dout (no per-head copies).
+  const bool direct = packed && std::is_same_v<scalar_t, float> && sq[3] == 1 && sdo[3] == 1 &&
+                      sq[2] < (int64_t(1) << 31) && sdo[2] < (int64_t(1) << 31);
+  const int64_t ncopy = direct ? 0 : N * D;
   at::parallel_for(0, T, 1, [&](int64_t cbegin, int64_t cend) {
-    Buffer<acc_t> Qs(N * D), dO(N * D), Kr(N * D), Vr(N * D), dK(N * ldacc), dV(N * ldacc), dQ(TQ * ldacc),
+    Buffer<acc_t> Qs(ncopy), dO(ncopy), Kr(ncopy), Vr(ncopy), dK(N * ldacc), dV(N * ldacc), dQ(TQ * ldacc),
         S(TQ * TKp), dP(TQ * TKp), W(TK), lse_r(N), delta(N), mrun(TQ);
     Buffer<float> KTp(npk), VTp(npk), dOp(npk), Qp(npk), Kp(npk);
     for (int64_t c = cbegin; c < cend; ++c) {
@@ -580,14 +585,30 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
         for (int64_t b = b_lo; b < b_hi; ++b)
           for (int64_t h = h_lo; h < h_hi; ++h) {
             const HeadView<acc_t> hv(g, b, h);
-            pack_rows(qp + b * sq[0] + h * sq[1], sq[2], sq[3], N, N, D, scale, Qs.data(), D);
-            pack_rows(dop + b * sdo[0] + h * sdo[1], sdo[2], sdo[3], N, N, D, acc_t(1), dO.data(), D);
-            pack_rows(kp + b * sk[0] + h * sk[1], sk[2], sk[3], N, N, D, acc_t(1), Kr.data(), D);
-            pack_rows(vp + b * sv[0] + h * sv[1], sv[2], sv[3], N, N, D, acc_t(1), Vr.data(), D);
+            const scalar_t *q_bh = qp + b * sq[0] + h * sq[1], *do_bh = dop + b * sdo[0] + h * sdo[1],
+                           *k_bh = kp + b * sk[0] + h * sk[1], *v_bh = vp + b * sv[0] + h * sv[1];
+            // Q (as Qs = scale Q, or read in place and scaled in the GEMMs) and
+            // dO as acc_t rows with row strides ldq / lddo.
+            const acc_t *Qa = Qs.data(), *dOa = dO.data();
+            int64_t ldq = D, lddo = D;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (direct) {
+                Qa = q_bh;
+                ldq = sq[2];
+                dOa = do_bh;
+                lddo = sdo[2];
+              }
+            }
+            if (!direct) {
+              pack_rows(q_bh, sq[2], sq[3], N, N, D, scale, Qs.data(), D);
+              pack_rows(do_bh, sdo[2], sdo[3], N, N, D, acc_t(1), dO.data(), D);
+              pack_rows(k_bh, sk[2], sk[3], N, N, D, acc_t(1), Kr.data(), D);
+              pack_rows(v_bh, sv[2], sv[3], N, N, D, acc_t(1), Vr.data(), D);
+            }
             // Delta_i = rowsum(dO_i * O_i) from the saved output.
             const scalar_t* o_bh = outp + b * sout[0] + h * sout[1];
             for (int64_t i = 0; i < N; ++i)
-              delta[i] = dot_row<scalar_t, acc_t>(dO.data() + i * D, o_bh + i * sout[2], sout[3], D);
+              delta[i] = dot_row<scalar_t, acc_t>(dOa + i * lddo, o_bh + i * sout[2], sout[3], D);
             if constexpr (std::is_same_v<acc_t, double>) {
               // The saved LSE is float32; recompute it in double so that the
               // float64 path stays float64-accurate (an extra pass over QK^T).
@@ -623,7 +644,13 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
               for (int64_t i = 0; i < N; ++i) lse_r[i] = static_cast<acc_t>(lrow[i * lse_sn]) * l2e;
             }
             if constexpr (std::is_same_v<acc_t, float>) {
-              if (packed) {
+              if (direct) {  // straight from the inputs; Qp unscaled (dK scaled when written)
+                cpu::pack_b_transposed<scalar_t>(k_bh, sk[2], sk[3], N, D, KTp.data());
+                cpu::pack_b_transposed<scalar_t>(v_bh, sv[2], sv[3], N, D, VTp.data());
+                cpu::pack_b<scalar_t>(do_bh, sdo[2], sdo[3], N, D, dOp.data());
+                cpu::pack_b<scalar_t>(q_bh, sq[2], sq[3], N, D, Qp.data());
+                cpu::pack_b<scalar_t>(k_bh, sk[2], sk[3], N, D, Kp.data());
+              } else if (packed) {
                 cpu::pack_b_transposed<float>(Kr.data(), D, 1, N, D, KTp.data());
                 cpu::pack_b_transposed<float>(Vr.data(), D, 1, N, D, VTp.data());
                 cpu::pack_b<float>(dO.data(), D, 1, N, D, dOp.data());
@@ -637,13 +664,14 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
               const int64_t bm = std::min(TQ, N - i0);
               for (int64_t j0 = 0; j0 < N; j0 += TK) {
                 const int64_t bn = std::min(TK, N - j0);
-                const acc_t* Qi = Qs.data() + i0 * D;
-                const acc_t* dOi = dO.data() + i0 * D;
+                const acc_t* Qi = Qa + i0 * ldq;
+                const acc_t* dOi = dOa + i0 * lddo;
                 // S = log2(e) (scale Q_i) K_j^T, dP = dO_i V_j^T
                 if constexpr (std::is_same_v<acc_t, float>) {
                   if (packed) {
-                    cpu::gemm_packed(bm, bn, D, l2e, Qi, D, KTp.data() + j0 * D, D, 0, S.data(), TKp, false);
-                    cpu::gemm_packed(bm, bn, D, 1.0f, dOi, D, VTp.data() + j0 * D, D, 0, dP.data(), TKp, false);
+                    cpu::gemm_packed(bm, bn, D, direct ? l2e * scale : l2e, Qi, ldq, KTp.data() + j0 * D, D, 0,
+                                     S.data(), TKp, false);
+                    cpu::gemm_packed(bm, bn, D, 1.0f, dOi, lddo, VTp.data() + j0 * D, D, 0, dP.data(), TKp, false);
                   }
                 }
                 if (!packed) {
@@ -702,8 +730,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
               write_rows<scalar_t, acc_t>(dQ.data(), ldacc, bm, D, nullptr, scale,
                                           dqp + b * sdq[0] + h * sdq[1] + i0 * sdq[2], sdq[2], sdq[3]);
             }
-            write_rows<scalar_t, acc_t>(dK.data(), ldacc, N, D, nullptr, acc_t(1), dkp + b * sdk[0] + h * sdk[1],
-                                        sdk[2], sdk[3]);
+            write_rows<scalar_t, acc_t>(dK.data(), ldacc, N, D, nullptr, direct ? scale : acc_t(1),
+                                        dkp + b * sdk[0] + h * sdk[1], sdk[2], sdk[3]);
             write_rows<scalar_t, acc_t>(dV.data(), ldacc, N, D, nullptr, acc_t(1), dvp + b * sdv[0] + h * sdv[1],
                                         sdv[2], sdv[3]);
           }
