@@ -271,6 +271,11 @@ def test_cpu_attention_bench():
     (table,) = BCPU.summarize(sec)
     (summary,) = table["rows"]
     assert summary["fwd_sdpa_met"] == "n/a" and summary["met"] is False  # no fwd / cpp rows here
+    # % of sgemm: against the median sgemm of the same rounds, the run's best shown beside it
+    r = res["torch"]
+    assert r["sgemm_window"] > 0
+    assert r["sgemm_pct"] == pytest.approx(100.0 * r["gflops"] / r["sgemm_window"])
+    assert r["sgemm_best_pct"] == pytest.approx(100.0 * r["gflops"] / BCPU.sgemm_gflops())
 
 
 # ----------------------------------------------------------------------------- models
