@@ -19,6 +19,9 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 #endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -229,14 +232,50 @@ inline int64_t packed_size(int64_t N, int64_t ktot) { return round_up(N, kPanel)
 // Pack B[k, n] = src[n * sn + k * sk] (B = src^T, e.g. keys [n] x head dim
 // [k]) for k < K, n < N, panels as panel_width.  (Panels before the last are
 // 16 wide, so columns [16 q, N) of a packed B are themselves a packed B.)
+#if defined(__AVX2__)
+// o[c * ld + r] = x_r[c] for r, c < 8: an 8 x 8 transpose in registers.
+static inline __attribute__((always_inline)) void transpose8_store(const float* const* x, float* o, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x[i]);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(o + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(o + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
 template <typename S>
 inline void pack_b_transposed(const S* src, int64_t sn, int64_t sk, int64_t N, int64_t K, float* dst) {
   for (int64_t p = 0; p * kPanel < N; ++p) {
     const int64_t w = panel_width(N, p), nn = std::min<int64_t>(w, N - p * kPanel);
     float* d = dst + p * kPanel * K;
     const S* r = src + p * kPanel * sn;
+    int64_t k0 = 0;
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<S, float>) {
+      // float rows with unit stride along k: 8 x 8 blocks transposed in registers
+      if (sk == 1 && nn == w) {
+        for (; k0 + 8 <= K; k0 += 8)
+          for (int64_t c0 = 0; c0 < w; c0 += 8) {
+            const float* x[8];
+            for (int i = 0; i < 8; ++i) x[i] = r + (c0 + i) * sn + k0;
+            transpose8_store(x, d + k0 * w + c0, w);
+          }
+      }
+    }
+#endif
     // k outer: contiguous stores, the nn source rows read in step
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = k0; k < K; ++k) {
       float* o = d + k * w;
       int64_t c = 0;
       for (; c < nn; ++c) o[c] = static_cast<float>(r[c * sn + k * sk]);
@@ -257,6 +296,15 @@ inline void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, f
       float* o = d + k * w;
       int64_t c = 0;
       if (sn == 1) {
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<S, float>) {
+          if (nn == w) {  // w = 8 or 16
+            _mm256_storeu_ps(o, _mm256_loadu_ps(r));
+            if (w == kPanel) _mm256_storeu_ps(o + 8, _mm256_loadu_ps(r + 8));
+            continue;
+          }
+        }
+#endif
         for (; c < nn; ++c) o[c] = static_cast<float>(r[c]);
       } else {
         for (; c < nn; ++c) o[c] = static_cast<float>(r[c * sn]);
