@@ -20,8 +20,8 @@ made between the same case's rounds), forward+backward sdpa / cpp >= 1.5, and au
 never slower than the reference (torch / auto >= 1).  GFLOP/s counts the
 matmul FLOPs of attention (forward 4 B H N^2 D, forward+backward 3.5x that).
 Timings on a shared machine are noisy: the load average is in the notes;
-``main()`` times the impls of a case in turns (5 rounds, 3 calls each by
-default) so that their ratios see the same load.
+``main()`` times the impls of a case in turns (15 rounds of one call each and
+one sgemm call by default) so that their ratios see the same load.
 Where the extension is not built (no compiler), the cpp/auto rows say why.
 """
 from __future__ import annotations
@@ -313,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cases and case.name not in args.cases:
             continue
         for mode in case.modes:
-            res = run_interleaved(case, mode, args.impls, warmup=args.warmup, repeats=repeats)
+            res = run_interleaved(case, mode, args.impls, warmup=args.warmup, repeats=repeats, rounds=repeats)
             for impl in args.impls:
                 row = res[impl]
                 if isinstance(row, NotApplicable):
