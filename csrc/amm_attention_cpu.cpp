@@ -26,9 +26,10 @@
 // acc += P V_j on a TQ x TK tile; the backward S, dP = dO_i V_j^T, dV_j +=
 // P^T dO_i, dK_j += dS^T Q_i and dQ_i += dS K_j.  In float (float32 and the
 // float16/bfloat16 inputs it accumulates) they run on cpu::gemm_packed, a
-// 6 x 16 AVX2 register-blocked kernel that reads A in place and B from
-// panels packed once per thread and head (K^T and V in the forward; K^T,
-// V^T, dO, Q and K in the backward).  float64, machines without 8-float
+// 6 x 16 (12 x 8 on a last 8-wide panel) AVX2 register-blocked kernel that
+// reads A in place and B from panels packed once per thread and head (K^T
+// and V in the forward; K^T, V^T, dO, Q and K in the backward, straight
+// from the inputs when they are float32 rows).  float64, machines without 8-float
 // vectors and EDT_KERNELS_CPU_PACKED=0 use cpu::gemm_rm (the BLAS
 // sgemm/dgemm that libtorch links, single-threaded inside the parallel
 // region).  Between the GEMMs, per row of the tile: the learned table and
@@ -36,7 +37,8 @@
 // where the keys' grid codes go up by one (consecutive columns of a grid
 // row: contiguous vector loads), else gathered; without a dense bias or
 // modulation the forward takes table add + max in one pass and exp / sum /
-// AMM in a second, the backward exp / dS / table gradient in one.  No N x N
+// AMM in a second, the backward (tables read by runs) exp / dS in one and
+// the table gradient in a second.  No N x N
 // tensor is formed: scratch is O(TQ * TK + N * D) per thread in the forward
 // and O(N * D) per thread in the backward.
 // Parallelism: at::parallel_for (OpenMP) over batch * heads * query blocks in
