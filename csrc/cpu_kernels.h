@@ -229,9 +229,6 @@ inline int64_t panel_width(int64_t n, int64_t p) { return n - p * kPanel > 8 ? k
 // Floats of a packed B of N columns and ktot rows.
 inline int64_t packed_size(int64_t N, int64_t ktot) { return round_up(N, kPanel) * ktot; }
 
-// Pack B[k, n] = src[n * sn + k * sk] (B = src^T, e.g. keys [n] x head dim
-// [k]) for k < K, n < N, panels as panel_width.  (Panels before the last are
-// 16 wide, so columns [16 q, N) of a packed B are themselves a packed B.)
 #if defined(__AVX2__)
 // o[c * ld + r] = x_r[c] for r, c < 8: an 8 x 8 transpose in registers.
 static inline __attribute__((always_inline)) void transpose8_store(const float* const* x, float* o, int64_t ld) {
@@ -254,6 +251,9 @@ static inline __attribute__((always_inline)) void transpose8_store(const float* 
 }
 #endif
 
+// Pack B[k, n] = src[n * sn + k * sk] (B = src^T, e.g. keys [n] x head dim
+// [k]) for k < K, n < N, panels as panel_width.  (Panels before the last are
+// 16 wide, so columns [16 q, N) of a packed B are themselves a packed B.)
 template <typename S>
 inline void pack_b_transposed(const S* src, int64_t sn, int64_t sk, int64_t N, int64_t K, float* dst) {
   for (int64_t p = 0; p * kPanel < N; ++p) {
@@ -399,11 +399,6 @@ inline bool use_packed_gemm() {
 constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.69314718055994530942;
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-constexpr bool kLeanExp2 = true;
-#else
-constexpr bool kLeanExp2 = false;
-#endif
 
 // 2^x of float vectors whose lanes are finite or -inf (never NaN or +inf):
 // x = n + f with n = round(x) (the 1.5 * 2^23 shifter), 2^f by the degree-6
@@ -413,9 +408,10 @@ constexpr bool kLeanExp2 = false;
 // flushed).  13 vector operations against ~20 for Vectorized::exp_u20.
 inline at::vec::Vectorized<float> vexp2_finite(at::vec::Vectorized<float> xv) {
   using V = at::vec::Vectorized<float>;
-  if constexpr (!kLeanExp2) {
-    return xv.exp2();
-  } else {
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+  return xv.exp2();
+#else
+  {
     const V x = at::vec::minimum(at::vec::maximum(xv, V(-127.0f)), V(127.0f));
     const V shifter(12582912.0f);
     const V t = x + shifter;  // round(x) in the low mantissa bits
@@ -437,6 +433,7 @@ inline at::vec::Vectorized<float> vexp2_finite(at::vec::Vectorized<float> xv) {
     return p * V(_mm256_castsi256_ps(e));
 #endif
   }
+#endif
 }
 
 // 2^x: with FINITE (the caller guarantees no NaN or +inf lane) the lean

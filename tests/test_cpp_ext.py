@@ -497,3 +497,26 @@ def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
     old = time.time() - _ext.STALE_LOCK_S - 60
     os.utime(lock, (old, old))
     assert _ext.clear_stale_lock(lock) and not lock.exists()
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v4"])
+def test_cpu_sources_compile_for_other_instruction_sets(march):
+    """The CPU sources compile for baseline x86-64 (the scalar / SSE paths that
+    EDT_KERNELS_NATIVE=0 and portable builds take) and for AVX-512
+    (x86-64-v4), not only for this machine's -march=native: syntax and
+    template instantiation with -fsyntax-only, no code generated."""
+    import platform
+    import shutil
+    import sysconfig
+    from torch.utils.cpp_extension import include_paths
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 instruction sets")
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    flags = _ext.cpu_cflags(native=False) + [f"-march={march}", "-fsyntax-only", "-std=c++17"]
+    flags += [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    for src in ("amm_attention_cpu.cpp", "tokens_cpu.cpp"):
+        res = subprocess.run([cxx, *flags, str(_ext.CSRC_DIR / src)], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{src} for -march={march}:\n{res.stderr[-3000:]}"
