@@ -1,6 +1,6 @@
 """edt.models: published state dicts, fixture outputs on every backend, the
 kernel backends == the authors' eager path, AMM switching, masking, FLOP
-counts, the deprecated names and bad input.
+counts and bad input.
 
 Fixtures (``tests/fixtures``) were produced by the authors' code; see their README.
 """
@@ -367,25 +367,20 @@ def test_token_ops_agree_across_backends():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-# ----------------------------------------------------------------------------- backend= and deprecated names
+# ----------------------------------------------------------------------------- backend=
 
 @pytest.mark.parametrize("cls", [EDT, MDTv2])
-def test_fused_is_a_deprecated_alias_of_backend(cls):
+def test_backend_argument(cls):
     config = TINY[cls.__name__][1]
-    for fused, backend in ((True, "auto"), (False, EAGER)):
-        with pytest.warns(DeprecationWarning, match="fused"):
-            model = cls(**config, fused=fused)
-        assert model.backend == backend and model.config["backend"] == backend and "fused" not in model.config
-        assert all(m.backend == backend for m in model.modules() if hasattr(m, "backend"))
-        with pytest.warns(DeprecationWarning, match="fused"):
-            assert model.fused is fused
-    with pytest.warns(DeprecationWarning, match="fused"):
-        model.fused = True
-    assert model.backend == "auto"
-    with pytest.raises(ValueError, match="backend= only"):
-        cls(**config, fused=True, backend="torch")
+    model = cls(**config, backend=EAGER)
+    assert model.backend == EAGER and model.config["backend"] == EAGER
+    assert all(m.backend == EAGER for m in model.modules() if hasattr(m, "backend"))
     with pytest.raises(TypeError, match="backend must be a str"):
         cls(**config, backend=True)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        model.backend = False
+    with pytest.raises(TypeError, match="fused"):
+        cls(**config, fused=False)  # no such argument
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cls(**config)  # the default raises no warning
@@ -399,21 +394,6 @@ def test_backend_setter_reaches_every_module():
     assert all(blk.attn.backend == "torch" for blk in model.blocks)
     rebuilt = EDT(**model.config)
     assert rebuilt.backend == "auto"  # config records the constructor arguments
-
-
-def test_deprecated_common_names():
-    with pytest.warns(DeprecationWarning, match="AMMAttention"):
-        attn = common.RelPosAttention(16, 2, 4, extra_rows=3, persistent_index=True)
-    assert isinstance(attn, edt_kernels.AMMAttention) and attn.amm_eval_only and attn.amm is None
-    assert list(attn.state_dict()) == ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
-                                       "rel_pos_bias.relative_position_bias_table",
-                                       "rel_pos_bias.relative_position_index"]
-    with pytest.warns(DeprecationWarning, match="RelativePositionBias"):
-        rpb = common.RelativePositionBias(4, 2, 3)
-    assert isinstance(rpb, edt_kernels.RelativePositionBias) and rpb.extra_tokens == 3
-    with pytest.warns(DeprecationWarning, match="kernel_sources"):
-        sources = common.kernel_sources()
-    assert set(sources) == {"amm_attention"} | set(MODEL_OPS)
 
 
 # ----------------------------------------------------------------------------- AMM switching, masking

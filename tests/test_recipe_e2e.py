@@ -11,7 +11,7 @@ from edt.extract_features import center_crop_arr
 from test_extract_features import make_tiny_vae
 
 # Published EDT-S/2 stage layout at tiny widths, plain-PyTorch path (as tests/test_train.py).
-EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "fused": False}
+EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "backend": "eager"}
 IMAGE = 64  # latent 8x8
 CLASSES = 2
 

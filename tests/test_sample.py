@@ -12,10 +12,10 @@ import torch
 from edt import sample, train
 from edt.utils import make_grid, write_png
 
-# fused=False: the plain-PyTorch path of the models (on a CPU test box the fused token/adaLN
-# kernels run through the Triton interpreter, far too slow for hundreds of steps; fused == plain
-# is the models' own test).
-EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "fused": False}
+# backend="eager": the plain-PyTorch path of the models (on a CPU test box the token/adaLN
+# kernels run through the Triton interpreter, far too slow for hundreds of steps; kernels ==
+# eager is the models' own test).
+EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "backend": "eager"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

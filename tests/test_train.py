@@ -18,11 +18,11 @@ from edt.train import ShardedSampler
 
 REPO = Path(__file__).resolve().parents[1]
 # Published EDT-S/2 stage layout (depths 2,2,2,3,3; AMM blocks 7, 10) at tiny widths.
-# fused=False: the plain-PyTorch path of the models (on a CPU test box the fused token/adaLN
-# kernels run through the Triton interpreter, far too slow for hundreds of steps; fused == plain
-# is the models' own test).
-EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "fused": False}
-MDT_TINY = {"hidden_size": 32, "depth": 4, "num_heads": 2, "decode_layer": 2, "fused": False}
+# backend="eager": the plain-PyTorch path of the models (on a CPU test box the token/adaLN
+# kernels run through the Triton interpreter, far too slow for hundreds of steps; kernels ==
+# eager is the models' own test).
+EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "backend": "eager"}
+MDT_TINY = {"hidden_size": 32, "depth": 4, "num_heads": 2, "decode_layer": 2, "backend": "eager"}
 IMAGE = 64  # latent 8x8, token grids 4, 2, 1
 LATENT = (4, 8, 8)
 

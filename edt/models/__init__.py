@@ -17,13 +17,12 @@ from typing import Any, Dict, Mapping
 import torch
 import torch.nn as nn
 
-from .common import kernel_sources
 from .edt import EDT, EDT_models
 from .flops import edt_flops, mdt_flops, measured_macs
 from .mdt import MDTv2, MDTv2_models
 
 __all__ = ["EDT", "MDTv2", "EDT_models", "MDTv2_models", "all_models", "create_model",
-           "load_state_dict_strict", "kernel_sources", "edt_flops", "mdt_flops", "measured_macs"]
+           "load_state_dict_strict", "edt_flops", "mdt_flops", "measured_macs"]
 
 all_models: Dict[str, Any] = {**EDT_models, **MDTv2_models}
 

@@ -1,8 +1,9 @@
 """Building blocks shared by EDT and MDTv2 (DiT lineage).
 
-Layout (DiT ``models.py`` style): backend choice, embedders, the adaLN-Zero
-block, the final layer, fixed sin-cos positional embeddings, initialisation,
-and the random draws of masked training.
+Layout (DiT ``models.py`` style): the random draws of masked training,
+embedders, the adaLN-Zero block, the final layer, fixed sin-cos positional
+embeddings, initialisation, and the model base class (configuration,
+``backend``, AMM placement, classifier-free guidance).
 
 Every module computes through the ``edt_kernels`` ops (``amm_attention`` via
 :class:`edt_kernels.nn.AMMAttention`, ``layernorm_modulate``,
@@ -25,26 +26,22 @@ the code is ours.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Dict, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from edt_kernels import gated_residual, layernorm_modulate
+from edt_kernels import AMM, gated_residual, layernorm_modulate
 from edt_kernels import nn as kernels_nn
 from edt_kernels._validation import infer_grid
 from edt_kernels.nn import AMMAttention
 
 __all__ = [
     "modulate",
-    "kernel_sources",
     "TimestepEmbedder",
     "LabelEmbedder",
     "PatchEmbed",
     "Mlp",
-    "RelativePositionBias",
-    "RelPosAttention",
     "AdaLNBlock",
     "FinalLayer",
     "get_2d_sincos_pos_embed",
@@ -52,79 +49,21 @@ __all__ = [
     "unpatchify",
     "LN_EPS",
     "EAGER",
+    "CFG_CHANNELS",
+    "DiffusionTransformer",
 ]
 
 LN_EPS = 1e-6  # every LayerNorm in DiT / MDT / EDT: no affine, eps 1e-6
 FREQ_EMBED_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP
 EAGER = "eager"  # the backend that runs the authors' code path
+# Classifier-free guidance is applied to the first 3 latent channels (DiT's choice, kept by MDT and EDT).
+CFG_CHANNELS = 3
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: ``x * (1 + scale) + shift`` with per-sample ``(B, C)``
     shift/scale broadcast over the tokens of ``x`` ``(B, N, C)``."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-#################################################################################
-#                                 Backend choice                                #
-#################################################################################
-
-def resolve_backend(backend: str, fused: Optional[bool], owner: str) -> str:
-    """The backend a model runs on; ``fused`` is the deprecated boolean it
-    replaces (``True`` -> ``"auto"``, ``False`` -> ``"eager"``)."""
-    if fused is not None:
-        if backend != "auto":
-            raise ValueError(f"{owner}: pass backend= only (fused= is its deprecated alias), "
-                             f"got fused={fused!r} and backend={backend!r}")
-        warnings.warn(f"{owner}(fused=...) is deprecated; use backend='auto' (fused=True) or "
-                      f"backend='{EAGER}' (fused=False)", DeprecationWarning, stacklevel=3)
-        backend = "auto" if fused else EAGER
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str such as 'auto' or '{EAGER}', got {type(backend).__name__}")
-    return backend
-
-
-class BackendMixin:
-    """``backend`` on a model: setting it sets every submodule's ``backend``
-    (all ops of a forward run on the same choice).  ``fused`` is its
-    deprecated boolean view."""
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        value = resolve_backend(value, None, type(self).__name__)
-        self._backend = value
-        for m in self.modules():
-            if m is not self and hasattr(m, "backend"):
-                m.backend = value
-
-    @property
-    def fused(self) -> bool:
-        """Deprecated: ``backend != "eager"``."""
-        warnings.warn("model.fused is deprecated; use model.backend ('auto' or 'eager')",
-                      DeprecationWarning, stacklevel=2)
-        return self._backend != EAGER
-
-    @fused.setter
-    def fused(self, value: bool) -> None:
-        warnings.warn("model.fused is deprecated; set model.backend ('auto' or 'eager')",
-                      DeprecationWarning, stacklevel=2)
-        self.backend = "auto" if value else EAGER
-
-
-_OPS = ("amm_attention", "layernorm_modulate", "gated_residual", "patch_merge_modulate",
-        "random_masking", "unshuffle_with_mask_token", "masked_shortcut")
-
-
-def kernel_sources() -> Dict[str, str]:
-    """Deprecated: the models call these ``edt_kernels`` ops directly (each
-    picks its implementation from the model's ``backend``)."""
-    warnings.warn("edt.models.kernel_sources() is deprecated: the models call the edt_kernels ops "
-                  "directly, with the model's backend", DeprecationWarning, stacklevel=2)
-    return {name: f"edt_kernels.{name}" for name in _OPS}
 
 
 #################################################################################
@@ -236,24 +175,8 @@ class Mlp(nn.Module):
 #                 Attention with relative position bias (+ AMM)                 #
 #################################################################################
 # The models' attention is edt_kernels.nn.AMMAttention (state-dict keys qkv.*,
-# proj.*, rel_pos_bias.relative_position_bias_table[, relative_position_index]).
-
-def RelativePositionBias(grid: int, num_heads: int, extra_rows: int = 0,
-                         persistent_index: bool = False) -> kernels_nn.RelativePositionBias:
-    """Deprecated: :class:`edt_kernels.nn.RelativePositionBias`."""
-    warnings.warn("edt.models.common.RelativePositionBias is deprecated; use "
-                  "edt_kernels.nn.RelativePositionBias", DeprecationWarning, stacklevel=2)
-    return kernels_nn.RelativePositionBias(grid, num_heads, extra_rows, persistent_index)
-
-
-def RelPosAttention(dim: int, num_heads: int, grid: int, extra_rows: int = 0,
-                    persistent_index: bool = False, rel_pos_first: bool = False) -> AMMAttention:
-    """Deprecated: the models' attention, an :class:`edt_kernels.nn.AMMAttention`
-    with a qkv bias and AMM (when set) in eval mode only."""
-    warnings.warn("edt.models.common.RelPosAttention is deprecated; use edt_kernels.nn.AMMAttention",
-                  DeprecationWarning, stacklevel=2)
-    return _attention(dim, num_heads, grid, extra_rows, persistent_index, rel_pos_first, "auto")
-
+# proj.*, rel_pos_bias.relative_position_bias_table[, relative_position_index])
+# with a qkv bias and AMM (when set) in eval mode only.
 
 def _attention(dim: int, num_heads: int, grid: int, extra_rows: int, persistent_index: bool,
                rel_pos_first: bool, backend: str) -> AMMAttention:
@@ -385,3 +308,101 @@ def zero_module_(linear: nn.Linear) -> None:
     nn.init.zeros_(linear.weight)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
+
+
+def _check_backend(backend: Any) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str such as 'auto' or '{EAGER}', got {type(backend).__name__}")
+    return backend
+
+
+#################################################################################
+#                                   Model base                                  #
+#################################################################################
+
+class DiffusionTransformer(nn.Module):
+    """What EDT and MDTv2 share around their layouts.
+
+    - ``config``: the constructor arguments (``type(model)(**model.config)``
+      rebuilds the model); a subclass passes its ``locals()`` first thing in
+      its ``__init__``;
+    - ``backend``: setting it sets every submodule's ``backend`` (all ops of a
+      forward run on the same choice);
+    - AMM placement over the flat list :meth:`all_blocks` (``set_amm``,
+      ``amm_blocks``, ``default_amm_blocks``), AMM in eval mode only;
+    - classifier-free guidance on ``[cond, uncond]`` halves (``_guided``).
+    """
+
+    def __init__(self, arguments: Mapping[str, Any]):
+        super().__init__()
+        config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in arguments.items()
+                  if k not in ("self", "__class__")}
+        self._backend = _check_backend(config["backend"])
+        self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
+
+    # ----------------------------------------------------------------- backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = _check_backend(value)
+        for m in self.modules():
+            if m is not self and hasattr(m, "backend"):
+                m.backend = value
+
+    # --------------------------------------------------------------------- AMM
+
+    def all_blocks(self) -> List[AdaLNBlock]:
+        """The blocks an AMM placement indexes, in order (a training-only block is not among them)."""
+        raise NotImplementedError
+
+    def _check_blocks(self, blocks: Sequence[int]) -> Tuple[int, ...]:
+        blocks = tuple(sorted({int(b) for b in blocks}))
+        n = len(self.all_blocks())
+        bad = [b for b in blocks if not 0 <= b < n]
+        if bad:
+            raise ValueError(f"amm_blocks {bad} out of range: this model has blocks 0..{n - 1}")
+        return blocks
+
+    def set_amm(self, enabled: bool = True, blocks: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+        """Switch AMM (eval mode only) on at ``blocks`` (default: the model's
+        placement ``default_amm_blocks``) or off everywhere.  Returns the
+        previous placement, so that ``model.set_amm(True, prev)`` /
+        ``set_amm(False)`` restores it."""
+        previous = self.amm_blocks
+        active = self._check_blocks(self.default_amm_blocks if blocks is None else blocks) if enabled else ()
+        for i, blk in enumerate(self.all_blocks()):
+            blk.attn.amm = AMM() if i in active else None  # the published AMM of the block's grid
+            blk.attn.amm_eval_only = True
+        return previous
+
+    @property
+    def amm_blocks(self) -> Tuple[int, ...]:
+        """Blocks (indices into :meth:`all_blocks`) whose attention applies AMM in eval mode."""
+        return tuple(i for i, blk in enumerate(self.all_blocks()) if blk.attn.amm is not None)
+
+    # ----------------------------------------------------------------- forward
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.out_channels)
+
+    def _guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                scale: Union[float, torch.Tensor], cfg_channels: int) -> torch.Tensor:
+        """Classifier-free guidance on a batch made of [cond, uncond] halves:
+        the first half of ``x`` is run twice (labels ``y`` carry the null
+        class in the second half) and ``uncond + scale * (cond - uncond)`` is
+        applied to the first ``cfg_channels`` output channels; ``scale`` is a
+        number or a per-sample ``(B/2, 1, 1, 1)`` tensor."""
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(eps.dtype)
+        half_eps = uncond_eps + scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)

@@ -24,12 +24,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from edt_kernels import AMM, layernorm_modulate, masked_shortcut, patch_merge_modulate
+from edt_kernels import layernorm_modulate, masked_shortcut, patch_merge_modulate
 from edt_kernels.reference import reference_patch_merge
 
 from .common import (
+    CFG_CHANNELS,
     AdaLNBlock,
-    BackendMixin,
+    DiffusionTransformer,
     FinalLayer,
     LabelEmbedder,
     LN_EPS,
@@ -37,14 +38,12 @@ from .common import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     init_weights_dit,
-    resolve_backend,
     uniform,
-    unpatchify,
     zero_module_,
 )
 
 __all__ = ["EDT", "EDTBlock", "DownSample", "UpSample", "ConcatLayer", "EDT_models",
-           "AMM_BLOCKS", "AMM_BLOCKS_HIGH_CFG", "CFG_CHANNELS"]
+           "AMM_BLOCKS", "AMM_BLOCKS_HIGH_CFG"]
 
 # Published AMM placements (index into the flat list of blocks).
 AMM_BLOCKS: Dict[str, Tuple[int, ...]] = {"S": (7, 10), "B": (7, 10), "XL": (23, 25)}
@@ -57,8 +56,6 @@ DOWN_MASK_RATIOS: Tuple[Tuple[float, float], ...] = ((0.4, 0.5), (0.1, 0.2))
 # are replaced by the positional embedding.
 MID_MASK_BLOCK = 4
 MID_MASK_RATIO = (0.15, 0.25)
-# Classifier-free guidance is applied to the first 3 latent channels (DiT's choice, kept by EDT).
-CFG_CHANNELS = 3
 
 
 #################################################################################
@@ -156,7 +153,7 @@ class ConcatLayer(nn.Module):
 #                                   EDT model                                   #
 #################################################################################
 
-class EDT(BackendMixin, nn.Module):
+class EDT(DiffusionTransformer):
     """Efficient Diffusion Transformer.
 
     Args (published names): ``input_size`` latent side, ``patch_size``,
@@ -168,8 +165,11 @@ class EDT(BackendMixin, nn.Module):
     published AMM placement), ``local`` (AMM on at construction).
     Ours: ``amm_blocks`` (placement overriding the one of ``size``) and
     ``backend`` (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors'
-    code path; or any backend name the ops accept).  ``fused`` is the
-    deprecated boolean alias (True: ``"auto"``, False: ``"eager"``).
+    code path; or any backend name the ops accept).
+
+    The blocks are one flat list (AMM placements index it); ``stage_blocks[s]``
+    is the range of indices of stage ``s``: down stages ``0 .. mid_stage - 1``,
+    the middle stage ``mid_stage``, up stages after it.
     """
 
     def __init__(
@@ -191,13 +191,8 @@ class EDT(BackendMixin, nn.Module):
         local: bool = True,
         amm_blocks: Optional[Sequence[int]] = None,
         backend: str = "auto",
-        fused: Optional[bool] = None,
     ):
-        config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
-                  if k not in ("self", "__class__", "fused")}
-        backend = config["backend"] = resolve_backend(backend, fused, type(self).__name__)
-        super().__init__()
-        self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
+        super().__init__(locals())
         stages_depth, dims, num_heads = list(stages_depth), list(dims), list(num_heads)
         S = len(stages_depth)
         if S % 2 == 0 or len(dims) != S or len(num_heads) != S:
@@ -231,7 +226,6 @@ class EDT(BackendMixin, nn.Module):
         self.num_stages = S
         self.mid_mask = bool(mid_mask)
         self.size = size
-        self._backend = backend
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -243,6 +237,7 @@ class EDT(BackendMixin, nn.Module):
         self.down_blocks = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         self.stage_grids: List[int] = []
+        self.stage_blocks: List[range] = []
         n = grid
         for s in range(S):
             if s > self.mid_stage:
@@ -250,6 +245,7 @@ class EDT(BackendMixin, nn.Module):
                 n *= 2
                 self.concat_blocks.append(ConcatLayer(dims[s], cond_dim=hidden_size, grid=n, backend=backend))
             self.stage_grids.append(n)
+            self.stage_blocks.append(range(len(self.blocks), len(self.blocks) + stages_depth[s]))
             for _ in range(stages_depth[s]):
                 self.blocks.append(EDTBlock(dims[s], num_heads[s], n, cond_dim=hidden_size, mlp_ratio=mlp_ratio,
                                             backend=backend))
@@ -282,33 +278,11 @@ class EDT(BackendMixin, nn.Module):
         zero_module_(self.final_layer.adaLN_modulation[-1])
         zero_module_(self.final_layer.linear)
 
-    def _check_blocks(self, blocks: Sequence[int]) -> Tuple[int, ...]:
-        blocks = tuple(sorted({int(b) for b in blocks}))
-        bad = [b for b in blocks if not 0 <= b < len(self.blocks)]
-        if bad:
-            raise ValueError(f"amm_blocks {bad} out of range: this model has blocks 0..{len(self.blocks) - 1}")
-        return blocks
-
-    def set_amm(self, enabled: bool = True, blocks: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
-        """Switch AMM on (at ``blocks``, default: the model's placement) or
-        off everywhere.  Returns the previous placement, so that
-        ``model.set_amm(True, prev)`` / ``set_amm(False)`` restores it."""
-        previous = self.amm_blocks if hasattr(self, "blocks") else ()
-        active = self._check_blocks(self.default_amm_blocks if blocks is None else blocks) if enabled else ()
-        for i, blk in enumerate(self.blocks):
-            blk.attn.amm = AMM() if i in active else None  # the published AMM of the block's grid
-            blk.attn.amm_eval_only = True  # EDT: AMM at inference only
-        return previous
-
-    @property
-    def amm_blocks(self) -> Tuple[int, ...]:
-        """Blocks whose attention applies AMM (in eval mode)."""
-        return tuple(i for i, blk in enumerate(self.blocks) if blk.attn.amm is not None)
+    def all_blocks(self) -> List[EDTBlock]:
+        """Every block, stage by stage: the flat list AMM placements index."""
+        return list(self.blocks)
 
     # ----------------------------------------------------------------- forward
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, self.out_channels)
 
     @staticmethod
     def _keep_mask(shape, ratio_range, generator, device) -> torch.Tensor:
@@ -326,42 +300,39 @@ class EDT(BackendMixin, nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
         skips: List[torch.Tensor] = []
-        depth = 0
-        for s in range(self.num_stages):
-            if s < self.mid_stage:
-                skips.append(x)
-            if s > self.mid_stage:  # an up-sampling module
-                k = s - self.mid_stage - 1
-                x = self.concat_blocks[k](self.up_blocks[k](x), skips.pop(), c)
-            for j in range(self.stages_depth[s]):  # an EDT stage
-                if enable_mask and self.mid_mask and s == 0 and j == MID_MASK_BLOCK:
-                    keep = self._keep_mask(x.shape[:-1], MID_MASK_RATIO, generator, x.device)  # (B, N)
-                    x = masked_shortcut(x, self.pos_embed, keep, backend=self.backend)  # dropped -> pos_embed
-                x = self.blocks[depth](x, c)  # (B, N_s, D_s)
-                depth += 1
-            if s < self.mid_stage:  # a down-sampling module
-                keep = None
-                if enable_mask:
-                    ratio = DOWN_MASK_RATIOS[min(s, len(DOWN_MASK_RATIOS) - 1)]
-                    keep = self._keep_mask(x.shape[:-1], ratio, generator, x.device)  # (B, N_s)
-                x = self.down_blocks[s](x, c, keep=keep)  # (B, N_s / 4, D_s+1)
+        for s, down in enumerate(self.down_blocks):  # down stages: blocks, then a patch merge
+            skips.append(x)
+            x = self._stage(s, x, c, enable_mask, generator)  # (B, N_s, D_s)
+            keep = None
+            if enable_mask:
+                ratio = DOWN_MASK_RATIOS[min(s, len(DOWN_MASK_RATIOS) - 1)]
+                keep = self._keep_mask(x.shape[:-1], ratio, generator, x.device)  # (B, N_s)
+            x = down(x, c, keep=keep)  # (B, N_s / 4, D_s+1)
+        x = self._stage(self.mid_stage, x, c, enable_mask, generator)  # middle stage
+        for k, (up, concat) in enumerate(zip(self.up_blocks, self.concat_blocks)):  # up stages
+            x = concat(up(x), skips.pop(), c)  # (B, 4 N_s, D_s+1)
+            x = self._stage(self.mid_stage + 1 + k, x, c, enable_mask, generator)
         x = self.final_layer(x, c)  # (B, N, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 
+    def _stage(self, s: int, x: torch.Tensor, c: torch.Tensor, enable_mask: bool,
+               generator: Optional[torch.Generator]) -> torch.Tensor:
+        """The blocks of stage ``s``; with ``enable_mask`` on an EDT-XL layout,
+        stage 0 replaces masked tokens by the positional embedding before its
+        block ``MID_MASK_BLOCK``."""
+        first = self.stage_blocks[s].start
+        for i in self.stage_blocks[s]:
+            if enable_mask and self.mid_mask and s == 0 and i - first == MID_MASK_BLOCK:
+                keep = self._keep_mask(x.shape[:-1], MID_MASK_RATIO, generator, x.device)  # (B, N)
+                x = masked_shortcut(x, self.pos_embed, keep, backend=self.backend)  # dropped -> pos_embed
+            x = self.blocks[i](x, c)  # (B, N_s, D_s)
+        return x
+
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          cfg_channels: int = CFG_CHANNELS) -> torch.Tensor:
-        """Classifier-free guidance on a batch made of [cond, uncond] halves:
-        the first half of ``x`` is run twice (labels ``y`` carry the null
-        class in the second half) and ``uncond + s * (cond - uncond)`` is
-        applied to the first ``cfg_channels`` output channels."""
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
-        eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        """Classifier-free guidance with a constant scale ``cfg_scale`` on
+        [cond, uncond] halves (see ``DiffusionTransformer._guided``)."""
+        return self._guided(x, t, y, cfg_scale, cfg_channels)
 
     def get_flops(self) -> int:
         """The authors' operation count (multiply-accumulates of the matmuls

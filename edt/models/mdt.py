@@ -25,34 +25,31 @@ published checkpoints.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from edt_kernels import AMM, masked_shortcut, random_masking, unshuffle_with_mask_token
+from edt_kernels import masked_shortcut, random_masking, unshuffle_with_mask_token
 
 from .common import (
+    CFG_CHANNELS,
     AdaLNBlock,
-    BackendMixin,
+    DiffusionTransformer,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     init_weights_dit,
-    resolve_backend,
     uniform,
-    unpatchify,
     zero_module_,
 )
 
-__all__ = ["MDTv2", "MDTBlock", "MDTv2_models", "MASK_RATIO_SPREAD", "CFG_CHANNELS"]
+__all__ = ["MDTv2", "MDTBlock", "MDTv2_models", "MASK_RATIO_SPREAD"]
 
 # r = mask_ratio + MASK_RATIO_SPREAD * U(0, 1)
 MASK_RATIO_SPREAD = 0.2
-# Guidance is applied to the first 3 output channels, as in DiT.
-CFG_CHANNELS = 3
 # Number of rows of the BEiT bias table beyond the (2n-1)^2 offsets (cls-token rows, unused).
 TABLE_EXTRA_ROWS = 3
 
@@ -72,7 +69,7 @@ class MDTBlock(AdaLNBlock):
 #                                  MDTv2 model                                  #
 #################################################################################
 
-class MDTv2(BackendMixin, nn.Module):
+class MDTv2(DiffusionTransformer):
     """Masked Diffusion Transformer v2.
 
     Args (published names): ``input_size``, ``patch_size``, ``in_channels``,
@@ -85,8 +82,7 @@ class MDTv2(BackendMixin, nn.Module):
     ablation; default none), ``sort_kept`` (masked training: the kept
     tokens in ascending grid order, see the module docstring; False: in the
     order of the random draw, as the authors' code) and ``backend``
-    (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors' code path).  ``fused`` is the
-    deprecated boolean alias (True: ``"auto"``, False: ``"eager"``).
+    (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors' code path).
     """
 
     def __init__(
@@ -106,13 +102,8 @@ class MDTv2(BackendMixin, nn.Module):
         amm_blocks: Sequence[int] = (),
         sort_kept: bool = True,
         backend: str = "auto",
-        fused: Optional[bool] = None,
     ):
-        config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
-                  if k not in ("self", "__class__", "fused")}
-        backend = config["backend"] = resolve_backend(backend, fused, type(self).__name__)
-        super().__init__()
-        self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
+        super().__init__(locals())
         decode_layer = int(decode_layer)
         if not 0 <= decode_layer <= depth:
             raise ValueError(f"decode_layer must be in [0, depth={depth}], got {decode_layer}")
@@ -132,7 +123,6 @@ class MDTv2(BackendMixin, nn.Module):
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
         self.decode_layer = decode_layer
         self.sort_kept = sort_kept
-        self._backend = backend
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -179,33 +169,7 @@ class MDTv2(BackendMixin, nn.Module):
         AMM placement indexes (the side block is training-only)."""
         return list(self.en_inblocks) + list(self.en_outblocks) + list(self.de_blocks)
 
-    def _check_blocks(self, blocks: Sequence[int]) -> Tuple[int, ...]:
-        blocks = tuple(sorted({int(b) for b in blocks}))
-        n = len(self.all_blocks())
-        bad = [b for b in blocks if not 0 <= b < n]
-        if bad:
-            raise ValueError(f"amm_blocks {bad} out of range: this model has blocks 0..{n - 1}")
-        return blocks
-
-    def set_amm(self, enabled: bool = True, blocks: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
-        """Switch AMM (eval mode only) on at ``blocks`` (default: the
-        constructor's ``amm_blocks``) or off.  Returns the previous placement."""
-        previous = self.amm_blocks if hasattr(self, "de_blocks") else ()
-        active = self._check_blocks(self.default_amm_blocks if blocks is None else blocks) if enabled else ()
-        for i, blk in enumerate(self.all_blocks()):
-            blk.attn.amm = AMM() if i in active else None  # the published AMM of the grid
-            blk.attn.amm_eval_only = True
-        return previous
-
-    @property
-    def amm_blocks(self) -> Tuple[int, ...]:
-        """Blocks (indices into :meth:`all_blocks`) whose attention applies AMM in eval mode."""
-        return tuple(i for i, blk in enumerate(self.all_blocks()) if blk.attn.amm is not None)
-
     # ----------------------------------------------------------------- forward
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, self.out_channels)
 
     def forward_side_interpolater(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor,
                                   ids_restore: torch.Tensor) -> torch.Tensor:
@@ -267,16 +231,9 @@ class MDTv2(BackendMixin, nn.Module):
         ``cfg_scale`` it is the plain forward."""
         if cfg_scale is None:
             return self.forward(x, t, y)
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
-        eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         scale_step = (1 - torch.cos(((1 - t / diffusion_steps) ** scale_pow) * math.pi)) / 2
         real_cfg_scale = ((cfg_scale - 1) * scale_step + 1)[: len(x) // 2].view(-1, 1, 1, 1)
-        half_eps = uncond_eps + real_cfg_scale.to(eps.dtype) * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        return self._guided(x, t, y, real_cfg_scale, cfg_channels)
 
     def get_flops(self, include_skip: bool = True) -> int:
         """Operation count in the EDT authors' convention (matmul MACs at batch 1,
