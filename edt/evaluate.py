@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cli import ArgumentParser
 from .utils import progress_bar
 
 __all__ = [
@@ -452,16 +453,8 @@ def evaluate_files(ref_path: str, sample_path: str, network: Callable[[torch.Ten
 # Command line
 # ---------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """Command-line mistakes: one line ``error: ...`` on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m edt.evaluate", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser("python -m edt.evaluate", __doc__)
     p.add_argument("ref_batch", help="reference .npz (arr_0 uint8 [N, H, W, 3]), e.g. ADM's "
                    "VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("sample_batch", help="samples .npz in the same format (edt.sample writes it)")

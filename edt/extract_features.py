@@ -36,11 +36,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data import VAE_SCALE_FACTOR
+from .distributed import process_group
+from .cli import ArgumentParser
 from .utils import progress_bar
 
 __all__ = ["main", "parse_args", "ImageFolderPIL", "center_crop_arr", "IMG_EXTENSIONS"]
@@ -111,16 +112,8 @@ class ImageFolderPIL(Dataset):
         return x, label, index
 
 
-class _Parser(argparse.ArgumentParser):
-    """Command-line mistakes: one line ``error: ...`` on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m edt.extract_features", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser("python -m edt.extract_features", __doc__)
     p.add_argument("--data-path", required=True, help="ImageFolder root: DATA/<class>/<image>")
     p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
     p.add_argument("--features-path", required=True, help="output folder")
@@ -168,24 +161,8 @@ def load_vae(path: str, device: torch.device):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Extract; returns ``{"written", "skipped", "total", "features_dir", "labels_dir"}`` (this rank's counts)."""
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked but no CUDA device is available")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
-    try:
-        return _extract(args, rank, world, device)
-    finally:
-        if distributed and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    with process_group(args.device, barrier_on_exit=True) as d:
+        return _extract(args, d.rank, d.world, d.device)
 
 
 def _extract(args, rank: int, world: int, device: torch.device) -> dict:

@@ -45,10 +45,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .cli import ArgumentParser
 from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
+from .distributed import mix_seed, process_group
 from .models import load_state_dict_strict
-from .train import _HelpFormatter, _seed, setup_distributed
 from .utils import build_model, latents_to_uint8, load_checkpoint_file, make_grid, pixels_to_uint8, \
     progress_bar, write_png
 
@@ -59,8 +60,7 @@ DEFAULT_MODEL = "EDT-S/2"
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m edt.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+    p = ArgumentParser("python -m edt.sample", __doc__)
     p.add_argument("--model", default=None, help=f"model name (default: the checkpoint's, else {DEFAULT_MODEL})")
     p.add_argument("--model-kwargs", default=None, help="JSON constructor overrides (default: the checkpoint's)")
     p.add_argument("--ckpt", default=None, help="edt.train checkpoint, or a published state dict (.pt); "
@@ -160,7 +160,7 @@ def sample_chunk(model, diffusion, decode, args, y: torch.Tensor, chunk: int, in
     """Images uint8 [b, H, W, 3] of one chunk of samples: its noise and the sampler's draws come
     from a generator seeded by (seed, chunk), so a chunk's images do not depend on which process
     makes it or on what was made before."""
-    gen = torch.Generator(device=device).manual_seed(_seed(args.seed, 7, chunk))
+    gen = torch.Generator(device=device).manual_seed(mix_seed(args.seed, 7, chunk))
     y = y.to(device)
     b = len(y)
     z = torch.randn((b, in_channels, latent, latent), generator=gen, device=device)
@@ -245,12 +245,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     """Sample; returns ``{"png", "npz", "images" (uint8 [N,H,W,3]), "labels", "made", "resumed"}`` on
     rank 0 (``made``/``resumed``: this rank's chunks generated now / found done)."""
     args = parse_args(argv)
-    d = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as d:
         return sample(args, d)
-    finally:
-        if d.distributed and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def sample(args, d) -> Dict:

@@ -70,8 +70,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
+from .cli import ArgumentParser
 from .data import LatentFolder, SyntheticLatents
 from .diffusion import create_diffusion, create_named_schedule_sampler
+from .distributed import Dist, mix_seed, process_group
 from .models import load_state_dict_strict
 from .utils import adan_class, build_model, load_checkpoint_file, model_family, progress_bar
 
@@ -102,18 +104,10 @@ EDT_XL_LR = 5e-4
 
 #: ``--preset cpu-demo``: a tiny EDT (the EDT-S/2 stage layout at widths 32-64) on 64px
 #: synthetic data, ~200 steps: about a minute on 2 CPU cores.
-def _plain_pytorch_kwargs() -> Dict[str, Any]:
-    """Constructor kwargs for the models' plain-PyTorch path (on a CPU the kernels would run in
-    Triton's interpreter): ``backend="eager"``, or ``fused=False`` for models without ``backend``."""
-    from .models.edt import EDT
-
-    return {"backend": "eager"} if "backend" in inspect.signature(EDT.__init__).parameters else {"fused": False}
-
-
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu-demo": {"model": "EDT-S/2",
                  "model_kwargs": {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2],
-                                  "hidden_size": 32, **_plain_pytorch_kwargs()},
+                                  "hidden_size": 32, "backend": "eager"},
                  "image_size": 64, "num_classes": 10, "synthetic": True, "synthetic_size": 1024,
                  "global_batch_size": 16, "max_steps": 200, "log_every": 20, "ckpt_every": 200,
                  "results_dir": "results/cpu-demo", "device": "cpu", "threads": 1},
@@ -127,12 +121,6 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32)
-               .astype(np.uint64).dot(np.array([1, 1 << 32], dtype=np.uint64)) & np.uint64((1 << 63) - 1))
-
 
 class ShardedSampler(Sampler):
     """Shuffled indices of one rank: the epoch's permutation (seeded by seed + epoch),
@@ -268,15 +256,6 @@ def lr_at(args: argparse.Namespace, k: int) -> float:
 # Command line
 # ---------------------------------------------------------------------------
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` except where the default is None (its help text says what happens)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def _recipe_help(key: str) -> str:
     edt, mdt = RECIPES["edt"][key], RECIPES["mdt"][key]
     extra = f" ({EDT_XL_LR:g} for EDT-XL)" if key == "lr" else ""
@@ -284,8 +263,7 @@ def _recipe_help(key: str) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edt.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+    p = ArgumentParser("python -m edt.train", __doc__)
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="a complete small run; explicit flags override its values. cpu-demo: "
                         "a tiny EDT on 64px synthetic latents, 200 steps, about a minute on 2 cores")
@@ -394,33 +372,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------
 # Set-up
 # ---------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    distributed: bool
-    rank: int
-    world: int
-    device: torch.device
-
-
-def setup_distributed(device_arg: str) -> Dist:
-    """Device and process group from torchrun's environment (gloo on CPU, NCCL on CUDA)."""
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
-    return Dist(distributed, rank, world, device)
-
 
 def _all_gather_objects(obj, d: Dist) -> list:
     if not d.distributed:
@@ -533,7 +484,7 @@ def _restore(run: Run, ckpt: dict) -> None:
     if ckpt.get("world_size") == run.d.world and len(states) == run.d.world:
         _set_rng_state(states[run.d.rank], run.d.device)
     else:
-        _seed_globals(_seed(args.seed, 2, run.d.rank, run.step))
+        _seed_globals(mix_seed(args.seed, 2, run.d.rank, run.step))
         print(f"note: checkpoint written with world size {ckpt.get('world_size')}, now {run.d.world}: "
               f"global RNG states re-seeded", file=sys.stderr)
 
@@ -587,7 +538,7 @@ def setup(args: argparse.Namespace, d: Dist) -> Run:
               steps_per_epoch=steps_per_epoch, local_batch=local_batch, max_steps=max_steps, amp=amp,
               results=Path(args.results_dir))
     # rank-specific global RNG (anything drawing outside our generators), restored on resume
-    _seed_globals(_seed(args.seed, 1, d.rank))
+    _seed_globals(mix_seed(args.seed, 1, d.rank))
     if ckpt is not None:
         _restore(run, ckpt)
     else:
@@ -651,7 +602,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One optimisation step on this rank's batch; returns its float32 [3] losses (detached)."""
     args, d, step = run.args, run.d, run.step
     gen_device = d.device if d.device.type == "cuda" else torch.device("cpu")
-    g = torch.Generator(device=gen_device).manual_seed(_seed(args.seed, 3, step))
+    g = torch.Generator(device=gen_device).manual_seed(mix_seed(args.seed, 3, step))
     t_all, w_all = draw_timesteps(run, args.global_batch_size, g)
     shape = (args.global_batch_size, *x.shape[1:])
     noise_all = torch.randn(shape, generator=g, device=gen_device)
@@ -661,7 +612,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     weights = w_all[rows].to(d.device) if w_all is not None else None
     noise = noise_all[rows].to(d.device)
     noise2 = noise2_all[rows].to(d.device) if noise2_all is not None else None
-    model_gen = torch.Generator(device=gen_device).manual_seed(_seed(args.seed, 4, step, d.rank))
+    model_gen = torch.Generator(device=gen_device).manual_seed(mix_seed(args.seed, 4, step, d.rank))
     with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=run.amp):
         losses, per_sample = run.ddp(x, y, t, noise, noise2, model_gen, weights=weights, per_sample=True)
     if hasattr(run.schedule_sampler, "update_with_local_losses"):
@@ -862,12 +813,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     """Run training; returns ``{"step", "history", "checkpoint", "results_dir", "interrupted"}``
     (rank 0's view). Bad input raises ``ValueError``; a non-finite loss ``TrainingDiverged``."""
     args = parse_args(argv)
-    d = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as d:
         return train(args, d)
-    finally:
-        if d.distributed and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def console_main(argv: Optional[List[str]] = None) -> int:

@@ -150,13 +150,6 @@ def latents_to_uint8(z) -> np.ndarray:
 # Models and checkpoints
 # ---------------------------------------------------------------------------
 
-def model_registry() -> dict:
-    """Every published model name -> factory (EDT and MDTv2)."""
-    from .models import EDT_models, MDTv2_models
-
-    return {**EDT_models, **MDTv2_models}
-
-
 def model_family(name: str) -> str:
     """"edt", "mdt" or "other" (a custom ``module:factory`` model)."""
     if name.startswith("EDT"):
@@ -180,11 +173,12 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
         except (ImportError, AttributeError) as e:
             raise ValueError(f"cannot load model factory {name!r}: {e}") from None
     else:
-        registry = model_registry()
-        if name not in registry:
-            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(registry))} "
+        from .models import all_models
+
+        if name not in all_models:
+            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(all_models))} "
                              f"(or 'package.module:factory')")
-        factory = registry[name]
+        factory = all_models[name]
     return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
 
 

@@ -292,8 +292,6 @@ def test_create_named_schedule_sampler():
         create_named_schedule_sampler("lsm", d)
     with pytest.raises(TypeError, match="num_timesteps"):
         UniformSampler("1000")
-    from edt.diffusion import resample  # ADM's module name keeps working
-    assert resample.LossSecondMomentResampler is LossSecondMomentResampler
 
 
 def test_loss_second_moment_weights_equal_reference_after_same_history():

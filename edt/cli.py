@@ -1,0 +1,30 @@
+"""The command-line parser of ``python -m edt.train``, ``edt.sample``, ``edt.evaluate`` and
+``edt.extract_features``: a mistake is one line ``error: ...`` on stderr and exit status 2, and
+``--help`` shows each default except where it is None or a switch (the help text says what
+happens then)."""
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["ArgumentParser", "HelpFormatter"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` except where the default is None or a bool."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``ArgumentParser(prog, module_doc)``: the description is the first paragraph of
+    ``module_doc``; command-line mistakes end in one line ``error: ...``, exit status 2."""
+
+    def __init__(self, prog: str, module_doc: str, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(prog=prog, description=module_doc.split("\n\n")[0], **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
