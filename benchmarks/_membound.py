@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks import _utils as U
+from benchmarks import harness as U
 
 IMPLS = ("edt_kernels", "eager", "compiled")
 MODES = ("fwd", "fwd+bwd")

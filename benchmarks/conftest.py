@@ -7,7 +7,7 @@
   merged by section with what is already there), the tables are printed, and
   the models chart is drawn when matplotlib is installed.  ``--update-results``
   (or ``EDT_BENCH_UPDATE=1``) writes the committed ``benchmarks/results/`` instead.
-* A run on a busy machine (see ``_utils.busy_reasons``) is marked
+* A run on a busy machine (see ``benchmarks.harness.busy_reasons``) is marked
   "busy machine: ratios unreliable" in every table it writes and prints.
 
 Unlike ``tests/conftest.py`` this does not set ``TRITON_INTERPRET``: timing
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from benchmarks import _utils as U
+from benchmarks import harness as U
 
 _WRITTEN = []
 
@@ -31,6 +31,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("update_results", default=False):
         os.environ[U.UPDATE_ENV] = "1"
+    U.start_run()
 
 
 def pytest_report_header(config):

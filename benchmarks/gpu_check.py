@@ -22,7 +22,7 @@ recorded with its error text, never turned into a number):
 * token / adaLN bandwidth at C=1152 and C=936 vs a device copy;
 * EDT-XL/2 vs MDTv2-XL/2: one training step and one CFG step at batch 32.
 
-Each timing sits beside its static estimate from ``benchmarks/sm90_profile.py``
+Each timing sits beside its static estimate from ``benchmarks/profiling/sm90_profile.py``
 (``benchmarks/results/sm90-static/sm90_profile.json``) where one applies.
 Timing: CUDA events around each call after warm-up calls, median of the
 repeats.  ``--dry-run`` runs the same code on the CPU with tiny shapes under
@@ -315,8 +315,8 @@ def _static_locality(dry: bool):
     try:
         loc = json.loads(PROFILE.read_text())["gather_locality"]
     except (OSError, ValueError, KeyError, TypeError):
-        from benchmarks import _gather_locality
-        loc = _gather_locality.locality(batch=2 if dry else 8)
+        from benchmarks.profiling import gather_locality
+        loc = gather_locality.locality(batch=2 if dry else 8)
     return {name: dict(table_lines_per_warp_load=v["table_lines_per_warp_load"],
                        table_lines_per_tile=v["table_lines_per_tile"], layout=loc["layout_source"],
                        shape=f"{loc['grid']} grid, {loc['kept']} of {loc['of']} kept", label=loc["label"])

@@ -61,7 +61,7 @@ def plot(json_path, out_path=None) -> Tuple[Optional[pathlib.Path], str]:
 def main(argv=None) -> int:
     import argparse
 
-    from benchmarks import _utils as U
+    from benchmarks import harness as U
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", nargs="?", default=str(U.default_results_dir() / f"{U.device_slug()}.json"))

@@ -21,7 +21,7 @@ import edt_kernels
 from edt_kernels.reference.adaln import reference_gated_residual, reference_layernorm_modulate
 
 from benchmarks import _membound as MB
-from benchmarks import _utils as U
+from benchmarks import harness as U
 
 SECTION = "adaln"
 TITLE = "adaLN kernels vs eager and torch.compile"
@@ -90,7 +90,7 @@ def test_adaln(benchmark, spec, mode, impl):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = MB.add_cli(U.base_parser("adaLN kernel benchmarks"))
-    args = p.parse_args(argv)
+    args = U.parse_main_args(p, argv)
     _section()
     errors = MB.main_loop(SPECS, SECTION, args)
     return U.finish_main(args, [SECTION], errors)

@@ -54,7 +54,7 @@ import edt_kernels
 from edt_kernels.amm import amm_offset_table
 from edt_kernels.reference.attention import eager_rel_pos_bias
 
-from benchmarks import _utils as U
+from benchmarks import harness as U
 
 SECTION = "attention"
 IMPLS = ("edt_kernels", "eager", "sdpa_mask", "flex", "sdpa_nobias")
@@ -502,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     p.add_argument("--no-compile", action="store_true", help="run flex uncompiled (eager)")
-    args = p.parse_args(argv)
+    args = U.parse_main_args(p, argv)
     names = args.cases or [c.name for c in CASES]
     errors = []
     for name in names:

@@ -38,7 +38,7 @@ import torch
 import edt_kernels
 from edt_kernels.amm import relative_position_index
 
-from benchmarks import _utils as U
+from benchmarks import harness as U
 from benchmarks.test_bench_attention import AttnCase, Impl, NotApplicable, check_error, make_problem, _call
 
 SECTION = "cpu_attention"
@@ -157,7 +157,7 @@ def summarize(sec: U.Section) -> List[Dict]:
 def _section():
     if SECTION in U.RESULTS:
         return U.RESULTS[SECTION]
-    load = U._load_average()
+    load = U.load_average()
     notes = [f"{U.device_name(torch.device('cpu'))}, float32, CPU tensors even on a GPU machine, "
              f"{torch.get_num_threads()} threads",
              f"load average at the start: {load or 'n/a'} (other work on the machine makes the timings noisy)",
@@ -304,9 +304,9 @@ def test_cpu_attention(benchmark, case, mode, impl):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = U.base_parser("C++ CPU attention vs SDPA with a float mask, the reference and auto")
     p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
-    args = p.parse_args(argv)
+    args = U.parse_main_args(p, argv)
     errors = []
-    print(f"threads {torch.get_num_threads()}, load average {U._load_average()}, "
+    print(f"threads {torch.get_num_threads()}, load average {U.load_average()}, "
           f"sgemm {sgemm_gflops():.1f} GFLOP/s", flush=True)
     repeats = 15 if args.repeats is None else args.repeats
     for case in CASES:

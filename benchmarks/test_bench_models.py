@@ -63,7 +63,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from benchmarks import _utils as U
+from benchmarks import harness as U
 
 SECTION = "models"
 PAPER = {"train": {"S": 3.93, "B": 2.84, "XL": 1.92}, "infer": {"S": 2.29, "B": 2.29, "XL": 2.22}}
@@ -489,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--compile", action="store_true", help="add torch.compile'd kernels columns")
     p.add_argument("--batch", type=int, default=None, help="override the batch of every metric")
     p.add_argument("--sample-steps", type=int, default=None, help=f"sampling steps (default {SAMPLE_STEPS})")
-    args = p.parse_args(argv)
+    args = U.parse_main_args(p, argv)
     errors = []
     for size in args.sizes:
         for col in columns(args.compile or COMPILE):

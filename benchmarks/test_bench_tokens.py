@@ -13,7 +13,7 @@ and small shapes on the CPU (B=8, C=384/312):
 * ``masked_shortcut(x, x_before, mask)`` (mask in x's dtype),
 * ``patch_merge_modulate(x, shift, scale, keep_mask, grid=16)``.
 
-Method and columns: see ``benchmarks/_membound.py`` and ``benchmarks/_utils.py``.
+Method and columns: see ``benchmarks/_membound.py`` and ``benchmarks/harness/``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from edt_kernels.reference.tokens import (
 )
 
 from benchmarks import _membound as MB
-from benchmarks import _utils as U
+from benchmarks import harness as U
 
 SECTION = "tokens"
 TITLE = "Token kernels (masked training) vs eager and torch.compile"
@@ -137,7 +137,7 @@ def test_tokens(benchmark, spec, mode, impl):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = MB.add_cli(U.base_parser("token kernel benchmarks"))
-    args = p.parse_args(argv)
+    args = U.parse_main_args(p, argv)
     _section()
     errors = MB.main_loop(SPECS, SECTION, args)
     return U.finish_main(args, [SECTION], errors)

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository roo
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import _membound as MB  # noqa: E402
-from benchmarks import _utils as U  # noqa: E402
+from benchmarks import harness as U  # noqa: E402
 from benchmarks import plot_results  # noqa: E402
 from benchmarks import test_bench_adaln as BA  # noqa: E402
 from benchmarks import test_bench_attention as BATT  # noqa: E402
@@ -60,14 +60,14 @@ def test_timing_and_rates():
 
 def test_peak_memory_sees_torch_allocations():
     peak = U.peak_memory(lambda: torch.ones(8 << 20), (), CPU)  # 32 MiB, touched
-    if U.CPU_PEAK_METHOD is None:
+    if U.cpu_peak_method() is None:
         assert peak is None
     else:
         assert peak >= 24 << 20
 
 
 def test_results_merge_by_section(tmp_path, monkeypatch):
-    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    monkeypatch.setattr(U.rates, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
     cols = [("a", "A"), ("b", "B")]
     s1 = U.Section("one", "Section one", cols, ["note one"], rows=[{"a": 1, "b": 2.5}])
     s2 = U.Section("two", "Section two", cols, rows=[{"a": "x", "b": None}])
@@ -103,9 +103,9 @@ def test_results_go_to_the_untracked_folder_unless_an_update_is_asked(tmp_path, 
         U.default_results_dir()
     # write_results() and main() without --out-dir: the default folder (redirected to tmp here)
     monkeypatch.delenv(U.UPDATE_ENV)
-    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
-    monkeypatch.setattr(U, "LOCAL_RESULTS_DIR", tmp_path / "local")
-    monkeypatch.setattr(U, "RESULTS_DIR", tmp_path / "committed")
+    monkeypatch.setattr(U.rates, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    monkeypatch.setattr(U.results, "LOCAL_RESULTS_DIR", tmp_path / "local")
+    monkeypatch.setattr(U.results, "RESULTS_DIR", tmp_path / "committed")
     sec = U.Section("one", "Section one", [("a", "A")], rows=[{"a": 1}])
     j, _ = U.write_results([sec])
     assert j.parent == tmp_path / "local"
@@ -136,9 +136,9 @@ def test_busy_reasons():
 
 @pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
 def test_busy_run_is_marked_in_every_table(tmp_path, monkeypatch, busy):
-    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    monkeypatch.setattr(U.rates, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
     share = 0.6 if busy else 0.0
-    monkeypatch.setattr(U, "machine_load_since", lambda start, now=None: {
+    monkeypatch.setattr(U.machine, "machine_load_since", lambda start, now=None: {
         "others_share": share, "steal_share": 0.0, "load1_at_start": 0.0, "cores": 2})
     tables = [{"title": f"ratios {i}", "kind": "ratios", "notes": ["n"], "columns": [["x", "X"]],
                "rows": [{"x": 1.0, "size": "S", "metric": "train", "paper": 3.9, "eager": 1, "kernels": 2}]}
@@ -179,7 +179,7 @@ def test_attention_peers_agree(case, monkeypatch):
             row = BATT.run_one(case, impl, mode, **kw)
             assert row["rel_err"] < 1e-5, (case.name, mode, impl, row)
             assert row["ms"] > 0 and row["tflops"] > 0 and math.isfinite(row["tflops"])
-            if U.CPU_PEAK_METHOD is not None:
+            if U.cpu_peak_method() is not None:
                 assert row["mem_mib"] is not None
 
 
@@ -221,8 +221,8 @@ def test_attention_summary_and_targets():
 def test_attention_main_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
     monkeypatch.setattr(BATT, "CASE_BY_NAME", {c.name: c for c in TINY_ATTN})
-    monkeypatch.setattr(U, "RESULTS", {})
-    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    monkeypatch.setattr(U.results, "RESULTS", {})
+    monkeypatch.setattr(U.rates, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
     rc = BATT.main(["--cases", "t-table", "--impls", "edt_kernels", "eager", "--modes", "fwd",
                     "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)])
     assert rc == 0
@@ -306,7 +306,7 @@ def test_models_bench_runs_and_summarizes(monkeypatch):
 
 
 def test_models_chart(tmp_path, monkeypatch):
-    monkeypatch.setattr(U, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
+    monkeypatch.setattr(U.rates, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
     table = {"title": "r", "kind": "ratios", "columns": [], "rows": [
         {"size": "S", "metric": "train", "paper": 3.93, "eager": 1.5, "kernels": 1.7}]}
     sec = U.Section("models", "Models", [("size", "size")], rows=[{"size": "S"}],

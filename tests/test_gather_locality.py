@@ -1,4 +1,4 @@
-"""benchmarks/_gather_locality.py: the host-side count of the table lines the
+"""benchmarks/profiling/gather_locality.py: the host-side count of the table lines the
 attention kernels' gathers touch (the static estimate in the sm_90 profile)."""
 import pathlib
 import sys
@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import _gather_locality as G  # noqa: E402
+from benchmarks.profiling import gather_locality as G  # noqa: E402
 
 TTGIR = """#blocked = #ttg.blocked<{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [4], order = [0]}>
 #blocked1 = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [4, 8], warpsPerCTA = [4, 1], order = [1, 0]}>

@@ -1,4 +1,4 @@
-"""CI checks on the static sm_90 profile (benchmarks/sm90_profile.py, reduced matrix).
+"""CI checks on the static sm_90 profile (benchmarks/profiling/sm90_profile.py, reduced matrix).
 
 The attention kernels are compiled for sm_90 through their real launchers on
 the CPU (no GPU needed) and their SASS is read with the cuobjdump/nvdisasm
@@ -25,7 +25,7 @@ def profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.sm90_profile", "--out", str(out), "--reduced",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profiling.sm90_profile", "--out", str(out), "--reduced",
                            "--attention-only"], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=3000)
     if proc.returncode == 2 and "ships no nvdisasm" in proc.stderr:

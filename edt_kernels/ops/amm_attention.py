@@ -67,7 +67,7 @@ def _interpreting() -> bool:
 
 def _fwd_configs():
     # Forward tiles for Hopper/Ampere, each free of register spills at D <= 128
-    # in the sm_90 profile (benchmarks/sm90_profile.py); the backward kernels use
+    # in the sm_90 profile (benchmarks/profiling/sm90_profile.py); the backward kernels use
     # fixed tiles (their atomics make autotuning re-runs unsafe without resets).
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)]]
@@ -139,7 +139,7 @@ def _alignment(*ts: torch.Tensor) -> int:
 # fit the device fails with OutOfResources before anything runs (so the atomics
 # never double-count) and the next one is tried; the first that fits is
 # remembered per kernel specialisation.  Registers, spills and shared memory of
-# each on sm_90: benchmarks/sm90_profile.py.
+# each on sm_90: benchmarks/profiling/sm90_profile.py.
 _BWD_DKDV_TILES_BY_D = {
     # The 64-row tile spills on sm_90 at D = 52/64; the 32-row one does not
     # and issues fewer instructions per score.
@@ -322,7 +322,7 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
 # batch in registers and adds one atomic per (head, query, key) instead of one
 # per (batch, head, query, key) in the dK/dV kernel.  Tiles as for the other
 # backward kernels (preferred first, per width of the head-dim tiles).  On
-# sm_90 (benchmarks/sm90_profile.py): at D <= 64 the 4-warp 64 x 64 tile
+# sm_90 (benchmarks/profiling/sm90_profile.py): at D <= 64 the 4-warp 64 x 64 tile
 # reaches 255 registers and spills at D = 52 or with a dense bias, the 8-warp
 # one does not; at 64 + 16 (D = 72) the 32 x 64 tile is the one that fits
 # without spilling and with the fewest instructions per score; at 128 the

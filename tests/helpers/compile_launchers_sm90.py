@@ -1,7 +1,7 @@
 """Compile every Triton kernel for sm_90 through its real launcher, on a CPU.
 
 Run as a script (without TRITON_INTERPRET) by tests/test_compile_sm90.py,
-through the compile-only sm_90 driver of ``benchmarks/_sm90_compile.py``
+through the compile-only sm_90 driver of ``benchmarks/profiling/sm90_compile.py``
 (each launcher's real argument binding, specialisation and the whole compiler
 pipeline TTIR -> PTX -> ptxas, without a GPU; nothing is launched and the
 outputs are not meaningful).  Prints ``RESULT`` + JSON ``[kernel, dtype,
@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks/
-from benchmarks import _sm90_compile  # noqa: E402
+from benchmarks.profiling import sm90_compile  # noqa: E402
 
 compiled = []
 
@@ -23,7 +23,7 @@ def _record(fn, args, kwargs, kernel):
     compiled.append([fn.fn.__name__, str(args[0].dtype) if hasattr(args[0], "dtype") else "", kernel.metadata.shared])
 
 
-_sm90_compile.install(_record)
+sm90_compile.install(_record)
 
 from edt_kernels.ops import adaln, tokens  # noqa: E402
 from edt_kernels.ops import amm_attention as attn  # noqa: E402
@@ -32,7 +32,7 @@ attn._fwd_kernel = attn._amm_attn_fwd_kernel  # no autotuning: it would launch
 
 B, L, K, C = 2, 64, 40, 104
 for dt in (torch.bfloat16, torch.float32):
-    _sm90_compile.token_launchers(tokens, adaln, torch.randn(B, L, C, dtype=dt), K, merge_width=8)
+    sm90_compile.token_launchers(tokens, adaln, torch.randn(B, L, C, dtype=dt), K, merge_width=8)
     # attention: forward (fixed tiles) and both backward kernels, every option on
     q, k, v = (torch.randn(B, 3, 49, 52, dtype=dt) for _ in range(3))
     table = torch.randn(13 * 13 + 3, 3)

@@ -4,7 +4,7 @@ A minimal driver reports an sm_90 target and ``JITFunction.run`` is made
 compile-only (its ``warmup`` mode), so each launcher goes through its real
 argument binding, specialisation (alignment, constexprs) and the whole
 pipeline TTIR -> PTX -> ptxas without a GPU; nothing is launched and the
-launchers' outputs are not meaningful.  Used by ``benchmarks/sm90_profile.py``
+launchers' outputs are not meaningful.  Used by ``benchmarks/profiling/sm90_profile.py``
 and ``tests/helpers/compile_launchers_sm90.py``; needs TRITON_INTERPRET unset
 before triton is imported.
 """

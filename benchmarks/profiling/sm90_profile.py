@@ -1,9 +1,9 @@
 """Static sm_90 profile of every Triton kernel of the package, on a CPU-only machine.
 
-    python -m benchmarks.sm90_profile [--out DIR] [--reduced]
+    python -m benchmarks.profiling.sm90_profile [--out DIR] [--reduced]
 
 Each kernel is compiled for sm_90 (H100/H200) through its real launcher: a
-compile-only driver (``benchmarks/_sm90_compile.py``) reports an sm_90 target and ``JITFunction.run`` compiles
+compile-only driver (``benchmarks/profiling/sm90_compile.py``) reports an sm_90 target and ``JITFunction.run`` compiles
 without launching (its ``warmup`` mode), so argument binding, specialisation
 (alignment, constexprs) and the whole pipeline TTIR -> PTX -> ptxas run exactly
 as they would on the GPU.  The forward autotuner compiles every one of its
@@ -31,7 +31,7 @@ Writes ``DIR/sm90_profile.json``, ``DIR/sm90_profile.md`` and
 ``DIR/cubins/<kernel>-<specialisation>.cubin``.  Both files also carry the
 table-gather locality of MDT's masked attention with random vs sorted kept
 positions, counted on the host from the index pattern and the compiled
-kernel's layout of the table load (``benchmarks/_gather_locality.py``).
+kernel's layout of the table load (``benchmarks/profiling/gather_locality.py``).
 """
 from __future__ import annotations
 
@@ -52,9 +52,9 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the profile needs the real
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks import _gather_locality, _sm90_compile  # noqa: E402
+from benchmarks.profiling import gather_locality, sm90_compile  # noqa: E402
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "sm90-static"
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "results" / "sm90-static"
 SHARED_LIMIT = 232448  # bytes per block on sm_90 (opt-in maximum, 227 KiB)
 _BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -99,7 +99,7 @@ def _autotune_every_config(self, *args, **kwargs):
 
 
 def install():
-    _sm90_compile.install(_record)
+    sm90_compile.install(_record)
     triton.runtime.Autotuner.run = _autotune_every_config
     from edt_kernels.ops import adaln, amm_attention, tokens  # noqa: F401
     amm_attention._on_gpu = lambda t: True  # the GPU tiles and configs, not the interpreter's
@@ -305,7 +305,7 @@ def run_tokens_adaln(adaln, tokens, reduced: bool):
         dt = DTYPES[dt_name]
         for C in widths:
             _REC.spec = dict(feature=f"C={C}", dtype=dt_name, head_dim=None, N=L, layout="[B, L, C]")
-            _sm90_compile.token_launchers(tokens, adaln, torch.randn(B, L, C, dtype=dt), K)
+            sm90_compile.token_launchers(tokens, adaln, torch.randn(B, L, C, dtype=dt), K)
 
 
 # ----------------------------------------------------------------------------- records and output
@@ -445,12 +445,12 @@ def profile(out_dir: pathlib.Path, reduced: bool = False, attention_only: bool =
     bpath = out_dir / "baseline" / "sm90_profile.json"
     if bpath.exists():
         baseline = json.loads(bpath.read_text())["records"]
-    locality = _gather_locality.from_compiled(_REC.records)
+    locality = gather_locality.from_compiled(_REC.records)
     (out_dir / "sm90_profile.json").write_text(json.dumps(dict(info=info, records=rows, gather_locality=locality),
                                                           indent=1) + "\n")
     write_markdown(rows, info, out_dir, baseline)
     with open(out_dir / "sm90_profile.md", "a") as f:
-        f.write("\n" + _gather_locality.markdown(locality))
+        f.write("\n" + gather_locality.markdown(locality))
     return rows
 
 
