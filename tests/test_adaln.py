@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import edt_kernels
-import edt_kernels.ops._triton_utils as triton_utils
 from edt_kernels.ops import gated_residual, layernorm_modulate
 from edt_kernels.reference.adaln import reference_gated_residual, reference_layernorm_modulate
+from helpers.poison import poison  # noqa: F401 - fixture
 from tolerances import GRAD_TOL, assert_close
 
 TRITON_DTYPES = [torch.float32, torch.float16]  # the interpreter mishandles bfloat16
@@ -37,14 +37,11 @@ def _grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Every output a launcher allocates starts as NaN."""
-    def poisoned_empty(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else -7777
-        return torch.full(shape, fill, dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_utils, "empty_output", poisoned_empty)  # the one allocator of every launcher
+def _assert_grads_close(out, ref, inputs, inputs64, dout, names):
+    """Gradients of ``out`` (kernel, in the inputs' dtype) against those of the float64 ``ref``."""
+    for got, want, n in zip(_grads(out, inputs, dout), _grads(ref, inputs64, dout.double()), names):
+        assert got.dtype == dout.dtype
+        assert_close(got, want, dout.dtype, GRAD_TOL, n)
 
 
 def naive_layernorm_modulate(x, shift, scale, eps=1e-6):
@@ -97,10 +94,7 @@ def test_triton_layernorm_modulate(shape, dtype, device, poison):
     assert out.dtype == dtype and out.shape == x.shape
     assert_close(out, ref, dtype, name="layernorm_modulate")
     d = _rand(out.shape, dtype, gen, device, requires_grad=False)
-    for got, want, n in zip(_grads(out, (x, shift, scale), d), _grads(ref, (x64, s64, c64), d.double()),
-                            ["dx", "dshift", "dscale"]):
-        assert got.dtype == dtype
-        assert_close(got, want, dtype, GRAD_TOL, n)
+    _assert_grads_close(out, ref, (x, shift, scale), (x64, s64, c64), d, ["dx", "dshift", "dscale"])
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
@@ -116,10 +110,7 @@ def test_triton_gated_residual(shape, dtype, device, poison):
     assert out.dtype == dtype
     assert_close(out, ref, dtype, name="gated_residual")
     d = _rand(out.shape, dtype, gen, device, requires_grad=False)
-    for got, want, n in zip(_grads(out, (x, gate, y), d), _grads(ref, (x64, g64, y64), d.double()),
-                            ["dx", "dgate", "dy"]):
-        assert got.dtype == dtype
-        assert_close(got, want, dtype, GRAD_TOL, n)
+    _assert_grads_close(out, ref, (x, gate, y), (x64, g64, y64), d, ["dx", "dgate", "dy"])
 
 
 def test_triton_mixed_dtypes_and_strided_inputs(device, poison):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import load_fixture, triton_device
-from helpers.attention_cases import attention_kwargs
+from helpers.attention_cases import attention_kwargs, cast
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 import edt_kernels
@@ -34,20 +34,6 @@ def make_case(B, H, N, D, *, grid=None, table=False, positions=None, amm=False, 
     kw = attention_kwargs(g, B, H, N, grid=grid, table=table, positions=positions, amm=amm, bias=bias,
                           modulation=modulation, extra=extra)
     return (q, k, v), kw
-
-
-def cast(inputs, kw, dtype, device, requires_grad=True):
-    qkv = [t.to(device, dtype).requires_grad_(requires_grad) for t in inputs]
-    out_kw = {}
-    for name, val in kw.items():
-        if torch.is_tensor(val):
-            val = val.to(device)
-            if val.is_floating_point():
-                # The table keeps float32 under low-precision activations, as in a model.
-                vd = dtype if name != "rel_pos_bias" or dtype == torch.float64 else torch.float32
-                val = val.to(vd).requires_grad_(requires_grad and name in ("rel_pos_bias", "bias"))
-        out_kw[name] = val
-    return qkv, out_kw
 
 
 def grads_of(out, qkv, kw, dout):

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import triton_device
-from helpers.attention_cases import attention_kwargs
+from helpers.attention_cases import attention_kwargs, cast
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 import edt_kernels
@@ -42,19 +42,6 @@ def make_case(B, H, N, D, *, grid=None, table=False, positions=None, amm=False, 
     kw = attention_kwargs(g, B, H, N, grid=grid, table=table, positions=positions, amm=amm, bias=bias,
                           modulation=modulation, extra=extra)
     return qkv, kw
-
-
-def cast(qkv, kw, dtype, device):
-    out_kw = {}
-    for name, val in kw.items():
-        if torch.is_tensor(val):
-            val = val.to(device)
-            if val.is_floating_point():
-                # The table stays float32 under low-precision activations, as in a model.
-                vd = dtype if name != "rel_pos_bias" or dtype == torch.float64 else torch.float32
-                val = val.to(vd).requires_grad_(name in ("rel_pos_bias", "bias"))
-        out_kw[name] = val
-    return qkv.to(device, dtype).requires_grad_(), out_kw
 
 
 def reference_packed(qkv, **kw):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import edt_kernels
-import edt_kernels.ops._triton_utils as triton_utils
 from edt_kernels import backends
 from edt_kernels.ops import gather_scatter, masked_shortcut, patch_merge_modulate, random_masking, unshuffle
 from edt_kernels.reference.tokens import (
@@ -26,6 +25,7 @@ from edt_kernels.reference.tokens import (
     reference_sort_kept_ids,
     reference_unshuffle_with_mask_token,
 )
+from helpers.poison import poison  # noqa: F401 - fixture
 from tolerances import GRAD_TOL, assert_close
 
 TRITON_DTYPES = [torch.float32, torch.float16]  # the interpreter mishandles bfloat16
@@ -58,16 +58,6 @@ def _perm_ids(B, L, K, gen, device="cpu"):
 def _grads(out, inputs, dout):
     want = [t for t in inputs if t is not None and t.requires_grad]
     return torch.autograd.grad(out, want, dout)
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every output a launcher allocates starts as NaN (floats) or -7777 (ints)."""
-    def poisoned_empty(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else -7777
-        return torch.full(shape, fill, dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_utils, "empty_output", poisoned_empty)  # the one allocator of every launcher
 
 
 # ============================================================================ independent definitions

@@ -29,3 +29,24 @@ def attention_kwargs(g: torch.Generator, B: int, H: int, N: int, *, grid=None, t
     if modulation is not None:
         kw["modulation"] = torch.rand(*modulation, generator=g, dtype=torch.float64) * 2
     return kw
+
+
+def cast(tensors, kw: dict, dtype: torch.dtype, device, requires_grad: bool = True):
+    """The float64 masters of a case in ``dtype`` on ``device``: ``tensors`` (one tensor, or
+    a sequence of them, e.g. q, k, v) and the tensors of ``kw``.  Floating-point inputs
+    require grad (``requires_grad``) where they have a gradient: the activations, the
+    table and a dense bias; the table stays float32 under low-precision activations, as
+    in a model."""
+    def to(t):
+        return t.to(device, dtype).requires_grad_(requires_grad)
+
+    out = to(tensors) if torch.is_tensor(tensors) else [to(t) for t in tensors]
+    out_kw = {}
+    for name, val in kw.items():
+        if torch.is_tensor(val):
+            val = val.to(device)
+            if val.is_floating_point():
+                vd = dtype if name != "rel_pos_bias" or dtype == torch.float64 else torch.float32
+                val = val.to(vd).requires_grad_(requires_grad and name in ("rel_pos_bias", "bias"))
+        out_kw[name] = val
+    return out, out_kw
