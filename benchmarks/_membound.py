@@ -229,3 +229,18 @@ def add_cli(p):
     p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     return p
+
+
+def check_row(row: Dict) -> None:
+    """A measured row's kernel agrees with the eager op (bf16 on CUDA, float32 on the CPU)."""
+    if "rel_err" in row:
+        assert row["rel_err"] < (2e-2 if U.DEVICE.type == "cuda" else 1e-5), row
+
+
+def main(description: str, specs: Sequence[OpSpec], section_name: str, make_section: Callable[[], object],
+         argv: Optional[Sequence[str]]) -> int:
+    """The ``main`` of a memory-bound benchmark module: its cases, one section, the results files."""
+    args = U.parse_main_args(add_cli(U.base_parser(description)), argv)
+    make_section()
+    errors = main_loop(specs, section_name, args)
+    return U.finish_main(args, [section_name], errors)

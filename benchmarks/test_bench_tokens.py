@@ -130,17 +130,11 @@ PARAMS = [pytest.param(s, m, i, id=f"{s.op}-{m}-{i}") for s in SPECS for m in s.
 def test_tokens(benchmark, spec, mode, impl):
     benchmark.group = f"tokens {spec.name} {mode}"
     _section()
-    row = MB.run_one(spec, impl, mode, SECTION, benchmark=benchmark)
-    if "rel_err" in row:
-        assert row["rel_err"] < (2e-2 if U.DEVICE.type == "cuda" else 1e-5), row
+    MB.check_row(MB.run_one(spec, impl, mode, SECTION, benchmark=benchmark))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = MB.add_cli(U.base_parser("token kernel benchmarks"))
-    args = U.parse_main_args(p, argv)
-    _section()
-    errors = MB.main_loop(SPECS, SECTION, args)
-    return U.finish_main(args, [SECTION], errors)
+    return MB.main("token kernel benchmarks", SPECS, SECTION, _section, argv)
 
 
 if __name__ == "__main__":

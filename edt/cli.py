@@ -5,8 +5,10 @@ happens then)."""
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["ArgumentParser", "HelpFormatter"]
+__all__ = ["ArgumentParser", "HelpFormatter", "run_command"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -28,3 +30,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def run_command(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]]) -> int:
+    """Exit status of ``main(argv)``: 0, or 2 with one line ``error: ...`` on stderr when it
+    raises ``ValueError`` (bad input)."""
+    try:
+        main(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

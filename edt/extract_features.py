@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import VAE_SCALE_FACTOR
 from .distributed import process_group
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run_command
 from .utils import progress_bar
 
 __all__ = ["main", "parse_args", "ImageFolderPIL", "center_crop_arr", "IMG_EXTENSIONS"]
@@ -197,8 +197,4 @@ def _extract(args, rank: int, world: int, device: torch.device) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_command(main, sys.argv[1:]))

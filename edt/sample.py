@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run_command
 from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
@@ -346,12 +346,7 @@ def _assemble(args, out_dir: Path, shards: Path, labels: torch.Tensor, model, mo
 
 def console_main(argv: Optional[List[str]] = None) -> int:
     """``python -m edt.sample``: exit 0, or 2 with one ``error:`` line on bad input."""
-    try:
-        main(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":
