@@ -8,7 +8,10 @@
 Every model has ``forward(x, t, y, enable_mask=False, generator=None)``,
 ``forward_with_cfg(x, t, y, cfg_scale, ...)``, ``set_amm(enabled, blocks)``,
 ``get_flops()`` and a ``backend`` attribute (``"auto"``: the edt_kernels
-kernels; ``"eager"``: the authors' code path), also a constructor argument.
+kernels; ``"eager"``: the authors' code path), also a constructor argument,
+that every op of a forward runs on (:class:`edt.models.common.DiffusionTransformer`
+holds what the two models share).  State-dict keys and shapes are those of the
+published checkpoints.
 """
 from __future__ import annotations
 

@@ -340,6 +340,27 @@ class DiffusionTransformer(nn.Module):
         self._backend = _check_backend(config["backend"])
         self.config = config  # constructor arguments: type(model)(**model.config) rebuilds it
 
+    def _embedders(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int,
+                   num_classes: int, class_dropout_prob: float, learn_sigma: bool) -> None:
+        """The input/output sizes and the three embedders (patches, timesteps, labels)."""
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+
+    def _zero_adaln(self, blocks: Sequence[AdaLNBlock]) -> None:
+        """adaLN-Zero: the modulation of ``blocks`` and of the final layer, and the output layer, zeroed."""
+        for blk in blocks:
+            zero_module_(blk.adaLN_modulation[-1])
+        zero_module_(self.final_layer.adaLN_modulation[-1])
+        zero_module_(self.final_layer.linear)
+
     # ----------------------------------------------------------------- backend
 
     @property
@@ -385,6 +406,14 @@ class DiffusionTransformer(nn.Module):
         return tuple(i for i, blk in enumerate(self.all_blocks()) if blk.attn.amm is not None)
 
     # ----------------------------------------------------------------- forward
+
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, N, D)`` with the positional embedding, and the conditioning
+        ``c = t_emb + y_emb`` ``(B, D)`` (labels dropped in training, drawn from ``generator``)."""
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
+        return x, c
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         return unpatchify(x, self.patch_size, self.out_channels)

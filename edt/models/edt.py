@@ -12,10 +12,6 @@ up-sampling with concatenated long skips.  Two extras from the paper:
 - token relation-enhanced masking training: ``enable_mask=True`` drops
   tokens inside the 2x2 merge of each down-sampling (and, for EDT-XL,
   replaces tokens of stage 0 by the positional embedding before its block 4).
-
-Every op runs on the model's ``backend`` (``"auto"``: kernels; ``"eager"``:
-the authors' code path).  State-dict keys and shapes are those of the
-published checkpoints.
 """
 from __future__ import annotations
 
@@ -32,14 +28,10 @@ from .common import (
     AdaLNBlock,
     DiffusionTransformer,
     FinalLayer,
-    LabelEmbedder,
     LN_EPS,
-    PatchEmbed,
-    TimestepEmbedder,
     get_2d_sincos_pos_embed,
     init_weights_dit,
     uniform,
-    zero_module_,
 )
 
 __all__ = ["EDT", "EDTBlock", "DownSample", "UpSample", "ConcatLayer", "EDT_models",
@@ -213,13 +205,6 @@ class EDT(DiffusionTransformer):
         if mid_mask and stages_depth[0] <= MID_MASK_BLOCK:
             raise ValueError(f"mid_mask needs more than {MID_MASK_BLOCK} blocks in stage 0, got {stages_depth[0]}")
 
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.learn_sigma = learn_sigma
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.hidden_size = hidden_size
-        self.num_classes = num_classes
         self.num_heads = num_heads
         self.dims = dims
         self.stages_depth = stages_depth
@@ -227,9 +212,8 @@ class EDT(DiffusionTransformer):
         self.mid_mask = bool(mid_mask)
         self.size = size
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self._embedders(input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
+                        learn_sigma)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
 
         self.blocks = nn.ModuleList()
@@ -273,10 +257,7 @@ class EDT(DiffusionTransformer):
                 blk.pos_embed.copy_(get_2d_sincos_pos_embed(blk.hidden_size, blk.grid)[None])
             for blk in self.down_blocks:
                 blk.pos_embed.copy_(get_2d_sincos_pos_embed(blk.out_hidden_size, blk.out_grid)[None])
-        for blk in self.blocks:
-            zero_module_(blk.adaLN_modulation[-1])
-        zero_module_(self.final_layer.adaLN_modulation[-1])
-        zero_module_(self.final_layer.linear)
+        self._zero_adaln(self.blocks)
 
     def all_blocks(self) -> List[EDTBlock]:
         """Every block, stage by stage: the flat list AMM placements index."""
@@ -297,8 +278,7 @@ class EDT(DiffusionTransformer):
         ``(B, out_channels, H, W)``.  ``enable_mask``: the published masked
         training forward (down masking, and mid masking for EDT-XL).  All
         random draws (label dropout, masks) use ``generator`` if given."""
-        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
+        x, c = self._embed(x, t, y, generator)  # (B, N, D), (B, D)
         skips: List[torch.Tensor] = []
         for s, down in enumerate(self.down_blocks):  # down stages: blocks, then a patch merge
             skips.append(x)

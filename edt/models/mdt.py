@@ -17,10 +17,6 @@ over tokens (attention with the positions carried along, per-token
 LayerNorm/MLP/adaLN) and the unshuffle puts every token back at its place,
 so the output is the same up to float summation order, from the same random
 draws; neighbouring kept tokens then read neighbouring rows of the bias table.
-
-Every op runs on the model's ``backend`` (``"auto"``: kernels; ``"eager"``:
-the authors' code path).  State-dict keys and shapes are those of the
-published checkpoints.
 """
 from __future__ import annotations
 
@@ -37,13 +33,9 @@ from .common import (
     AdaLNBlock,
     DiffusionTransformer,
     FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
     get_2d_sincos_pos_embed,
     init_weights_dit,
     uniform,
-    zero_module_,
 )
 
 __all__ = ["MDTv2", "MDTBlock", "MDTv2_models", "MASK_RATIO_SPREAD"]
@@ -112,21 +104,13 @@ class MDTv2(DiffusionTransformer):
                              f"{MASK_RATIO_SPREAD} U(0,1) must stay below 1), got {mask_ratio}")
         if not isinstance(sort_kept, bool):
             raise TypeError(f"sort_kept must be a bool, got {type(sort_kept).__name__}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.learn_sigma = learn_sigma
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.num_classes = num_classes
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
         self.decode_layer = decode_layer
         self.sort_kept = sort_kept
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self._embedders(input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
+                        learn_sigma)
         grid = self.x_embedder.grid_size
         self.grid = grid
         num_patches = grid * grid
@@ -157,10 +141,7 @@ class MDTv2(DiffusionTransformer):
         with torch.no_grad():
             self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid)[None])
             self.decoder_pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid)[None])
-        for blk in self.all_blocks() + list(self.sideblocks):
-            zero_module_(blk.adaLN_modulation[-1])
-        zero_module_(self.final_layer.adaLN_modulation[-1])
-        zero_module_(self.final_layer.linear)
+        self._zero_adaln(self.all_blocks() + list(self.sideblocks))
         if self.mask_ratio is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
@@ -193,8 +174,7 @@ class MDTv2(DiffusionTransformer):
         ``mask_ratio``).  Random draws use ``generator`` if given."""
         if enable_mask and self.mask_ratio is None:
             raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
-        x = self.x_embedder(x) + self.pos_embed  # (B, L, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
+        x, c = self._embed(x, t, y, generator)  # (B, L, D), (B, D)
         input_skip = x
 
         ids_keep = None
