@@ -379,8 +379,6 @@ def test_backend_argument(cls):
         cls(**config, backend=True)
     with pytest.raises(TypeError, match="backend must be a str"):
         model.backend = False
-    with pytest.raises(TypeError, match="fused"):
-        cls(**config, fused=False)  # no such argument
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cls(**config)  # the default raises no warning
