@@ -10,11 +10,7 @@ from .reference import reference_attention  # noqa: F401
 from .ops.adaln import gated_residual, layernorm_modulate  # noqa: F401
 from .ops.tokens import gather_tokens, masked_shortcut, patch_merge_modulate, random_masking, scatter_tokens, unshuffle_with_mask_token  # noqa: F401,E501
 from .nn import AMMAttention, RelativePositionBias  # noqa: F401
-from .patch import AMM_PRESETS, PatchReport, apply_amm, patch_model, unpatch_model  # noqa: F401
-
-from .attention import _load_optional_backends
-
-_load_optional_backends()  # register the triton/cpp backends now, not inside a traced call
-del _load_optional_backends
+from .patch import PatchReport, patch_model, unpatch_model  # noqa: F401
+from .amm_presets import AMM_PRESETS, apply_amm  # noqa: F401
 
 __version__ = "0.1.0"

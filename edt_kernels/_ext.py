@@ -43,6 +43,7 @@ __all__ = [
     "CUDA_SOURCES",
     "cpu_extension_error",
     "cuda_extension_error",
+    "unavailable_reason",
     "require_cpu",
     "require_cuda",
     "source_hash",
@@ -173,6 +174,36 @@ def _prebuilt(module: str) -> Optional[str]:
     return None
 
 
+def _build_unavailable_reason(kind: str) -> Optional[str]:
+    """Why a just-in-time build of ``kind`` ("cpu" or "cuda") cannot start here, or None."""
+    from torch.utils import cpp_extension
+
+    if os.environ.get("EDT_KERNELS_JIT", "1") == "0":
+        return "no prebuilt extension and EDT_KERNELS_JIT=0"
+    if source_hash() is None:
+        return f"extension sources not found in {CSRC_DIR}"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found (CXX={cxx!r} is not on PATH)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found (pip install ninja)"
+    if kind == "cuda" and cpp_extension.CUDA_HOME is None:
+        return "CUDA toolkit (nvcc) not found: set CUDA_HOME"
+    return None
+
+
+def unavailable_reason(kind: str = "cpu") -> Optional[str]:
+    """Why the extension (``kind`` "cpu" or "cuda") cannot be had here, without
+    building or loading it: the recorded load error once it was tried, else
+    None when a prebuilt library exists or a just-in-time build can start.
+    The one answer to "can the C++ extension be had?" before a first use."""
+    if kind in _state:
+        return _state[kind]
+    if _prebuilt("edt_kernels._C" if kind == "cpu" else "edt_kernels._C_cuda") is not None:
+        return None
+    return _build_unavailable_reason(kind)
+
+
 def _up_to_date(build_dir: Path, name: str) -> bool:
     lib = build_dir / f"{name}.so"
     if not lib.exists():
@@ -185,12 +216,6 @@ def _jit_load(kind: str) -> None:
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler found (CXX={cxx!r} is not on PATH)")
-    if not cpp_extension.is_ninja_available():
-        raise RuntimeError("ninja not found (pip install ninja)")
-    if kind == "cuda" and cpp_extension.CUDA_HOME is None:
-        raise RuntimeError("CUDA toolkit (nvcc) not found: set CUDA_HOME")
     build_dir = build_directory() / kind
     build_dir.mkdir(parents=True, exist_ok=True)
     gen_dir = write_hash_header(build_dir / "gen")
@@ -245,11 +270,10 @@ def _load_one(kind: str) -> None:
     path = _prebuilt("edt_kernels._C" if kind == "cpu" else "edt_kernels._C_cuda")
     if path is not None:
         torch.ops.load_library(path)
-    elif os.environ.get("EDT_KERNELS_JIT", "1") == "0":
-        raise RuntimeError("no prebuilt extension and EDT_KERNELS_JIT=0")
-    elif source_hash() is None:
-        raise RuntimeError(f"sources not found in {CSRC_DIR}")
     else:
+        why = _build_unavailable_reason(kind)
+        if why is not None:
+            raise RuntimeError(why)
         _jit_load(kind)
     torch.ops.edt_kernels_cpp.source_hash()  # the schemas are registered
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._validation import infer_grid
-from .amm import AMM, modulation_matrix, normalize_grid, relative_position_index
+from .amm import AMM, KEEP, AMMLike, modulation_matrix, normalize_grid, relative_position_index
 from .attention import amm_attention, amm_attention_qkvpacked
+from .reference.attention import eager_attention
 
 STATE_ATTR = "_edt_kernels_patch"
 
@@ -33,8 +34,8 @@ class PatchState:
     grid: Optional[Tuple[int, int]]  # the module's own grid (mdt/edt), None for timm / diffusers
     had_instance_forward: bool = False
     instance_forward: object = None  # the instance-level ``forward`` that was there, if any
-    # AMM override: None = the module's own behaviour, False = off, AMM = on.
-    amm: Union[None, bool, AMM] = None
+    # AMM override: KEEP = the module's own behaviour, None = off, AMM = on.
+    amm: AMMLike = KEEP
     amm_eval_only: bool = False
     amm_grid: Optional[Tuple[int, int]] = None  # grid for the AMM override (timm: else from N)
     native_modulation: Optional[torch.Tensor] = field(default=None, repr=False)  # edt, non-published M
@@ -91,9 +92,9 @@ def square_grid(n_tokens: int) -> Tuple[int, int]:
 
 def override_amm(st: PatchState, training: bool):
     """(active, amm) for the patcher's AMM override; active False = use the module's own."""
-    if st.amm is None:
+    if st.amm is KEEP:
         return False, None
-    if st.amm is False or (st.amm_eval_only and training):
+    if st.amm is None or (st.amm_eval_only and training):
         return True, None
     return True, st.amm
 
@@ -104,29 +105,6 @@ def attention_dropout(module: nn.Module) -> Optional[nn.Module]:
     if module.training and isinstance(drop, nn.Module) and getattr(drop, "p", 0.0):
         return drop
     return None
-
-
-def eager_attention(q, k, v, *, scale: float, drop: nn.Module, table=None, grid=None, positions=None,
-                    bias=None, amm=None, modulation=None) -> torch.Tensor:
-    """``drop(softmax(q k^T scale + T[idx] + bias) ⊙ M ⊙ W) v``, materialised.
-
-    The published code path of a module with attention dropout in training: the
-    fused kernels have no dropout on the attention weights, so such a call
-    computes here, with the module's own dropout layer (same random stream as
-    the module's own forward)."""
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N, N)
-    if table is not None:
-        idx = relative_position_index(grid, positions, device=q.device)  # (N, N) or (B, N, N)
-        s = s + table.to(s.dtype)[idx].movedim(-1, -3)
-    if bias is not None:
-        s = s + bias.to(s.dtype)
-    p = s.softmax(dim=-1)
-    if amm is not None:
-        m = modulation_matrix(grid, amm, positions=positions, device=q.device, dtype=p.dtype)
-        p = p * (m[:, None] if m.dim() == 3 else m)
-    if modulation is not None:
-        p = p * modulation.to(p.dtype)
-    return torch.matmul(drop(p), v)
 
 
 def _is_identity(m: Optional[nn.Module]) -> bool:
@@ -159,9 +137,7 @@ def _attend(self, st: PatchState, qkv: torch.Tensor, q_norm: Optional[nn.Module]
             "attention does not implement: this module computes its attention eagerly (materialised "
             "N x N weights) while training; eval mode, or attn_drop.p = 0, uses amm_attention",
             UserWarning, stacklevel=3)
-    out = eager_attention(q, k, v, drop=drop, table=kw.get("rel_pos_bias"), grid=kw.get("grid"),
-                          positions=kw.get("positions"), bias=kw.get("bias"), amm=kw.get("amm"),
-                          modulation=kw.get("modulation"), scale=kw["scale"])
+    out = eager_attention(q, k, v, dropout=drop, **kw)
     return out.transpose(1, 2)
 
 

@@ -41,7 +41,8 @@ def parse_version(text: str) -> Tuple[int, ...]:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter."""
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``):
+    the one answer, read by every Triton launcher and backend."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -87,12 +88,23 @@ def installed_versions() -> Tuple[Optional[str], Optional[str]]:
 _cached: "dict" = {}
 
 
+def _import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure costs the Triton backends only
+        return f"triton import failed: {type(exc).__name__}: {exc}"
+    return None
+
+
 def triton_unavailable_reason() -> Optional[str]:
     """``None`` when the installed Triton can run the kernels here, else one
-    sentence saying why not and what to install.  Reads ``TRITON_INTERPRET``
-    at the call (Triton itself reads it when it is first imported)."""
+    sentence saying why not: the version rule of :func:`check_versions`, or
+    ``triton import failed: <error>``.  The one answer to "can Triton run?";
+    reads ``TRITON_INTERPRET`` at the call (Triton itself reads it when it is
+    first imported)."""
     key = interpreting()
     if key not in _cached:
         tv, nv = installed_versions()
-        _cached[key] = check_versions(tv, nv, key)
+        _cached[key] = check_versions(tv, nv, key) or _import_error()
     return _cached[key]

@@ -26,6 +26,8 @@ GridLike = Union[int, Tuple[int, int]]
 
 __all__ = [
     "AMM",
+    "AMMLike",
+    "KEEP",
     "normalize_grid",
     "num_offsets",
     "relative_position_index",
@@ -106,6 +108,26 @@ class AMM:
         return float(period), int(radius2), float(self.amplitude)
 
 
+AMMLike = Union[None, bool, AMM]
+"""The ``amm`` argument everywhere: ``None``/``False`` no AMM, ``True`` the
+published AMM (``AMM()``), an ``AMM`` that configuration."""
+
+
+class _Keep:
+    """Type of :data:`KEEP` (one instance; copies and pickles are that instance)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+    def __reduce__(self):
+        return "KEEP"
+
+
+KEEP = _Keep()
+"""``amm=KEEP``: leave each module's own AMM setting as it is (the default of
+``patch_model`` and of ``AMMAttention.forward``), where ``None`` means no AMM."""
+
+
 def _amm_values(dr2: torch.Tensor, period: float, radius2: int, amplitude: float) -> torch.Tensor:
     """AMM value for integer squared distances ``dr2`` (float64 math)."""
     d = dr2.double().sqrt()
@@ -126,20 +148,20 @@ def _amm_offset_table_cpu(rows: int, cols: int, period: float, radius2: int,
     return _amm_values(dr2.reshape(-1), period, radius2, amplitude).float()
 
 
-def amm_offset_table(grid: GridLike, amm: Union[bool, AMM, None] = True, device=None,
+def amm_offset_table(grid: GridLike, amm: Union[bool, AMM] = True, device=None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The AMM tabulated per grid offset: ``[(2 rows - 1) * (2 cols - 1)]``, read
     with the same index as the bias table.  This is what the kernels consume."""
     return cached_amm_offset_table(grid, amm, device, dtype).clone()
 
 
-def cached_amm_offset_table(grid: GridLike, amm: Union[bool, AMM, None] = True, device=None,
+def cached_amm_offset_table(grid: GridLike, amm: Union[bool, AMM] = True, device=None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``amm_offset_table`` from a per-device cache (read-only: shared by calls)."""
     rows, cols = normalize_grid(grid)
-    cfg = AMM() if amm is True or amm is None else amm
+    cfg = AMM() if amm is True else amm
     if not isinstance(cfg, AMM):
-        raise TypeError(f"amm must be None, True or an AMM(...) config, got {type(amm).__name__}")
+        raise TypeError(f"amm must be True (the published AMM) or an AMM(...) config, got {amm!r}")
     period, radius2, amplitude = cfg.resolve((rows, cols))
     return _amm_offset_table_on(rows, cols, period, radius2, amplitude,
                                 str(torch.device(device)) if device is not None else "cpu", dtype)
@@ -153,7 +175,7 @@ def _amm_offset_table_on(rows: int, cols: int, period: float, radius2: int, ampl
     return _amm_offset_table_cpu(rows, cols, period, radius2, amplitude).to(device=device, dtype=dtype)
 
 
-def modulation_matrix(grid: GridLike, amm: Union[bool, AMM, None] = True,
+def modulation_matrix(grid: GridLike, amm: Union[bool, AMM] = True,
                       positions: Optional[torch.Tensor] = None, device=None,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense published AMM ``M`` (``[N, N]``, or ``[..., N, N]`` for the

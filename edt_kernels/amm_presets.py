@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from torch import nn
 
 from . import diffusers as _diffusers
-from .amm import AMM, GridLike, normalize_grid
-from .patch import (AMMLike, PatchReport, UnsupportedModuleError, _as_model, _check_amm_arg, _check_backend,
-                    _detect, _native_kind, _resolve_targets, _supported_text, _sync, is_patched,
-                    patch_model, state_of, unpatch_model)
+from ._validation import coerce_amm
+from .amm import GridLike, AMMLike, normalize_grid
+from .patch import (PatchReport, UnsupportedModuleError, _as_model, _check_backend, _detect, _native_kind,
+                    _resolve_targets, _supported_text, _sync, is_patched, patch_model, state_of, unpatch_model)
 
 __all__ = ["AMM_PRESETS", "AMMHandle", "apply_amm"]
 
@@ -89,39 +89,23 @@ class AMMHandle:
 def _native_set_amm(m: nn.Module, amm, eval_only: bool, grid, label: str) -> Tuple:
     """Switch the AMM of a module that already calls ``amm_attention``; returns
     what undo needs."""
-    native = _native_kind(m)
-    if native == "AMMAttnProcessor":
+    if _native_kind(m) == "AMMAttnProcessor":
         return _diffusers.set_processor_amm(m, amm, eval_only, grid)
-    if native == "AMMAttention":
-        previous = (m.amm, m.amm_eval_only, m.grid)
-        if grid is not None and m.grid is not None and tuple(grid) != tuple(m.grid):
-            raise ValueError(f"{label}: grid {grid} differs from the module's grid {m.grid}")
-        m.amm = amm if amm is not False else None
-        m.amm_eval_only = eval_only
-        if grid is not None:
-            m.grid = grid
-        return previous
-    # edt.models' RelPosAttention: the published AMM only, switched by two flags
-    previous = (m.amm, m.amm_in_training)
-    if amm is not False and amm != AMM():
-        raise ValueError(f"{label} ({type(m).__name__}) supports only the published AMM (amm=True), "
-                         f"got {amm}")
-    own = getattr(m, "grid", None)
-    if grid is not None and own is not None and tuple(grid) != tuple(normalize_grid(own)):
-        raise ValueError(f"{label}: grid {grid} differs from the module's grid {own}")
-    m.amm = amm is not False
-    m.amm_in_training = not eval_only
+    previous = (m.amm, m.amm_eval_only, m.grid)  # an AMMAttention
+    if grid is not None and m.grid is not None and tuple(grid) != tuple(m.grid):
+        raise ValueError(f"{label}: grid {grid} differs from the module's grid {m.grid}")
+    m.amm = amm
+    m.amm_eval_only = eval_only
+    if grid is not None:
+        m.grid = grid
     return previous
 
 
 def _native_restore(m: nn.Module, previous: Tuple) -> None:
-    native = _native_kind(m)
-    if native == "AMMAttnProcessor":
+    if _native_kind(m) == "AMMAttnProcessor":
         _diffusers.restore_processor(m, previous)
-    elif native == "AMMAttention":
+    else:  # an AMMAttention
         m.amm, m.amm_eval_only, m.grid = previous
-    else:
-        m.amm, m.amm_in_training = previous
 
 
 # ----------------------------------------------------------------------------- which blocks
@@ -221,17 +205,15 @@ def apply_amm(model: nn.Module, blocks: Union[str, Sequence[Union[int, nn.Module
         grid: token grid ``n``/``(rows, cols)``; default: the module's own grid
             (MDT/EDT), the ``(H, W)`` of a 4-d diffusers input, or ``sqrt(N)`` at
             call time (N must be a square).
-        amm: ``True`` (published), an ``AMM(...)`` config, or ``False`` to switch
-            the AMM off in those blocks (EDT's own included).
+        amm: ``True`` (published), an ``AMM(...)`` config, or ``None``/``False``
+            to switch the AMM off in those blocks (EDT's own included).
         eval_only: apply it in eval mode only (as the published EDT does).
         targets, backend: as :func:`patch_model`, for attention not yet patched.
 
     Returns an :class:`AMMHandle`; ``handle.undo()`` restores the previous state.
     """
     model = _as_model(model, "apply_amm")
-    if amm is None:
-        raise TypeError("amm must be True/False or an edt_kernels.AMM(...) config, got None")
-    amm = _check_amm_arg(amm)
+    amm = coerce_amm(amm)
     grid = normalize_grid(grid) if grid is not None else None
     if not isinstance(eval_only, bool):
         raise TypeError(f"eval_only must be a bool, got {type(eval_only).__name__}")

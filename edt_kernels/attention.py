@@ -1,5 +1,10 @@
 """Public ``amm_attention``: validation and dispatch over backends.
 
+The backends live in ``edt_kernels.ops`` (``amm_attention`` Triton,
+``amm_attention_cpp`` C++, ``amm_attention_torch`` the references), each
+registered by its own module on import; this module imports them all, so that
+every backend is known before the first call.
+
 Backends (xformers-style): each says which inputs it supports and why not;
 ``backend="auto"`` takes the first that fits in the order
 ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` when asked
@@ -11,23 +16,20 @@ authors' published code path) runs only when named.  The environment variable
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from . import backends as _backends
 from ._tracing import is_tracing
 from ._validation import check_tensor, coerce_amm, infer_grid
-from .amm import AMM, GridLike, cached_amm_offset_table, normalize_grid
-from .reference.attention import eager_attention, reference_attention
+from .amm import AMM, GridLike, normalize_grid
+from .ops import amm_attention as _triton, amm_attention_cpp as _cpp, amm_attention_torch as _torch  # noqa: F401
+from .ops._attention_op import OP, AttentionBackend, AttentionInputs
 
 __all__ = [
     "amm_attention",
     "amm_attention_qkvpacked",
-    "AttentionInputs",
-    "AttentionBackend",
-    "register_backend",
     "available_backends",
     "select_backend",
     "MAX_HEAD_DIM",
@@ -37,126 +39,11 @@ MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass
-class AttentionInputs:
-    """Validated, normalised arguments of one ``amm_attention`` call."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    scale: float
-    rows: int
-    cols: int
-    table: Optional[torch.Tensor]  # [rows_t, H]
-    positions: Optional[torch.Tensor]  # int64 [B, N] or [N]
-    amm: Optional[AMM]
-    bias: Optional[torch.Tensor]  # 4-d, broadcastable to [B, H, N, N]
-    modulation: Optional[torch.Tensor]  # 4-d, broadcastable to [B, H, N, N]
-    # amm_attention_qkvpacked: the [B, N, 3, H, D] tensor that q, k, v are views of
-    qkv: Optional[torch.Tensor] = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[-1]
-
-    def amm_table(self) -> Optional[torch.Tensor]:
-        if self.amm is None:
-            return None
-        return cached_amm_offset_table((self.rows, self.cols), self.amm, device=self.device)
-
-    def kernel_args(self) -> Tuple:
-        """Positional arguments of the backend custom ops (see ``ops/_attention_op``)."""
-        return (self.q, self.k, self.v, self.table, self.positions, self.amm_table(),
-                self.bias, self.modulation, self.scale, self.rows, self.cols)
-
-    def packed_kernel_args(self) -> Tuple:
-        """Positional arguments of the packed-qkv custom ops: ``kernel_args`` with
-        ``qkv [B, N, 3, H, D]`` in place of ``q, k, v``."""
-        return (self.qkv,) + self.kernel_args()[3:]
-
-
-class AttentionBackend(_backends.Backend):
-    """One way of computing ``amm_attention`` (see :mod:`edt_kernels.backends`)."""
-
-    name: str = "?"
-
-    def not_supported_reasons(self, inp: AttentionInputs) -> List[str]:
-        raise NotImplementedError
-
-    def apply(self, inp: AttentionInputs) -> torch.Tensor:
-        raise NotImplementedError
-
-    def apply_qkvpacked(self, inp: AttentionInputs) -> torch.Tensor:
-        """``amm_attention_qkvpacked``: ``[B, N, H, D]`` from ``inp.qkv``.
-
-        This default runs :meth:`apply` on ``inp.q/k/v``, the ``qkv.unbind(2)``
-        views, so autograd stacks their three gradients into one new
-        ``[B, N, 3, H, D]`` tensor (one copy); a backend whose kernels write
-        through strides overrides it to write ``dqkv`` in place (triton)."""
-        return self.apply(inp).transpose(1, 2)
-
-
-class TorchBackend(AttentionBackend):
-    """The materialising PyTorch reference: any device/dtype, O(N^2) memory."""
-
-    name = "torch"
-
-    def not_supported_reasons(self, inp):
-        return []
-
-    def apply(self, inp):
-        return reference_attention(inp.q, inp.k, inp.v, scale=inp.scale, rel_pos_bias=inp.table,
-                                   grid=(inp.rows, inp.cols), positions=inp.positions,
-                                   amm=inp.amm, bias=inp.bias, modulation=inp.modulation)
-
-
-class EagerBackend(AttentionBackend):
-    """The authors' published materialising code path (``eager_attention``):
-    any device/dtype; chosen only when asked for by name."""
-
-    name = "eager"
-
-    def not_supported_reasons(self, inp):
-        return []
-
-    def auto_reasons(self, inp):
-        return ["'auto' never picks the published eager path (ask backend='eager')"]
-
-    def apply(self, inp):
-        return eager_attention(inp.q, inp.k, inp.v, scale=inp.scale, rel_pos_bias=inp.table,
-                               grid=(inp.rows, inp.cols), positions=inp.positions,
-                               amm=inp.amm, bias=inp.bias, modulation=inp.modulation)
-
-
-OP = "amm_attention"
-
-
-def register_backend(backend: AttentionBackend, auto_rank: Optional[int] = None) -> None:
-    """Add a backend of ``amm_attention``; ``auto_rank`` places it in the
-    ``"auto"`` order (lower first), whatever the order in which backends register."""
-    _backends.register(OP, backend, auto_rank)
-
-
 def available_backends() -> List[str]:
     """The ``amm_attention`` backends that can run on this machine (``triton``
     only where triton imports and is supported, ``cpp`` only where the extension
     is prebuilt or a compiler and ninja can build it)."""
     return _backends.available(OP)
-
-
-_load_optional_backends = _backends._load_optional
-_IMPORT_ERRORS = _backends._IMPORT_ERRORS
-
-register_backend(TorchBackend(), auto_rank=100)
-register_backend(EagerBackend())
 
 
 def select_backend(inp: AttentionInputs, backend: str = "auto") -> AttentionBackend:

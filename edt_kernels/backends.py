@@ -18,8 +18,6 @@ for every op that has a backend of that name; other ops stay on ``"auto"``.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 from typing import Any, Callable, Dict, List, Optional
 
@@ -31,10 +29,8 @@ __all__ = [
     "available",
     "select",
     "env_backend",
-    "triton_unavailable_reason",
     "ENV_VAR",
     "OpCall",
-    "cpp_unavailable_reason",
 ]
 
 ENV_VAR = "EDT_KERNELS_BACKEND"
@@ -103,7 +99,6 @@ def register(op: str, backend: Backend, auto_rank: Optional[int] = None) -> Back
 
 
 def backends_of(op: str) -> Dict[str, Backend]:
-    _load_optional()
     return dict(_BACKENDS.get(op, {}))
 
 
@@ -165,83 +160,3 @@ class OpCall:
     @property
     def device(self):
         return next(t.device for t in self.tensors.values() if t is not None)
-
-
-# ----------------------------------------------------------------------------- optional backends
-
-def cpp_unavailable_reason(kind: str = "cpu") -> Optional[str]:
-    """Why the compiled extension (``kind`` "cpu" or "cuda") cannot be had here,
-    without building it: the recorded load error once it was tried, else None
-    when a prebuilt library exists or a compiler and ninja could build it."""
-    import shutil
-
-    from . import _ext
-
-    if kind in _ext._state:
-        return _ext._state[kind]
-    if _ext._prebuilt("edt_kernels._C" if kind == "cpu" else "edt_kernels._C_cuda") is not None:
-        return None
-    if os.environ.get("EDT_KERNELS_JIT", "1") == "0":
-        return "no prebuilt extension and EDT_KERNELS_JIT=0"
-    if _ext.source_hash() is None:
-        return f"extension sources not found in {_ext.CSRC_DIR}"
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler found (CXX={cxx!r} is not on PATH)"
-    from torch.utils import cpp_extension
-
-    if not cpp_extension.is_ninja_available():
-        return "ninja not found (pip install ninja)"
-    if kind == "cuda" and cpp_extension.CUDA_HOME is None:
-        return "CUDA toolkit (nvcc) not found: set CUDA_HOME"
-    return None
-
-
-_TRITON_REASON: List[Optional[str]] = []
-
-
-def triton_unavailable_reason() -> Optional[str]:
-    """None when the Triton kernels can run here, else why not: the version
-    check of ``edt_kernels._triton_support`` (where that module exists), or
-    ``triton import failed: <error>``."""
-    if not _TRITON_REASON:
-        reason = None
-        if importlib.util.find_spec(f"{__package__}._triton_support") is not None:
-            support = importlib.import_module(f"{__package__}._triton_support")
-            reason = support.triton_unavailable_reason()
-        if reason is None:
-            try:
-                import triton  # noqa: F401
-                import triton.language  # noqa: F401
-            except Exception as exc:  # noqa: BLE001 - any import failure costs the backend only
-                reason = f"triton import failed: {type(exc).__name__}: {exc}"
-        _TRITON_REASON.append(reason)
-    return _TRITON_REASON[0]
-
-
-_IMPORT_ERRORS: Dict[str, str] = {}
-_loaded: List[bool] = []
-
-
-def _load_optional() -> None:
-    """Import the modules that register the compiled backends (once; lazily, so
-    that ``import edt_kernels`` stays cheap and triton optional).  A module that
-    fails to import leaves a backend that reports the error."""
-    if _loaded:
-        return
-    _loaded.append(True)
-    for mod in ("ops.amm_attention", "ops.amm_attention_cpp"):
-        if mod == "ops.amm_attention" and triton_unavailable_reason() is not None:
-            _IMPORT_ERRORS[mod] = triton_unavailable_reason()
-            continue
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except Exception as exc:  # noqa: BLE001
-            _IMPORT_ERRORS[mod] = f"{type(exc).__name__}: {exc}"
-    if "ops.amm_attention" in _IMPORT_ERRORS and "triton" not in _BACKENDS.get("amm_attention", {}):
-        why = _IMPORT_ERRORS["ops.amm_attention"]
-        register("amm_attention", FunctionBackend("triton", _unreachable, unavailable=lambda: why))
-
-
-def _unreachable(inp):  # pragma: no cover - guarded by unavailable_reason
-    raise RuntimeError("unavailable backend called")

@@ -238,7 +238,7 @@ def set_processor_amm(m: nn.Module, amm, eval_only: bool, grid) -> Tuple:
     """``apply_amm`` on a module with a hand-set ``AMMAttnProcessor``: a copy for
     this module only (the hand-set one may be shared by every layer)."""
     previous = m.processor
-    m.set_processor(previous.clone(amm=amm if amm is not False else None, eval_only=eval_only,
+    m.set_processor(previous.clone(amm=amm, eval_only=eval_only,
                                    grid=grid if grid is not None else previous.grid))
     return (previous,)
 

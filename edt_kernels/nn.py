@@ -18,19 +18,16 @@
 """
 from __future__ import annotations
 
-import warnings
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .amm import AMM, GridLike, normalize_grid, num_offsets, relative_position_index
 from ._validation import coerce_amm
+from .amm import KEEP, AMMLike, GridLike, normalize_grid, num_offsets, relative_position_index
 from .attention import amm_attention_qkvpacked
 
 __all__ = ["RelativePositionBias", "AMMAttention"]
-
-AMMLike = Union[None, bool, AMM]
 
 
 class RelativePositionBias(nn.Module):
@@ -122,7 +119,7 @@ class AMMAttention(nn.Module):
         amm: default EDT Attention Modulation Matrix: ``None``/``False``,
             ``True`` (published) or an ``AMM(...)`` config.
         amm_eval_only: apply ``amm`` only in eval mode (the published EDT does
-            so).  ``amm_in_training`` is its deprecated negation.
+            so).
         qk_scale: softmax scale, default ``head_dim ** -0.5``.
         attn_drop: must be 0 (the fused kernels have no attention dropout).
         proj_drop, proj_bias: as timm.
@@ -170,38 +167,26 @@ class AMMAttention(nn.Module):
         if not rel_pos_first:
             self.rel_pos_bias = make_rel_pos_bias()
 
-    @property
-    def amm_in_training(self) -> bool:
-        """Deprecated: ``not amm_eval_only``."""
-        warnings.warn("AMMAttention.amm_in_training is deprecated; use amm_eval_only (its negation)",
-                      DeprecationWarning, stacklevel=2)
-        return not self.amm_eval_only
-
-    @amm_in_training.setter
-    def amm_in_training(self, value: bool) -> None:
-        warnings.warn("AMMAttention.amm_in_training is deprecated; use amm_eval_only (its negation)",
-                      DeprecationWarning, stacklevel=2)
-        self.amm_eval_only = not bool(value)
-
     def amm_active(self) -> bool:
         """Whether a forward now applies the module's AMM (set, and not
         switched off by ``amm_eval_only`` in training mode)."""
         return self.amm is not None and not (self.training and self.amm_eval_only)
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                amm: AMMLike = None) -> torch.Tensor:
+                amm: AMMLike = KEEP) -> torch.Tensor:
         """``x [B, N, C]`` -> ``[B, N, C]``.
 
         ``positions``: ``[B, N]``/``[N]`` flat grid indices of the tokens
         (MDT's ``ids_keep``); ``amm``: per-call override of the module's AMM
-        (``None`` keeps the module's setting, ``False`` switches it off).
+        (``KEEP``, the default, keeps the module's setting; ``None``/``False``
+        switches it off; ``True``/``AMM(...)`` switches it on).
         """
         B, N, C = x.shape  # (B, N, C)
         if C != self.dim:
             raise ValueError(f"x must be [B, N, C] with C = {self.dim}, got {list(x.shape)}")
         H, D = self.num_heads, self.head_dim
         qkv = self.qkv(x).reshape(B, N, 3, H, D)  # (B, N, 3, H, D), a view; its gradient is written in place
-        if amm is None:
+        if amm is KEEP:
             amm = self.amm if self.amm_active() else None
         table = self.rel_pos_bias.relative_position_bias_table if self.rel_pos_bias is not None else None
         out = amm_attention_qkvpacked(qkv, scale=self.scale, rel_pos_bias=table, grid=self.grid,

@@ -58,29 +58,21 @@ from torch import nn
 
 from . import diffusers as _diffusers
 from ._patch_kinds import KINDS, STATE_ATTR, AttentionKind, PatchState, grid_of, state_of
-from .amm import AMM
+from ._validation import coerce_amm
+from .amm import KEEP, AMMLike
 from .attention import available_backends
+from .nn import AMMAttention
 
 __all__ = [
     "ATTENTION_KINDS",
-    "AMM_PRESETS",
     "AttentionKind",
-    "AMMHandle",
     "PatchReport",
     "PatchedModule",
     "UnsupportedModuleError",
     "patch_model",
     "unpatch_model",
-    "apply_amm",
     "is_patched",
 ]
-
-_STATE_ATTR = STATE_ATTR
-_PatchState = PatchState  # the former private name, kept for code that inspected it
-_state = state_of
-
-AMMLike = Union[None, bool, AMM]
-
 
 class UnsupportedModuleError(TypeError):
     """A module handed to the patcher is not one of ``ATTENTION_KINDS``."""
@@ -110,27 +102,11 @@ def _detect(module: nn.Module) -> Optional[AttentionKind]:
 def _native_kind(m: nn.Module) -> Optional[str]:
     """Modules that compute through ``amm_attention`` already (nothing to patch),
     recognised by type."""
-    from .nn import AMMAttention
-
     if isinstance(m, AMMAttention):
         return "AMMAttention"
-    legacy = _legacy_models_attention()
-    if legacy is not None and isinstance(m, legacy):
-        return "edt.models"
     if _diffusers.has_amm_processor(m):
         return "AMMAttnProcessor"
     return None
-
-
-def _legacy_models_attention() -> Optional[type]:
-    """``edt.models.common.RelPosAttention`` where this checkout still has it (an
-    attention module calling ``amm_attention`` with its own AMM flags), by type;
-    only looked up when that module is already imported."""
-    import sys
-
-    common = sys.modules.get("edt.models.common")
-    cls = getattr(common, "RelPosAttention", None)
-    return cls if isinstance(cls, type) else None
 
 
 # ----------------------------------------------------------------------------- report
@@ -226,15 +202,10 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be 'auto' or one of {names}, got {backend!r}")
 
 
-def _check_amm_arg(amm, name: str = "amm") -> Union[None, bool, AMM]:
-    if amm is None or amm is False:
-        return amm
-    if amm is True:
-        return AMM()
-    if isinstance(amm, AMM):
-        return amm
-    raise TypeError(f"{name} must be None, True/False or an edt_kernels.AMM(...) config, "
-                    f"got {type(amm).__name__}")
+def _coerce_override(amm: AMMLike):
+    """``KEEP`` (each module's own AMM setting) or the one meaning of ``amm``
+    (:func:`edt_kernels._validation.coerce_amm`: None/False = no AMM)."""
+    return amm if amm is KEEP else coerce_amm(amm)
 
 
 def _resolve_targets(targets) -> Optional[Dict[type, Optional[str]]]:
@@ -339,17 +310,17 @@ def _nothing_patched_message(report: PatchReport, model: nn.Module) -> str:
     return " ".join(msg)
 
 
-def patch_model(model: nn.Module, amm: AMMLike = None, *, targets=None, backend: str = "auto",
+def patch_model(model: nn.Module, amm: AMMLike = KEEP, *, targets=None, backend: str = "auto",
                 verify: bool = False, strict: bool = False) -> PatchReport:
     """Route every supported attention module of ``model`` through ``amm_attention``, in place.
 
     Args:
         model: any ``nn.Module`` (the model itself may be an attention module),
             or a diffusers pipeline (its ``.transformer`` is patched).
-        amm: ``None`` keeps each module's own behaviour (EDT: its ``local`` AMM in
-            eval mode); ``True``/``AMM(...)`` applies the AMM in every patched
-            attention (see :func:`apply_amm` for chosen blocks); ``False`` switches
-            every AMM off.
+        amm: ``KEEP`` (the default) keeps each module's own behaviour (EDT: its
+            ``local`` AMM in eval mode); ``True``/``AMM(...)`` applies the AMM in
+            every patched attention (see :func:`edt_kernels.apply_amm` for chosen
+            blocks); ``None``/``False`` switches every AMM off.
         targets: ``None`` patches every module recognised in ``ATTENTION_KINDS``;
             a list of classes patches only those (each must be recognised, else
             :class:`UnsupportedModuleError` lists the supported types); a dict
@@ -369,7 +340,7 @@ def patch_model(model: nn.Module, amm: AMMLike = None, *, targets=None, backend:
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
     _check_backend(backend)
-    amm = _check_amm_arg(amm)
+    amm = _coerce_override(amm)
     tmap = _resolve_targets(targets)
     report = PatchReport()
     found_classes = set()
@@ -435,11 +406,10 @@ def patch_model(model: nn.Module, amm: AMMLike = None, *, targets=None, backend:
     return report
 
 
-def unpatch_model(target: Union[nn.Module, PatchReport, "AMMHandle"]) -> int:
+def unpatch_model(target: Union[nn.Module, PatchReport]) -> int:
     """Restore the original forward of the modules patched by a report (or of
-    every patched module inside a model).  Returns how many were restored."""
-    if isinstance(target, AMMHandle):
-        return target.undo()
+    every patched module inside a model).  Returns how many were restored.
+    (The handle of :func:`edt_kernels.apply_amm` is undone by its ``undo()``.)"""
     if isinstance(target, PatchReport):
         n = 0
         for p in target.patched:
@@ -448,8 +418,4 @@ def unpatch_model(target: Union[nn.Module, PatchReport, "AMMHandle"]) -> int:
         return n
     if isinstance(target, nn.Module) or isinstance(getattr(target, "transformer", None), nn.Module):
         return sum(_restore_one(m) for m in list(_as_model(target, "unpatch_model").modules()))
-    raise TypeError(f"unpatch_model takes a model, a PatchReport or an AMMHandle, got {type(target).__name__}")
-
-
-# The training-free AMM lives in its own module; its public names stay importable from here.
-from .amm_presets import AMM_PRESETS, AMMHandle, apply_amm  # noqa: E402
+    raise TypeError(f"unpatch_model takes a model or a PatchReport, got {type(target).__name__}")

@@ -438,6 +438,10 @@ def test_amm_config_validation():
         AMM(period=-1.0)
     with pytest.raises(ValueError, match="AMM.radius2"):
         AMM(radius2=2.5)
+    # None means "no AMM" everywhere: there is no matrix to build for it
+    with pytest.raises(TypeError, match=r"amm must be True \(the published AMM\) or an AMM"):
+        modulation_matrix(4, amm=None)
+    assert torch.equal(modulation_matrix(4), modulation_matrix(4, amm=AMM()))
 
 
 def test_public_exports():

@@ -124,14 +124,35 @@ def test_available_backends_tell_the_truth(monkeypatch):
 
 
 def test_triton_import_error_is_a_reason(monkeypatch):
-    from edt_kernels import backends
+    from edt_kernels import _triton_support
 
-    monkeypatch.setattr(backends, "_TRITON_REASON", ["triton import failed: ImportError: no module"])
+    why = "triton import failed: ImportError: no module"
+    monkeypatch.setattr(_triton_support, "_cached", {False: why, True: why})
     x, s = torch.randn(2, 4, 3), torch.randn(2, 3)
     with pytest.raises(ValueError, match="triton import failed: ImportError"):
         edt_kernels.layernorm_modulate(x, s, s, backend="triton")
     monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
     assert torch.equal(edt_kernels.layernorm_modulate(x, s, s), edt_kernels.layernorm_modulate(x, s, s, backend="torch"))
+
+
+def test_a_batch_beyond_the_triton_grid_is_a_reason(monkeypatch):
+    """B > 65535 does not fit the grid axis on which the Triton token/adaLN
+    kernels put the batch: a reason of that backend, so that "auto" takes the
+    next one and an explicit backend="triton" names it (nothing is launched)."""
+    from edt_kernels import backends
+    from edt_kernels.backends import OpCall
+
+    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors fit the triton backend but for B
+    B = 65536
+    x, s = torch.randn(B, 1, 2), torch.randn(B, 2)
+    assert backends.select("layernorm_modulate", OpCall((), x=x[:1], shift=s[:1], scale=s[:1])).name == "triton"
+    assert backends.select("layernorm_modulate", OpCall((), x=x, shift=s, scale=s)).name == "torch"
+    assert torch.equal(edt_kernels.layernorm_modulate(x, s, s),
+                       edt_kernels.layernorm_modulate(x, s, s, backend="torch"))
+    with pytest.raises(ValueError, match=r"backend 'triton' does not support these inputs: batch B = 65536 "
+                                         r"exceeds 65535.*\(supported by: .*torch"):
+        edt_kernels.layernorm_modulate(x, s, s, backend="triton")
 
 
 def test_unknown_backend_names_the_choices():

@@ -56,8 +56,8 @@ SCRIPT = textwrap.dedent(r"""
                  fwd_first.num_stages)
     out = {
         "fwd_bf16": compile_one(m._amm_attn_fwd_kernel, "bf16", fwd_tiles),
-        "dkdv_bf16": compile_one(m._amm_attn_bwd_dkdv_kernel, "bf16", m._BWD_DKDV_TILES[0]),
-        "dq_bf16": compile_one(m._amm_attn_bwd_dq_kernel, "bf16", m._BWD_DQ_TILES[0]),
+        "dkdv_bf16": compile_one(m._amm_attn_bwd_dkdv_kernel, "bf16", m._BWD_DKDV_TILES_BY_D[64][0]),
+        "dq_bf16": compile_one(m._amm_attn_bwd_dq_kernel, "bf16", m._BWD_DQ_TILES_BY_D[64][0]),
         # D = 72 as a 64-wide tile plus a 16-wide tail (8 valid lanes).
         "fwd_bf16_d72": compile_one(m._amm_attn_fwd_kernel, "bf16", fwd_tiles, BLOCK_D=64, BLOCK_D2=16,
                                     HEAD_DIM=72),
@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent(r"""
         "dtable_fp32_all_last": compile_one(m._amm_attn_bwd_dtable_kernel, "fp32",
                                             m._BWD_DTABLE_TILES_BY_D[64][-1], HAS_BIAS=True, HAS_MOD=True),
         # Worst case (float32, every option on): the last-resort tiles must fit.
-        "dkdv_fp32_all_last": compile_one(m._amm_attn_bwd_dkdv_kernel, "fp32", m._BWD_DKDV_TILES[-1],
+        "dkdv_fp32_all_last": compile_one(m._amm_attn_bwd_dkdv_kernel, "fp32", m._BWD_DKDV_TILES_BY_D[64][-1],
                                           HAS_BIAS=True, HAS_MOD=True, NEED_DBIAS=True),
     }
     print("RESULT" + json.dumps(out))

@@ -164,6 +164,8 @@ def test_amm_attention_module_amm_default_override_and_eval_only():
         attn.eval()
         torch.testing.assert_close(attn(x), eager_attention(attn, x, M=M), atol=ATOL64, rtol=ATOL64)
         torch.testing.assert_close(attn(x, amm=False), eager_attention(attn, x), atol=ATOL64, rtol=ATOL64)
+        assert torch.equal(attn(x, amm=None), attn(x, amm=False))  # None: no AMM, as everywhere
+        assert torch.equal(attn(x, amm=edt_kernels.amm.KEEP), attn(x))  # KEEP (the default): the module's own
 
 
 def test_amm_attention_loads_timm_weights():
@@ -260,13 +262,8 @@ def test_amm_attention_key_order_and_mdt_index():
     mdt_style.load_state_dict(mdt.state_dict(), strict=True)
 
 
-def test_amm_in_training_is_a_deprecated_alias_of_amm_eval_only():
-    attn = make(amm=True, amm_eval_only=True)
-    with pytest.warns(DeprecationWarning, match="amm_eval_only"):
-        assert attn.amm_in_training is False
-    with pytest.warns(DeprecationWarning, match="amm_eval_only"):
-        attn.amm_in_training = True
-    assert attn.amm_eval_only is False
+def test_amm_active_follows_amm_and_amm_eval_only():
+    attn = make(amm=True, amm_eval_only=False)
     attn.train()
     assert attn.amm_active()
     attn.amm_eval_only = True

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 import edt_kernels
-from edt_kernels import AMM, apply_amm, patch_model, unpatch_model
-from edt_kernels.patch import AMM_PRESETS, PatchReport, UnsupportedModuleError, is_patched
+from edt_kernels import AMM, AMM_PRESETS, apply_amm, patch_model, unpatch_model
+from edt_kernels.amm import KEEP
+from edt_kernels.patch import PatchReport, UnsupportedModuleError, is_patched
 
 from conftest import load_fixture
 from helpers import model_runs
@@ -580,13 +581,14 @@ def test_apply_amm_on_patched_model_restores_previous_settings():
             assert not torch.allclose(model(x, c), plain)
     assert handle.names == ["blocks.1"]
     assert all(is_patched(a) for a in attention_modules(model))  # still patched by patch_model
-    assert model.blocks[1].attn._edt_kernels_patch.amm is None
+    assert model.blocks[1].attn._edt_kernels_patch.amm is KEEP
     with torch.no_grad():
         assert torch.equal(model(x, c), plain)
     report.undo()
 
 
-def test_apply_amm_off_disables_edt_native_amm():
+@pytest.mark.parametrize("off", [False, None], ids=["False", "None"])
+def test_apply_amm_off_disables_edt_native_amm(off):
     model = make_model("edt_local").eval()
     x, c = inputs()
     with torch.no_grad():
@@ -596,12 +598,16 @@ def test_apply_amm_off_disables_edt_native_amm():
         no_amm = model(x, c)
         for a in attention_modules(model):
             a.local = True
-    handle = apply_amm(model, [0, 1], amm=False)
+    handle = apply_amm(model, [0, 1], amm=off)
     with torch.no_grad():
         torch.testing.assert_close(model(x, c), no_amm, atol=ATOL, rtol=ATOL)
     handle.undo()
     with torch.no_grad():
         torch.testing.assert_close(model(x, c), native, atol=0, rtol=0)
+    report = patch_model(model, amm=off)  # patch_model's None is no AMM too (KEEP keeps the module's)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, c), no_amm, atol=ATOL, rtol=ATOL)
+    report.undo()
 
 
 def test_patch_model_amm_everywhere_and_explicit_grid():
@@ -709,7 +715,7 @@ def test_bad_options_raise():
     with pytest.raises(UnsupportedModuleError, match="contains no supported attention"):
         apply_amm(model, [0])  # timm-like class not declared
     with pytest.raises(TypeError, match="amm must be"):
-        apply_amm(model, [0], amm=None, targets={TimmStyleAttention: "timm"})
+        apply_amm(model, [0], amm="published", targets={TimmStyleAttention: "timm"})
     with pytest.raises(TypeError, match="unpatch_model takes"):
         unpatch_model("model")
     assert not any(is_patched(m) for m in model.modules())

@@ -19,7 +19,8 @@ from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 import edt_kernels
 from edt_kernels import AMMAttention, amm_attention, amm_attention_qkvpacked, reference_attention
-from edt_kernels.backends import cpp_unavailable_reason, triton_unavailable_reason
+from edt_kernels._ext import unavailable_reason as cpp_unavailable_reason
+from edt_kernels._triton_support import triton_unavailable_reason
 
 DEV = triton_device()
 requires_triton = pytest.mark.skipif(triton_unavailable_reason() is not None,

@@ -30,8 +30,7 @@ What the main loops do per score element, and why:
   ``BLOCK_D``-wide one and a ``BLOCK_D2``-wide tail (64 + 16 for 72), two
   dots per product, instead of one tile padded to the next power of two.
 """
-import triton
-import triton.language as tl
+from ._triton_utils import tl, triton
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 

@@ -1,5 +1,10 @@
-"""Shared plumbing that turns a backend's forward/backward kernels into a
-``torch.library`` custom op with a fake (meta) kernel and autograd.
+"""What a backend of ``amm_attention`` is, and the plumbing that turns its
+forward/backward kernels into ``torch.library`` custom ops.
+
+:class:`AttentionInputs` (one validated call), :class:`AttentionBackend` and
+:func:`register_backend` are what every backend module (``amm_attention``
+Triton, ``amm_attention_cpp``, ``amm_attention_torch``) builds on; the public
+``edt_kernels.attention`` above them validates and dispatches.
 
 Every compiled backend (Triton, C++) exposes the same two entry points:
 
@@ -22,11 +27,91 @@ offset (``edt_kernels.amm.amm_offset_table``), ``bias``/``modulation`` dense
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["register_attention_op", "register_attention_qkvpacked_op"]
+from .. import backends as _backends
+from ..amm import AMM, cached_amm_offset_table
+
+__all__ = ["AttentionInputs", "AttentionBackend", "register_backend", "OP", "register_attention_op",
+           "register_attention_qkvpacked_op"]
+
+OP = "amm_attention"
+
+
+@dataclass
+class AttentionInputs:
+    """Validated, normalised arguments of one ``amm_attention`` call."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    rows: int
+    cols: int
+    table: Optional[torch.Tensor]  # [rows_t, H]
+    positions: Optional[torch.Tensor]  # int64 [B, N] or [N]
+    amm: Optional[AMM]
+    bias: Optional[torch.Tensor]  # 4-d, broadcastable to [B, H, N, N]
+    modulation: Optional[torch.Tensor]  # 4-d, broadcastable to [B, H, N, N]
+    # amm_attention_qkvpacked: the [B, N, 3, H, D] tensor that q, k, v are views of
+    qkv: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    def amm_table(self) -> Optional[torch.Tensor]:
+        if self.amm is None:
+            return None
+        return cached_amm_offset_table((self.rows, self.cols), self.amm, device=self.device)
+
+    def kernel_args(self) -> Tuple:
+        """Positional arguments of the backend custom ops (see ``ops/_attention_op``)."""
+        return (self.q, self.k, self.v, self.table, self.positions, self.amm_table(),
+                self.bias, self.modulation, self.scale, self.rows, self.cols)
+
+    def packed_kernel_args(self) -> Tuple:
+        """Positional arguments of the packed-qkv custom ops: ``kernel_args`` with
+        ``qkv [B, N, 3, H, D]`` in place of ``q, k, v``."""
+        return (self.qkv,) + self.kernel_args()[3:]
+
+
+class AttentionBackend(_backends.Backend):
+    """One way of computing ``amm_attention`` (see :mod:`edt_kernels.backends`)."""
+
+    name: str = "?"
+
+    def not_supported_reasons(self, inp: AttentionInputs) -> List[str]:
+        raise NotImplementedError
+
+    def apply(self, inp: AttentionInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_qkvpacked(self, inp: AttentionInputs) -> torch.Tensor:
+        """``amm_attention_qkvpacked``: ``[B, N, H, D]`` from ``inp.qkv``.
+
+        This default runs :meth:`apply` on ``inp.q/k/v``, the ``qkv.unbind(2)``
+        views, so autograd stacks their three gradients into one new
+        ``[B, N, 3, H, D]`` tensor (one copy); a backend whose kernels write
+        through strides overrides it to write ``dqkv`` in place (triton)."""
+        return self.apply(inp).transpose(1, 2)
+
+
+def register_backend(backend: AttentionBackend, auto_rank: Optional[int] = None) -> None:
+    """Add a backend of ``amm_attention``; ``auto_rank`` places it in the
+    ``"auto"`` order (lower first), whatever the order in which backends register."""
+    _backends.register(OP, backend, auto_rank)
 
 
 def _dtable_dtype(q: torch.Tensor) -> torch.dtype:

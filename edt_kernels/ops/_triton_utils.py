@@ -1,34 +1,39 @@
-"""Helpers shared by the Triton token and adaLN ops: the triton import, tile
-sizes, launch checks, and the backends every such op registers.
+"""Helpers shared by every Triton op (attention, tokens, adaLN): the one
+``triton`` import, tile sizes, launch checks, and the backends every token and
+adaLN op registers.
 
-The Triton backend of an op is offered only where Triton can run here
-(``edt_kernels.backends.triton_unavailable_reason``); elsewhere the kernel
-definitions still parse (``triton.jit`` becomes the identity) and the reason
-appears in every dispatch error.
+Where Triton cannot run here (``edt_kernels._triton_support.triton_unavailable_reason``:
+not installed, an unsupported version, an import error) ``triton`` and ``tl``
+below are a stand-in on which the kernel definitions still parse
+(``triton.jit`` is the identity): every op module imports, and its Triton
+backend is registered as unavailable with that reason, which appears in every
+dispatch error.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..backends import Backend, FunctionBackend, OpCall, register, select, triton_unavailable_reason
+from .._triton_support import interpreting, triton_unavailable_reason
+from ..backends import FunctionBackend, OpCall, register, select
 
 HAS_TRITON = triton_unavailable_reason() is None
 if HAS_TRITON:
     import triton
     import triton.language as tl
-else:  # pragma: no cover - e.g. macOS, or an unsupported triton: only the torch backend is offered
+else:  # pragma: no cover - e.g. macOS, or an unsupported triton: only the other backends are offered
 
     class _NoTriton:
-        """Lets the kernel definitions below be parsed where Triton is absent."""
-
-        constexpr = None
+        """Lets the kernel definitions be parsed where Triton cannot run."""
 
         @staticmethod
-        def jit(fn):
-            return fn
+        def constexpr(value=None):
+            return value
+
+        @staticmethod
+        def jit(fn=None, **options):
+            return fn if fn is not None else (lambda f: f)
 
     triton = tl = _NoTriton()
 
@@ -48,17 +53,22 @@ def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def interpreting() -> bool:
-    """Whether Triton runs through its interpreter (CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def batch_reason(t: torch.Tensor) -> Optional[str]:
+    """Why the token/adaLN kernels cannot take ``t``'s batch (its first dim),
+    or None: they put the batch on a CUDA grid axis of at most 65535."""
+    if t.dim() and t.shape[0] > MAX_GRID_BATCH:
+        return (f"batch B = {t.shape[0]} exceeds {MAX_GRID_BATCH}, the CUDA grid limit of the Triton "
+                "token/adaLN kernels")
+    return None
 
 
 def check_launchable(t: torch.Tensor) -> None:
+    """The launchers' own guard (dispatch has already turned each of these into a reason)."""
     if not HAS_TRITON:
         raise RuntimeError(f"the Triton kernels cannot run: {triton_unavailable_reason()}; use backend='torch'")
-    if t.dim() and t.shape[0] > MAX_GRID_BATCH:
-        raise ValueError(f"batch B = {t.shape[0]} exceeds {MAX_GRID_BATCH}, the CUDA grid limit of the "
-                         "Triton token/adaLN kernels: split the batch or use backend='torch'")
+    why = batch_reason(t)
+    if why is not None:
+        raise ValueError(f"{why}: split the batch or use backend='torch'")
     if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
         return
     raise RuntimeError(f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
@@ -110,27 +120,21 @@ def triton_reasons(call: OpCall) -> List[str]:
     for name, t in call.tensors.items():
         if t is not None and t.is_floating_point() and t.dtype not in TRITON_DTYPES:
             why.append(f"{name} is {t.dtype} (Triton kernels take float16, bfloat16, float32)")
-    return why
+    batch = [r for r in (batch_reason(t) for t in call.tensors.values() if t is not None) if r is not None]
+    return why + batch[:1]
 
 
-def triton_unsupported(**tensors: Optional[torch.Tensor]) -> List[str]:
-    """Why the Triton kernels cannot take these tensors (empty list: they can)."""
-    why = triton_unavailable_reason()
-    return ([why] if why else []) + triton_reasons(OpCall((), **tensors))
-
-
-def register_op(op: str, triton_fn: Callable, reference_fn: Callable, cpp: Optional[Backend] = None) -> None:
+def register_op(op: str, triton_fn: Callable, reference_fn: Callable) -> None:
     """The backends of one token/adaLN op: ``triton`` (``"auto"``'s choice on
     CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, of the dtypes
-    it takes), ``torch`` (the PyTorch reference, any device/dtype), ``eager``
-    (the same reference: one backend string works for every op) and, where
-    given, ``cpp``."""
+    it takes), ``torch`` (the PyTorch reference, any device/dtype) and ``eager``
+    (the same reference: one backend string works for every op).  The ``cpp``
+    backend of the token ops that have compiled kernels registers in
+    ``tokens_cpp``."""
     register(op, FunctionBackend("triton", triton_fn, triton_reasons, unavailable=triton_unavailable_reason),
              auto_rank=0)
     register(op, FunctionBackend("torch", reference_fn), auto_rank=100)
     register(op, FunctionBackend("eager", reference_fn))
-    if cpp is not None:
-        register(op, cpp, auto_rank=-1)  # where "auto" may take it (opt-in), it comes first
 
 
 def dispatch(op: str, backend: str, call: OpCall):

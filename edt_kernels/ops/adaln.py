@@ -20,7 +20,7 @@ from __future__ import annotations
 from .._validation import check_eps, check_shape, check_tensor  # noqa: F401
 from ._triton_utils import (  # noqa: F401
     HAS_TRITON, MAX_GRID_BATCH, TRITON_DTYPES, check_launchable, dispatch, interpreting, promote, register_op,
-    row_config, rows_per_program, tile_config, tl, triton, triton_reasons, triton_unsupported, unit_stride,
+    row_config, rows_per_program, tile_config, tl, triton, triton_reasons, unit_stride,
     use_triton,
 )
 from ._triton_utils import empty_output as _empty  # noqa: F401

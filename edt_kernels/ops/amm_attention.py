@@ -39,15 +39,10 @@ from typing import List, Optional
 
 import torch
 
-from .._triton_support import triton_unavailable_reason
-
-if triton_unavailable_reason():  # caught by attention._load_optional_backends: no "triton" backend
-    raise ImportError(triton_unavailable_reason())
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from ..attention import AttentionBackend, AttentionInputs, register_backend
-from ._attention_op import _empty_like_out, register_attention_op, register_attention_qkvpacked_op
+from .._triton_support import interpreting, triton_unavailable_reason
+from ._attention_op import (AttentionBackend, AttentionInputs, _empty_like_out, register_attention_op,
+                            register_attention_qkvpacked_op, register_backend)
+from ._triton_utils import HAS_TRITON, triton
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
     _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
@@ -57,10 +52,6 @@ __all__ = ["amm_attention_forward", "amm_attention_backward", "TritonBackend"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ============================================================================ launchers
@@ -88,10 +79,10 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 
 _FWD_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "HEAD_DIM", "ALIGN", "HAS_GRID", "HAS_TABLE", "HAS_AMM",
             "HAS_BIAS", "HAS_MOD", "FOLD", "DOT_PRECISION"]
-# Under the interpreter there is nothing to tune: the plain kernel with the
+# Under the interpreter (or without Triton) there is nothing to tune: the plain kernel with the
 # tiles of _block_sizes is launched.  On a GPU the autotuner is keyed on a
 # power-of-two bucket of N (MDT's kept-token count changes every step).
-_fwd_kernel = (_amm_attn_fwd_kernel if _interpreting() else
+_fwd_kernel = (_amm_attn_fwd_kernel if interpreting() or not HAS_TRITON else
                triton.autotune(configs=_fwd_configs(), key=_FWD_KEY,
                                prune_configs_by={"early_config_prune": _prune_fwd_configs})(_amm_attn_fwd_kernel))
 _fwd_choice: dict = {}  # autotuned config per key, reused under CUDA-graph capture
@@ -156,8 +147,6 @@ _BWD_DQ_TILES_BY_D = {
     128: [(64, 64, 8, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
     256: [(32, 32, 8, 1), (16, 32, 4, 1)],
 }
-_BWD_DKDV_TILES = _BWD_DKDV_TILES_BY_D[64]  # the D <= 64 lists under their former names
-_BWD_DQ_TILES = _BWD_DQ_TILES_BY_D[64]
 _tile_choice: dict = {}
 
 
@@ -437,9 +426,12 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
+    def unavailable_reason(self) -> Optional[str]:
+        return triton_unavailable_reason()
+
     def not_supported_reasons(self, inp: AttentionInputs) -> List[str]:
         why = []
-        if inp.device.type == "cpu" and not _interpreting():
+        if inp.device.type == "cpu" and not interpreting():
             why.append("CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)")
         elif inp.device.type not in ("cuda", "cpu"):
             why.append(f"device {inp.device.type!r} is not supported (CUDA only)")

@@ -189,29 +189,32 @@ def _(y, ids, length):
     return y.new_empty((y.shape[0], length, y.shape[2]))
 
 
-def _gather_setup(ctx, inputs, output):
-    x, ids = inputs
-    ctx.save_for_backward(ids)
-    ctx.length = x.shape[1]
+def register_gather_scatter_autograd(gather_op, scatter_op) -> None:
+    """Autograd of a gather/scatter pair of custom ops, each the other's
+    backward (the Triton ops here, the compiled ones of ``tokens_cpp``)."""
+
+    def gather_setup(ctx, inputs, output):
+        x, ids = inputs
+        ctx.save_for_backward(ids)
+        ctx.length = x.shape[1]
+
+    def gather_backward(ctx, dout):
+        (ids,) = ctx.saved_tensors
+        return scatter_op(dout, ids, ctx.length), None
+
+    def scatter_setup(ctx, inputs, output):
+        y, ids, length = inputs
+        ctx.save_for_backward(ids)
+
+    def scatter_backward(ctx, dout):
+        (ids,) = ctx.saved_tensors
+        return gather_op(dout, ids), None, None
+
+    gather_op.register_autograd(gather_backward, setup_context=gather_setup)
+    scatter_op.register_autograd(scatter_backward, setup_context=scatter_setup)
 
 
-def _gather_backward(ctx, dout):
-    (ids,) = ctx.saved_tensors
-    return _scatter_tokens_op(dout, ids, ctx.length), None
-
-
-def _scatter_setup(ctx, inputs, output):
-    y, ids, length = inputs
-    ctx.save_for_backward(ids)
-
-
-def _scatter_backward(ctx, dout):
-    (ids,) = ctx.saved_tensors
-    return _gather_tokens_op(dout, ids), None, None
-
-
-_gather_tokens_op.register_autograd(_gather_backward, setup_context=_gather_setup)
-_scatter_tokens_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+register_gather_scatter_autograd(_gather_tokens_op, _scatter_tokens_op)
 
 # ============================================================================ public functions
 
@@ -255,14 +258,5 @@ def scatter_tokens(y: torch.Tensor, ids: torch.Tensor, length: int, *,
 
 # ============================================================================ backends
 
-def _cpp_token_backend(op: str):
-    """The compiled C++ (CPU) / CUDA kernels of ``csrc/`` for this op, or None."""
-    from .amm_attention_cpp import token_backend
-
-    return token_backend(op)
-
-
-register_op("gather_tokens", lambda c: _gather_tokens_op(*c.args), lambda c: reference_gather_tokens(*c.args),
-            cpp=_cpp_token_backend("gather_tokens"))
-register_op("scatter_tokens", lambda c: _scatter_tokens_op(*c.args), lambda c: reference_scatter_tokens(*c.args),
-            cpp=_cpp_token_backend("scatter_tokens"))
+register_op("gather_tokens", lambda c: _gather_tokens_op(*c.args), lambda c: reference_gather_tokens(*c.args))
+register_op("scatter_tokens", lambda c: _scatter_tokens_op(*c.args), lambda c: reference_scatter_tokens(*c.args))

@@ -44,7 +44,7 @@ torch.compile traces them).  ``x`` is ``[B, L, C]``, index tensors int64::
 
 The gather/scatter/unshuffle schemas equal those of the compiled extension's
 token kernels (``csrc/``), which are the ``"cpp"`` backend of these ops
-(``ops.amm_attention_cpp.CppTokenBackend``).  The ops do not validate: the public
+(``ops.tokens_cpp``, custom ops ``edt_kernels::<name>_cpp``).  The ops do not validate: the public
 functions do (indices must be in range, ``ids`` rows unique, ``ids_restore``
 rows permutations), and the kernels mask every index so that an out-of-range
 value is never dereferenced (its row reads as zero / the mask token).
@@ -65,6 +65,7 @@ from .masked_shortcut import (  # noqa: F401
 from .patch_merge_modulate import _patch_merge_bwd_op, _patch_merge_op, patch_merge_modulate  # noqa: F401
 from .random_masking import _masking_gather_op, _sort_kept_op, masking_gather, random_masking, sort_kept  # noqa: F401
 from .unshuffle import _unshuffle_bwd_op, _unshuffle_op, unshuffle_backward, unshuffle_with_mask_token  # noqa: F401
+from . import tokens_cpp  # noqa: F401  (registers the "cpp" backend of gather/scatter/unshuffle)
 
 __all__ = [
     "random_masking",

@@ -140,25 +140,31 @@ def _(dout, ids_restore, len_keep, need_dpos):
     return dout.new_empty((B, len_keep, C)), dout.new_empty((1, 1, C), dtype=torch.float32), dpos
 
 
-def _unshuffle_setup(ctx, inputs, output):
-    x_kept, ids_restore, mask_token, pos_embed = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.len_keep = x_kept.shape[1]
-    ctx.dtypes = (x_kept.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
-    ctx.shapes = (mask_token.shape, None if pos_embed is None else pos_embed.shape)
+def register_unshuffle_autograd(op, backward_op) -> None:
+    """Autograd of an unshuffle custom op through its backward op (the Triton
+    ops here, the compiled ones of ``tokens_cpp``): gradients in the dtypes
+    and shapes of x_kept, mask_token and pos_embed."""
+
+    def setup(ctx, inputs, output):
+        x_kept, ids_restore, mask_token, pos_embed = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.len_keep = x_kept.shape[1]
+        ctx.dtypes = (x_kept.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
+        ctx.shapes = (mask_token.shape, None if pos_embed is None else pos_embed.shape)
+
+    def backward(ctx, dout):
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, mt_dtype, pos_dtype = ctx.dtypes
+        need_dpos = pos_dtype is not None and bool(ctx.needs_input_grad[3])
+        dx, dmt, dpos = backward_op(dout, ids_restore, ctx.len_keep, need_dpos)
+        dmt = dmt.reshape(ctx.shapes[0]).to(mt_dtype)
+        dpos = dpos.reshape(ctx.shapes[1]).to(pos_dtype) if need_dpos else None
+        return dx.to(x_dtype), None, dmt, dpos
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _unshuffle_backward(ctx, dout):
-    (ids_restore,) = ctx.saved_tensors
-    x_dtype, mt_dtype, pos_dtype = ctx.dtypes
-    need_dpos = pos_dtype is not None and bool(ctx.needs_input_grad[3])
-    dx, dmt, dpos = _unshuffle_bwd_op(dout, ids_restore, ctx.len_keep, need_dpos)
-    dmt = dmt.reshape(ctx.shapes[0]).to(mt_dtype)
-    dpos = dpos.reshape(ctx.shapes[1]).to(pos_dtype) if need_dpos else None
-    return dx.to(x_dtype), None, dmt, dpos
-
-
-_unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
+register_unshuffle_autograd(_unshuffle_op, _unshuffle_bwd_op)
 
 # ============================================================================ public functions
 
@@ -198,12 +204,5 @@ def unshuffle_with_mask_token(x_kept: torch.Tensor, ids_restore: torch.Tensor,
 
 # ============================================================================ backends
 
-def _cpp_token_backend(op: str):
-    from .amm_attention_cpp import token_backend
-
-    return token_backend(op)
-
-
 register_op("unshuffle_with_mask_token", lambda c: _unshuffle_op(*c.args),
-            lambda c: reference_unshuffle_with_mask_token(*c.args),
-            cpp=_cpp_token_backend("unshuffle_with_mask_token"))
+            lambda c: reference_unshuffle_with_mask_token(*c.args))

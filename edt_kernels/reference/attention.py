@@ -16,11 +16,11 @@ and the benchmarks' baseline.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-from .._validation import infer_grid
+from .._validation import coerce_amm, infer_grid
 from ..amm import AMM, GridLike, amm_offset_table, normalize_grid, relative_position_index
 
 __all__ = ["reference_attention", "reference_attention_lse", "eager_attention", "eager_rel_pos_bias",
@@ -58,7 +58,8 @@ def reference_modulation(q, *, grid=None, positions=None, amm=None, modulation=N
     """The dense post-softmax multiplier (AMM ⊙ modulation), or None."""
     B, H, N, D = q.shape
     w = None
-    if amm is not None and amm is not False:
+    amm = coerce_amm(amm)
+    if amm is not None:
         rows, cols = normalize_grid(grid if grid is not None else _square_side(N))
         pos = _positions_or_arange(positions, N, q.device)
         table = amm_offset_table((rows, cols), amm, device=q.device, dtype=torch.float64)
@@ -131,9 +132,8 @@ def eager_modulation(grid: GridLike, amm: Union[bool, AMM], positions: Optional[
     """EDT's dense AMM buffer ``[1, 1, L, L]`` (float32), or at ``positions``
     ``[B, 1, N, N]`` (a 1-d ``positions`` gives ``[1, 1, N, N]``)."""
     rows, cols = normalize_grid(grid)
-    cfg = AMM() if amm is True else amm
     # Built on the CPU and moved, as the models build their AMM buffer.
-    offsets = amm_offset_table((rows, cols), cfg, device="cpu", dtype=torch.float32).to(device)
+    offsets = amm_offset_table((rows, cols), amm, device="cpu", dtype=torch.float32).to(device)
     index = relative_position_index((rows, cols), device=device)
     if positions is None:
         return offsets[index][None, None]
@@ -150,12 +150,15 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     positions: Optional[torch.Tensor] = None,
                     amm: Union[None, bool, AMM] = None,
                     bias: Optional[torch.Tensor] = None,
-                    modulation: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    modulation: Optional[torch.Tensor] = None,
+                    dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """The published MDT/EDT attention, op for op; same arguments as
-    ``amm_attention``::
+    ``amm_attention``, plus the module's attention ``dropout`` layer (what the
+    fused kernels cannot do: the patcher computes here a module whose attention
+    dropout is active)::
 
         attn = (q @ k^T) * scale + bias_table     # q's dtype; + the table's dtype (promotes)
-        attn = softmax(attn) * AMM                 # dense [.., N, N] AMM buffer
+        attn = dropout(softmax(attn) * AMM)        # dense [.., N, N] AMM buffer
         out  = attn.to(v.dtype) @ v
 
     Every ``N x N`` tensor is materialised, as in the authors' code; under
@@ -165,15 +168,18 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     N = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    g = grid if grid is not None else _square_side(N)
+    amm = coerce_amm(amm)
+    g = grid if grid is not None or (rel_pos_bias is None and amm is None) else _square_side(N)
     attn = (q @ k.transpose(-2, -1)) * scale  # [B, H, N, N]
     if rel_pos_bias is not None:
         attn = attn + eager_rel_pos_bias(rel_pos_bias, g, positions)
     if bias is not None:
         attn = attn + bias
     attn = attn.softmax(dim=-1)
-    if amm is not None and amm is not False:
+    if amm is not None:
         attn = attn * eager_modulation(g, amm, positions, device=q.device).to(attn.dtype)
     if modulation is not None:
         attn = attn * modulation.to(attn.dtype)
+    if dropout is not None:
+        attn = dropout(attn)
     return (attn.to(v.dtype) @ v).to(q.dtype)
