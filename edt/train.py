@@ -9,7 +9,7 @@
 Recipes (``--recipe``, default ``auto``: ``mdt`` for MDTv2 models, ``edt`` otherwise);
 any flag given explicitly overrides the recipe's value:
 
-* ``edt`` (xinwangChen/EDT, ``train_mask_adan.py``): Adan (timm's), weight decay
+* ``edt`` (xinwangChen/EDT, ``train_mask_adan.py``): Adan, weight decay
   0, no gradient clipping, lr decayed linearly from 1e-3 (EDT-S/B; 5e-4 for
   EDT-XL) to 5e-5 over 400k steps, timesteps from ADM's loss-second-moment
   importance sampler, EMA 0.9999.
@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, Sampler
 from .data import LatentFolder, SyntheticLatents
 from .diffusion import create_diffusion, create_named_schedule_sampler
 from .models import load_state_dict_strict
-from .utils import adan_class, build_model, load_checkpoint_file, model_family, progress_bar
+from .utils import build_model, load_checkpoint_file, model_family, progress_bar
 
 __all__ = ["main", "console_main", "parse_args", "DiffusionTrainingLoss", "ShardedSampler", "update_ema",
            "TrainingDiverged", "RECIPES", "recipe_values", "CHECKPOINT_FORMAT"]
@@ -248,11 +248,16 @@ def _seed_globals(seed: int) -> None:
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``adamw`` (torch) or ``adan`` (timm's Adan, its published betas (0.98, 0.92, 0.99), eps 1e-8)."""
+    """``adamw`` (torch) or ``adan``: pytorch-optimizer's Adan, whose update is that of the authors'
+    ``adan.py`` (sail-sg/Adan; tests/test_adan.py compares them): betas (0.98, 0.92, 0.99), eps 1e-8,
+    weight decay applied as ``p / (1 + lr wd)`` after the step (their default ``no_prox=False``)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adan":
-        return adan_class()(params, lr=lr, weight_decay=weight_decay)
+        from pytorch_optimizer import Adan  # a dependency; imported here, for the runs that use it
+
+        return Adan(params, lr=lr, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=weight_decay,
+                    weight_decouple=False)
     raise ValueError(f"--optimizer must be 'adamw' or 'adan', got {name!r}")
 
 

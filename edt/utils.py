@@ -189,61 +189,6 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
 
 
 # ---------------------------------------------------------------------------
-# Optimiser
-# ---------------------------------------------------------------------------
-
-_ADAN_PACKAGE = "_edt_timm_optim"
-
-
-def adan_class():
-    """timm's ``Adan`` optimiser class (``timm.optim.Adan``; the authors train EDT and MDTv2 with Adan).
-
-    ``import timm`` imports all of timm, and with it torchvision, which may be
-    missing or built for another torch. timm's ``optim/adan.py`` itself needs
-    only torch and ``optim/_helpers.py``: when ``import timm`` fails, those two
-    files of the installed timm are executed as the private package
-    ``_edt_timm_optim`` (timm's ``optim/__init__.py`` is not run). Raises
-    ``ValueError`` when timm is not installed.
-    """
-    import importlib
-    import importlib.util
-    import os
-    import types
-
-    before = set(sys.modules)
-    try:
-        from timm.optim import Adan  # the normal route
-        return Adan
-    except ImportError as e:
-        first_error = e
-        # a failed ``import timm`` leaves half-imported timm submodules behind: drop them
-        for name in set(sys.modules) - before:
-            if name == "timm" or name.startswith("timm."):
-                del sys.modules[name]
-    if _ADAN_PACKAGE + ".adan" in sys.modules:
-        return sys.modules[_ADAN_PACKAGE + ".adan"].Adan
-    try:
-        spec = importlib.util.find_spec("timm")  # locates the package without running it
-    except (ImportError, ValueError):
-        spec = None
-    optim_dir = os.path.join(list(spec.submodule_search_locations)[0], "optim") \
-        if spec is not None and spec.submodule_search_locations else None
-    if optim_dir is None or not os.path.isfile(os.path.join(optim_dir, "adan.py")):
-        raise ValueError(f"--optimizer adan needs timm's Adan (pip install timm): {first_error}") from None
-    package = types.ModuleType(_ADAN_PACKAGE)
-    package.__path__ = [optim_dir]
-    package.__package__ = _ADAN_PACKAGE
-    sys.modules[_ADAN_PACKAGE] = package
-    try:
-        return importlib.import_module(_ADAN_PACKAGE + ".adan").Adan
-    except Exception as e:  # an incompatible timm version
-        for name in (_ADAN_PACKAGE + ".adan", _ADAN_PACKAGE + "._helpers", _ADAN_PACKAGE):
-            sys.modules.pop(name, None)
-        raise ValueError(f"--optimizer adan: cannot load timm's Adan from {optim_dir} ({e}; "
-                         f"import timm failed with: {first_error})") from None
-
-
-# ---------------------------------------------------------------------------
 # Checkpoint files
 # ---------------------------------------------------------------------------
 
