@@ -4,15 +4,18 @@ No hard dependencies beyond torch and numpy: tqdm and PIL are used when installe
 """
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import time
 import zlib
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Optional
 
 import numpy as np
 
-__all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8"]
+__all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8", "atomic_write",
+           "TMP_SUFFIX"]
 
 
 class _SimpleProgress:
@@ -186,6 +189,36 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
                              f"(or 'package.module:factory')")
         factory = registry[name]
     return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Files that a killed process cannot leave half-written
+# ---------------------------------------------------------------------------
+
+#: ``atomic_write`` writes ``<name>`` through ``<name>`` + this suffix.
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all.
+
+    ``write(f)`` fills ``<path>.tmp`` (opened ``"wb"``), which is flushed, fsynced and renamed over
+    ``path``; then the directory is fsynced, so that the new name survives a crash of the machine
+    too. A process killed at any moment leaves ``path`` as it was (or absent) and at most the
+    temporary file, which the next write of ``path`` replaces. One writer per path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if os.name == "posix":  # a directory cannot be opened for fsync on Windows
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------
