@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data import VAE_SCALE_FACTOR
-from .utils import atomic_write, progress_bar
+from .utils import atomic_write, process_group_timeout, progress_bar
 
 __all__ = ["main", "parse_args", "ImageFolderPIL", "center_crop_arr", "IMG_EXTENSIONS"]
 
@@ -174,7 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         torch.cuda.set_device(device)
     distributed = world > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                                timeout=process_group_timeout())
     try:
         return _extract(args, rank, world, device)
     finally:

@@ -50,7 +50,7 @@ from .diffusion import create_diffusion
 from .models import load_state_dict_strict
 from .train import _HelpFormatter, _seed, setup_distributed
 from .utils import TMP_SUFFIX, atomic_write, build_model, latents_to_uint8, load_checkpoint_file, make_grid, \
-    pixels_to_uint8, progress_bar, write_png
+    peer_failure_message, pixels_to_uint8, progress_bar, write_png
 
 __all__ = ["main", "console_main", "parse_args", "load_weights", "sample_chunk"]
 
@@ -347,12 +347,19 @@ def _assemble(args, out_dir: Path, shards: Path, labels: torch.Tensor, model, mo
 
 
 def console_main(argv: Optional[List[str]] = None) -> int:
-    """``python -m edt.sample``: exit 0, or 2 with one ``error:`` line on bad input."""
+    """``python -m edt.sample``: exit 0, 2 with one ``error:`` line on bad input, 1 with one when
+    another rank of a distributed job died."""
     try:
         main(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        why = peer_failure_message(e)
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
+        return 1
     return 0
 
 

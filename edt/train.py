@@ -77,7 +77,8 @@ from torch.utils.data import DataLoader, Sampler
 from .data import LatentFolder, SyntheticLatents
 from .diffusion import create_diffusion, create_named_schedule_sampler
 from .models import load_state_dict_strict
-from .utils import TMP_SUFFIX, atomic_write, build_model, load_checkpoint_file, model_family, progress_bar
+from .utils import (TMP_SUFFIX, atomic_write, build_model, load_checkpoint_file, model_family,
+                    peer_failure_message, process_group_timeout, progress_bar)
 
 __all__ = ["main", "console_main", "parse_args", "DiffusionTrainingLoss", "ShardedSampler", "update_ema",
            "TrainingDiverged", "RECIPES", "recipe_values", "CHECKPOINT_FORMAT"]
@@ -416,7 +417,8 @@ class Dist:
 
 
 def setup_distributed(device_arg: str) -> Dist:
-    """Device and process group from torchrun's environment (gloo on CPU, NCCL on CUDA)."""
+    """Device and process group from torchrun's environment (gloo on CPU, NCCL on CUDA); a
+    collective waits at most ``EDT_DIST_TIMEOUT_S`` (600 s) for a rank that died or hangs."""
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked but no CUDA device is available")
@@ -430,7 +432,8 @@ def setup_distributed(device_arg: str) -> Dist:
         device = torch.device("cpu")
     distributed = world > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                                timeout=process_group_timeout())
     return Dist(distributed, rank, world, device)
 
 
@@ -908,7 +911,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 def console_main(argv: Optional[List[str]] = None) -> int:
     """``python -m edt.train``: exit 0 (done), 130 (interrupted), 2 (bad input, one ``error:``
-    line), 1 (non-finite loss, one ``error:`` line)."""
+    line), 1 (non-finite loss, or another rank of a distributed job died: one ``error:`` line)."""
     try:
         result = main(argv)
     except ValueError as e:
@@ -916,6 +919,12 @@ def console_main(argv: Optional[List[str]] = None) -> int:
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        why = peer_failure_message(e)
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
         return 1
     return 130 if result["interrupted"] else 0
 

@@ -222,6 +222,54 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Distributed runs: a rank that dies
+# ---------------------------------------------------------------------------
+
+#: Seconds a collective waits for the other ranks before the process group gives up (a rank that
+#: died or hangs): ``EDT_DIST_TIMEOUT_S``, default 600 (NCCL's own default; gloo's is 1800).
+DIST_TIMEOUT_ENV = "EDT_DIST_TIMEOUT_S"
+DIST_TIMEOUT_DEFAULT_S = 600.0
+
+#: Words of the errors a collective raises when another rank is gone (gloo: the peer closed its
+#: connection; NCCL: the watchdog's timeout or a remote error).
+_PEER_FAILURE = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                 "timeout", "nccl")
+
+
+def process_group_timeout():
+    """The ``timeout`` of ``init_process_group`` (a ``timedelta``), from ``EDT_DIST_TIMEOUT_S``."""
+    import datetime
+
+    raw = os.environ.get(DIST_TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else DIST_TIMEOUT_DEFAULT_S
+    except ValueError:
+        raise ValueError(f"{DIST_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"{DIST_TIMEOUT_ENV} must be > 0, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def peer_failure_message(exc: BaseException) -> Optional[str]:
+    """In a process of a distributed job (torchrun's ``WORLD_SIZE`` > 1): one line for an error a
+    collective raised because another rank died or stopped answering; else None (any other
+    error is not this one's to explain)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    rank = os.environ.get("RANK", "?")
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # torch built without distributed
+        DistError = ()
+    text = str(exc)
+    if not (isinstance(exc, DistError) or any(w in text.lower() for w in _PEER_FAILURE)):
+        return None
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    return (f"rank {rank}: another process of this distributed job died or stopped answering ({first}); "
+            f"restart the job with the same command and --resume auto")
+
+
+# ---------------------------------------------------------------------------
 # Checkpoint files
 # ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import torch
 
 from edt import train
 from edt.utils import TMP_SUFFIX
-from helpers.kill_runs import child_env, python_module, run_killed, time_run
+from helpers.kill_runs import Child, child_env, python_module, run_killed, time_run
 
 EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "fused": False}
 READY = "mask strategy"  # edt.train's set-up line: what follows is the steps
@@ -106,3 +106,37 @@ def test_sampling_killed_at_random_moments_ends_with_the_same_samples(tmp_path):
         assert np.array_equal(a, b), name
     assert sorted(p.name for p in (tmp_path / "killed/shards").iterdir()) == \
         sorted(p.name for p in (tmp_path / "whole/shards").iterdir())
+
+
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path):
+    """Two gloo processes (torchrun's environment set by hand, so that nothing but edt.train
+    reacts): rank 1 SIGKILLed mid-run; rank 0 exits 1 within seconds with one error line."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(child_env(tmp_path / "build"), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+               EDT_DIST_TIMEOUT_S="60")
+    cmd = _train_cmd(tmp_path / "run", 100000, 1000)
+    cmd[cmd.index("--log-every") + 1] = "1"
+    ranks = [Child(cmd, dict(env, RANK=str(r), LOCAL_RANK=str(r)), ready="(step=0000001)") for r in (0, 1)]
+    try:
+        assert ranks[0].ready_event.wait(300) and ranks[0].proc.poll() is None, ranks[0].stderr[-3000:]
+        ranks[1].proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        rc = ranks[0].wait(120)
+        took = time.monotonic() - killed
+    finally:
+        for r in ranks:
+            if r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait()
+    err = ranks[0].stderr.strip().splitlines()
+    assert rc == 1 and err and err[-1].startswith("error: rank 0: another process of this distributed job died"), \
+        ranks[0].stderr[-3000:]
+    assert "--resume auto" in err[-1]
+    assert took < 30, took  # gloo notices the closed connection at the next collective

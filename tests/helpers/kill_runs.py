@@ -30,7 +30,7 @@ def child_env(build_dir: Path) -> dict:
                 OMP_NUM_THREADS="1", EDT_KERNELS_BUILD_DIR=str(build_dir))
 
 
-class _Child:
+class Child:
     """A started command whose stdout is read by a thread (lines kept, ``ready`` line noticed)."""
 
     def __init__(self, cmd: List[str], env: dict, ready: Optional[str]):
@@ -85,7 +85,7 @@ class KillLog:
 
 def time_run(cmd: List[str], env: dict, ready: Optional[str], timeout: float = 600) -> Timing:
     """Run the command to the end (exit 0 asserted) and time it."""
-    child = _Child(cmd, env, ready)
+    child = Child(cmd, env, ready)
     rc = child.wait(timeout)
     end = time.monotonic()
     assert rc == 0, child.stderr[-3000:]
@@ -102,7 +102,7 @@ def run_killed(cmd: List[str], env: dict, *, kills: int, timing: Timing, ready: 
     rng = random.Random(seed)
     log = KillLog()
     while len(log.kills) < kills:
-        child = _Child(cmd, env, ready)
+        child = Child(cmd, env, ready)
         if ready is None or rng.random() < 0.5:
             delay = rng.uniform(0.0, timing.ready_s)
             if child.proc.poll() is None:
@@ -121,7 +121,7 @@ def run_killed(cmd: List[str], env: dict, *, kills: int, timing: Timing, ready: 
         child.proc.send_signal(signal.SIGKILL)
         assert child.wait(timeout) == -signal.SIGKILL
         log.kills.append(where)
-    child = _Child(cmd, env, ready)
+    child = Child(cmd, env, ready)
     log.final_rc = child.wait(timeout)
     log.final_stdout = "".join(child.lines)
     assert log.final_rc == 0, child.stderr[-3000:]
