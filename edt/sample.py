@@ -49,8 +49,8 @@ from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
 from .models import load_state_dict_strict
 from .train import _HelpFormatter, _seed, setup_distributed
-from .utils import TMP_SUFFIX, atomic_write, build_model, latents_to_uint8, load_checkpoint_file, make_grid, \
-    peer_failure_message, pixels_to_uint8, progress_bar, write_png
+from .utils import TMP_SUFFIX, atomic_write, build_model, exit_status_of_peer_failure, latents_to_uint8, \
+    load_checkpoint_file, make_grid, pixels_to_uint8, progress_bar, write_png
 
 __all__ = ["main", "console_main", "parse_args", "load_weights", "sample_chunk"]
 
@@ -355,11 +355,7 @@ def console_main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        why = peer_failure_message(e)
-        if why is None:
-            raise
-        print(f"error: {why}", file=sys.stderr)
-        return 1
+        return exit_status_of_peer_failure(e)  # re-raises any other error
     return 0
 
 

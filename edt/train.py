@@ -77,8 +77,8 @@ from torch.utils.data import DataLoader, Sampler
 from .data import LatentFolder, SyntheticLatents
 from .diffusion import create_diffusion, create_named_schedule_sampler
 from .models import load_state_dict_strict
-from .utils import (TMP_SUFFIX, atomic_write, build_model, load_checkpoint_file, model_family,
-                    peer_failure_message, process_group_timeout, progress_bar)
+from .utils import (TMP_SUFFIX, atomic_write, build_model, exit_status_of_peer_failure, load_checkpoint_file,
+                    model_family, process_group_timeout, progress_bar)
 
 __all__ = ["main", "console_main", "parse_args", "DiffusionTrainingLoss", "ShardedSampler", "update_ema",
            "TrainingDiverged", "RECIPES", "recipe_values", "CHECKPOINT_FORMAT"]
@@ -921,11 +921,7 @@ def console_main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        why = peer_failure_message(e)
-        if why is None:
-            raise
-        print(f"error: {why}", file=sys.stderr)
-        return 1
+        return exit_status_of_peer_failure(e)  # re-raises any other error
     return 130 if result["interrupted"] else 0
 
 

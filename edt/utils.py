@@ -250,6 +250,16 @@ def process_group_timeout():
     return datetime.timedelta(seconds=seconds)
 
 
+def exit_status_of_peer_failure(exc: RuntimeError) -> int:
+    """For the command lines' ``except RuntimeError``: the one ``error:`` line of
+    ``peer_failure_message`` on stderr and exit status 1; any other error is raised again."""
+    why = peer_failure_message(exc)
+    if why is None:
+        raise exc
+    print(f"error: {why}", file=sys.stderr)
+    return 1
+
+
 def peer_failure_message(exc: BaseException) -> Optional[str]:
     """In a process of a distributed job (torchrun's ``WORLD_SIZE`` > 1): one line for an error a
     collective raised because another rank died or stopped answering; else None (any other
