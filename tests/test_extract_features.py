@@ -135,7 +135,7 @@ def test_extract_resumes_skipping_written_files(assets, tmp_path):
     np.testing.assert_array_equal(again[0], marker)
     for i in (2, 5):
         np.testing.assert_array_equal(again[i], feats[i])
-    assert not [p for p in fdir.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert sorted(p.name for p in fdir.iterdir()) == [f"{i}.npy" for i in range(6)]  # no temporary files left
 
 
 def test_two_ranks_share_the_images(assets, tmp_path):

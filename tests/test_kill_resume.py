@@ -1,8 +1,9 @@
 """Kill it anywhere, run the same command again: real processes, SIGKILL at random moments.
 
 edt.train with ``--resume auto`` ends bit-equal to an uninterrupted run (model, EMA, optimiser,
-timestep sampler, RNG states) and leaves no unloadable checkpoint; edt.sample ends with the
-same samples. A few kills here (CI's budget); ``run_train_kills(steps=100, kills=10)`` is the
+timestep sampler, RNG states) and leaves no unloadable checkpoint; edt.sample and
+edt.extract_features end with the same samples / latents; a rank of a distributed run that dies
+stops the other with a clear error. A few kills here (CI's budget); ``run_train_kills(steps=100, kills=10)`` is the
 long version (see its docstring).
 """
 import json
@@ -76,7 +77,7 @@ def run_train_kills(tmp: Path, *, steps: int, kills: int, ckpt_every: int, seed:
 
 
 def test_training_killed_at_random_moments_ends_bit_equal(tmp_path):
-    log = run_train_kills(tmp_path, steps=12, kills=3, ckpt_every=3, seed=0)
+    log = run_train_kills(tmp_path, steps=8, kills=3, ckpt_every=2, seed=0)
     assert len(log.kills) == 3
 
 
@@ -140,3 +141,22 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path):
         ranks[0].stderr[-3000:]
     assert "--resume auto" in err[-1]
     assert took < 30, took  # gloo notices the closed connection at the next collective
+
+
+def test_feature_extraction_killed_at_random_moments_ends_with_the_same_latents(tmp_path):
+    from test_extract_features import SIZE, cli, make_image_folder, make_tiny_vae, read_all
+
+    data, vae = make_image_folder(tmp_path / "images"), make_tiny_vae(tmp_path / "vae")
+
+    def cmd(out: Path):
+        return python_module("edt.extract_features", *cli(data, vae, out, "--batch-size", "1"))
+
+    env = child_env(tmp_path / "build")
+    timing = time_run(cmd(tmp_path / "whole"), env, ready=None)
+    run_killed(cmd(tmp_path / "killed"), env, kills=2, timing=timing, ready=None, seed=0)
+    (fa, la), (fb, lb) = read_all(tmp_path / "whole", 6), read_all(tmp_path / "killed", 6)
+    for a, b in zip(fa + la, fb + lb):
+        assert np.array_equal(a, b)
+    for sub in ("features", "labels"):
+        names = sorted(p.name for p in (tmp_path / f"killed/imagenet{SIZE}_{sub}").iterdir())
+        assert names == sorted(f"{i}.npy" for i in range(6)), names  # a temporary file is never left as one

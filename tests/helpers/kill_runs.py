@@ -104,7 +104,7 @@ def run_killed(cmd: List[str], env: dict, *, kills: int, timing: Timing, ready: 
     while len(log.kills) < kills:
         child = Child(cmd, env, ready)
         if ready is None or rng.random() < 0.5:
-            delay = rng.uniform(0.0, timing.ready_s)
+            delay = rng.uniform(0.0, 0.8 * timing.ready_s)
             if child.proc.poll() is None:
                 time.sleep(max(0.0, child.start + delay - time.monotonic()))
             where = f"start+{delay:.2f}s"
