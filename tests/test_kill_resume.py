@@ -55,7 +55,7 @@ def run_train_kills(tmp: Path, *, steps: int, kills: int, ckpt_every: int, seed:
     """An uninterrupted run, then the same command SIGKILLed ``kills`` times at random moments and
     run again each time; the final checkpoints are compared bit for bit and every checkpoint left
     must load. Returns the kill log. The long version, by hand:
-    ``cd tests && python -c "from pathlib import Path; import tempfile, test_kill_resume as t;
+    ``cd tests && PYTHONPATH=.. python -c "from pathlib import Path; import tempfile, test_kill_resume as t;
     print(t.run_train_kills(Path(tempfile.mkdtemp()), steps=100, kills=10, ckpt_every=5, seed=1))"``"""
     env = child_env(tmp / "build")
     timing = time_run(_train_cmd(tmp / "whole", steps, ckpt_every), env, READY)
