@@ -464,6 +464,13 @@ def main(argv=None) -> int:
     if not a.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2
+    from edt_kernels._triton_support import triton_unavailable_reason
+
+    why = triton_unavailable_reason()  # every section runs the Triton kernels: one reason, not one per section
+    if why is not None:
+        print(f"error: the Triton kernels cannot run here{' (--dry-run: interpreter)' if a.dry_run else ''}: "
+              f"{why}", file=sys.stderr)
+        return 2
     c = Ctx(a.dry_run, a.budget_s)
     c.section("correctness: attention", 120, lambda r, d: correctness_attention(c, r, d))
     c.section("correctness: token/adaLN", 30, lambda r, d: correctness_tokens(c, r, d))

@@ -8,6 +8,8 @@ import argparse
 import sys
 from typing import Any, Callable, Optional, Sequence
 
+from .distributed import exit_status_of_peer_failure
+
 __all__ = ["ArgumentParser", "HelpFormatter", "run_command"]
 
 
@@ -33,11 +35,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_command(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]]) -> int:
-    """Exit status of ``main(argv)``: 0, or 2 with one line ``error: ...`` on stderr when it
-    raises ``ValueError`` (bad input)."""
+    """Exit status of ``main(argv)``: 0; 2 with one line ``error: ...`` on stderr when it raises
+    ``ValueError`` (bad input); 1 with one such line when another rank of a distributed job died
+    (any other error is raised)."""
     try:
         main(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        return exit_status_of_peer_failure(e)
     return 0

@@ -23,8 +23,9 @@ the output does not depend on the number of ranks, the batch size or
 interruptions.
 
 Rank r of W encodes the images i = r, r + W, ...; an image whose two files
-already exist is skipped, and each file is written to a temporary name and
-renamed, so an interrupted run is resumed by running the same command again.
+already exist is skipped, and each file is written whole or not at all (a
+temporary file, fsynced and renamed), so a run killed at any moment is resumed
+by running the same command again.
 """
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .cli import ArgumentParser, run_command
 from .data import VAE_SCALE_FACTOR
 from .distributed import process_group
-from .cli import ArgumentParser, run_command
-from .utils import progress_bar
+from .utils import atomic_write, progress_bar
 
 __all__ = ["main", "parse_args", "ImageFolderPIL", "center_crop_arr", "IMG_EXTENSIONS"]
 
@@ -136,12 +137,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def load_vae(path: str, device: torch.device):
     """A local diffusers AutoencoderKL folder, in eval mode on ``device``."""
     if not Path(path).is_dir():
@@ -186,8 +181,9 @@ def _extract(args, rank: int, world: int, device: torch.device) -> dict:
             _item_seed(args.seed + 1, int(i))), dtype=posterior.mean.dtype) for i in idx]).to(device)
         z = ((posterior.mean + posterior.std * eps) * VAE_SCALE_FACTOR).float().cpu().numpy()
         for k, i in enumerate(idx.tolist()):
-            _save_atomic(lab_dir / f"{i}.npy", np.asarray([int(y[k])], dtype=np.int64))
-            _save_atomic(feat_dir / f"{i}.npy", z[k:k + 1])
+            label, latent = np.asarray([int(y[k])], dtype=np.int64), z[k:k + 1]
+            atomic_write(lab_dir / f"{i}.npy", lambda f: np.save(f, label))
+            atomic_write(feat_dir / f"{i}.npy", lambda f: np.save(f, latent))
             written += 1
     if rank == 0:
         print(f"rank 0: wrote {written}, skipped {skipped} existing, of {len(dataset)} images in "

@@ -17,8 +17,9 @@ first 3 channels in [-1, 1] as RGB (what the built-in synthetic data looks like)
 
 The N samples are cut into chunks of ``--batch-size``; with W processes, rank r
 makes the chunks c = r, r + W, ... Each finished chunk is written to
-``OUT/shards/<c>.npz`` at once; a run that finds a chunk on disk skips it, so an
-interrupted run continues where it stopped (the settings are recorded in
+``OUT/shards/<c>.npz`` at once, whole or not at all (a temporary file, fsynced
+and renamed); a run that finds a chunk on disk skips it, so a run killed at any
+moment continues where it stopped when the same command is run again (the settings are recorded in
 ``OUT/shards/config.json``, and a run with other settings is refused). A
 chunk's noise comes from a generator seeded by (seed, chunk): the samples do
 not depend on the number of processes.
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -50,8 +50,8 @@ from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
 from .models import load_state_dict_strict
-from .utils import build_model, latents_to_uint8, load_checkpoint_file, make_grid, pixels_to_uint8, \
-    progress_bar, write_png
+from .utils import TMP_SUFFIX, atomic_write, build_model, latents_to_uint8, load_checkpoint_file, make_grid, \
+    pixels_to_uint8, progress_bar, write_png
 
 __all__ = ["main", "console_main", "parse_args", "load_weights", "sample_chunk"]
 
@@ -191,7 +191,7 @@ def _run_config(args, model_name: str, model_kwargs: dict, image_size: int, num_
 
 def _discard_earlier_run(out_dir: Path) -> None:
     """--overwrite: remove the files an earlier run of edt.sample wrote (nothing else)."""
-    for pattern in ("shards/[0-9]*.npz", "shards/config.json", "images/[0-9]*.png"):
+    for pattern in ("shards/[0-9]*.npz", "shards/*" + TMP_SUFFIX, "shards/config.json", "images/[0-9]*.png"):
         for f in out_dir.glob(pattern):
             f.unlink()
 
@@ -215,7 +215,7 @@ def _check_shard_dir(shards: Path, config: dict, d, overwrite: bool = False) -> 
                          f"{', '.join(diff) or 'format'}); expected the same settings to resume it, "
                          f"--overwrite to discard it, or another --out-dir")
         else:
-            path.write_text(json.dumps(config, indent=1))
+            atomic_write(path, lambda f: f.write(json.dumps(config, indent=1).encode()))
     if d.distributed:
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -235,9 +235,7 @@ def _read_shard(path: Path, size: int):
 
 
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, path)  # a shard is there whole or not at all
+    atomic_write(path, lambda f: np.savez(f, images=images, labels=labels))  # whole or not at all
 
 
 @torch.no_grad()
@@ -330,8 +328,8 @@ def _assemble(args, out_dir: Path, shards: Path, labels: torch.Tensor, model, mo
     images = np.concatenate(parts, 0)
     png, npz = out_dir / "samples.png", out_dir / "samples.npz"
     write_png(png, make_grid(images[:args.grid_max], nrow=args.grid_nrow))
-    np.savez(npz, arr_0=images)
-    np.save(out_dir / "labels.npy", labels.numpy())
+    atomic_write(npz, lambda f: np.savez(f, arr_0=images))
+    atomic_write(out_dir / "labels.npy", lambda f: np.save(f, labels.numpy()))
     print(f"wrote {npz} (arr_0 {list(images.shape)} uint8), {out_dir / 'labels.npy'}, {png}"
           + ("" if args.no_image_folder else f" and {out_dir / 'images'}/") + f"; model {model_name}, "
           f"{'DDIM' if args.ddim else 'DDPM'} {args.num_sampling_steps} steps, cfg {args.cfg_scale}"

@@ -9,7 +9,7 @@
 Recipes (``--recipe``, default ``auto``: ``mdt`` for MDTv2 models, ``edt`` otherwise);
 any flag given explicitly overrides the recipe's value:
 
-* ``edt`` (xinwangChen/EDT, ``train_mask_adan.py``): Adan (timm's), weight decay
+* ``edt`` (xinwangChen/EDT, ``train_mask_adan.py``): Adan, weight decay
   0, no gradient clipping, lr decayed linearly from 1e-3 (EDT-S/B; 5e-4 for
   EDT-XL) to 5e-5 over 400k steps, timesteps from ADM's loss-second-moment
   importance sampler, EMA 0.9999.
@@ -42,9 +42,13 @@ One optimisation step (per rank, on ``global_batch / world_size`` samples):
 Checkpoints (``RESULTS/checkpoints/<step>.pt``) hold model, EMA, optimiser,
 step, the arguments, the timestep sampler's state and every rank's RNG
 states; ``--resume`` continues bit-exactly (same data order, noise, timesteps
-and masks) when the world size is unchanged. SIGINT / SIGTERM (Ctrl-C, a
-cluster's pre-emption) finish the current step, write a checkpoint and exit
-with status 130; a second signal stops at once. A non-finite loss stops the
+and masks) when the world size is unchanged. Each is written whole or not at
+all (a temporary file, fsynced and renamed), so a process killed at any moment
+leaves only complete checkpoints, and ``--resume auto`` (the newest of them; a
+fresh start when there is none) lets a preempted job be restarted with the
+same command, any number of times, ending bit-equal to an uninterrupted run.
+SIGINT / SIGTERM (Ctrl-C, a cluster's pre-emption) finish the current step,
+write a checkpoint and exit with status 130; a second signal stops at once. A non-finite loss stops the
 run (exit 1) without writing a checkpoint, so the last one written stays the
 last good one.
 """
@@ -53,7 +57,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import random
 import signal
 import sys
@@ -73,9 +76,9 @@ from torch.utils.data import DataLoader, Sampler
 from .cli import ArgumentParser
 from .data import LatentFolder, SyntheticLatents
 from .diffusion import create_diffusion, create_named_schedule_sampler
-from .distributed import Dist, mix_seed, process_group
+from .distributed import Dist, exit_status_of_peer_failure, mix_seed, process_group
 from .models import load_state_dict_strict
-from .utils import adan_class, build_model, load_checkpoint_file, model_family, progress_bar
+from .utils import TMP_SUFFIX, atomic_write, build_model, load_checkpoint_file, model_family, progress_bar
 
 __all__ = ["main", "console_main", "parse_args", "DiffusionTrainingLoss", "ShardedSampler", "update_ema",
            "TrainingDiverged", "RECIPES", "recipe_values", "CHECKPOINT_FORMAT"]
@@ -236,11 +239,16 @@ def _seed_globals(seed: int) -> None:
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``adamw`` (torch) or ``adan`` (timm's Adan, its published betas (0.98, 0.92, 0.99), eps 1e-8)."""
+    """``adamw`` (torch) or ``adan``: pytorch-optimizer's Adan, whose update is that of the authors'
+    ``adan.py`` (sail-sg/Adan; tests/test_adan.py compares them): betas (0.98, 0.92, 0.99), eps 1e-8,
+    weight decay applied as ``p / (1 + lr wd)`` after the step (their default ``no_prox=False``)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adan":
-        return adan_class()(params, lr=lr, weight_decay=weight_decay)
+        from pytorch_optimizer import Adan  # a dependency; imported here, for the runs that use it
+
+        return Adan(params, lr=lr, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=weight_decay,
+                    weight_decouple=False)
     raise ValueError(f"--optimizer must be 'adamw' or 'adan', got {name!r}")
 
 
@@ -311,7 +319,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results-dir", default="results", help="log.txt and checkpoints/ go here")
     g.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    g.add_argument("--resume", default=None, help="checkpoint of edt.train to continue from")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint of edt.train to continue from, or 'auto': the newest in "
+                        "RESULTS/checkpoints, a fresh start when there is none (restart a preempted job "
+                        "with the same command)")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, noise, timesteps, masks")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     g.add_argument("--threads", type=int, default=None,
@@ -379,6 +390,28 @@ def _all_gather_objects(obj, d: Dist) -> list:
     out = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def latest_checkpoint(results_dir) -> Optional[str]:
+    """The checkpoint of the highest step in RESULTS/checkpoints (``<step>.pt``), or None.
+
+    Every such name is a complete file: checkpoints are renamed into place once written."""
+    found = [(int(p.stem), p) for p in (Path(results_dir) / "checkpoints").glob("*.pt") if p.stem.isdigit()]
+    return str(max(found)[1]) if found else None
+
+
+def _resolve_resume(args: argparse.Namespace, d: Dist) -> None:
+    """``--resume auto`` -> the newest checkpoint or None, as rank 0 finds it (one answer for all ranks)."""
+    if args.resume != "auto":
+        return
+    box = [latest_checkpoint(args.results_dir) if d.rank == 0 else None]
+    if d.distributed:
+        dist.broadcast_object_list(box, src=0)
+    args.resume = box[0]
+    if d.rank == 0:
+        where = Path(args.results_dir) / "checkpoints"
+        print(f"--resume auto: continuing from {args.resume}" if args.resume else
+              f"--resume auto: no checkpoint in {where}, starting afresh", flush=True)
 
 
 def read_checkpoint(path: str) -> dict:
@@ -497,6 +530,7 @@ def setup(args: argparse.Namespace, d: Dist) -> Run:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
                          f"world size {d.world}")
     local_batch = args.global_batch_size // d.world
+    _resolve_resume(args, d)
     ckpt = read_checkpoint(args.resume) if args.resume else None
     dataset, latent_shape = build_dataset(args, d)
     sampler = ShardedSampler(len(dataset), d.world, d.rank, seed=args.seed)
@@ -552,6 +586,8 @@ def setup(args: argparse.Namespace, d: Dist) -> Run:
 
     if run.is_main:  # the inputs are checked: the run starts writing
         (run.results / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for leftover in (run.results / "checkpoints").glob("*.pt" + TMP_SUFFIX):  # of a killed write
+            leftover.unlink()
         run.log_path = run.results / "log.txt"
     n_params = sum(p.numel() for p in model.parameters())
     log(run, f"model {args.model} ({n_params / 1e6:.2f}M parameters), mask strategy {strategy}, "
@@ -637,7 +673,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 def save_checkpoint(run: Run) -> str:
-    """Write RESULTS/checkpoints/<step>.pt (rank 0; atomically); every rank takes part.
+    """Write RESULTS/checkpoints/<step>.pt (rank 0; whole or not at all: ``atomic_write``); every
+    rank takes part.
 
     Refuses (``TrainingDiverged``) when a loss since the start was not finite: the last
     checkpoint on disk stays the last good one."""
@@ -651,9 +688,7 @@ def save_checkpoint(run: Run) -> str:
                  "opt": run.opt.state_dict(), "optimizer": run.args.optimizer, "step": run.step,
                  "args": vars(run.args), "world_size": d.world, "rng": rng, "mask_strategy": run.strategy,
                  "schedule_sampler": {"name": run.args.schedule_sampler, "state": sampler_state}}
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(state, f))
         log(run, f"saved checkpoint {path}")
     if d.distributed:
         dist.barrier()
@@ -675,7 +710,7 @@ def check_finite(run: Run) -> None:
     k = int(bad.item())
     if k >= 0:
         kept = (f"the last checkpoint written is {run.last_ckpt}" if run.last_ckpt else
-                f"no checkpoint was written by this run" + (f" (it resumed from {run.args.resume})"
+                "no checkpoint was written by this run" + (f" (it resumed from {run.args.resume})"
                                                             if run.args.resume else ""))
         raise TrainingDiverged(f"the training loss is not finite at step {k}; stopped at step {run.step} "
                                f"without writing a checkpoint; {kept}. Lower --lr, check the data, or "
@@ -763,7 +798,7 @@ def _after_step(run: Run, losses: torch.Tensor) -> bool:
         if not _checkpointed_now(run):
             save_checkpoint(run)
         log(run, f"interrupted (signal {run.stop.signum}) after step {run.step}; continue with "
-            f"--resume {run.last_ckpt}")
+            f"--resume {run.last_ckpt} (or --resume auto)")
         return True
     return False
 
@@ -819,7 +854,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 def console_main(argv: Optional[List[str]] = None) -> int:
     """``python -m edt.train``: exit 0 (done), 130 (interrupted), 2 (bad input, one ``error:``
-    line), 1 (non-finite loss, one ``error:`` line)."""
+    line), 1 (non-finite loss, or another rank of a distributed job died: one ``error:`` line)."""
     try:
         result = main(argv)
     except ValueError as e:
@@ -828,6 +863,8 @@ def console_main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        return exit_status_of_peer_failure(e)  # re-raises any other error
     return 130 if result["interrupted"] else 0
 
 

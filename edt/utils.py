@@ -4,15 +4,18 @@ No hard dependencies beyond torch and numpy: tqdm and PIL are used when installe
 """
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import time
 import zlib
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Optional
 
 import numpy as np
 
-__all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8"]
+__all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8", "atomic_write",
+           "TMP_SUFFIX"]
 
 
 class _SimpleProgress:
@@ -183,58 +186,33 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
 
 
 # ---------------------------------------------------------------------------
-# Optimiser
+# Files that a killed process cannot leave half-written
 # ---------------------------------------------------------------------------
 
-_ADAN_PACKAGE = "_edt_timm_optim"
+#: ``atomic_write`` writes ``<name>`` through ``<name>`` + this suffix.
+TMP_SUFFIX = ".tmp"
 
 
-def adan_class():
-    """timm's ``Adan`` optimiser class (``timm.optim.Adan``; the authors train EDT and MDTv2 with Adan).
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all.
 
-    ``import timm`` imports all of timm, and with it torchvision, which may be
-    missing or built for another torch. timm's ``optim/adan.py`` itself needs
-    only torch and ``optim/_helpers.py``: when ``import timm`` fails, those two
-    files of the installed timm are executed as the private package
-    ``_edt_timm_optim`` (timm's ``optim/__init__.py`` is not run). Raises
-    ``ValueError`` when timm is not installed.
-    """
-    import importlib
-    import importlib.util
-    import os
-    import types
-
-    before = set(sys.modules)
-    try:
-        from timm.optim import Adan  # the normal route
-        return Adan
-    except ImportError as e:
-        first_error = e
-        # a failed ``import timm`` leaves half-imported timm submodules behind: drop them
-        for name in set(sys.modules) - before:
-            if name == "timm" or name.startswith("timm."):
-                del sys.modules[name]
-    if _ADAN_PACKAGE + ".adan" in sys.modules:
-        return sys.modules[_ADAN_PACKAGE + ".adan"].Adan
-    try:
-        spec = importlib.util.find_spec("timm")  # locates the package without running it
-    except (ImportError, ValueError):
-        spec = None
-    optim_dir = os.path.join(list(spec.submodule_search_locations)[0], "optim") \
-        if spec is not None and spec.submodule_search_locations else None
-    if optim_dir is None or not os.path.isfile(os.path.join(optim_dir, "adan.py")):
-        raise ValueError(f"--optimizer adan needs timm's Adan (pip install timm): {first_error}") from None
-    package = types.ModuleType(_ADAN_PACKAGE)
-    package.__path__ = [optim_dir]
-    package.__package__ = _ADAN_PACKAGE
-    sys.modules[_ADAN_PACKAGE] = package
-    try:
-        return importlib.import_module(_ADAN_PACKAGE + ".adan").Adan
-    except Exception as e:  # an incompatible timm version
-        for name in (_ADAN_PACKAGE + ".adan", _ADAN_PACKAGE + "._helpers", _ADAN_PACKAGE):
-            sys.modules.pop(name, None)
-        raise ValueError(f"--optimizer adan: cannot load timm's Adan from {optim_dir} ({e}; "
-                         f"import timm failed with: {first_error})") from None
+    ``write(f)`` fills ``<path>.tmp`` (opened ``"wb"``), which is flushed, fsynced and renamed over
+    ``path``; then the directory is fsynced, so that the new name survives a crash of the machine
+    too. A process killed at any moment leaves ``path`` as it was (or absent) and at most the
+    temporary file, which the next write of ``path`` replaces. One writer per path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if os.name == "posix":  # a directory cannot be opened for fsync on Windows
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,9 @@ The operators live in the ``torch.ops.edt_kernels_cpp`` namespace (schemas in
 2. a just-in-time build with ``torch.utils.cpp_extension.load`` (ninja) on first
    use, cached in ``$EDT_KERNELS_BUILD_DIR/<tag>``, else ``$TORCH_EXTENSIONS_DIR/edt_kernels/<tag>``,
    else ``~/.cache/edt_kernels/<tag>`` (``<tag>`` = python, torch and a CPU
-   fingerprint, because the JIT build uses ``-march=native``).
+   fingerprint, because the JIT build uses ``-march=native``); a build and load
+   hold that directory's OS lock (:func:`build_lock`), which a killed process
+   gives up with its life.
 
 When neither works (no compiler, no ninja, a compile error) nothing raises at
 import: :func:`cpu_extension_error` returns the reason and the ``cpp`` attention
@@ -31,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -51,6 +53,7 @@ __all__ = [
     "cuda_cflags",
     "write_hash_header",
     "build_directory",
+    "build_lock",
 ]
 
 _log = logging.getLogger("edt_kernels")
@@ -233,27 +236,49 @@ def _jit_load(kind: str) -> None:
         kwargs.update(sources=[str(CSRC_DIR / n) for n in CUDA_SOURCES],
                       extra_cflags=["-O3", f"-I{gen_dir}", "-DEDT_KERNELS_HAVE_HASH_HEADER"],
                       extra_cuda_cflags=cuda_cflags(gen_dir))
-    clear_stale_lock(build_dir / "lock")
-    cpp_extension.load(**kwargs)
+    with build_lock(build_dir):
+        cpp_extension.load(**kwargs)
 
 
-STALE_LOCK_S = 900  # a build takes about a minute; a lock this old was left by a killed build
+#: The OS lock around a build and load in one build directory (see ``build_lock``).
+BUILD_LOCK_NAME = "build.lock"
 
 
-def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove torch's build lock file when a build killed half-way left it behind.
+@contextmanager
+def build_lock(build_dir: Path):
+    """Hold the build directory's OS lock (``filelock.FileLock``: ``fcntl.flock`` on Linux,
+    ``LockFileEx`` on Windows) for a build and load.
 
-    ``cpp_extension.load`` waits for that file to disappear before it loads, so a
-    lock left by an interrupted build (Ctrl-C, a killed job) would make every
-    later first use wait forever.  Returns whether a lock was removed."""
+    The operating system releases it when its holder exits in any way, SIGKILL
+    included, so a killed build delays the next process by nothing; a live
+    build makes it wait for that one build. Inside, no other process of any
+    Python can be building here, so torch's own lock file (``lock``, whose mere
+    existence makes ``cpp_extension.load`` wait, forever when its writer was
+    killed) can only be a leftover and is removed."""
+    from filelock import FileLock
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(build_dir / BUILD_LOCK_NAME))
+    if not _try_acquire(lock):
+        _log.warning("edt_kernels: waiting for another process building the extension in %s", build_dir)
+        lock.acquire()
     try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
+        torch_lock = build_dir / "lock"
+        if torch_lock.exists():
+            _log.warning("edt_kernels: removing %s, left by a build that was killed", torch_lock)
+            torch_lock.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
+
+
+def _try_acquire(lock) -> bool:
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
         return False
-    if age <= max_age_s:
-        return False
-    _log.warning("edt_kernels: removing the build lock %s, left %.0f s ago by an interrupted build", lock, age)
-    lock.unlink(missing_ok=True)
     return True
 
 

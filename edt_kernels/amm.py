@@ -145,7 +145,7 @@ def _amm_offset_table_cpu(rows: int, cols: int, period: float, radius2: int,
     dr = torch.arange(-(rows - 1), rows, dtype=torch.int64, device="cpu")
     dc = torch.arange(-(cols - 1), cols, dtype=torch.int64, device="cpu")
     dr2 = dr[:, None] ** 2 + dc[None, :] ** 2  # [(2r-1), (2c-1)], row-major = table layout
-    return _amm_values(dr2.reshape(-1), period, radius2, amplitude).float()
+    return _amm_values(dr2.reshape(-1), period, radius2, amplitude)  # float64
 
 
 def amm_offset_table(grid: GridLike, amm: Union[bool, AMM] = True, device=None,
@@ -172,7 +172,11 @@ def _amm_offset_table_on(rows: int, cols: int, period: float, radius2: int, ampl
                          device: str, dtype: torch.dtype) -> torch.Tensor:
     # Cached per device: no host-to-device copy per call (CUDA-graph capture
     # forbids one; the first call, e.g. a warm-up, creates the table).
-    return _amm_offset_table_cpu(rows, cols, period, radius2, amplitude).to(device=device, dtype=dtype)
+    table = _amm_offset_table_cpu(rows, cols, period, radius2, amplitude)
+    if dtype != torch.float64:
+        # rounded through float32, the precision of the published AMM, for every narrower dtype too
+        table = table.float()
+    return table.to(device=device, dtype=dtype)
 
 
 def modulation_matrix(grid: GridLike, amm: Union[bool, AMM] = True,

@@ -74,6 +74,34 @@ def test_modulation_matrix_matches_published(n):
     assert torch.equal(got == 0, expected == 0)
 
 
+def _amm_by_formula(n: int) -> torch.Tensor:
+    """The AMM of an n x n grid written out in float64 (Python floats): 0.5 exp(cos(2 pi d / P))
+    within the radius, P = 4 (n - 1) sqrt 2, radius^2 = 4 + (n - 1)^2."""
+    period, radius2 = 4.0 * (n - 1) * math.sqrt(2.0), 4 + (n - 1) ** 2
+    cells = [(i // n, i % n) for i in range(n * n)]
+    return torch.tensor([[0.5 * math.exp(math.cos(2.0 * math.pi * math.hypot(a[0] - b[0], a[1] - b[1]) / period))
+                          if (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 <= radius2 else 0.0
+                          for b in cells] for a in cells], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n", [4, 7])
+def test_float64_amm_is_float64(n):
+    """float64 in, float64 out: the AMM constant is made in the computation's dtype."""
+    exact = _amm_by_formula(n)
+    torch.testing.assert_close(modulation_matrix(n, dtype=torch.float64), exact, atol=1e-15, rtol=1e-15)
+    # float32 is the published (float32) AMM, rounded once
+    assert torch.equal(modulation_matrix(n), exact.float())
+    B, H, D = 2, 2, 8
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(B, H, n * n, D, generator=g, dtype=torch.float64) for _ in range(3))
+    p = ((q @ k.transpose(-2, -1)) * D ** -0.5).softmax(-1) * exact
+    expected = p @ v
+    for fn in (amm_attention, reference_attention):
+        out = fn(q.clone(), k.clone(), v.clone(), grid=n, amm=True)
+        assert out.dtype == torch.float64
+        assert_close(out, expected, torch.float64, name=fn.__name__)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("with_amm", [False, True], ids=["bias", "bias+amm"])
 def test_official_attention_fixture(backend, with_amm):

@@ -500,24 +500,6 @@ def test_forward_memory_is_not_quadratic():
     assert m["cpp"] - out_bytes < per_head_nn, m
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
-    """torch's build waits for its lock file to go; one left by an interrupted
-    build would hang every later first use, so an old one is removed (a fresh one,
-    a build in progress, is kept)."""
-    import os
-    import time
-
-    from edt_kernels import _ext
-
-    lock = tmp_path / "lock"
-    assert not _ext.clear_stale_lock(lock)  # none there
-    lock.touch()
-    assert not _ext.clear_stale_lock(lock) and lock.exists()  # a build in progress
-    old = time.time() - _ext.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    assert _ext.clear_stale_lock(lock) and not lock.exists()
-
-
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v4"])
 def test_cpu_sources_compile_for_other_instruction_sets(march):
     """The CPU sources compile for baseline x86-64 (the scalar / SSE paths that

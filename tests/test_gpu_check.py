@@ -27,3 +27,23 @@ def test_gpu_check_dry_run(tmp_path):
     m = secs["timing: models"]
     assert m.get("error") or all(r["ms"] > 0 for r in m["rows"])
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
+
+
+def test_dry_run_where_the_interpreter_cannot_run_states_why_once(tmp_path):
+    """triton 3.6 with numpy >= 2.4 (the GPU machines' software, simulated by the versions the
+    package metadata reports): one error line with the reason, exit 2, nothing written."""
+    code = (
+        "import sys\n"
+        "from importlib import metadata\n"
+        "real = metadata.version\n"
+        "metadata.version = lambda name: {'triton': '3.6.0', 'numpy': '2.5.0'}.get(name) or real(name)\n"
+        "from benchmarks import gpu_check\n"
+        "sys.exit(gpu_check.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code, "--dry-run", "--out", str(tmp_path / "out")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the Triton kernels cannot run here (--dry-run"), lines
+    assert "numpy<2.4" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -50,10 +50,14 @@ def torch_backend(monkeypatch):
 
 
 def _assert_grads_close(grads_f, grads_p, rel: float, all_used: bool = True) -> None:
-    """Per tensor: max |fused - plain| <= rel * max |plain| (+ a tiny atol for
-    all-zero gradients).  ``all_used``: every parameter must get a gradient
-    (False for MDT's unmasked forward, which skips the side block and mask token)."""
+    """Per tensor: max |fused - plain| <= rel * max |plain| + the float32 rounding of the
+    model's largest gradient (one ulp of it: the float noise that a gradient whose true value is
+    exactly 0, such as a bias table seen by softmax rows alone, carries; it scales with the
+    problem). ``all_used``: every parameter must get a gradient (False for MDT's unmasked
+    forward, which skips the side block and mask token)."""
     assert grads_f.keys() == grads_p.keys()
+    largest = max(g.abs().max().item() for g in grads_p.values() if g is not None)
+    noise = torch.finfo(torch.float32).eps * largest
     for n in grads_f:
         assert (grads_f[n] is None) == (grads_p[n] is None), f"{n}: gradient on one path only"
         if grads_p[n] is None:
@@ -61,7 +65,8 @@ def _assert_grads_close(grads_f, grads_p, rel: float, all_used: bool = True) -> 
             continue
         scale = grads_p[n].abs().max().item()
         err = (grads_f[n] - grads_p[n]).abs().max().item()
-        assert err <= rel * scale + 1e-6, f"{n}: max error {err:.3g} vs max |grad| {scale:.3g}"
+        assert err <= rel * scale + noise, (f"{n}: max error {err:.3g} vs max |grad| {scale:.3g} "
+                                            f"(float noise allowed {noise:.3g})")
 
 
 def _randomize_(model: torch.nn.Module, seed: int = 0) -> None:

@@ -342,20 +342,6 @@ def test_recipe_edt_runs_two_steps(tmp_path, capsys):
     assert [r["step"] for r in h] == [1, 2] and all(r["loss_masked"] > 0 for r in h)
 
 
-def test_adan_is_timms(tmp_path):
-    from edt.utils import adan_class
-
-    Adan = adan_class()
-    assert Adan.__name__ == "Adan" and Adan.__module__.endswith("adan")
-    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    opt = Adan([p], lr=0.1)
-    p.grad = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    opt.step()
-    # first step: m = g, n = g^2 (bias-corrected), the update is lr * g / (|g| + eps)
-    torch.testing.assert_close(p.detach(), torch.ones(3, dtype=torch.float64) - 0.1 * torch.sign(p.grad),
-                               rtol=0, atol=1e-7)
-
-
 class _ConstantDiffusion:
     """training_losses returns fixed per-sample losses (full pass / masked pass)."""
     num_timesteps = 4

@@ -74,7 +74,9 @@ class AttentionInputs:
     def amm_table(self) -> Optional[torch.Tensor]:
         if self.amm is None:
             return None
-        return cached_amm_offset_table((self.rows, self.cols), self.amm, device=self.device)
+        # float64 inputs get the float64 AMM; every other dtype computes with the float32 one
+        dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return cached_amm_offset_table((self.rows, self.cols), self.amm, device=self.device, dtype=dtype)
 
     def kernel_args(self) -> Tuple:
         """Positional arguments of the backend custom ops (see ``ops/_attention_op``)."""

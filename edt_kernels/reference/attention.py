@@ -128,12 +128,12 @@ def eager_rel_pos_bias(table: torch.Tensor, grid: GridLike,
 
 
 def eager_modulation(grid: GridLike, amm: Union[bool, AMM], positions: Optional[torch.Tensor] = None,
-                     device=None) -> torch.Tensor:
-    """EDT's dense AMM buffer ``[1, 1, L, L]`` (float32), or at ``positions``
-    ``[B, 1, N, N]`` (a 1-d ``positions`` gives ``[1, 1, N, N]``)."""
+                     device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """EDT's dense AMM buffer ``[1, 1, L, L]`` (float32, the models' buffer; float64 on request),
+    or at ``positions`` ``[B, 1, N, N]`` (a 1-d ``positions`` gives ``[1, 1, N, N]``)."""
     rows, cols = normalize_grid(grid)
     # Built on the CPU and moved, as the models build their AMM buffer.
-    offsets = amm_offset_table((rows, cols), amm, device="cpu", dtype=torch.float32).to(device)
+    offsets = amm_offset_table((rows, cols), amm, device="cpu", dtype=dtype).to(device)
     index = relative_position_index((rows, cols), device=device)
     if positions is None:
         return offsets[index][None, None]
@@ -177,7 +177,8 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         attn = attn + bias
     attn = attn.softmax(dim=-1)
     if amm is not None:
-        attn = attn * eager_modulation(g, amm, positions, device=q.device).to(attn.dtype)
+        amm_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
+        attn = attn * eager_modulation(g, amm, positions, device=q.device, dtype=amm_dtype).to(attn.dtype)
     if modulation is not None:
         attn = attn * modulation.to(attn.dtype)
     if dropout is not None:
