@@ -21,6 +21,11 @@ included, without timing a kernel:
   Triton launch.  Counted on a warm call (one call before fills the caches).  A ``torch.library`` custom op of
   edt_kernels is not counted itself: the ATen ops and launches of its implementation are.
   Composite ops are counted as what they decompose to (``linear`` = ``t`` (a view) + ``addmm``).
+  An op's forward+backward is ``torch.autograd.grad(out, inputs, grad_out)`` with a prepared
+  ``grad_out``: no loss reduction, no seed gradient and no ``.grad`` accumulation is counted.
+  Training is mimicked: before each call the version counter of the positions (and, with the
+  backward, of the table) is bumped, as a new mask draw (an optimizer step) does; an
+  inference forward sees the same table every call.
 * **Host syncs**: ``_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``), ops whose
   output size depends on the data (``nonzero``, ``masked_select``, ``unique``...,
   ``repeat_interleave`` without ``output_size``), ``equal``/``is_nonzero``, and ``Tensor.tolist``
@@ -254,6 +259,21 @@ def _attn_inputs(g, positions: bool):
     return q, k, v, table, pos, (side, side)
 
 
+def _fresh(kw: dict, *names: str) -> dict:
+    """``kw`` with the version counters of the named tensors bumped, as a training step does to
+    them (an optimizer step updates the table, the next step draws new positions), so that no
+    per-call table or index built from them can be re-used; no op runs."""
+    for n in names:
+        if kw.get(n) is not None:
+            torch.autograd.graph.increment_version(kw[n])
+    return kw
+
+
+def _grads(out, inputs, gout):
+    """The backward of one call alone: no loss reduction, no seed gradient, no accumulation."""
+    return torch.autograd.grad(out, inputs, gout)
+
+
 def _attention_cases(g, variant: str, with_pos: bool, backends: Sequence[str]):
     import torch.nn.functional as F
 
@@ -262,6 +282,7 @@ def _attention_cases(g, variant: str, with_pos: bool, backends: Sequence[str]):
     q, k, v, table, pos, grid = _attn_inputs(g, with_pos)
     tg = table.clone().requires_grad_(True)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    gout = torch.randn(q.shape, generator=g)
     cases = []
     for backend in [b for b in ("triton", "cpp", "torch", "eager") if b in backends]:
         kw = dict(rel_pos_bias=table, grid=grid, positions=pos, amm=not with_pos, backend=backend)
@@ -269,18 +290,19 @@ def _attention_cases(g, variant: str, with_pos: bool, backends: Sequence[str]):
         path = "triton (recorded)" if backend == "triton" else ("authors' eager" if backend == "eager"
                                                                   else backend)
         cases.append((f"amm_attention {variant}", "fwd", path,
-                      lambda kw=kw: edt_kernels.amm_attention(q, k, v, **kw)))
+                      lambda kw=kw: edt_kernels.amm_attention(q, k, v, **_fresh(kw, "positions"))))
         cases.append((f"amm_attention {variant}", "fwd+bwd", path,
-                      lambda kw=kwg: edt_kernels.amm_attention(qg, kg, vg, **kw).sum().backward()))
+                      lambda kw=kwg: _grads(edt_kernels.amm_attention(
+                          qg, kg, vg, **_fresh(kw, "positions", "rel_pos_bias")), (qg, kg, vg, tg), gout)))
     if not with_pos:
         mask = torch.randn(1, q.shape[1], q.shape[2], q.shape[2], generator=g)
         mask_g = mask.clone().requires_grad_(True)
         cases += [
             ("sdpa", "fwd", "no mask", lambda: F.scaled_dot_product_attention(q, k, v)),
             ("sdpa", "fwd", "float mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
-            ("sdpa", "fwd+bwd", "no mask", lambda: F.scaled_dot_product_attention(qg, kg, vg).sum().backward()),
+            ("sdpa", "fwd+bwd", "no mask", lambda: _grads(F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), gout)),
             ("sdpa", "fwd+bwd", "mask with grad",
-             lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask_g).sum().backward()),
+             lambda: _grads(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask_g), (qg, kg, vg, mask_g), gout)),
         ]
     return cases
 
