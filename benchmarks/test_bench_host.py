@@ -31,10 +31,11 @@ included, without timing a kernel:
   ``repeat_interleave`` without ``output_size``), ``equal``/``is_nonzero``, and ``Tensor.tolist``
   / ``Tensor.numpy`` (seen by a ``TorchFunctionMode``: on the CPU they read memory without
   dispatch).  On a GPU each is a device-to-host read that stalls the launch queue.
-* **Host µs**: per call, ``time.perf_counter_ns`` around ``inner`` back-to-back calls (no
-  counter active), in ``rounds`` interleaved rounds (one batch of every case per round, so that
-  a busy machine's drift hits all cases alike); the median over the rounds is reported, with
-  its spread (p80 - p20) / median.
+* **Host µs**: ``time.perf_counter_ns`` around each call (no counter active), ``inner`` calls
+  per case per round in ``rounds`` interleaved rounds (every case once per round, so that a
+  busy machine's drift hits all cases alike); the median over all calls is reported (a call
+  the scheduler preempted is one outlier), with the spread (p80 - p20) / median of the
+  per-round medians.
 * **torch.compile** (model steps): a counting backend (each graph Dynamo hands over is counted
   and run eagerly: no Inductor, no code generation), over ``--compile-steps`` steps with fresh
   inputs (a new draw of MDT's mask per step): graphs in the first step, graph breaks
@@ -195,8 +196,9 @@ def recorded_launches(counts: Optional[Counter] = None):
                 if name not in EXECUTED:
                     return None
                 t0 = time.perf_counter()
-                try:
-                    return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+                try:  # the interpreter's own tensor copies are not the kernel's launches
+                    with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+                        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
                 finally:
                     _Executed.seconds += time.perf_counter() - t0
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -224,24 +226,31 @@ def count(fn: Callable[[], object]) -> OpCounter:
 # ----------------------------------------------------------------------------- timing
 
 def interleaved(cases: Dict[str, Callable[[], object]], rounds: int, inner: int) -> Dict[str, Dict]:
-    """Per case: median µs per call over ``rounds`` interleaved rounds of ``inner`` calls."""
+    """Per case: the median µs of one call over ``rounds`` interleaved rounds of ``inner`` calls,
+    each call timed alone (a call the scheduler preempted is one outlier, not a round's mean);
+    spread = (p80 - p20) / median of the per-round medians."""
     samples: Dict[str, List[float]] = {k: [] for k in cases}
+    per_round: Dict[str, List[float]] = {k: [] for k in cases}
     with recorded_launches():
         for fn in cases.values():  # warm-up: caches, autotuner keys, allocator
             fn()
             fn()
         for _ in range(rounds):
             for name, fn in cases.items():
-                e0 = _Executed.seconds
-                t0 = time.perf_counter_ns()
+                xs = []
                 for _ in range(inner):
+                    e0 = _Executed.seconds
+                    t0 = time.perf_counter_ns()
                     fn()
-                ns = time.perf_counter_ns() - t0 - (_Executed.seconds - e0) * 1e9
-                samples[name].append(ns / 1e3 / inner)
+                    ns = time.perf_counter_ns() - t0 - (_Executed.seconds - e0) * 1e9
+                    xs.append(ns / 1e3)
+                samples[name] += xs
+                per_round[name].append(statistics.median(xs))
     out = {}
     for name, xs in samples.items():
         med = statistics.median(xs)
-        q = statistics.quantiles(xs, n=5) if len(xs) >= 2 else [med] * 4
+        rs = per_round[name]
+        q = statistics.quantiles(rs, n=5) if len(rs) >= 2 else [rs[0]] * 4
         out[name] = {"us": med, "spread": (q[3] - q[0]) / med if med else None}
     return out
 
@@ -384,7 +393,7 @@ def run_ops(rounds: int = 9, inner: int = 20, record: bool = True, cases=None) -
 
 
 def _op_notes(rounds: int, inner: int) -> List[str]:
-    return [f"host µs: median over {rounds} interleaved rounds of {inner} calls per case; tiny shapes "
+    return [f"host µs: median of single calls, {rounds} interleaved rounds of {inner} calls per case; tiny shapes "
             "(attention B=2 H=2 N=16 D=8, tokens B=2 L=16 C=8): the compute is negligible.",
             "triton (recorded): TRITON_INTERPRET=1 and every Triton launch counted and skipped, so the time "
             "is the host side alone; device launches = Triton launches + ATen ops that launch on a device "
@@ -571,7 +580,7 @@ def run_models(families: Sequence[str] = FAMILIES, sizes: Sequence[str] = SIZES,
 def _model_notes(rounds: int, compile_steps: int) -> List[str]:
     return [f"published depth, stages, heads, 256 tokens and block layout; head dim {HEAD_DIM} and batch "
             f"{BATCH} so that the CPU compute stays small (the counts do not depend on widths); host ms: median "
-            f"of {rounds} interleaved rounds, Triton launches recorded, not executed.",
+            f"of {rounds} interleaved rounds of one step, Triton launches recorded, not executed.",
             "train = DiffusionTrainingLoss (both passes, the loss) + backward, no optimizer step; "
             "cfg sample = one forward_with_cfg on a [cond, uncond] batch.",
             f"graphs / breaks / recompiles: Dynamo with a counting backend over {compile_steps} steps with new "
