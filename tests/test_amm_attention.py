@@ -664,3 +664,29 @@ def test_dtable_atomics_at_b32_h16_n256(monkeypatch):
     assert before == 33_554_432
     assert before // atomics >= 16, (before, atomics)
     assert atomics == H * N * N  # 256 programs fill 132 SMs: the batch is not split
+
+
+def test_grid_tables_built_once_per_table_version(monkeypatch):
+    """The per-offset table and grid indices are built by one launch, re-used by the next forward
+    and by the backward while the table is unchanged, and built again after an in-place update."""
+    builds = []
+    build = triton_op._build_grid
+    monkeypatch.setattr(triton_op, "_build_grid", lambda *a: builds.append(1) or build(*a))
+    triton_op._grid_cache.clear()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g, device=DEV).requires_grad_(True) for _ in range(3))
+    table = torch.randn(49, 2, generator=g, device=DEV).requires_grad_(True)
+    kw = dict(rel_pos_bias=table, grid=4, amm=True)
+    out = amm_attention(q, k, v, backend="triton", **kw)
+    assert torch.equal(amm_attention(q, k, v, backend="triton", **kw), out) and len(builds) == 1
+    grads = torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
+    assert len(builds) == 1  # the backward found the forward's tables
+    ref = reference_attention(q, k, v, **kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, table), torch.ones_like(ref))
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, torch.float32, GRAD_TOL, "grad")
+    with torch.no_grad():
+        table.mul_(2.0)
+    out2 = amm_attention(q, k, v, backend="triton", **kw)
+    assert len(builds) == 2
+    assert_close(out2.detach(), reference_attention(q, k, v, **kw).detach(), torch.float32, FWD_TOL, "out")

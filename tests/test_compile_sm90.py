@@ -96,7 +96,7 @@ EXPECTED_KERNELS = {
     "_masking_gather_kernel", "_sort_kept_kernel", "_masked_shortcut_fwd_kernel", "_masked_shortcut_bwd_kernel",
     "_ln_modulate_fwd_kernel", "_ln_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
     "_gated_residual_bwd_kernel", "_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel",
-    "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel", "_amm_attn_bwd_dtable_kernel",
+    "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel", "_amm_attn_bwd_dtable_kernel", "_amm_attn_grid_kernel",
 }
 
 

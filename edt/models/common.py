@@ -70,14 +70,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 #                            Random draws (masking)                             #
 #################################################################################
 
-def uniform(shape: Sequence[int], generator: Optional[torch.Generator], device) -> torch.Tensor:
+def uniform(shape: Sequence[int], generator: Optional[torch.Generator], device, move: bool = True
+            ) -> torch.Tensor:
     """``U[0, 1)`` samples drawn from ``generator`` (on the generator's device,
-    then moved to ``device``) or from the global RNG on ``device``.  The label
-    dropout and EDT's masks draw through here, in the same order on every
+    then moved to ``device`` unless ``move=False``) or from the global RNG on ``device``.
+    The label dropout and the masks draw through here, in the same order on every
     backend."""
     if generator is None:
         return torch.rand(tuple(shape), device=device)
-    return torch.rand(tuple(shape), generator=generator, device=generator.device).to(device)
+    out = torch.rand(tuple(shape), generator=generator, device=generator.device)
+    return out.to(device) if move else out
 
 
 #################################################################################

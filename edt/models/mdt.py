@@ -179,7 +179,9 @@ class MDTv2(DiffusionTransformer):
 
         ids_keep = None
         if enable_mask:
-            ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), generator, x.device)
+            # The ratio stays where it was drawn: read back to size the kept set, it costs no
+            # device sync when the generator is a CPU one (a CUDA generator's draw is a device read).
+            ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), generator, x.device, move=False)
             # noise, argsort and the gather of the kept tokens: mask and ids_restore (B, L), ids_keep (B, K)
             x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator, sort_kept=self.sort_kept,
                                                             backend=self.backend)  # (B, K, D)

@@ -584,10 +584,19 @@ def _amm_attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N,
                                stride_ob, stride_oh, stride_on, stride_od,
                                stride_dob, stride_doh, stride_don, stride_dod,
                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               ALIGN: tl.constexpr):
-    """Backward preprocess: Delta_i = dO_i . O_i in float32, [B, H, N]."""
+                               ALIGN: tl.constexpr, zero_ptr=None, n_zero=0, ZERO_BLOCK: tl.constexpr = 1024):
+    """Backward preprocess: Delta_i = dO_i . O_i in float32, [B, H, N].  With ``zero_ptr`` the
+    first ``cdiv(n_zero, ZERO_BLOCK)`` programs clear that float32 buffer instead (the table
+    gradient the later kernels accumulate into), so that it costs no launch of its own."""
     num_m_blocks = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
+    if zero_ptr is not None:
+        zero_programs = tl.cdiv(n_zero, ZERO_BLOCK)
+        if pid < zero_programs:
+            offs_z = pid * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+            tl.store(zero_ptr + offs_z, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offs_z < n_zero)
+            return
+        pid -= zero_programs
     pid_m = pid % num_m_blocks
     bh = pid // num_m_blocks
     b = (bh // H).to(tl.int64)
@@ -602,6 +611,57 @@ def _amm_attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N,
     do = _load_tile(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + bh.to(tl.int64) * N + offs_m, delta, mask=m_valid)
+
+
+# ============================================================================ per-call grid tables
+
+@triton.jit
+def _amm_attn_grid_kernel(table_ptr, amm_ptr, pos_ptr, pre_ptr, tab_ptr, tab2_ptr, u_ptr,
+                          stride_tr, stride_th, stride_pb, stride_pn, n_table, H, N, n_pos, cols,
+                          HAS_TABLE: tl.constexpr, HAS_AMM: tl.constexpr, HAS_POS: tl.constexpr,
+                          TWO: tl.constexpr, BLOCK: tl.constexpr):
+    """The per-offset table the attention kernels gather from, and the tokens' grid indices, in
+    one launch.  The first programs write ``tab[h, j]`` for offset entry ``j`` in reversed order
+    (source row ``n_table - 1 - j``): the table value as float64 times ``pre[0]`` rounded to
+    float32 (and, with ``TWO``, times ``pre[1]`` into ``tab2``), with the AMM the float32 AMM in
+    the high half of one 64-bit word and the table value in the low half; AMM alone: the float32
+    AMM ``[n_table]``.  The remaining programs write ``u = (p // cols) * (2 cols - 1) + p % cols``
+    (int32) for each of the ``n_pos`` positions (``[B, N]`` through its strides, or ``[N]``)."""
+    pid = tl.program_id(0)
+    n_tab = n_table * H if HAS_TABLE else n_table
+    tab_programs = tl.cdiv(n_tab, BLOCK)
+    if pid < tab_programs:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n_tab
+        h = offs // n_table
+        src = n_table - 1 - offs % n_table
+        if HAS_AMM:
+            amm = tl.load(amm_ptr + src, mask=valid, other=0.0).to(tl.float32)
+            amm_hi = amm.to(tl.int32, bitcast=True).to(tl.int64) << 32
+        if HAS_TABLE:
+            t = tl.load(table_ptr + src * stride_tr + h * stride_th, mask=valid, other=0.0).to(tl.float64)
+            v1 = (t * tl.load(pre_ptr)).to(tl.float32)
+            if HAS_AMM:
+                tl.store(tab_ptr + offs, amm_hi | (v1.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF),
+                         mask=valid)
+            else:
+                tl.store(tab_ptr + offs, v1, mask=valid)
+            if TWO:
+                v2 = (t * tl.load(pre_ptr + 1)).to(tl.float32)
+                if HAS_AMM:
+                    tl.store(tab2_ptr + offs,
+                             amm_hi | (v2.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF), mask=valid)
+                else:
+                    tl.store(tab2_ptr + offs, v2, mask=valid)
+        else:
+            tl.store(tab_ptr + offs, amm, mask=valid)
+    elif HAS_POS:
+        offs = (pid - tab_programs) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n_pos
+        b = (offs // N).to(tl.int64)
+        p = tl.load(pos_ptr + b * stride_pb + (offs % N) * stride_pn, mask=valid, other=0)
+        u = (p // cols) * (2 * cols - 1) + p % cols
+        tl.store(u_ptr + offs, u.to(tl.int32), mask=valid)
 
 
 # ============================================================================ table gradient summed over the batch

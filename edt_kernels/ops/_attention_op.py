@@ -174,9 +174,12 @@ def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
         ctx.save_for_backward(q, k, v, out, lse, table, positions, amm_table, bias, modulation)
         ctx.scale, ctx.rows, ctx.cols = scale, rows, cols
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero gradient is made for the LSE
 
     def backward(ctx, grads):
         dout = grads[0]  # the LSE output is not differentiable
+        if dout is None:
+            return (None,) * 11
         q, k, v, out, lse, table, positions, amm_table, bias, modulation = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_dtable = table is not None and bool(need[3])
@@ -264,9 +267,12 @@ def register_attention_qkvpacked_op(name: str, fwd_impl: Callable, bwd_impl: Cal
         ctx.save_for_backward(qkv, out, lse, table, positions, amm_table, bias, modulation)
         ctx.scale, ctx.rows, ctx.cols = scale, rows, cols
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero gradient is made for the LSE
 
     def backward(ctx, grads):
         dout = grads[0]  # the LSE output is not differentiable
+        if dout is None:
+            return (None,) * 9
         qkv, out, lse, table, positions, amm_table, bias, modulation = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_dtable = table is not None and bool(need[1])

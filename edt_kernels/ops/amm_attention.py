@@ -35,6 +35,7 @@ Design notes
 from __future__ import annotations
 
 import os
+import weakref
 from typing import List, Optional
 
 import torch
@@ -44,7 +45,7 @@ from ._attention_op import (AttentionBackend, AttentionInputs, _empty_like_out, 
                             register_attention_qkvpacked_op, register_backend)
 from ._triton_utils import HAS_TRITON, triton
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
-    _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
+    _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_grid_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
     _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
 )
 
@@ -217,8 +218,88 @@ def _fold_scale(scale: float) -> bool:
     return 2.0 ** -30 < scale < 2.0 ** 30
 
 
-def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fold=True):
-    """Per-call host tables of the grid terms (float32/int32, so exactness is kept):
+class _GridCache:
+    """Grid tables derived from source tensors (table, AMM, positions), reused while every source
+    is the same live object with the same version counter and data pointer: inference re-uses them
+    from call to call, the backward re-uses the forward's, and an in-place update (an optimizer
+    step) makes the next call build them again.  Sources are held by weak references; inference
+    tensors (no version counter) are never cached, nor is anything built under CUDA-graph capture
+    (the graph must rebuild the tables it reads at every replay).  A write through ``.data``
+    bypasses the version counter: after one, call ``_grid_cache.clear()``."""
+
+    LIMIT = 512  # entries; dead ones are dropped first when it is reached
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    @staticmethod
+    def _state(t):
+        return None if t is None else (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    def get(self, sources, params):
+        entry = self._entries.get((tuple(map(id, sources)), params))
+        if entry is None:
+            return None
+        refs, states, value = entry
+        for t, ref, st in zip(sources, refs, states):
+            if t is not None and (ref() is not t or self._state(t) != st):
+                return None
+        return value
+
+    def put(self, sources, params, value):
+        if len(self._entries) >= self.LIMIT:
+            self._entries = {k: e for k, e in self._entries.items()
+                             if all(r is None or r() is not None for r in e[0])}
+            if len(self._entries) >= self.LIMIT:
+                self._entries.clear()
+        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        self._entries[(tuple(map(id, sources)), params)] = (refs, tuple(map(self._state, sources)), value)
+
+    def clear(self):
+        self._entries.clear()
+
+
+_grid_cache = _GridCache()
+_arange_u: dict = {}  # (N, cols, device) -> the grid indices of tokens 0..N-1
+_pre: dict = {}  # (scale, fold, device) -> float64 [forward factor, backward factor]
+
+
+def _cacheable(ts, q) -> bool:
+    return not _capturing(q) and not any(t is not None and t.is_inference() for t in ts)
+
+
+def _build_grid(table, positions, amm_table, rows, cols, scale, H, device, fold):
+    """``(tab, tab_bwd, u)`` by one launch of ``_amm_attn_grid_kernel``: the forward's table
+    (divided by the scale when ``fold``, else times log2 e), the backward's (times log2 e; the
+    same tensor when ``fold`` is off) and the grid indices of ``positions`` (None without)."""
+    n_table = (2 * rows - 1) * (2 * cols - 1)
+    key = (float(scale), fold, device)
+    pre = _pre.get(key)
+    if pre is None:
+        pre = _pre[key] = torch.tensor([1.0 / scale if fold else _LOG2E, _LOG2E], dtype=torch.float64,
+                                       device=device)
+    packed = table is not None and amm_table is not None
+    shape = (H, n_table) if table is not None else (n_table,)
+    dtype = torch.int64 if packed else torch.float32
+    tab = torch.empty(shape, device=device, dtype=dtype)
+    tab2 = torch.empty(shape, device=device, dtype=dtype) if fold and table is not None else tab
+    amm = None if amm_table is None else amm_table.reshape(n_table)
+    n_pos = 0 if positions is None else positions.numel()
+    u = None if positions is None else torch.empty(positions.shape, device=device, dtype=torch.int32)
+    pos2 = None if positions is None else (positions if positions.dim() == 2 else positions[None])
+    block = 1024
+    n_tab = n_table * (H if table is not None else 1)
+    _amm_attn_grid_kernel[(triton.cdiv(n_tab, block) + triton.cdiv(n_pos, block),)](
+        _dummy(table, pre), _dummy(amm, pre), _dummy(positions, pre), pre, tab, tab2, _dummy(u, tab),
+        *(table.stride() if table is not None else (0, 0)), *(pos2.stride() if pos2 is not None else (0, 0)),
+        n_table, H, pos2.shape[1] if pos2 is not None else 1, n_pos, cols,
+        HAS_TABLE=table is not None, HAS_AMM=amm_table is not None, HAS_POS=n_pos > 0,
+        TWO=tab2 is not tab, BLOCK=block, num_warps=4)
+    return tab, tab2, u
+
+
+def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fold=True, q=None):
+    """Per-call tables of the grid terms (float32/int32, so exactness is kept):
 
     - ``tab``: the per-offset table, head-major ``[H, n_table]``: with table and
       AMM each entry is one 64-bit word, the table value in its low and the AMM
@@ -228,28 +309,38 @@ def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fol
     - ``u``: each token's grid index ``row * (2 cols - 1) + col`` (int32,
       ``[B, N]`` with per-batch positions, else ``[N]`` with batch stride 0).
     The kernels gather ``tab[h, idx_off + u_j - u_i]``, i.e. offset ``u_i - u_j``.
-    ``fold=False`` keeps the scale unfolded whatever its value."""
+    ``fold=False`` keeps the scale unfolded whatever its value (the backward's form).
+
+    Both tables and ``u`` come from one launch of ``_amm_attn_grid_kernel`` and are kept in
+    ``_grid_cache`` (see there): a forward builds the backward's table too, and the backward
+    finds it.  Without positions ``u`` is the same for every call of a given ``(N, cols)`` and
+    built once per device."""
     has_grid = table is not None or amm_table is not None
-    fold = fold and _fold_scale(scale)
+    fold_fwd = _fold_scale(scale)
+    fold = fold and fold_fwd
     n_table = (2 * rows - 1) * (2 * cols - 1)
     idx_off = (rows - 1) * (2 * cols - 1) + (cols - 1)
     tab, u, stride_th, stride_ub = None, None, 0, 0
     if has_grid:
-        if table is not None:
-            pre = 1.0 / scale if fold else _LOG2E
-            tab = (table[:n_table].t().to(device, torch.float64) * pre).to(torch.float32)
-            stride_th = n_table
-        if amm_table is not None:
-            amm = amm_table.to(device, torch.float32).reshape(n_table)
-            if tab is None:
-                tab = amm.contiguous()
-            else:
-                tab = torch.stack([tab, amm.expand(H, n_table)], -1).contiguous().view(torch.int64)[..., 0]
-        # Reversed offset order: entry idx_off + d holds offset -d (n_table - 1 = 2 idx_off).
-        tab = tab.flip(-1).contiguous()
-        p = (torch.arange(N, device=device, dtype=torch.int32) if positions is None
-             else positions.to(device, torch.int32))
-        u = ((p // cols) * (2 * cols - 1) + p % cols).to(torch.int32).contiguous()
+        sources = (table, amm_table, positions)
+        params = (rows, cols, float(scale), H, N, device)
+        cache = _cacheable(sources, q if q is not None else table if table is not None else amm_table)
+        got = _grid_cache.get(sources, params) if cache else None
+        if got is None:
+            got = _build_grid(table, positions, amm_table, rows, cols, scale, H, device, fold_fwd)
+            if cache:
+                _grid_cache.put(sources, params, got)
+        tab = got[0] if fold else got[1]
+        u = got[2]
+        if u is None:
+            key = (N, cols, device)
+            u = _arange_u.get(key)
+            if u is None:
+                p = torch.arange(N, device=device, dtype=torch.int32)
+                u = ((p // cols) * (2 * cols - 1) + p % cols).to(torch.int32)
+                if _cacheable((), table if table is not None else amm_table):
+                    _arange_u[key] = u
+        stride_th = n_table if table is not None else 0
         stride_ub = u.stride(0) if u.dim() == 2 else 0
     return dict(has_grid=has_grid, fold=fold, idx_off=idx_off, tab=tab, u=u, stride_th=stride_th,
                 stride_ub=stride_ub, qk_scale=scale * _LOG2E, bias_scale=(1.0 / scale if fold else _LOG2E))
@@ -277,7 +368,7 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
     if B * H * N == 0:
         return out, lse
     BLOCK_M, BLOCK_N, _, warps, stages = _block_sizes(N, D, q)
-    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device)
+    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, q=q)
     flags = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v))
     n_bucket = triton.next_power_of_2(N)
     key = (n_bucket, q.dtype, q.device, tuple(sorted(flags.items())))
@@ -324,6 +415,9 @@ _BWD_DTABLE_TILES_BY_D = {
 }
 
 
+_ZERO_BLOCK = 1024  # elements of the table gradient each clearing program of the Delta kernel writes
+
+
 def _batch_shared_offsets(positions) -> bool:
     """The grid offsets of every (query, key) pair are the same for all batch elements."""
     return positions is None or positions.dim() == 1
@@ -356,25 +450,28 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     if grads is None:
         grads = [torch.empty((B, H, N, D), device=q.device, dtype=q.dtype) for _ in range(3)]
     dq, dk, dv = grads
-    dtable = (torch.zeros(table.shape, device=q.device, dtype=torch.float32) if need_dtable
+    # The table gradient is accumulated into: the Delta kernel clears it (no launch of its own).
+    dtable = (torch.empty(table.shape, device=q.device, dtype=torch.float32) if need_dtable
               else q.new_empty((0,), dtype=torch.float32))
     dbias = (torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias
              else q.new_empty((0,), dtype=torch.float32))
     if B * H * N == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dtable, dbias
+        return dq.zero_(), dk.zero_(), dv.zero_(), dtable.zero_(), dbias
     BLOCK_M, BLOCK_N, BLOCK_D, warps, stages = _block_sizes(N, D, q)
     # Delta_i = dO_i . O_i (O includes the modulation, see module docstring), in a
     # Triton preprocess kernel.
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     dm = 64 if _on_gpu(q) else BLOCK_M
-    _amm_attn_bwd_delta_kernel[(B * H * triton.cdiv(N, dm),)](
+    zero = dict(zero_ptr=dtable, n_zero=dtable.numel(), ZERO_BLOCK=_ZERO_BLOCK) if need_dtable else {}
+    n_zero_programs = triton.cdiv(dtable.numel(), _ZERO_BLOCK) if need_dtable else 0
+    _amm_attn_bwd_delta_kernel[(B * H * triton.cdiv(N, dm) + n_zero_programs,)](
         out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=dm, BLOCK_D=BLOCK_D, HEAD_DIM=D,
-        ALIGN=_alignment(out, dout), num_warps=4)
+        ALIGN=_alignment(out, dout), num_warps=4, **zero)
     lse = lse.contiguous()
     # The backward kernels take the unfolded scores (scaled dot + table * log2 e): in their
     # SASS the fold saves nothing, and this form keeps the table gradient's rounding noise
     # lower (it sums dS terms that cancel, e.g. to exactly 0 on a 1 x 1 grid).
-    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, fold=False)
+    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, fold=False, q=q)
     flags = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v, dout))
     width = flags["BLOCK_D"] + flags["BLOCK_D2"]
     ptrs = (_dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q))

@@ -1,0 +1,84 @@
+"""Smoke test of ``benchmarks/test_bench_host.py`` on tiny shapes: the launch recorder skips
+Triton kernels and counts them, the counter sees launches and host syncs as defined, and the
+op and model rows (with Dynamo's graph count) have the promised shape.  Timings mean nothing here."""
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _utils as U  # noqa: E402
+from benchmarks import test_bench_host as BH  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                                reason="the launch recorder is exercised under Triton's interpreter (CPU)")
+
+MDT_TINY = dict(input_size=8, hidden_size=16, depth=4, num_heads=2, decode_layer=2, num_classes=10)
+EDT_TINY = dict(input_size=8, hidden_size=16, dims=(16, 24, 32, 24, 16), num_heads=(2, 2, 2, 2, 2),
+                stages_depth=(1, 1, 1, 1, 1), depth=5, amm_blocks=(4,), num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_counter_definitions():
+    x = torch.randn(4, 4)
+    c = BH.count(lambda: (x.t(), x.reshape(16), torch.empty(3), x + 1, x.sum().item(), x.tolist(),
+                          torch.nonzero(x > 0)))
+    assert dict(c.launches) == {"aten.add": 1, "aten.sum": 1, "aten.gt": 1}  # views, allocations: none
+    assert dict(c.syncs) == {"_local_scalar_dense": 1, "tolist": 1, "nonzero": 1}
+
+
+def test_triton_launches_are_recorded_not_run():
+    import edt_kernels
+
+    x, gate = torch.randn(2, 4, 8), torch.randn(2, 8)
+    out = torch.full((2, 4, 8), float("nan"))
+    edt_kernels.gated_residual(x, gate, x, backend="triton")  # compiles/warms the interpreter path
+    c = BH.OpCounter()
+    with c.active():
+        out = edt_kernels.gated_residual(x, gate, x, backend="triton")
+    assert c.launches["triton._gated_residual_fwd_kernel"] == 1
+    ref = x + gate[:, None] * x
+    assert not torch.equal(out, ref)  # the kernel did not run: its output is unwritten
+    assert torch.equal(edt_kernels.gated_residual(x, gate, x, backend="triton"), ref)  # outside: it runs
+
+
+def test_op_rows():
+    cases = [c for c in BH.op_cases() if c[0] in ("amm_attention table+AMM", "sdpa", "gated_residual")
+             and c[2] in ("triton (recorded)", "authors' eager", "float mask", "mask with grad")]
+    rows = BH.run_ops(rounds=2, inner=1, record=False, cases=cases)
+    by = {(r["case"], r["mode"], r["path"]): r for r in rows}
+    tri = by[("amm_attention table+AMM", "fwd", "triton (recorded)")]
+    assert tri["us"] > 0 and tri["vs_sdpa"] > 0 and "_amm_attn_fwd_kernel" in tri["detail"]
+    assert by[("amm_attention table+AMM", "fwd+bwd", "triton (recorded)")]["launches"] > tri["launches"]
+    assert by[("sdpa", "fwd", "float mask")]["launches"] == 1
+    sec = U.Section(BH.SECTION_OPS, "t", BH.OP_COLUMNS, rows=rows)
+    (targets,) = BH.summarize_ops(sec)
+    assert {r["target"] for r in targets["rows"]} >= {"triton fwd device launches <= 2"}
+
+
+def test_model_rows_and_compile_stats():
+    rows = BH.run_models(["EDT"], ["S"], rounds=1, compile_steps=0, record=False, overrides={"EDT": EDT_TINY})
+    rows += BH.run_models(["MDTv2"], ["S"], rounds=1, compile_steps=2, record=False,
+                          overrides={"MDTv2": MDT_TINY})
+    assert len(rows) == 8
+    for r in rows:
+        assert r["launches"] > 0 and r["ms"] > 0 and r["vs_eager"] > 0
+        if r["path"] == "triton (recorded)":
+            assert r["triton"] > 0
+            if r["model"].startswith("MDTv2"):
+                assert r["graphs"] >= 1 and r["recompiles"] >= 0 and r["graph_breaks"] >= 0
+    sec = U.Section(BH.SECTION_MODELS, "t", BH.MODEL_COLUMNS, rows=rows)
+    (targets,) = BH.summarize_models(sec)
+    assert len(targets["rows"]) == 3
