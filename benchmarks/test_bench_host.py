@@ -74,7 +74,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import _utils as U
+from benchmarks import harness as U
 
 SECTION_OPS = "host_ops"
 SECTION_MODELS = "host_models"
@@ -637,7 +637,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--inner", type=int, default=20, help="calls per case per round (ops)")
     p.add_argument("--compile-steps", type=int, default=3, help="steps under Dynamo per model step (0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the host side alone)")
-    args = p.parse_args(argv)
+    args = U.parse_main_args(p, argv)
     torch.set_num_threads(args.threads)
     errors = []
     if "ops" in args.parts:

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import _utils as U  # noqa: E402
+from benchmarks import harness as U  # noqa: E402
 from benchmarks import test_bench_host as BH  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),

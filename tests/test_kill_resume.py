@@ -16,7 +16,7 @@ from edt import train
 from edt.utils import TMP_SUFFIX
 from helpers.kill_runs import Child, child_env, python_module, run_killed, time_run
 
-EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "fused": False}
+EDT_TINY = {"dims": [32, 48, 64, 48, 32], "num_heads": [2, 2, 2, 2, 2], "hidden_size": 32, "backend": "eager"}
 READY = "mask strategy"  # edt.train's set-up line: what follows is the steps
 
 

@@ -54,7 +54,7 @@ from __future__ import annotations
 from .cli import base_parser, finish_main, parse_main_args  # noqa: F401
 from .device import (CPU_NOTE, DEVICE, IS_CUDA, SHAPES, SMALL, configure_compile, cpu_name, default_dtype,  # noqa: F401
                      device_name, device_slug, slugify, synchronize)
-from .machine import (BUSY_MARK, busy_note, busy_reasons, busy_warning, git_commit, load_average, machine_load_since,  # noqa: F401
+from .machine import (BUSY_MARK, REPO_ROOT, busy_note, busy_reasons, busy_warning, git_commit, load_average, machine_load_since,  # noqa: F401
                       machine_snapshot, run_info, run_start, start_run)
 from .memory import cpu_peak_method, memory_note, peak_memory, tensor_bytes  # noqa: F401
 from .rates import attention_flops, copy_bandwidth  # noqa: F401
