@@ -27,6 +27,7 @@ import torch.nn as nn
 from edt_kernels import AMM, layernorm_modulate, masked_shortcut, patch_merge_modulate
 from edt_kernels.reference import reference_patch_merge
 
+from .checkpointing import CheckpointSpec, parse_checkpoint, run_block
 from .common import (
     AdaLNBlock,
     BackendMixin,
@@ -168,7 +169,10 @@ class EDT(BackendMixin, nn.Module):
     published AMM placement), ``local`` (AMM on at construction).
     Ours: ``amm_blocks`` (placement overriding the one of ``size``) and
     ``backend`` (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors'
-    code path; or any backend name the ops accept).  ``fused`` is the
+    code path; or any backend name the ops accept), ``checkpoint``
+    (activation checkpointing of the blocks in training: ``"none"``, ``"all"``,
+    an int k for every k-th block, or ``"selective"``; see
+    :mod:`edt.models.checkpointing`).  ``fused`` is the
     deprecated boolean alias (True: ``"auto"``, False: ``"eager"``).
     """
 
@@ -192,6 +196,7 @@ class EDT(BackendMixin, nn.Module):
         amm_blocks: Optional[Sequence[int]] = None,
         backend: str = "auto",
         fused: Optional[bool] = None,
+        checkpoint: CheckpointSpec = None,
     ):
         config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
                   if k not in ("self", "__class__", "fused")}
@@ -232,6 +237,7 @@ class EDT(BackendMixin, nn.Module):
         self.mid_mask = bool(mid_mask)
         self.size = size
         self._backend = backend
+        self.checkpoint = parse_checkpoint(checkpoint)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -337,7 +343,7 @@ class EDT(BackendMixin, nn.Module):
                 if enable_mask and self.mid_mask and s == 0 and j == MID_MASK_BLOCK:
                     keep = self._keep_mask(x.shape[:-1], MID_MASK_RATIO, generator, x.device)  # (B, N)
                     x = masked_shortcut(x, self.pos_embed, keep, backend=self.backend)  # dropped -> pos_embed
-                x = self.blocks[depth](x, c)  # (B, N_s, D_s)
+                x = run_block(self.blocks[depth], depth, self.checkpoint, x, c)  # (B, N_s, D_s)
                 depth += 1
             if s < self.mid_stage:  # a down-sampling module
                 keep = None

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from edt_kernels import AMM, masked_shortcut, random_masking, unshuffle_with_mask_token
 
+from .checkpointing import CheckpointSpec, parse_checkpoint, run_block
 from .common import (
     AdaLNBlock,
     BackendMixin,
@@ -85,7 +86,11 @@ class MDTv2(BackendMixin, nn.Module):
     ablation; default none), ``sort_kept`` (masked training: the kept
     tokens in ascending grid order, see the module docstring; False: in the
     order of the random draw, as the authors' code) and ``backend``
-    (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors' code path).  ``fused`` is the
+    (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors' code path),
+    ``checkpoint`` (activation checkpointing of the blocks in training:
+    ``"none"``, ``"all"``, an int k for every k-th block of :meth:`all_blocks`
+    followed by the side block, or ``"selective"``; see
+    :mod:`edt.models.checkpointing`).  ``fused`` is the
     deprecated boolean alias (True: ``"auto"``, False: ``"eager"``).
     """
 
@@ -107,6 +112,7 @@ class MDTv2(BackendMixin, nn.Module):
         sort_kept: bool = True,
         backend: str = "auto",
         fused: Optional[bool] = None,
+        checkpoint: CheckpointSpec = None,
     ):
         config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in locals().items()
                   if k not in ("self", "__class__", "fused")}
@@ -133,6 +139,7 @@ class MDTv2(BackendMixin, nn.Module):
         self.decode_layer = decode_layer
         self.sort_kept = sort_kept
         self._backend = backend
+        self.checkpoint = parse_checkpoint(checkpoint)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -218,8 +225,9 @@ class MDTv2(BackendMixin, nn.Module):
         x = unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
                                       backend=self.backend)  # (B, L, D)
         x_before = x
-        for blk in self.sideblocks:
-            x = blk(x, c)
+        first = len(self.all_blocks())  # the side block follows all_blocks() in the checkpointing order
+        for i, blk in enumerate(self.sideblocks):
+            x = run_block(blk, first + i, self.checkpoint, x, c)
         return masked_shortcut(x, x_before, mask, backend=self.backend)  # (B, L, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
@@ -241,18 +249,22 @@ class MDTv2(BackendMixin, nn.Module):
                                                             backend=self.backend)  # (B, K, D)
 
         skips = []
+        ck, i = self.checkpoint, 0  # i: index of the block in all_blocks()
         for blk in self.en_inblocks:
-            x = blk(x, c, positions=ids_keep)  # (B, K, D); K = L unmasked
+            x = run_block(blk, i, ck, x, c, positions=ids_keep)  # (B, K, D); K = L unmasked
             skips.append(x)
+            i += 1
         for blk in self.en_outblocks:
-            x = blk(x, c, skip=skips.pop(), positions=ids_keep)
+            x = run_block(blk, i, ck, x, c, skip=skips.pop(), positions=ids_keep)
+            i += 1
 
         if enable_mask:
             x = self.forward_side_interpolater(x, c, mask, ids_restore)  # (B, L, D)
         else:
             x = x + self.decoder_pos_embed
         for blk in self.de_blocks:
-            x = blk(x, c, skip=input_skip)  # (B, L, D)
+            x = run_block(blk, i, ck, x, c, skip=input_skip)  # (B, L, D)
+            i += 1
         x = self.final_layer(x, c)  # (B, L, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 
