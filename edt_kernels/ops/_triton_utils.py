@@ -119,15 +119,16 @@ def triton_unsupported(**tensors: Optional[torch.Tensor]) -> List[str]:
     return ([why] if why else []) + triton_reasons(OpCall((), **tensors))
 
 
-def register_op(op: str, triton_fn: Callable, reference_fn: Callable, cpp: Optional[Backend] = None) -> None:
+def register_op(op: str, triton_fn: Callable, reference_fn: Callable, cpp: Optional[Backend] = None,
+                torch_fn: Optional[Callable] = None) -> None:
     """The backends of one token/adaLN op: ``triton`` (``"auto"``'s choice on
     CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, of the dtypes
-    it takes), ``torch`` (the PyTorch reference, any device/dtype), ``eager``
-    (the same reference: one backend string works for every op) and, where
-    given, ``cpp``."""
+    it takes), ``torch`` (``torch_fn`` where given: plain PyTorch with a leaner
+    backward; else the PyTorch reference; any device/dtype), ``eager`` (the
+    reference: one backend string works for every op) and, where given, ``cpp``."""
     register(op, FunctionBackend("triton", triton_fn, triton_reasons, unavailable=triton_unavailable_reason),
              auto_rank=0)
-    register(op, FunctionBackend("torch", reference_fn), auto_rank=100)
+    register(op, FunctionBackend("torch", torch_fn or reference_fn), auto_rank=100)
     register(op, FunctionBackend("eager", reference_fn))
     if cpp is not None:
         register(op, cpp, auto_rank=-1)  # where "auto" may take it (opt-in), it comes first
