@@ -108,6 +108,26 @@ def saved_activation_bytes(fn, params: Sequence[torch.Tensor]):
     return out, sum(seen.values())
 
 
+
+
+def _train_parts(family: str, size: str, col: Column, device):
+    """The column's model (cached by the models benchmark), AdamW, the training loss and one batch."""
+    from edt.diffusion import create_diffusion
+
+    overrides = {} if col.checkpoint is None else {"checkpoint": col.checkpoint}
+    built = BM.build(family, size, col.variant, device=device, overrides=overrides)
+    model = built.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    loss_mod = BM.training_loss(built.runner, create_diffusion(""), "edt" if family == "EDT" else "mdt")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    C, S = model.in_channels, model.input_size
+    x = torch.randn(BATCH, C, S, S, generator=g)
+    inputs = tuple(a.to(device) for a in (x, torch.randint(0, model.num_classes, (BATCH,), generator=g),
+                                          torch.randint(0, 1000, (BATCH,), generator=g),
+                                          torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)))
+    return model, opt, loss_mod, inputs
+
+
 def fake_activation_bytes(family: str, size: str, col: Column) -> int:
     """The activation bytes of one step's forward computed on fake tensors
     (``FakeTensorMode``: shapes, dtypes and aliasing as in a real run, no data,
