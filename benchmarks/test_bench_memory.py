@@ -110,12 +110,15 @@ def saved_activation_bytes(fn, params: Sequence[torch.Tensor]):
 
 
 
-def _train_parts(family: str, size: str, col: Column, device):
+def _overrides(col: Column, overrides: Optional[dict]) -> dict:
+    return dict(overrides or {}, **({} if col.checkpoint is None else {"checkpoint": col.checkpoint}))
+
+
+def _train_parts(family: str, size: str, col: Column, device, overrides: Optional[dict] = None):
     """The column's model (cached by the models benchmark), AdamW, the training loss and one batch."""
     from edt.diffusion import create_diffusion
 
-    overrides = {} if col.checkpoint is None else {"checkpoint": col.checkpoint}
-    built = BM.build(family, size, col.variant, device=device, overrides=overrides)
+    built = BM.build(family, size, col.variant, device=device, overrides=_overrides(col, overrides))
     model = built.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     loss_mod = BM.training_loss(built.runner, create_diffusion(""), "edt" if family == "EDT" else "mdt")
@@ -128,7 +131,7 @@ def _train_parts(family: str, size: str, col: Column, device):
     return model, opt, loss_mod, inputs
 
 
-def fake_activation_bytes(family: str, size: str, col: Column) -> int:
+def fake_activation_bytes(family: str, size: str, col: Column, overrides: Optional[dict] = None) -> int:
     """The activation bytes of one step's forward computed on fake tensors
     (``FakeTensorMode``: shapes, dtypes and aliasing as in a real run, no data,
     no time): the same ops save the same storages.  MDTv2's masked pass keeps
@@ -151,11 +154,10 @@ def fake_activation_bytes(family: str, size: str, col: Column) -> int:
             return torch.full(tuple(shape), 0.5)
 
     factory = (EDT_models if family == "EDT" else MDTv2_models)[BM.model_name(family, size)]
-    overrides = {} if col.checkpoint is None else {"checkpoint": col.checkpoint}
     if col.variant == "compile":
         raise ValueError("the compiled column needs a real run")
     with torch.device("meta"):  # the initialisation needs data; the values do not matter here
-        model = factory(backend=BM._backend(col.variant), **overrides).train()  # noqa: SLF001
+        model = factory(backend=BM._backend(col.variant), **_overrides(col, overrides)).train()  # noqa: SLF001
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(mdt_module, "uniform", mean_draw), \
             mock.patch.object(attention_module, "_check_positions_range", lambda *args: None), \
             mock.patch.object(_validation, "check_id_values", lambda *args, **kwargs: None):
@@ -170,16 +172,18 @@ def fake_activation_bytes(family: str, size: str, col: Column) -> int:
 
 
 def measure_one(family: str, size: str, col: Column, *, repeats: int = 1, device=None,
-                bytes_only: bool = False) -> Dict:
+                bytes_only: bool = False, overrides: Optional[dict] = None) -> Dict:
+    """One row: activation bytes, peak, step time (``bytes_only``: the bytes on
+    fake tensors); ``overrides``: constructor arguments (tiny test models)."""
     if bytes_only:
-        nbytes = fake_activation_bytes(family, size, col)
+        nbytes = fake_activation_bytes(family, size, col, overrides)
         return {"_key": [family, size, col.name], "model": BM.model_name(family, size), "family": family,
                 "size": size, "column": col.name, "batch": BATCH, "act_mib": nbytes / MIB,
                 "act_mib_per_image": nbytes / MIB / BATCH,
                 "note": "bytes from fake tensors (no step run: no peak, no time)"
                         + ("; masked pass at the mean mask ratio 0.4" if family == "MDTv2" else "")}
     device = U.DEVICE if device is None else torch.device(device)
-    model, opt, loss_mod, inputs = _train_parts(family, size, col, device)
+    model, opt, loss_mod, inputs = _train_parts(family, size, col, device, overrides)
     params = list(model.parameters())
     acts = {}
 
