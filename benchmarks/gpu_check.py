@@ -386,6 +386,20 @@ def timing_tokens(c: Ctx, rows, deadline):
         rows.append(dict(op="gated_residual", C=C, ms=ms, gbps=3 * nbytes / ms / 1e6))
 
 
+def _peak_mib(c: Ctx, fn):
+    """CUDA: torch.cuda.max_memory_allocated over one call minus what was allocated
+    before it (MiB); None on the CPU dry run."""
+    torch = c.torch
+    if c.dev.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
 def timing_models(c: Ctx, rows, deadline):
     torch = c.torch
     import edt.models as em  # lazily: the public registries and forward(x, t, y) only
@@ -412,7 +426,16 @@ def timing_models(c: Ctx, rows, deadline):
             with torch.no_grad(), ctx:
                 model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 1000)]))
 
-        rows.append(dict(op="train step", model=name, batch=B, ms=c.time_ms(train_step, warmup=1, repeats=3)))
+        ms = c.time_ms(train_step, warmup=1, repeats=3)
+        rows.append(dict(op="train step", model=name, batch=B, ms=ms, peak_mib=_peak_mib(c, train_step)))
+        if name.startswith("EDT"):  # the same step with every block checkpointed (memory vs time)
+            from edt.models.checkpointing import parse_checkpoint
+
+            model.checkpoint = parse_checkpoint("all")
+            ms = c.time_ms(train_step, warmup=1, repeats=3)
+            rows.append(dict(op="train step, checkpoint=all", model=name, batch=B, ms=ms,
+                             peak_mib=_peak_mib(c, train_step)))
+            model.checkpoint = parse_checkpoint(None)
         rows.append(dict(op="CFG step (2B forward)", model=name, batch=B, ms=c.time_ms(cfg_step, warmup=1,
                                                                                       repeats=3)))
         del model

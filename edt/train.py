@@ -78,6 +78,7 @@ from .data import LatentFolder, SyntheticLatents
 from .diffusion import create_diffusion, create_named_schedule_sampler
 from .distributed import Dist, exit_status_of_peer_failure, mix_seed, process_group
 from .models import load_state_dict_strict
+from .models.checkpointing import parse_checkpoint
 from .utils import TMP_SUFFIX, atomic_write, build_model, load_checkpoint_file, model_family, progress_bar
 
 __all__ = ["main", "console_main", "parse_args", "DiffusionTrainingLoss", "ShardedSampler", "update_ema",
@@ -315,6 +316,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="auto: bf16 autocast on CUDA, float32 on CPU")
     g.add_argument("--diffusion-steps", type=int, default=1000, help="T of the linear-beta schedule")
+    g.add_argument("--grad-checkpoint", default="none", metavar="{none,all,selective,K}",
+                   help="activation checkpointing of the blocks: none, all, every K-th block, or selective "
+                        "(matmul outputs kept, the rest recomputed); results are unchanged")
     g = p.add_argument_group("run")
     g.add_argument("--results-dir", default="results", help="log.txt and checkpoints/ go here")
     g.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
@@ -363,6 +367,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--model-kwargs is not valid JSON: {e}")
     if not isinstance(args.model_kwargs, dict):
         p.error("--model-kwargs must be a JSON object")
+    try:
+        parse_checkpoint(args.grad_checkpoint)
+    except (TypeError, ValueError) as e:
+        p.error(f"--grad-checkpoint: {e}")
     if args.recipe == "auto":
         args.recipe = "mdt" if model_family(args.model) == "mdt" else "edt"
     for key, value in recipe_values(args.recipe, args.model).items():
@@ -549,8 +557,11 @@ def setup(args: argparse.Namespace, d: Dist) -> Run:
 
     # same initial weights on every rank
     _seed_globals(args.seed)
+    model_kwargs = dict(args.model_kwargs)
+    if parse_checkpoint(args.grad_checkpoint).enabled:
+        model_kwargs["checkpoint"] = args.grad_checkpoint
     model = build_model(args.model, input_size=latent_shape[1], num_classes=args.num_classes, learn_sigma=True,
-                        **args.model_kwargs).to(device)
+                        **model_kwargs).to(device)
     ema = deepcopy(model).requires_grad_(False).eval()
     family = model_family(args.model)
     strategy = args.mask_strategy if args.mask_strategy != "auto" else \

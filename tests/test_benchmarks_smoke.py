@@ -319,3 +319,27 @@ def test_models_chart(tmp_path, monkeypatch):
         assert png is None and "matplotlib" in why
     else:
         assert png is not None and png.exists() and png.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- training memory
+
+def test_memory_bench_tiny_models(monkeypatch):
+    """Every column on tiny models: bytes > 0, checkpointing keeps fewer, the
+    fake-tensor count equals the real step's, the summary ratios."""
+    from benchmarks import test_bench_memory as BMEM
+
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    rows = []
+    for family, ov in (("EDT", EDT_TINY), ("MDTv2", MDT_TINY)):
+        got = {}
+        for col in BMEM.columns(False):
+            row = BMEM.measure_one(family, "S", col, device=CPU, overrides=ov)
+            assert row["act_mib"] > 0 and row["ms"] > 0
+            got[col.name] = row["act_mib"]
+            rows.append(row)
+        assert got["kernels ckpt=all"] < got["kernels ckpt=2"] < got["kernels"] < got["eager"]
+        assert got["kernels ckpt=selective"] < got["kernels"]
+        fake = BMEM.measure_one(family, "S", BMEM.Column("kernels", "all"), overrides=ov, bytes_only=True)
+        assert fake["act_mib"] == got["kernels ckpt=all"]
+    (table,) = BMEM.summarize(U.Section("memory", "t", BMEM.ROW_COLUMNS, rows=rows))
+    assert all(r["act_ratio"] > 0 and r["time_ratio"] > 0 for r in table["rows"])

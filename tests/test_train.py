@@ -159,17 +159,39 @@ def test_resume_with_other_model_names_keys(tmp_path):
                        str(tmp_path / "a/checkpoints/0000001.pt"), kwargs=wider, steps=2))
 
 
+def test_grad_checkpoint_gives_the_same_weights(tmp_path):
+    """--grad-checkpoint all / selective: the weights of the run without it, bit for bit
+    (masked passes on, so the same random masks must be drawn)."""
+    common = ("--synthetic", "--synthetic-size", "16")
+    runs = {c: train.main(cli(tmp_path / c, *common, "--grad-checkpoint", c, steps=2))
+            for c in ("none", "all", "selective")}
+    ref = load(runs["none"]["checkpoint"])["model"]
+    for c in ("all", "selective"):
+        got = load(runs[c]["checkpoint"])["model"]
+        for name, v in ref.items():
+            assert torch.equal(got[name], v), f"--grad-checkpoint {c}: {name} differs"
+
+
+def test_grad_checkpoint_bad_value_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(cli(tmp_path, "--synthetic", "--grad-checkpoint", "most"))
+    assert e.value.code == 2
+    assert "error: --grad-checkpoint: checkpoint must be" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_ddp_two_process_step_equals_single_process(tmp_path):
+@pytest.mark.parametrize("grad_checkpoint", ["none", "all"])
+def test_ddp_two_process_step_equals_single_process(tmp_path, grad_checkpoint):
     """2 gloo processes x 4 samples == 1 process x 8 samples (masking and label dropout off:
-    their draws depend on the per-rank batch shape)."""
+    their draws depend on the per-rank batch shape); also with every block checkpointed."""
     kwargs = dict(EDT_TINY, class_dropout_prob=0.0)
-    common = ("--synthetic", "--synthetic-size", "32", "--log-every", "1", "--mask-strategy", "none")
+    common = ("--synthetic", "--synthetic-size", "32", "--log-every", "1", "--mask-strategy", "none",
+              "--grad-checkpoint", grad_checkpoint)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

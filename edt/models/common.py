@@ -31,7 +31,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from edt_kernels import AMM, gated_residual, layernorm_modulate
+from edt_kernels import AMM, gated_residual, layernorm_modulate, mlp_gelu_tanh
 from edt_kernels import nn as kernels_nn
 from edt_kernels._validation import infer_grid
 from edt_kernels.nn import AMMAttention
@@ -161,16 +161,22 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(gelu_tanh(fc1(x)))`` (timm ``Mlp`` layout)."""
+    """``fc2(gelu_tanh(fc1(x)))`` (timm ``Mlp`` layout), one
+    ``edt_kernels.mlp_gelu_tanh`` call (its backward recomputes the GELU)."""
 
-    def __init__(self, in_features: int, hidden_features: int):
+    def __init__(self, in_features: int, hidden_features: int, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        # The op has the "torch" and "eager" backends only: a model on a kernel
+        # backend ("triton", ...) runs its MLP on "auto".
+        backend = self.backend if self.backend in ("torch", EAGER) else "auto"
+        return mlp_gelu_tanh(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                             backend=backend)
 
 
 #################################################################################
@@ -215,7 +221,7 @@ class AdaLNBlock(nn.Module):
         self.backend = backend
         self.attn = _attention(hidden_size, num_heads, grid, extra_rows, persistent_index, rel_pos_first,
                                backend)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), backend)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * hidden_size, bias=True))
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 from edt_kernels import layernorm_modulate, masked_shortcut, patch_merge_modulate
 from edt_kernels.reference import reference_patch_merge
 
+from .checkpointing import CheckpointSpec, parse_checkpoint, run_block
 from .common import (
     CFG_CHANNELS,
     AdaLNBlock,
@@ -157,7 +158,10 @@ class EDT(DiffusionTransformer):
     published AMM placement), ``local`` (AMM on at construction).
     Ours: ``amm_blocks`` (placement overriding the one of ``size``) and
     ``backend`` (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors'
-    code path; or any backend name the ops accept).
+    code path; or any backend name the ops accept), ``checkpoint``
+    (activation checkpointing of the blocks in training: ``"none"``, ``"all"``,
+    an int k for every k-th block, or ``"selective"``; see
+    :mod:`edt.models.checkpointing`).
 
     The blocks are one flat list (AMM placements index it); ``stage_blocks[s]``
     is the range of indices of stage ``s``: down stages ``0 .. mid_stage - 1``,
@@ -183,6 +187,7 @@ class EDT(DiffusionTransformer):
         local: bool = True,
         amm_blocks: Optional[Sequence[int]] = None,
         backend: str = "auto",
+        checkpoint: CheckpointSpec = None,
     ):
         super().__init__(locals())
         stages_depth, dims, num_heads = list(stages_depth), list(dims), list(num_heads)
@@ -211,6 +216,7 @@ class EDT(DiffusionTransformer):
         self.num_stages = S
         self.mid_mask = bool(mid_mask)
         self.size = size
+        self.checkpoint = parse_checkpoint(checkpoint)
 
         self._embedders(input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
                         learn_sigma)
@@ -305,7 +311,7 @@ class EDT(DiffusionTransformer):
             if enable_mask and self.mid_mask and s == 0 and i - first == MID_MASK_BLOCK:
                 keep = self._keep_mask(x.shape[:-1], MID_MASK_RATIO, generator, x.device)  # (B, N)
                 x = masked_shortcut(x, self.pos_embed, keep, backend=self.backend)  # dropped -> pos_embed
-            x = self.blocks[i](x, c)  # (B, N_s, D_s)
+            x = run_block(self.blocks[i], i, self.checkpoint, x, c)  # (B, N_s, D_s)
         return x
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from edt_kernels import masked_shortcut, random_masking, unshuffle_with_mask_token
 
+from .checkpointing import CheckpointSpec, parse_checkpoint, run_block
 from .common import (
     CFG_CHANNELS,
     AdaLNBlock,
@@ -74,7 +75,11 @@ class MDTv2(DiffusionTransformer):
     ablation; default none), ``sort_kept`` (masked training: the kept
     tokens in ascending grid order, see the module docstring; False: in the
     order of the random draw, as the authors' code) and ``backend``
-    (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors' code path).
+    (``"auto"``: the edt_kernels kernels; ``"eager"``: the authors' code path),
+    ``checkpoint`` (activation checkpointing of the blocks in training:
+    ``"none"``, ``"all"``, an int k for every k-th block of :meth:`all_blocks`
+    followed by the side block, or ``"selective"``; see
+    :mod:`edt.models.checkpointing`).
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class MDTv2(DiffusionTransformer):
         amm_blocks: Sequence[int] = (),
         sort_kept: bool = True,
         backend: str = "auto",
+        checkpoint: CheckpointSpec = None,
     ):
         super().__init__(locals())
         decode_layer = int(decode_layer)
@@ -108,6 +114,7 @@ class MDTv2(DiffusionTransformer):
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
         self.decode_layer = decode_layer
         self.sort_kept = sort_kept
+        self.checkpoint = parse_checkpoint(checkpoint)
 
         self._embedders(input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob,
                         learn_sigma)
@@ -163,8 +170,9 @@ class MDTv2(DiffusionTransformer):
         x = unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
                                       backend=self.backend)  # (B, L, D)
         x_before = x
-        for blk in self.sideblocks:
-            x = blk(x, c)
+        first = len(self.all_blocks())  # the side block follows all_blocks() in the checkpointing order
+        for i, blk in enumerate(self.sideblocks):
+            x = run_block(blk, first + i, self.checkpoint, x, c)
         return masked_shortcut(x, x_before, mask, backend=self.backend)  # (B, L, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
@@ -187,18 +195,22 @@ class MDTv2(DiffusionTransformer):
                                                             backend=self.backend)  # (B, K, D)
 
         skips = []
+        ck, i = self.checkpoint, 0  # i: index of the block in all_blocks()
         for blk in self.en_inblocks:
-            x = blk(x, c, positions=ids_keep)  # (B, K, D); K = L unmasked
+            x = run_block(blk, i, ck, x, c, positions=ids_keep)  # (B, K, D); K = L unmasked
             skips.append(x)
+            i += 1
         for blk in self.en_outblocks:
-            x = blk(x, c, skip=skips.pop(), positions=ids_keep)
+            x = run_block(blk, i, ck, x, c, skip=skips.pop(), positions=ids_keep)
+            i += 1
 
         if enable_mask:
             x = self.forward_side_interpolater(x, c, mask, ids_restore)  # (B, L, D)
         else:
             x = x + self.decoder_pos_embed
         for blk in self.de_blocks:
-            x = blk(x, c, skip=input_skip)  # (B, L, D)
+            x = run_block(blk, i, ck, x, c, skip=input_skip)  # (B, L, D)
+            i += 1
         x = self.final_layer(x, c)  # (B, L, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 

@@ -124,16 +124,18 @@ def triton_reasons(call: OpCall) -> List[str]:
     return why + batch[:1]
 
 
-def register_op(op: str, triton_fn: Callable, reference_fn: Callable) -> None:
+def register_op(op: str, triton_fn: Callable, reference_fn: Callable,
+                torch_fn: Optional[Callable] = None) -> None:
     """The backends of one token/adaLN op: ``triton`` (``"auto"``'s choice on
     CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, of the dtypes
-    it takes), ``torch`` (the PyTorch reference, any device/dtype) and ``eager``
-    (the same reference: one backend string works for every op).  The ``cpp``
+    it takes), ``torch`` (``torch_fn`` where given: plain PyTorch with a leaner
+    backward; else the PyTorch reference; any device/dtype) and ``eager``
+    (the reference: one backend string works for every op).  The ``cpp``
     backend of the token ops that have compiled kernels registers in
     ``tokens_cpp``."""
     register(op, FunctionBackend("triton", triton_fn, triton_reasons, unavailable=triton_unavailable_reason),
              auto_rank=0)
-    register(op, FunctionBackend("torch", reference_fn), auto_rank=100)
+    register(op, FunctionBackend("torch", torch_fn or reference_fn), auto_rank=100)
     register(op, FunctionBackend("eager", reference_fn))
 
 

@@ -11,7 +11,10 @@ shift/scale/gate gradients are sums over the tokens: each program accumulates
 its rows in fp32 registers and writes one partial row; a small ``torch.sum``
 over the ``[B, P, C]`` partials finishes (deterministic, no atomics).
 
-Re-exported from one module per op (``layernorm_modulate``, ``gated_residual``);
+The block's MLP, ``mlp_gelu_tanh`` (``ops/mlp.py``), keeps the input and the
+pre-activation for its backward, not the activation.
+
+Re-exported from one module per op (``layernorm_modulate``, ``gated_residual``, ``mlp``);
 the shared Triton helpers live in ``ops/_triton_utils.py`` and the argument
 checks in ``edt_kernels/_validation.py``.
 """
@@ -31,5 +34,6 @@ from .layernorm_modulate import (  # noqa: F401
     _check_adaln_rows, _layernorm_modulate_bwd_op, _layernorm_modulate_op, layernorm_modulate, ln_modulate_backward,
     ln_modulate_forward,
 )
+from .mlp import mlp_gelu_tanh  # noqa: F401
 
-__all__ = ["layernorm_modulate", "gated_residual"]
+__all__ = ["layernorm_modulate", "gated_residual", "mlp_gelu_tanh"]

@@ -265,6 +265,40 @@ def _ln_backward(ctx, dout):
 
 _layernorm_modulate_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
+# ============================================================================ torch backend
+
+class _LayerNormModulateTorch(torch.autograd.Function):
+    """The reference's forward, op for op (bit-equal), keeping for the backward
+    only x and the row statistics (mean, rstd): the normalised rows are
+    recomputed from them instead of being saved (the reference keeps them)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
+        ctx.save_for_backward(x, scale, mean, rstd)
+        return normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, scale, mean, rstd = ctx.saved_tensors
+        needs_x, needs_shift, needs_scale = ctx.needs_input_grad[:3]
+        dx = dshift = dscale = None
+        if needs_x:
+            dnormed = dout * (1 + scale.unsqueeze(1))
+            dx = torch.ops.aten.native_layer_norm_backward(dnormed, x, (x.shape[-1],), mean, rstd, None, None,
+                                                           [True, False, False])[0]
+        if needs_shift:
+            dshift = dout.sum(1)
+        if needs_scale:
+            dscale = (dout * ((x - mean) * rstd)).sum(1)
+        return dx, dshift, dscale, None
+
+
+def _layernorm_modulate_torch(x, shift, scale, eps):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, shift, scale)):
+        return _LayerNormModulateTorch.apply(x, shift, scale, eps)
+    return reference_layernorm_modulate(x, shift, scale, eps)
+
 # ============================================================================ public functions
 
 def _check_adaln_rows(x, name_rows: str, rows, device) -> None:
@@ -301,4 +335,4 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 # ============================================================================ backends
 
 register_op("layernorm_modulate", lambda c: _layernorm_modulate_op(*c.args),
-            lambda c: reference_layernorm_modulate(*c.args))
+            lambda c: reference_layernorm_modulate(*c.args), torch_fn=lambda c: _layernorm_modulate_torch(*c.args))

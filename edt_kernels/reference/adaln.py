@@ -2,6 +2,7 @@
 
     layernorm_modulate(x, shift, scale) = LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]
     gated_residual(x, gate, y)           = x + gate[:, None] * y
+    mlp_gelu_tanh(x, w1, b1, w2, b2)     = Linear2(GELU_tanh(Linear1(x)))
 
 ``LayerNorm`` has no affine parameters and eps 1e-6 (DiT, MDT and EDT all use
 ``nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)``); ``shift``, ``scale``
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_layernorm_modulate", "reference_gated_residual"]
+__all__ = ["reference_layernorm_modulate", "reference_gated_residual", "reference_mlp_gelu_tanh"]
 
 
 def reference_layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -27,3 +28,9 @@ def reference_layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: to
 def reference_gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate[:, None] * y`` for ``x, y`` ``[B, L, C]`` and ``gate`` ``[B, C]``."""
     return x + gate.unsqueeze(1) * y
+
+
+def reference_mlp_gelu_tanh(x: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2) -> torch.Tensor:
+    """The block's MLP (timm ``Mlp`` with ``GELU(approximate="tanh")``):
+    ``linear(gelu_tanh(linear(x, w1, b1)), w2, b2)``; biases may be None."""
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)

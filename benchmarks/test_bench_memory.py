@@ -1,0 +1,310 @@
+"""Training memory: what one optimisation step keeps for its backward, its
+peak memory and its time, for EDT and MDTv2 on the authors' eager path, on
+edt_kernels, compiled, and under each activation-checkpointing setting.
+
+    pytest benchmarks/test_bench_memory.py --benchmark-only
+    python -m benchmarks.test_bench_memory --sizes S B XL --compile
+
+One step = the training script's loss (``edt.train.DiffusionTrainingLoss``:
+the full pass and the masked pass, as ``benchmarks.test_bench_models``
+runs it), backward, AdamW.  Per (model, column):
+
+* ``activation MiB``: bytes of the unique storages saved for backward during
+  the step's forward (both passes), recorded by
+  ``torch.autograd.graph.saved_tensors_hooks``; parameters (and views of them)
+  are excluded, a storage saved several times (q/k/v views of one qkv tensor,
+  the same input saved by two ops) counts once.  The inputs a checkpointed
+  block keeps are counted (PyTorch's non-reentrant checkpoint saves them
+  through the same hooks); what is recomputed in the backward is not;
+* ``peak MiB``: CUDA: ``torch.cuda.max_memory_allocated`` over the step minus
+  what was allocated before it; CPU: the rise of peak RSS over the step
+  (``benchmarks._utils.peak_memory``);
+* ``ms / step``: median of the timed steps (the measured step first, then
+  ``--repeats - 1`` more) after one warm-up step (which also creates AdamW's
+  state), and its ratio to the kernels column without checkpointing.
+
+Batch 4, 32x32 latents (256 px images), float32 everywhere (no autocast):
+the figures are per step of that batch, and ``per image`` divides by 4.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+import torch
+
+from benchmarks import harness as U
+from benchmarks import test_bench_models as BM
+
+SECTION = "memory"
+BATCH = 4
+SIZES = ("S",) if U.SMALL else ("S", "B", "XL")
+FAMILIES = ("EDT", "MDTv2")
+CHECKPOINTS = ("all", 2, "selective")
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Column:
+    variant: str  # "eager" | "kernels" | "compile"
+    checkpoint: object = None
+
+    @property
+    def name(self) -> str:
+        return self.variant + ("" if self.checkpoint is None else f" ckpt={self.checkpoint}")
+
+
+def columns(compile_: bool) -> List[Column]:
+    cols = [Column("eager"), Column("kernels")] + ([Column("compile")] if compile_ else [])
+    return cols + [Column("kernels", c) for c in CHECKPOINTS]
+
+
+@contextlib.contextmanager
+def _selective_caches():
+    """The caches of selective checkpointing created while inside: the outputs
+    it keeps (matmuls, attention) live there, not in autograd's saved tensors."""
+    from edt.models import checkpointing as CK
+
+    caches, make = [], CK._selective_contexts  # noqa: SLF001 - the instrument reads what it keeps
+
+    def recording():
+        forward_ctx, recompute_ctx = make()
+        caches.append(forward_ctx.storage)
+        return forward_ctx, recompute_ctx
+
+    CK._selective_contexts = recording  # noqa: SLF001
+    try:
+        yield caches
+    finally:
+        CK._selective_contexts = make  # noqa: SLF001
+
+
+def saved_activation_bytes(fn, params: Sequence[torch.Tensor]):
+    """``(fn()``, bytes of the unique non-parameter storages kept for backward
+    while it ran: saved by autograd, or cached by selective checkpointing)."""
+    from torch.utils._pytree import tree_leaves
+
+    param_storages = {p.untyped_storage()._cdata for p in params}  # storage identity (fake tensors too)
+    seen: Dict[int, int] = {}
+
+    def add(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s._cdata not in param_storages:
+            seen[s._cdata] = max(seen.get(s._cdata, 0), s.nbytes())
+        return t
+
+    with _selective_caches() as caches, torch.autograd.graph.saved_tensors_hooks(add, lambda t: t):
+        out = fn()
+    for cache in caches:
+        for per_op in cache.values():
+            for entry in per_op.values():
+                for leaf in tree_leaves(entry):
+                    if isinstance(getattr(leaf, "val", None), torch.Tensor):
+                        add(leaf.val)
+    return out, sum(seen.values())
+
+
+
+
+def _overrides(col: Column, overrides: Optional[dict]) -> dict:
+    return dict(overrides or {}, **({} if col.checkpoint is None else {"checkpoint": col.checkpoint}))
+
+
+def _train_parts(family: str, size: str, col: Column, device, overrides: Optional[dict] = None):
+    """The column's model (cached by the models benchmark), AdamW, the training loss and one batch."""
+    from edt.diffusion import create_diffusion
+
+    built = BM.build(family, size, col.variant, device=device, overrides=_overrides(col, overrides))
+    model = built.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    loss_mod = BM.training_loss(built.runner, create_diffusion(""), "edt" if family == "EDT" else "mdt")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    C, S = model.in_channels, model.input_size
+    x = torch.randn(BATCH, C, S, S, generator=g)
+    inputs = tuple(a.to(device) for a in (x, torch.randint(0, model.num_classes, (BATCH,), generator=g),
+                                          torch.randint(0, 1000, (BATCH,), generator=g),
+                                          torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)))
+    return model, opt, loss_mod, inputs
+
+
+def fake_activation_bytes(family: str, size: str, col: Column, overrides: Optional[dict] = None) -> int:
+    """The activation bytes of one step's forward computed on fake tensors
+    (``FakeTensorMode``: shapes, dtypes and aliasing as in a real run, no data,
+    no time): the same ops save the same storages.  MDTv2's masked pass keeps
+    a number of tokens that depends on a random draw, which fake tensors do
+    not have: it is run at the mean mask ratio (the draw U(0, 1) = 0.5, ratio
+    0.3 + 0.2 * 0.5 = 0.4), and the value checks of the token indices (which
+    read them) are skipped."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    from edt.diffusion import create_diffusion
+    from edt.models import EDT_models, MDTv2_models
+    from edt.models import mdt as mdt_module
+    from edt_kernels import _validation
+    from edt_kernels import attention as attention_module
+
+    def mean_draw(shape, generator, device):
+        with unset_fake_temporarily():
+            return torch.full(tuple(shape), 0.5)
+
+    factory = (EDT_models if family == "EDT" else MDTv2_models)[BM.model_name(family, size)]
+    if col.variant == "compile":
+        raise ValueError("the compiled column needs a real run")
+    with torch.device("meta"):  # the initialisation needs data; the values do not matter here
+        model = factory(backend=BM._backend(col.variant), **_overrides(col, overrides)).train()  # noqa: SLF001
+    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(mdt_module, "uniform", mean_draw), \
+            mock.patch.object(attention_module, "_check_positions_range", lambda *args: None), \
+            mock.patch.object(_validation, "check_id_values", lambda *args, **kwargs: None):
+        model.to_empty(device="cpu")
+        loss_mod = BM.training_loss(model, create_diffusion(""), "edt" if family == "EDT" else "mdt")
+        C, S = model.in_channels, model.input_size
+        x = torch.randn(BATCH, C, S, S)
+        inputs = (x, torch.randint(0, model.num_classes, (BATCH,)), torch.randint(0, 1000, (BATCH,)),
+                  torch.randn(x.shape), torch.randn(x.shape))
+        _, nbytes = saved_activation_bytes(lambda: loss_mod(*inputs), list(model.parameters()))
+    return nbytes
+
+
+def measure_one(family: str, size: str, col: Column, *, repeats: int = 1, device=None,
+                bytes_only: bool = False, overrides: Optional[dict] = None) -> Dict:
+    """One row: activation bytes, peak, step time (``bytes_only``: the bytes on
+    fake tensors); ``overrides``: constructor arguments (tiny test models)."""
+    if bytes_only:
+        nbytes = fake_activation_bytes(family, size, col, overrides)
+        return {"_key": [family, size, col.name], "model": BM.model_name(family, size), "family": family,
+                "size": size, "column": col.name, "batch": BATCH, "act_mib": nbytes / MIB,
+                "act_mib_per_image": nbytes / MIB / BATCH,
+                "note": "bytes from fake tensors (no step run: no peak, no time)"
+                        + ("; masked pass at the mean mask ratio 0.4" if family == "MDTv2" else "")}
+    device = U.DEVICE if device is None else torch.device(device)
+    model, opt, loss_mod, inputs = _train_parts(family, size, col, device, overrides)
+    params = list(model.parameters())
+    acts = {}
+
+    def step(record: bool = False):
+        torch.manual_seed(1)  # the same masks and label dropout in every column
+        if record:
+            losses, acts["bytes"] = saved_activation_bytes(lambda: loss_mod(*inputs), params)
+        else:
+            losses = loss_mod(*inputs)
+        opt.zero_grad(set_to_none=True)
+        losses[0].backward()
+        opt.step()
+        return losses.detach()
+
+    step()  # warm-up: AdamW state, compilation, allocator growth
+    t0 = time.perf_counter()
+    peak = BM._peak(step, (True,), device)  # noqa: SLF001 - the models benchmark's peak, same method
+    times = [time.perf_counter() - t0]
+    if device.type == "cuda":
+        peak -= torch.cuda.memory_allocated(device)
+    for _ in range(repeats - 1):
+        U.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        U.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    ms = 1e3 * times[len(times) // 2]
+    row = {"_key": [family, size, col.name], "model": BM.model_name(family, size), "family": family,
+           "size": size, "column": col.name, "batch": BATCH, "act_mib": acts["bytes"] / MIB,
+           "act_mib_per_image": acts["bytes"] / MIB / BATCH,
+           "peak_mib": None if peak is None else peak / MIB, "ms": ms}
+    del model, opt, loss_mod
+    BM._CACHE.clear()  # noqa: SLF001 - free this column's model before the next
+    return row
+
+
+ROW_COLUMNS = [("model", "model"), ("column", "column"), ("act_mib", "activation MiB"),
+               ("act_ratio", "x eager"), ("act_mib_per_image", "MiB / image"), ("peak_mib", "peak MiB"),
+               ("ms", "ms / step"), ("time_ratio", "time x kernels"), ("note", "note")]
+
+
+def _section() -> U.Section:
+    notes = [f"device: {U.device_name()}; float32, batch {BATCH}, 32x32 latents (256 px); one step = "
+             "full + masked training loss, backward, AdamW",
+             "activation MiB = unique storages saved for backward during the step's forward (both passes), "
+             "parameters excluded (torch.autograd.graph.saved_tensors_hooks); checkpointed blocks count the "
+             "inputs they keep",
+             ("peak MiB (CUDA) = torch.cuda.max_memory_allocated over one step minus what was allocated "
+              "before it" if U.DEVICE.type == "cuda" else U.memory_note()),
+             "x eager = activation bytes / the eager column's; time x kernels = step time / the kernels "
+             "column's without checkpointing (same model, same run)"]
+    if U.DEVICE.type == "cpu":
+        notes.insert(0, U.CPU_NOTE)
+    return U.section(SECTION, "Training memory: activations kept for backward, peak, step time",
+                     ROW_COLUMNS, notes, summarize=summarize)
+
+
+def summarize(sec: U.Section) -> List[Dict]:
+    """Ratios to the eager and unchecked kernels columns of the same model."""
+    by = {(r["model"], r["column"]): r for r in sec.rows if "act_mib" in r}
+    rows = []
+    for r in sec.rows:
+        r = dict(r)
+        eager, kern = by.get((r.get("model"), "eager")), by.get((r.get("model"), "kernels"))
+        if eager and r.get("act_mib") is not None:
+            r["act_ratio"] = r["act_mib"] / eager["act_mib"]
+        if kern and r.get("ms") is not None:
+            r["time_ratio"] = r["ms"] / kern["ms"]
+        rows.append(r)
+    return [{"title": "Activation bytes, peak memory and step time", "columns": [list(c) for c in ROW_COLUMNS],
+             "rows": rows}]
+
+
+def run_one(family: str, size: str, col: Column, *, repeats: int = 1, bytes_only: bool = False) -> Dict:
+    sec = _section()
+    try:
+        row = measure_one(family, size, col, repeats=repeats, bytes_only=bytes_only)
+    except Exception as exc:  # noqa: BLE001 - recorded in the table, re-raised by the caller
+        row = {"_key": [family, size, col.name], "model": BM.model_name(family, size), "column": col.name,
+               "note": f"ERROR: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        U.record(sec.name, row)
+        raise
+    U.record(sec.name, row)
+    return row
+
+
+PARAMS = [pytest.param(f, s, c, id=f"{f}-{s}-{c.name.replace(' ', '_')}")
+          for s in SIZES for f in FAMILIES for c in columns(False)]
+
+
+@pytest.mark.parametrize("family,size,column", PARAMS)
+def test_memory(benchmark, family, size, column):
+    benchmark.group = f"memory {family}-{size}"
+    row = benchmark.pedantic(lambda: run_one(family, size, column), rounds=1, iterations=1)
+    assert row["act_mib"] > 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = U.base_parser("training memory of EDT and MDTv2: activation bytes, peak memory, step time")
+    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=("S", "B", "XL"))
+    p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--compile", action="store_true", help="add the torch.compile'd kernels column")
+    p.add_argument("--bytes-only", nargs="*", default=[], choices=("S", "B", "XL"),
+                   help="sizes whose activation bytes are computed on fake tensors, without running a step "
+                        "(no peak memory, no time): for models too slow to step on this machine")
+    args = U.parse_main_args(p, argv)
+    errors = []
+    for size in args.sizes:
+        for family in args.families:
+            fake = size in args.bytes_only
+            for col in columns(args.compile and not fake):
+                try:
+                    row = run_one(family, size, col, repeats=args.repeats or 1, bytes_only=fake)
+                    print(f"{family}-{size} {col.name:24s} act {row['act_mib']:9.1f} MiB  "
+                          f"peak {row.get('peak_mib') or float('nan'):9.1f} MiB  "
+                          f"{row.get('ms') or float('nan'):9.1f} ms", flush=True)
+                except Exception as exc:  # noqa: BLE001 - reported, exit status non-zero
+                    errors.append(f"{family}-{size} {col.name}: {type(exc).__name__}: {exc}")
+    return U.finish_main(args, [SECTION], errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""edt_kernels.mlp_gelu_tanh (the block MLP keeping x and the pre-activation
+only) and the lean torch backend of layernorm_modulate (x and the row
+statistics only): the reference's forward bit for bit, float64 gradients
+against the reference, what the backward keeps, bad input."""
+import pytest
+import torch
+
+from edt_kernels import layernorm_modulate, mlp_gelu_tanh
+from edt_kernels.reference import reference_layernorm_modulate, reference_mlp_gelu_tanh
+from tolerances import GRAD_TOL, assert_close
+
+
+def _saved(fn):
+    """(fn(), [shapes of the tensors saved for backward])."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+def _mlp_inputs(dtype, bias=True, C=20, H=52, Co=20):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_(True)  # noqa: E731
+    return (mk(2, 7, C), mk(H, C) * 0.3, mk(H) if bias else None, mk(Co, H) * 0.3, mk(Co) if bias else None)
+
+
+def _leafify(ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_mlp_float64_forward_and_gradients(bias):
+    args = _leafify(_mlp_inputs(torch.float64, bias))
+    ref_args = _leafify(args)
+    out = torch.full((2, 7, 20), float("nan"), dtype=torch.float64)  # poisoned: the op must produce it
+    out = mlp_gelu_tanh(*args)
+    ref = reference_mlp_gelu_tanh(*ref_args)
+    assert torch.equal(out, ref)  # same ops in the same order
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, r in zip(args, ref_args):
+        if r is not None:
+            assert_close(a.grad, r.grad, torch.float64, GRAD_TOL, name="mlp grad")
+
+
+def test_mlp_keeps_no_activation():
+    args = _leafify(_mlp_inputs(torch.float32))
+    _, lean = _saved(lambda: mlp_gelu_tanh(*args))
+    _, ref = _saved(lambda: mlp_gelu_tanh(*args, backend="eager"))
+    assert sorted(lean) == [(2, 7, 20), (2, 7, 52), (20, 52), (52, 20)]  # x, h = fc1(x), w1, w2
+    assert len([s for s in ref if s == (2, 7, 52) or s == (14, 52)]) == 2  # the reference: h and GELU(h)
+
+
+def test_mlp_float32_matches_eager_and_autocast_dtypes():
+    args = _leafify(_mlp_inputs(torch.float32))
+    ref_args = _leafify(args)
+    out, ref = mlp_gelu_tanh(*args), mlp_gelu_tanh(*ref_args, backend="eager")
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    for a, r in zip(args, ref_args):
+        assert_close(a.grad, r.grad, torch.float32, GRAD_TOL, name="mlp grad float32")
+        assert a.grad.dtype == a.dtype
+
+
+def test_mlp_bad_input():
+    x, w1, b1, w2, b2 = _mlp_inputs(torch.float32)
+    with pytest.raises(ValueError, match="w1"):
+        mlp_gelu_tanh(x, w1.t(), b1, w2, b2)
+    with pytest.raises(ValueError, match="b2"):
+        mlp_gelu_tanh(x, w1, b1, w2, b1)
+    with pytest.raises(TypeError, match="x"):
+        mlp_gelu_tanh([1.0], w1, b1, w2, b2)
+
+
+def _ln_inputs(dtype):
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_(True) for s in ((3, 9, 37), (3, 37), (3, 37))]
+
+
+def test_layernorm_modulate_torch_backend_float64():
+    args = _ln_inputs(torch.float64)
+    ref_args = _leafify(args)
+    out = layernorm_modulate(*args, 1e-6, backend="torch")
+    ref = reference_layernorm_modulate(*ref_args, 1e-6)
+    assert torch.equal(out, ref)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, r in zip(args, ref_args):
+        assert_close(a.grad, r.grad, torch.float64, GRAD_TOL, name="layernorm_modulate grad")
+
+
+def test_layernorm_modulate_torch_keeps_x_and_statistics():
+    args = _ln_inputs(torch.float32)
+    h = args[0] * 1.0  # a non-leaf input, as in a model
+    _, lean = _saved(lambda: layernorm_modulate(h, args[1], args[2], backend="torch"))
+    _, ref = _saved(lambda: layernorm_modulate(h, args[1], args[2], backend="eager"))
+    assert [s for s in lean if s == (3, 9, 37)] == [(3, 9, 37)]  # x only, no normalised copy
+    assert len([s for s in ref if s == (3, 9, 37)]) == 2  # x and the normalised rows
+
+
+def test_layernorm_modulate_torch_backend_partial_requires_grad():
+    x, shift, scale = _ln_inputs(torch.float64)
+    out = layernorm_modulate(x, shift.detach(), scale.detach(), backend="torch")
+    out.sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    reference_layernorm_modulate(ref_x, shift.detach(), scale.detach()).sum().backward()
+    assert_close(x.grad, ref_x.grad, torch.float64, GRAD_TOL, name="dx")
