@@ -19,7 +19,8 @@ configurations of ``edt.digits.DIGITS_MODELS``, parameters within 10 %):
   regular shares of it: the EMA weights draw ``--num-samples`` samples, the
   same number of every class, with ``edt.sample.sample_chunk`` (respaced DDPM,
   ``--sampling-steps`` steps, classifier-free guidance ``--cfg-scale`` on the
-  image channel, each model's own guidance schedule), judged by the digits
+  image channel, each model's own guidance schedule), clipped to [-1, 1] as
+  pixels are, judged by the digits
   judge: FD-digits against the held-out split and the class accuracy;
 * writes ``OUT/quality.json`` and ``OUT/quality.md`` (device, versions, commit,
   date, machine load), ``OUT/curves.png`` (FD and class accuracy against
@@ -51,7 +52,7 @@ from edt import digits as D
 from edt import train as T
 from edt.diffusion import create_diffusion
 from edt.sample import sample_chunk
-from edt.utils import make_grid, progress_bar, write_png
+from edt.utils import latents_to_uint8, make_grid, progress_bar, write_png
 
 from . import _utils as U
 
@@ -98,18 +99,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # Sampling and judging
 # ---------------------------------------------------------------------------
 
-class _GuidedOnImageChannels:
-    """The model with classifier-free guidance on its ``in_channels`` output channels (the
-    models' default, 3, is the RGB-ish share of 4 VAE channels; here there is 1 image channel)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.forward = model.forward
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        return self.model.forward_with_cfg(x, t, y, cfg_scale, cfg_channels=self.model.in_channels)
-
-
 @torch.no_grad()
 def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: int = 100):
     """(float32 [n, 1, S, S] clipped to [-1, 1] as pixels are, labels int64 [n]): ``n`` samples,
@@ -117,8 +106,8 @@ def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: 
     diffusion = create_diffusion(str(steps))
     sargs = argparse.Namespace(seed=seed, cfg_scale=cfg_scale, ddim=False, eta=0.0, mixed_precision="no")
     labels = torch.arange(n) % D.NUM_CLASSES
-    guided = _GuidedOnImageChannels(model.eval())
-    out = [sample_chunk(guided, diffusion, lambda z: z.clamp(-1, 1).cpu(), sargs, labels[lo:lo + batch], c,
+    model.eval()
+    out = [sample_chunk(model, diffusion, lambda z: z.clamp(-1, 1).cpu(), sargs, labels[lo:lo + batch], c,
                         model.in_channels, model.input_size, D.NUM_CLASSES, torch.device("cpu"))
            for c, lo in enumerate(range(0, n, batch))]
     return torch.cat(out), labels
@@ -132,9 +121,7 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10)
         if len(x) < per_class:
             x = torch.cat([x, torch.full((per_class - len(x), *x.shape[1:]), -1.0)])
         rows.append(x)
-    pix = ((torch.cat(rows).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    pix = pix.permute(0, 2, 3, 1).repeat(1, 1, 1, 3).numpy()
-    return make_grid(pix, nrow=per_class)
+    return make_grid(latents_to_uint8(torch.cat(rows)), nrow=per_class)
 
 
 def evaluate(model, judge, reference: torch.Tensor, args, seed: int) -> Dict[str, Any]:

@@ -107,7 +107,7 @@ def test_quality_smoke(cache, tmp_path, capsys):
 
     out = tmp_path / "out"
     result = quality.main(["--minutes", "0.001", "--evals", "1", "--num-samples", "10", "--sampling-steps", "2",
-                           "--threads", "1", "--out", str(out)])
+                           "--batch-size", "8", "--threads", "1", "--out", str(out)])
     saved = json.loads((out / "quality.json").read_text())
     assert [r["model"] for r in saved["runs"]] == ["EDT", "MDTv2"]
     for r in saved["runs"]:
@@ -125,3 +125,29 @@ def test_quality_bad_input(capsys):
     with pytest.raises(SystemExit) as e:
         quality.main(["--minutes", "0"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --minutes")
+
+
+def test_guidance_covers_a_single_image_channel():
+    """edt.sample guides the first 3 output channels of 4-channel latents; a 1-channel model
+    has its one image channel guided, not its variance channel."""
+    import argparse
+
+    from edt.diffusion import create_diffusion
+    from edt.sample import sample_chunk
+
+    seen = []
+
+    class Stub(torch.nn.Module):
+        def forward(self, x, t, y):
+            return torch.zeros(len(x), 2 * x.shape[1], *x.shape[2:])
+
+        def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
+            seen.append(cfg_channels)
+            return self.forward(x, t, y)
+
+    sargs = argparse.Namespace(seed=0, cfg_scale=2.0, ddim=False, eta=0.0, mixed_precision="no")
+    for channels, expected in ((1, 1), (4, 3)):
+        seen.clear()
+        sample_chunk(Stub(), create_diffusion("2"), lambda z: z, sargs, torch.tensor([0, 1]), 0, channels, 4, 10,
+                     torch.device("cpu"))
+        assert seen and set(seen) == {expected}
