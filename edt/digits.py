@@ -217,7 +217,7 @@ def _judge_key(seed: int, size: int) -> str:
 def load_judge(seed: int = 0, size: int = DIGITS_SIZE, root=None,
                data: Optional[Dict[str, torch.Tensor]] = None) -> DigitsJudge:
     """The judge of split ``seed``: cached weights ``CACHE/digits-judge/seed<seed>-<key>.pt`` (key:
-    a hash of its training settings), else trained (a few seconds) and written atomically."""
+    a hash of its training settings), else trained (about a CPU minute) and written atomically."""
     path = cache_dir(root) / "digits-judge" / f"seed{seed}-{size}px-{_judge_key(seed, size)}.pt"
     judge = DigitsJudge(size)
     if path.is_file():
