@@ -27,7 +27,8 @@ not depend on the number of processes.
 Sampling is respaced DDPM (``--num-sampling-steps``, 250 by default) or DDIM
 (``--ddim``). ``--cfg-scale`` > 1 runs classifier-free guidance through the
 model's ``forward_with_cfg`` on [cond, uncond] halves (EDT/DiT: constant scale
-on the first 3 channels; MDTv2: its power-cosine schedule of t).
+on the first 3 channels, or all of them for a model with fewer; MDTv2: its power-cosine
+schedule of t).
 ``--amm/--no-amm`` switches EDT's attention modulation at inference.
 The model, image size, class count and constructor overrides default to those
 stored in a checkpoint of ``edt.train``.
@@ -50,6 +51,7 @@ from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
 from .models import load_state_dict_strict
+from .models.common import CFG_CHANNELS
 from .utils import TMP_SUFFIX, atomic_write, build_model, latents_to_uint8, load_checkpoint_file, make_grid, \
     pixels_to_uint8, progress_bar, write_png
 
@@ -168,6 +170,8 @@ def sample_chunk(model, diffusion, decode, args, y: torch.Tensor, chunk: int, in
         z = torch.cat([z, z], 0)
         y = torch.cat([y, torch.full_like(y, num_classes)], 0)  # the null class
         model_fn, kwargs = model.forward_with_cfg, {"y": y, "cfg_scale": args.cfg_scale}
+        if in_channels < CFG_CHANNELS:  # fewer channels than the guided share of 4 VAE channels
+            kwargs["cfg_channels"] = in_channels
     else:
         model_fn, kwargs = model.forward, {"y": y}
     loop = diffusion.ddim_sample_loop if args.ddim else diffusion.p_sample_loop

@@ -1,0 +1,326 @@
+"""EDT vs MDTv2 on real images, quality against training wall-clock: ``python -m benchmarks.quality``.
+
+    python -m benchmarks.quality                      # the default run (about 15 minutes on 2 cores)
+    python -m benchmarks.quality --seeds 0 1 2        # the speed-up's spread over 3 seeds (3x as long)
+    python -m benchmarks.quality --minutes 0.05 --evals 1 --num-samples 20 --sampling-steps 4   # smoke
+
+What one run does, for every seed and every model of ``--models`` (the matched tiny
+configurations of ``edt.digits.DIGITS_MODELS``, parameters within 10 %):
+
+* trains on the UCI digits' training split (``edt.digits``, 16x16x1) through
+  ``edt.train`` itself: its ``--preset digits`` arguments with the model's
+  published recipe (``--recipe auto``: EDT's Adan with linear decay and the
+  loss-aware timestep sampler and EDT's down-sampling masks; MDTv2's Adan with
+  gradient clipping, uniform timesteps and its token masking), its ``setup``,
+  data loader and ``train_step`` (driven by ``train_loop`` a few steps at a
+  time); same batch, data, seed-derived noise and EMA decay for both models;
+* stops after ``--minutes`` of training wall-clock (the time inside
+  ``train_loop``; evaluation is not counted) and evaluates ``--evals`` times at
+  regular shares of it: the EMA weights draw ``--num-samples`` samples, the
+  same number of every class, with ``edt.sample.sample_chunk`` (respaced DDPM,
+  ``--sampling-steps`` steps, classifier-free guidance ``--cfg-scale`` on the
+  image channel, each model's own guidance schedule), clipped to [-1, 1] as
+  pixels are, judged by the digits
+  judge: FD-digits against the held-out split and the class accuracy;
+* writes ``OUT/quality.json`` and ``OUT/quality.md`` (device, versions, commit,
+  date, machine load), ``OUT/curves.png`` (FD and class accuracy against
+  seconds and steps) and ``OUT/samples-<model>-seed<s>.png`` (the last
+  evaluation's samples, one row per class).
+
+The claim tested (EDT paper: a faster-training, lower-FID model than MDTv2):
+per seed, the training time EDT needs to reach MDTv2's final FD-digits (linear
+interpolation between evaluations; none if it never does), divided into
+MDTv2's time; reported per seed and as median and range over the seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from edt import digits as D
+from edt import train as T
+from edt.diffusion import create_diffusion
+from edt.sample import sample_chunk
+from edt.cli import ArgumentParser
+from edt.utils import latents_to_uint8, make_grid, progress_bar, write_png
+
+from . import harness as U
+
+DEFAULT_OUT = U.LOCAL_RESULTS_DIR / "quality"
+#: Steps between two looks at the clock (one ``train_loop`` call).
+CHUNK_STEPS = 10
+#: The digits' data split and judge: seed 0 for every run (the training seeds vary).
+DATA_SEED = 0
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = ArgumentParser("python -m benchmarks.quality", __doc__)
+    p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock per model and seed")
+    p.add_argument("--models", nargs="+", default=list(D.DIGITS_MODELS), choices=list(D.DIGITS_MODELS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (weights, data order, noise)")
+    p.add_argument("--evals", type=int, default=5, help="evaluations per run, at equal shares of --minutes")
+    p.add_argument("--num-samples", type=int, default=200, help="samples per evaluation (classes cycled)")
+    p.add_argument("--sampling-steps", type=int, default=50, help="respaced DDPM steps")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (both models)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="where the JSON, markdown and PNGs go")
+    p.add_argument("--cache-dir", default=None, help="data folder and judge cache (default: edt.digits.cache_dir)")
+    args = p.parse_args(argv)
+    if not args.minutes > 0:
+        p.error(f"--minutes must be > 0, got {args.minutes}")
+    for name in ("evals", "num_samples", "sampling_steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_samples < 2:
+        p.error("--num-samples must be >= 2 (a Fréchet distance needs a covariance)")
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Sampling and judging
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: int = 100):
+    """(float32 [n, 1, S, S] clipped to [-1, 1] as pixels are, labels int64 [n]): ``n`` samples,
+    classes 0..9 cycled, through edt.sample's chunk sampler (the noise of chunk c seeded by (seed, c))."""
+    diffusion = create_diffusion(str(steps))
+    sargs = argparse.Namespace(seed=seed, cfg_scale=cfg_scale, ddim=False, eta=0.0, mixed_precision="no")
+    labels = torch.arange(n) % D.NUM_CLASSES
+    model.eval()
+    out = [sample_chunk(model, diffusion, lambda z: z.clamp(-1, 1).cpu(), sargs, labels[lo:lo + batch], c,
+                        model.in_channels, model.input_size, D.NUM_CLASSES, torch.device("cpu"))
+           for c, lo in enumerate(range(0, n, batch))]
+    return torch.cat(out), labels
+
+
+def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10) -> np.ndarray:
+    """uint8 grid [H, W, 3]: one row per class, up to ``per_class`` samples of it."""
+    rows = []
+    for k in range(D.NUM_CLASSES):
+        x = images[labels == k][:per_class]
+        if len(x) < per_class:
+            x = torch.cat([x, torch.full((per_class - len(x), *x.shape[1:]), -1.0)])
+        rows.append(x)
+    return make_grid(latents_to_uint8(torch.cat(rows)), nrow=per_class)
+
+
+def evaluate(model, judge, reference: torch.Tensor, args, seed: int) -> Dict[str, Any]:
+    images, labels = draw_samples(model, args.num_samples, args.sampling_steps, args.cfg_scale, seed)
+    return {"fd": D.fd_digits(judge, images, reference), "class_accuracy": D.class_accuracy(judge, images, labels),
+            "images": images, "labels": labels}
+
+
+# ---------------------------------------------------------------------------
+# One training run, driven through edt.train
+# ---------------------------------------------------------------------------
+
+def train_and_evaluate(model_key: str, seed: int, args, data_dir: str, judge, reference: torch.Tensor,
+                       workdir: pathlib.Path) -> Dict[str, Any]:
+    name, kwargs = D.DIGITS_MODELS[model_key]
+    targs = T.parse_args(["--preset", "digits", "--model", name, "--model-kwargs", json.dumps(kwargs),
+                          "--data-path", data_dir, "--seed", str(seed), "--global-batch-size", str(args.batch_size),
+                          "--threads", str(args.threads), "--results-dir", str(workdir / f"{model_key}-{seed}"),
+                          "--max-steps", str(1 << 40), "--log-every", str(CHUNK_STEPS),
+                          "--ckpt-every", str(1 << 40), "--no-progress"])
+    torch.set_num_threads(targs.threads)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        run = T.setup(targs, T.Dist(False, 0, 1, torch.device("cpu")))
+    run.model.train()
+    run.bar = progress_bar(total=None, disable=True)
+    run.t0 = time.time()
+    budget = args.minutes * 60.0
+    marks = [budget * (i + 1) / args.evals for i in range(args.evals)]
+    seconds, evals, last = 0.0, [], None
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(f"{model_key} seed {seed}: {name} ({n_params / 1e6:.2f}M parameters), recipe {targs.recipe} "
+          f"({targs.optimizer}, {targs.schedule_sampler} timesteps, mask strategy {run.strategy}), "
+          f"{args.minutes:g} min", flush=True)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        while len(evals) < len(marks):
+            run.max_steps = run.step + CHUNK_STEPS
+            t = time.perf_counter()
+            T.train_loop(run)
+            seconds += time.perf_counter() - t
+            if seconds < marks[len(evals)]:
+                continue
+            t = time.perf_counter()
+            last = evaluate(run.ema, judge, reference, args, seed)
+            row = {"step": run.step, "seconds": seconds, "fd": last["fd"],
+                   "class_accuracy": last["class_accuracy"], "loss": run.history[-1]["loss"],
+                   "eval_seconds": time.perf_counter() - t}
+            evals.append(row)
+            print(f"  step {row['step']:5d}  {seconds:7.1f} s  FD {row['fd']:8.2f}  class acc "
+                  f"{100 * row['class_accuracy']:5.1f} %  loss {row['loss']:.4f}", file=sys.stderr, flush=True)
+    return {"model": model_key, "name": name, "model_kwargs": kwargs, "seed": seed, "parameters": n_params,
+            "recipe": targs.recipe, "optimizer": targs.optimizer, "optimizer_class": type(run.opt).__module__
+            + "." + type(run.opt).__name__, "lr": targs.lr, "schedule_sampler": targs.schedule_sampler,
+            "mask_strategy": run.strategy, "ema_decay": targs.ema_decay, "grad_clip": targs.grad_clip,
+            "steps_per_second": run.step / max(seconds, 1e-9), "evals": evals,
+            "last_images": last["images"], "last_labels": last["labels"]}
+
+
+# ---------------------------------------------------------------------------
+# The claim
+# ---------------------------------------------------------------------------
+
+def time_to_reach(evals: List[Dict[str, Any]], target: float) -> Optional[float]:
+    """Training seconds at which FD first reaches ``target`` (linear between evaluations; from
+    the first evaluation on), or None when it never does."""
+    prev = None
+    for row in evals:
+        if row["fd"] <= target:
+            if prev is None:
+                return row["seconds"]
+            frac = (prev["fd"] - target) / max(prev["fd"] - row["fd"], 1e-12)
+            return prev["seconds"] + frac * (row["seconds"] - prev["seconds"])
+        prev = row
+    return None
+
+
+def speedups(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per seed: MDTv2's training time / EDT's time to reach MDTv2's final FD."""
+    per_seed = {}
+    for seed in sorted({r["seed"] for r in runs}):
+        by = {r["model"]: r for r in runs if r["seed"] == seed}
+        if "EDT" not in by or "MDTv2" not in by:
+            continue
+        target = by["MDTv2"]["evals"][-1]["fd"]
+        t_mdt = by["MDTv2"]["evals"][-1]["seconds"]
+        t_edt = time_to_reach(by["EDT"]["evals"], target)
+        per_seed[seed] = {"mdtv2_final_fd": target, "mdtv2_seconds": t_mdt, "edt_seconds_to_reach": t_edt,
+                          "speedup": None if t_edt is None else t_mdt / max(t_edt, 1e-9),
+                          "edt_final_fd": by["EDT"]["evals"][-1]["fd"]}
+    values = [v["speedup"] for v in per_seed.values() if v["speedup"] is not None]
+    summary = {"per_seed": per_seed, "seeds_reached": len(values), "seeds": len(per_seed)}
+    if values:
+        summary.update(median=float(np.median(values)), min=min(values), max=max(values))
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+def plot_curves(runs: List[Dict[str, Any]], floor: float, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    colours = {"EDT": "tab:blue", "MDTv2": "tab:orange"}
+    for r in runs:
+        for col, xkey in enumerate(("seconds", "step")):
+            x = [e[xkey] for e in r["evals"]]
+            kw = dict(color=colours.get(r["model"]), marker="o", ms=3, alpha=0.85,
+                      label=f"{r['model']} seed {r['seed']}")
+            axes[0, col].plot(x, [e["fd"] for e in r["evals"]], **kw)
+            axes[1, col].plot(x, [100 * e["class_accuracy"] for e in r["evals"]], **kw)
+    for col, xlabel in enumerate(("training wall-clock (s)", "training steps")):
+        axes[0, col].axhline(floor, color="grey", ls="--", lw=1, label="floor (held-out vs train)")
+        axes[0, col].axhline(3 * floor, color="grey", ls=":", lw=1, label="3x floor")
+        axes[0, col].set_yscale("log")
+        axes[0, col].set_ylabel("FD-digits (lower is better)")
+        axes[1, col].axhline(90, color="grey", ls=":", lw=1)
+        axes[1, col].set_ylabel("class accuracy of samples (%)")
+        axes[1, col].set_xlabel(xlabel)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def render_markdown(result: Dict[str, Any]) -> str:
+    info, judge, claim = result["run_info"], result["judge"], result["claim"]
+    lines = ["# EDT vs MDTv2 on the UCI digits: quality against training wall-clock", "",
+             f"{info['date']}, commit {info['git_commit']}, {info['device']}, torch {info['torch']}, "
+             f"{result['settings']['threads']} threads, load average at start {info['load_average']}.", ""]
+    if result["busy"]:
+        lines += [U.busy_note(result["busy"]), ""]
+    s = result["settings"]
+    lines += [f"Settings: {s['minutes']:g} min of training per model and seed, {s['evals']} evaluations, "
+              f"{s['num_samples']} samples each (EMA weights, DDPM {s['sampling_steps']} steps, CFG "
+              f"{s['cfg_scale']:g}), batch {s['batch_size']}, seeds {s['seeds']}.", "",
+              f"Judge (CNN, seed {DATA_SEED}, trained on the {judge['n_train']} training images): "
+              f"{100 * judge['heldout_accuracy']:.1f} % on the {judge['n_heldout']} held-out images; "
+              f"FD floor (held-out vs training) {judge['fd_floor']:.2f}.", "",
+              "| model | seed | params | recipe | steps | steps/s | final FD | FD / floor | class acc |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        e = r["evals"][-1]
+        lines.append(f"| {r['model']} | {r['seed']} | {r['parameters'] / 1e6:.2f}M | {r['optimizer']} lr "
+                     f"{r['lr']:g}, {r['schedule_sampler']}, mask {r['mask_strategy']} | {e['step']} | "
+                     f"{r['steps_per_second']:.2f} | {e['fd']:.2f} | {e['fd'] / judge['fd_floor']:.2f} | "
+                     f"{100 * e['class_accuracy']:.1f} % |")
+    lines += ["", "Time for EDT to reach MDTv2's final FD (speed-up = MDTv2's time / EDT's):", "",
+              "| seed | MDTv2 final FD | MDTv2 s | EDT s to reach it | speed-up |", "|---|---|---|---|---|"]
+    for seed, v in claim["per_seed"].items():
+        lines.append(f"| {seed} | {v['mdtv2_final_fd']:.2f} | {v['mdtv2_seconds']:.0f} | "
+                     f"{_fmt(v['edt_seconds_to_reach'], '.0f')} | {_fmt(v['speedup'])} |")
+    if claim.get("median") is not None:
+        lines += ["", f"Speed-up median {claim['median']:.2f}x (range {claim['min']:.2f}-{claim['max']:.2f}) over "
+                      f"{claim['seeds_reached']} of {claim['seeds']} seeds (the paper, EDT-S vs MDTv2-S on "
+                      f"ImageNet 256: 3.93x)."]
+    else:
+        lines += ["", f"EDT did not reach MDTv2's final FD in {claim['seeds']} seed(s)."]
+    lines += ["", "Evaluations:", "", "| model | seed | step | seconds | FD | class acc | loss |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        for e in r["evals"]:
+            lines.append(f"| {r['model']} | {r['seed']} | {e['step']} | {e['seconds']:.0f} | {e['fd']:.2f} | "
+                         f"{100 * e['class_accuracy']:.1f} % | {e['loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the comparison; returns the JSON-able result (also written to ``OUT/quality.json``)."""
+    args = parse_args(argv)
+    start = U.machine_snapshot()
+    info = U.run_info()
+    info["threads"] = args.threads
+    torch.set_num_threads(args.threads)
+    data = D.load_digits_split(DATA_SEED)
+    judge = D.load_judge(DATA_SEED, root=args.cache_dir, data=data)
+    report = D.judge_report(judge, data)
+    print(f"judge: {100 * report['heldout_accuracy']:.1f} % held-out accuracy, FD floor {report['fd_floor']:.2f}",
+          flush=True)
+    data_dir = str(D.prepare_digits_folder("train", DATA_SEED, root=args.cache_dir))
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="edt-quality-") as work:
+        for seed in args.seeds:
+            for key in args.models:
+                runs.append(train_and_evaluate(key, seed, args, data_dir, judge, data["test_x"],
+                                               pathlib.Path(work)))
+    busy = U.busy_reasons(U.machine_load_since(start))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        write_png(args.out / f"samples-{r['model']}-seed{r['seed']}.png",
+                  sample_grid(r.pop("last_images"), r.pop("last_labels")))
+    result = {"run_info": info, "busy": busy, "judge": report, "claim": speedups(runs), "runs": runs,
+              "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}}
+    (args.out / "quality.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (args.out / "quality.md").write_text(render_markdown(result))
+    plot_curves(runs, report["fd_floor"], args.out / "curves.png")
+    print(render_markdown(result))
+    print(f"results written to {args.out}/")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,153 @@
+"""The UCI digits data path, its judge, ``--preset digits`` and a smoke run of ``benchmarks.quality``."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="scikit-learn is not installed (the [test] or [digits] extra)")
+
+from edt import digits as D  # noqa: E402
+from edt import train  # noqa: E402
+from edt.data import LatentFolder  # noqa: E402
+from edt.utils import build_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `benchmarks` is a package at the repository root
+    sys.path.insert(0, str(REPO))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache folder, and a judge trained for one epoch (the test needs a judge, not a good one)."""
+    monkeypatch.setenv("EDT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "JUDGE_EPOCHS", 1)
+    return tmp_path / "cache"
+
+
+def test_split_is_fixed_by_seed_disjoint_and_scaled():
+    a, b, c = D.load_digits_split(0), D.load_digits_split(0), D.load_digits_split(1)
+    assert a["train_x"].shape == (1438, 1, 16, 16) and a["test_x"].shape == (359, 1, 16, 16)
+    assert torch.equal(a["test_x"], b["test_x"]) and not torch.equal(a["test_y"], c["test_y"])
+    assert a["train_x"].min() == -1 and a["train_x"].max() == 1
+    counts = torch.bincount(a["test_y"], minlength=10).float() / torch.bincount(
+        torch.cat([a["train_y"], a["test_y"]]), minlength=10).float()
+    assert ((counts - D.HELDOUT_FRACTION).abs() < 0.01).all()
+    # no image is in both splits
+    flat_train = {x.numpy().tobytes() for x in a["train_x"]}
+    assert sum(x.numpy().tobytes() in flat_train for x in a["test_x"]) < 5  # the digits hold a few duplicates
+
+
+def test_folder_is_read_by_the_training_loader(cache):
+    path = D.prepare_digits_folder("train")
+    ds = LatentFolder(path, (1, 16, 16), 10)
+    assert ds.validate(check_values=True) == [] and len(ds) == 1438
+    x, y = ds[5]
+    assert torch.equal(x, D.load_digits_split(0)["train_x"][5]) and int(y) == int(D.load_digits_split(0)["train_y"][5])
+    assert D.prepare_digits_folder("train") == path  # reused
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    with pytest.raises(ValueError, match="split"):
+        D.prepare_digits_folder("val")
+
+
+def test_matched_models_fit_the_digits():
+    sizes = {}
+    for key, (name, kwargs) in D.DIGITS_MODELS.items():
+        model = build_model(name, input_size=D.DIGITS_SIZE, num_classes=10, **kwargs)
+        sizes[key] = sum(p.numel() for p in model.parameters())
+        out = model(torch.zeros(2, 1, 16, 16), torch.tensor([1, 500]), torch.tensor([3, 10]))
+        assert out.shape == (2, 2, 16, 16)
+    assert abs(sizes["EDT"] / sizes["MDTv2"] - 1) < 0.10, sizes
+
+
+def test_preset_digits(cache):
+    args = train.parse_args(["--preset", "digits"])
+    assert not args.synthetic and Path(args.data_path) == D.prepare_digits_folder("train")
+    assert args.image_size // train.VAE_DOWNSAMPLE == D.DIGITS_SIZE and args.model_kwargs["in_channels"] == 1
+    assert args.recipe == "edt" and args.optimizer == "adan" and args.schedule_sampler == "loss-second-moment"
+
+
+def test_judge_is_cached_and_fd_uses_the_fid_code(cache, monkeypatch):
+    data = D.load_digits_split(0)
+    judge = D.load_judge(0, data=data)
+    files = list((cache / "digits-judge").glob("*.pt"))
+    assert len(files) == 1 and files[0].name.startswith("seed0-")
+
+    def refuse(*a, **k):
+        raise AssertionError("the cached judge was trained again")
+
+    monkeypatch.setattr(D, "train_judge", refuse)
+    again = D.load_judge(0)
+    for p, q in zip(judge.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    x = data["test_x"][:60]
+    assert D.fd_digits(judge, x, x) == pytest.approx(0.0, abs=1e-6)
+    assert D.fd_digits(judge, x, data["train_x"][:60]) > 0
+    acc = D.class_accuracy(judge, x, data["test_y"][:60])
+    assert 0.0 <= acc <= 1.0
+    with pytest.raises(ValueError, match="shape"):
+        judge.features(torch.zeros(2, 3, 16, 16))
+
+
+def test_time_to_reach_interpolates():
+    from benchmarks.quality import time_to_reach
+
+    evals = [{"seconds": 10, "fd": 100.0}, {"seconds": 20, "fd": 50.0}, {"seconds": 30, "fd": 10.0}]
+    assert time_to_reach(evals, 75.0) == pytest.approx(15.0)
+    assert time_to_reach(evals, 200.0) == 10
+    assert time_to_reach(evals, 5.0) is None
+
+
+def test_quality_smoke(cache, tmp_path, capsys):
+    from benchmarks import quality
+
+    out = tmp_path / "out"
+    result = quality.main(["--minutes", "0.001", "--evals", "1", "--num-samples", "10", "--sampling-steps", "2",
+                           "--batch-size", "8", "--threads", "1", "--out", str(out)])
+    saved = json.loads((out / "quality.json").read_text())
+    assert [r["model"] for r in saved["runs"]] == ["EDT", "MDTv2"]
+    for r in saved["runs"]:
+        assert len(r["evals"]) == 1 and r["evals"][0]["step"] == quality.CHUNK_STEPS
+        assert np.isfinite(r["evals"][0]["fd"]) and r["optimizer"] == "adan"
+    assert saved["runs"][0]["mask_strategy"] == "edt" and saved["runs"][1]["mask_strategy"] == "mdt"
+    assert set(saved["claim"]["per_seed"]) == {"0"} and result["judge"]["n_heldout"] == 359
+    for name in ("quality.md", "curves.png", "samples-EDT-seed0.png", "samples-MDTv2-seed0.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_quality_bad_input(capsys):
+    from benchmarks import quality
+
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--minutes", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --minutes")
+
+
+def test_guidance_covers_a_single_image_channel():
+    """edt.sample guides the first 3 output channels of 4-channel latents; a 1-channel model
+    has its one image channel guided, not its variance channel."""
+    import argparse
+
+    from edt.diffusion import create_diffusion
+    from edt.sample import sample_chunk
+
+    seen = []
+
+    class Stub(torch.nn.Module):
+        def forward(self, x, t, y):
+            return torch.zeros(len(x), 2 * x.shape[1], *x.shape[2:])
+
+        def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
+            seen.append(cfg_channels)
+            return self.forward(x, t, y)
+
+    sargs = argparse.Namespace(seed=0, cfg_scale=2.0, ddim=False, eta=0.0, mixed_precision="no")
+    for channels, expected in ((1, 1), (4, 3)):
+        seen.clear()
+        sample_chunk(Stub(), create_diffusion("2"), lambda z: z, sargs, torch.tensor([0, 1]), 0, channels, 4, 10,
+                     torch.device("cpu"))
+        assert seen and set(seen) == {expected}
