@@ -49,9 +49,9 @@ import torch
 
 from edt import digits as D
 from edt import train as T
+from edt.cli import ArgumentParser
 from edt.diffusion import create_diffusion
 from edt.sample import sample_chunk
-from edt.cli import ArgumentParser
 from edt.utils import latents_to_uint8, make_grid, progress_bar, write_png
 
 from . import harness as U
