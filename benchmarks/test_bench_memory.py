@@ -18,7 +18,7 @@ runs it), backward, AdamW.  Per (model, column):
   through the same hooks); what is recomputed in the backward is not;
 * ``peak MiB``: CUDA: ``torch.cuda.max_memory_allocated`` over the step minus
   what was allocated before it; CPU: the rise of peak RSS over the step
-  (``benchmarks._utils.peak_memory``);
+  (``benchmarks.harness.peak_memory``);
 * ``ms / step``: median of the timed steps (the measured step first, then
   ``--repeats - 1`` more) after one warm-up step (which also creates AdamW's
   state), and its ratio to the kernels column without checkpointing.
