@@ -205,12 +205,13 @@ def test_amm_attention_loads_mdt_weights_and_ids_keep():
 
 
 def test_amm_attention_published_amm_matches_published_formula():
-    # the in-kernel AMM (amm=True) against the published float cut-off, n = 8
+    # the in-kernel AMM (amm=True) against the published float cut-off, n = 8; float64 inputs
+    # compute with the AMM in float64
     torch.manual_seed(0)
     attn = AMMAttention(16, 2, grid=8, rel_pos=False, amm=True).double()
     x = torch.randn(1, 64, 16, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x), eager_attention(attn, x, M=published_amm(8).double()),
+        torch.testing.assert_close(attn(x), eager_attention(attn, x, M=published_amm(8, torch.float64)),
                                    atol=ATOL64, rtol=ATOL64)
 
 

@@ -150,14 +150,14 @@ def published_index(n):
     return idx
 
 
-def published_amm(n):
+def published_amm(n, dtype=torch.float32):
     """The published dense AMM 0.5 exp(cos(2 pi d / (4 (n-1) sqrt 2))), zero below its
-    value at token 3n-1 (EDT's float cut-off)."""
+    value at token 3n-1 (EDT's float cut-off); float32 as the published buffer, or ``dtype``."""
     r = torch.arange(n * n) // n
     c = torch.arange(n * n) % n
     d = ((r[:, None] - r[None]) ** 2 + (c[:, None] - c[None]) ** 2).double().sqrt()
     m = 0.5 * torch.exp(torch.cos(2 * math.pi / (4 * (n - 1) * math.sqrt(2)) * d))
-    return torch.where(m < m[0, 3 * n - 1], torch.zeros_like(m), m).float()
+    return torch.where(m < m[0, 3 * n - 1], torch.zeros_like(m), m).to(dtype)
 
 
 class MDTRelativePositionBias(nn.Module):
