@@ -44,7 +44,7 @@ from ..backends import allow_tf32
 from .._triton_support import interpreting, triton_unavailable_reason
 from ._attention_op import (AttentionBackend, AttentionInputs, _empty_like_out, register_attention_op,
                             register_attention_qkvpacked_op, register_backend)
-from ._triton_utils import HAS_TRITON, triton
+from ._triton_utils import HAS_TRITON, cdiv, next_power_of_2, triton
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_grid_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
     _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
@@ -105,7 +105,7 @@ def _block_sizes(N: int, D: int, q: torch.Tensor):
 
 @lru_cache(maxsize=None)
 def _tile_sizes(D: int, gpu: bool, long: bool):
-    block_d = max(16, triton.next_power_of_2(D))  # the padded width of one tile (the Delta kernel's)
+    block_d = max(16, next_power_of_2(D))  # the padded width of one tile (the Delta kernel's)
     if not gpu:  # interpreter: large tiles mean fewer Python-level steps
         bm = 64 if long else 32
         return bm, bm, block_d, 4, 1
@@ -211,10 +211,10 @@ def _head_blocks(D: int):
     as a power-of-two tile plus a narrower tail tile when that wastes less
     MMA work (72 = 64 + 16 with 8 valid lanes, 90% useful, instead of 128,
     56%).  At D <= 64 one tile (52 on 64)."""
-    full = max(16, triton.next_power_of_2(D))
+    full = max(16, next_power_of_2(D))
     if D > 64 and D != full:
         head = full // 2
-        tail = max(16, triton.next_power_of_2(D - head))
+        tail = max(16, next_power_of_2(D - head))
         if head + tail < full:
             return head, tail
     return full, 0
@@ -297,7 +297,7 @@ def _build_grid(table, positions, amm_table, rows, cols, scale, H, device, fold)
     pos2 = None if positions is None else (positions if positions.dim() == 2 else positions[None])
     block = 1024
     n_tab = n_table * (H if table is not None else 1)
-    _amm_attn_grid_kernel[(triton.cdiv(n_tab, block) + triton.cdiv(n_pos, block),)](
+    _amm_attn_grid_kernel[(cdiv(n_tab, block) + cdiv(n_pos, block),)](
         _dummy(table, pre), _dummy(amm, pre), _dummy(positions, pre), pre, tab, tab2, _dummy(u, tab),
         *(table.stride() if table is not None else (0, 0)), *(pos2.stride() if pos2 is not None else (0, 0)),
         n_table, H, pos2.shape[1] if pos2 is not None else 1, n_pos, cols, rows * cols,
@@ -389,13 +389,13 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
     BLOCK_M, BLOCK_N, _, warps, stages = _block_sizes(N, D, q)
     g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, q=q)
     flags, flag_items = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v))
-    n_bucket = triton.next_power_of_2(N)
+    n_bucket = next_power_of_2(N)
     key = (n_bucket, q.dtype, q.device, flag_items)
     tiles = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages)
     autotuned = isinstance(_fwd_kernel, triton.runtime.Autotuner)
     if autotuned and not _capturing(q):
         tiles = {}
-        launch = _fwd_kernel[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_M"]),)]
+        launch = _fwd_kernel[lambda meta: (B * H * cdiv(N, meta["BLOCK_M"]),)]
     else:
         # No autotuning under CUDA-graph capture: the config tuned earlier for
         # this key, else the heuristic tiles.
@@ -403,7 +403,7 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
         if cfg is not None:
             tiles = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         plain = _amm_attn_fwd_kernel if autotuned else _fwd_kernel
-        launch = plain[(B * H * triton.cdiv(N, tiles["BLOCK_M"]),)]
+        launch = plain[(B * H * cdiv(N, tiles["BLOCK_M"]),)]
     launch(
         q, k, v, out, lse,
         _dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q),
@@ -482,8 +482,8 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     dm = 64 if _on_gpu(q) else BLOCK_M
     zero = dict(zero_ptr=dtable, n_zero=dtable.numel(), ZERO_BLOCK=_ZERO_BLOCK) if need_dtable else {}
-    n_zero_programs = triton.cdiv(dtable.numel(), _ZERO_BLOCK) if need_dtable else 0
-    _amm_attn_bwd_delta_kernel[(B * H * triton.cdiv(N, dm) + n_zero_programs,)](
+    n_zero_programs = cdiv(dtable.numel(), _ZERO_BLOCK) if need_dtable else 0
+    _amm_attn_bwd_delta_kernel[(B * H * cdiv(N, dm) + n_zero_programs,)](
         out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=dm, BLOCK_D=BLOCK_D, HEAD_DIM=D,
         ALIGN=_alignment(out, dout), num_warps=4, **zero)
     lse = lse.contiguous()
@@ -503,7 +503,7 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     dtable_apart = need_dtable and _batch_shared_offsets(positions)
     _launch_tiled(
         _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, width, positions is not None), cpu_tiles,
-        lambda bm, bn: B * H * triton.cdiv(N, bn),
+        lambda bm, bn: B * H * cdiv(N, bn),
         (q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
          *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)), *dk.stride(), *dv.stride(),
@@ -512,16 +512,16 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     if dtable_apart:
         tiles = _bwd_tiles(_BWD_DTABLE_TILES_BY_D, width)
         bm0, bn0 = tiles[0][:2] if _on_gpu(q) else cpu_tiles[:2]  # the batch split, sized on the first tile
-        per_program = _dtable_batch_per_program(B, H * triton.cdiv(N, bm0) * triton.cdiv(N, bn0), q)
+        per_program = _dtable_batch_per_program(B, H * cdiv(N, bm0) * cdiv(N, bn0), q)
         _launch_tiled(
             _amm_attn_bwd_dtable_kernel, tiles, cpu_tiles,
-            lambda bm, bn: H * triton.cdiv(N, bm) * triton.cdiv(N, bn) * triton.cdiv(B, per_program),
+            lambda bm, bn: H * cdiv(N, bm) * cdiv(N, bn) * cdiv(B, per_program),
             (q, k, v, dout, lse, delta, *ptrs, dtable, *strides, *dtstr,
              B, H, N, g["qk_scale"], g["bias_scale"], g["idx_off"], per_program),
             flags, q)
     _launch_tiled(
         _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, width), cpu_tiles,
-        lambda bm, bn: B * H * triton.cdiv(N, bm),
+        lambda bm, bn: B * H * cdiv(N, bm),
         (q, k, v, dout, lse, delta, dq, *ptrs, *strides, *dq.stride(), H, N, *scales),
         flags, q)
     return dq, dk, dv, dtable, dbias
