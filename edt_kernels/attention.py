@@ -201,12 +201,15 @@ def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positi
     such signature: a repeated call costs one key and one look-up.  The values of
     ``positions`` are checked only when value checks are on
     (:func:`edt_kernels.set_check_values`); the kernels never read out of range either way."""
-    try:
-        key = (_tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(rel_pos_bias), _tensor_key(positions),
-               _tensor_key(bias), _tensor_key(modulation), _value_key(scale), _value_key(grid), _value_key(amm))
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError):  # not tensors / not plain values: the full checks say what is wrong
-        key = plan = None
+    key = plan = None
+    if not torch.compiler.is_compiling():  # traced once per graph: no cache for Dynamo to guard on
+        try:
+            key = (_tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(rel_pos_bias),
+                   _tensor_key(positions), _tensor_key(bias), _tensor_key(modulation), _value_key(scale),
+                   _value_key(grid), _value_key(amm))
+            plan = _PLANS.get(key)
+        except (AttributeError, TypeError):  # not tensors / not plain values: the full checks say what is wrong
+            key = None
     if plan is None:
         plan = _plan(q, k, v, scale, rel_pos_bias, grid, positions, amm, bias, modulation, n_name)
         if key is not None:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
+
 __all__ = [
     "Backend",
     "set_backend",
@@ -199,12 +201,12 @@ def _unavailable(backend: Backend) -> List[str]:
 def select(op: str, inp: Any, backend: str = "auto") -> Backend:
     """The backend of ``op`` that will run ``inp``; ``ValueError`` with every
     backend's reasons when none fits.  Cached per ``(op, backend, inp.signature())``
-    (a call object without ``signature`` is never cached); a failed choice is not
-    cached, so it raises again."""
+    (a call object without ``signature``, or one traced by torch.compile, is not
+    cached); a failed choice is not cached, so it raises again."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     sig = getattr(inp, "signature", None)
-    if sig is None:
+    if sig is None or torch.compiler.is_compiling():  # traced once per graph: no cache for Dynamo to guard on
         return _select(op, inp, backend)
     key = (op, backend, sig())
     chosen = _CHOICES.get(key)
