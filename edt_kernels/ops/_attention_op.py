@@ -140,6 +140,11 @@ def _empty_like_out(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((B, N, H, D)).transpose(1, 2)
 
 
+def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records a call on these (differentiable) inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _direct_function(name: str, fwd_impl: Callable, setup_context: Callable, backward: Callable):
     """The ``torch.autograd.Function`` an op's ``apply`` calls where it runs eagerly
     (``_tracing.runs_eagerly``): the custom op's implementation, context and backward
@@ -231,7 +236,11 @@ def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
 
     def apply(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
         args = (q, k, v, table, positions, amm_table, bias, modulation, float(scale), int(rows), int(cols))
-        return (direct(*args) if runs_eagerly(q) else fwd(*args))[0]
+        if not runs_eagerly(q):
+            return fwd(*args)[0]
+        if _wants_grad(q, k, v, table, bias):
+            return direct(*args)[0]
+        return fwd_impl(*args)[0]  # nothing to differentiate: no autograd node either
 
     apply.fwd_op = fwd
     apply.bwd_op = bwd
@@ -333,7 +342,11 @@ def register_attention_qkvpacked_op(name: str, fwd_impl: Callable, bwd_impl: Cal
 
     def apply(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols):
         args = (qkv, table, positions, amm_table, bias, modulation, float(scale), int(rows), int(cols))
-        return (direct(*args) if runs_eagerly(qkv) else fwd(*args))[0]
+        if not runs_eagerly(qkv):
+            return fwd(*args)[0]
+        if _wants_grad(qkv, table, bias):
+            return direct(*args)[0]
+        return fwd_packed(*args)[0]  # nothing to differentiate: no autograd node either
 
     apply.fwd_op = fwd
     apply.bwd_op = bwd
