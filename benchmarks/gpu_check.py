@@ -403,8 +403,9 @@ def _peak_mib(c: Ctx, fn):
 def timing_models(c: Ctx, rows, deadline):
     torch = c.torch
     import edt.models as em  # lazily: the public registries and forward(x, t, y) only
+    import edt_kernels
     if c.dry:  # attention through the PyTorch reference on the CPU (no C++ extension build)
-        os.environ["EDT_KERNELS_BACKEND"] = "torch"
+        edt_kernels.set_backend("torch")
     B = 2 if c.dry else 32
     names = (("EDT-S/2", em.EDT_models), ("MDTv2-S/2", em.MDTv2_models)) if c.dry else (
         ("EDT-XL/2", em.EDT_models), ("MDTv2-XL/2", em.MDTv2_models))

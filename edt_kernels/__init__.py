@@ -12,5 +12,6 @@ from .ops.tokens import gather_tokens, masked_shortcut, patch_merge_modulate, ra
 from .nn import AMMAttention, RelativePositionBias  # noqa: F401
 from .patch import PatchReport, patch_model, unpatch_model  # noqa: F401
 from .amm_presets import AMM_PRESETS, apply_amm  # noqa: F401
+from .backends import check_values, refresh, set_backend, set_check_values  # noqa: F401
 
 __version__ = "0.1.0"

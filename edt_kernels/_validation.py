@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._tracing import is_tracing
+from .backends import check_values
 from .amm import AMM
 
 __all__ = ["check_tensor", "check_shape", "check_eps", "coerce_amm", "infer_grid", "check_ids",
@@ -82,8 +83,10 @@ def check_ids(name: str, ids, B: int, dims: str, count: Optional[int], device) -
 
 
 def check_id_values(name: str, ids: torch.Tensor, upper: int, what: str) -> None:
-    """Values in ``[0, upper)`` and unique per row (one host sync; skipped while tracing)."""
-    if ids.numel() == 0 or is_tracing():
+    """Values in ``[0, upper)`` and unique per row: one host sync, so only when value checks
+    are on (``edt_kernels.set_check_values``, ``EDT_KERNELS_CHECK_VALUES=1``) and not while
+    tracing.  Unchecked, the kernels mask every index that is out of range."""
+    if not check_values() or ids.numel() == 0 or is_tracing():
         return
     lo, hi = ids.aminmax()
     if ids.shape[1] > 1:

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from . import backends as _backends
+from .backends import check_values
 from ._tracing import is_tracing
 from ._validation import check_tensor, coerce_amm, infer_grid
 from .amm import AMM, GridLike, normalize_grid
@@ -62,13 +63,16 @@ _checked_positions: "Dict[tuple, torch.Tensor]" = {}
 
 
 def _check_positions_range(positions: torch.Tensor, rows: int, cols: int) -> None:
-    """Range check of the positions (a host sync on GPU).  A model passes the same
-    ``ids_keep`` tensor to every block of a step, so the last few tensors checked
-    are remembered by identity and version: one sync per step, not per block."""
+    """Range check of the positions, run only when value checks are on
+    (:func:`edt_kernels.set_check_values`, ``EDT_KERNELS_CHECK_VALUES=1``): it reads
+    the values back, a host sync on a GPU.  A model passes the same ``ids_keep``
+    tensor to every block of a step, so the last few tensors checked are remembered
+    by identity and version: one sync per step, not per block."""
     key = (id(positions), positions._version, rows * cols)
     if _checked_positions.get(key) is positions:  # the cache holds the tensor: ids are not reused
         return
-    lo, hi = int(positions.min()), int(positions.max())
+    lo, hi = positions.aminmax()
+    lo, hi = torch.stack([lo, hi]).tolist()
     if lo < 0 or hi >= rows * cols:
         raise ValueError(f"positions must lie in [0, rows*cols) = [0, {rows * cols}) for "
                          f"grid ({rows}, {cols}), got values in [{lo}, {hi}]")
@@ -77,7 +81,8 @@ def _check_positions_range(positions: torch.Tensor, rows: int, cols: int) -> Non
     _checked_positions[key] = positions
 
 
-def _as_4d(name: str, t: torch.Tensor, B: int, H: int, N: int) -> torch.Tensor:
+def _check_4d(name: str, t: torch.Tensor, B: int, H: int, N: int) -> None:
+    """``t`` has at most 4 dims and is broadcastable to ``[B, H, N, N]``."""
     if t.dim() > 4:
         raise ValueError(f"{name} must have at most 4 dims broadcastable to [B, H, N, N] = "
                          f"[{B}, {H}, {N}, {N}], got shape {tuple(t.shape)}")
@@ -87,14 +92,11 @@ def _as_4d(name: str, t: torch.Tensor, B: int, H: int, N: int) -> torch.Tensor:
         if got not in (1, want):
             raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to "
                              f"[B, H, N, N] = [{B}, {H}, {N}, {N}] (dim {dim})")
-    return t
 
 
-def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positions=None,
-                    amm=None, bias=None, modulation=None, n_name: str = "q.shape[2]") -> AttentionInputs:
-    """Check every argument of ``amm_attention``; raise ``TypeError``/``ValueError``
-    naming the argument and the expected shape or type (``n_name``: where the
-    messages say the token count N comes from)."""
+def _plan(q, k, v, scale, rel_pos_bias, grid, positions, amm, bias, modulation, n_name: str) -> tuple:
+    """Every check of the arguments that looks at types, shapes, dtypes and devices only;
+    ``(rows, cols, scale, amm, uses_grid)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, allow_none=False)
         if t.dim() != 4:
@@ -152,11 +154,6 @@ def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positi
                 raise ValueError(f"positions must be [N] or [B, N] = [{B}, {N}], got {list(positions.shape)}")
         else:
             raise ValueError(f"positions must be [N] or [B, N] = [{B}, {N}], got {list(positions.shape)}")
-        if positions.numel() and not is_tracing():
-            _check_positions_range(positions, rows, cols)
-        positions = positions.long()
-    elif not uses_grid:
-        positions = None  # positions only matter through the table / AMM
 
     if rel_pos_bias is not None:
         need = (2 * rows - 1) * (2 * cols - 1)
@@ -170,12 +167,72 @@ def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positi
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if bias is not None:
-        bias = _as_4d("bias", bias, B, H, N)
+        _check_4d("bias", bias, B, H, N)
     if modulation is not None:
-        modulation = _as_4d("modulation", modulation, B, H, N)
+        _check_4d("modulation", modulation, B, H, N)
+    return rows, cols, scale, amm, uses_grid
 
+
+_PLANS: "Dict[tuple, tuple]" = {}  # _plan_key -> _plan's result
+_PLANS_LIMIT = 1024
+
+
+def _value_key(x):
+    """``x`` (a scale, grid or amm argument) as a key that tells ``True`` from ``1``;
+    ``TypeError`` for a value that is not kept (a list, a tensor ...)."""
+    if x is None or type(x) in (int, float, bool, AMM):
+        return type(x), x
+    if type(x) is tuple:
+        return tuple, tuple(map(_value_key, x))
+    raise TypeError("not a plain value")
+
+
+def _tensor_key(t):
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
+def validate_inputs(q, k, v, *, scale=None, rel_pos_bias=None, grid=None, positions=None,
+                    amm=None, bias=None, modulation=None, n_name: str = "q.shape[2]") -> AttentionInputs:
+    """Check every argument of ``amm_attention``; raise ``TypeError``/``ValueError``
+    naming the argument and the expected shape or type (``n_name``: where the
+    messages say the token count N comes from).
+
+    The checks see types, shapes, dtypes and devices, so their outcome is kept per
+    such signature: a repeated call costs one key and one look-up.  The values of
+    ``positions`` are checked only when value checks are on
+    (:func:`edt_kernels.set_check_values`); the kernels never read out of range either way."""
+    key = plan = None
+    if not torch.compiler.is_compiling():  # traced once per graph: no cache for Dynamo to guard on
+        try:
+            key = (_tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(rel_pos_bias),
+                   _tensor_key(positions), _tensor_key(bias), _tensor_key(modulation), _value_key(scale),
+                   _value_key(grid), _value_key(amm))
+            plan = _PLANS.get(key)
+        except (AttributeError, TypeError):  # not tensors / not plain values: the full checks say what is wrong
+            key = None
+    if plan is None:
+        plan = _plan(q, k, v, scale, rel_pos_bias, grid, positions, amm, bias, modulation, n_name)
+        if key is not None:
+            if len(_PLANS) >= _PLANS_LIMIT:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    rows, cols, scale, amm, uses_grid = plan
+    if positions is not None:
+        if not uses_grid:
+            positions = None  # positions only matter through the table / AMM
+        else:
+            if check_values() and positions.numel() and not is_tracing():
+                _check_positions_range(positions, rows, cols)
+            if positions.dtype is not torch.int64:
+                positions = positions.long()
+    if bias is not None and bias.dim() < 4:
+        bias = bias[(None,) * (4 - bias.dim())]
+    if modulation is not None and modulation.dim() < 4:
+        modulation = modulation[(None,) * (4 - modulation.dim())]
     return AttentionInputs(q=q, k=k, v=v, scale=scale, rows=rows, cols=cols, table=rel_pos_bias,
                            positions=positions, amm=amm, bias=bias, modulation=modulation)
+
+
 
 
 def amm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

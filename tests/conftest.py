@@ -104,3 +104,29 @@ def one_thread():
     with torch.random.fork_rng():
         yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_settings():
+    """Every test starts and ends with the settings of the environment (``edt_kernels.refresh``)."""
+    yield
+    from edt_kernels import refresh
+
+    refresh()
+
+
+@pytest.fixture
+def kernels_env(monkeypatch):
+    """``kernels_env(name, value)`` sets an ``EDT_KERNELS_*`` variable for this test
+    (``value=None`` removes it) and has the package read the environment again: the
+    settings are read once per process, at import (``edt_kernels.refresh``)."""
+    from edt_kernels import refresh
+
+    def set_env(name: str, value=None):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        refresh()
+
+    return set_env

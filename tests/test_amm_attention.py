@@ -395,10 +395,10 @@ def test_auto_backend_on_cpu_is_not_triton():
     assert select_backend(inp, "auto").name in ("cpp", "torch")
 
 
-def test_env_override(monkeypatch):
+def test_env_override(monkeypatch, kernels_env):
     q = torch.randn(1, 1, 4, 8)
     inp = validate_inputs(q, q, q)
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    kernels_env("EDT_KERNELS_BACKEND", "torch")
     assert select_backend(inp, "auto").name == "torch"
 
 
@@ -454,6 +454,7 @@ def _qkv(B=2, H=2, N=16, D=8, **kw):
     (lambda a: {"rel_pos_bias": [1.0]}, TypeError, "rel_pos_bias must be a torch.Tensor"),
 ])
 def test_bad_input_raises(mutate, exc, match):
+    edt_kernels.set_check_values(True)  # the positions range case (the autouse fixture of conftest resets it)
     q, k, v = _qkv()
     args = {"q": q, "k": k, "v": v}
     args.update(mutate(args))
@@ -690,3 +691,30 @@ def test_grid_tables_built_once_per_table_version(monkeypatch):
     out2 = amm_attention(q, k, v, backend="triton", **kw)
     assert len(builds) == 2
     assert_close(out2.detach(), reference_attention(q, k, v, **kw).detach(), torch.float32, FWD_TOL, "out")
+
+
+def test_positions_out_of_range_unchecked_by_default(monkeypatch):
+    """Without value checks no position is read back on the host: the Triton kernels clamp
+    each position to the grid (the scores of the nearest cell, no read out of bounds) and
+    the cpp kernel raises its own error; with them on, a ValueError names the range."""
+    assert not edt_kernels.check_values()
+    monkeypatch.setattr(edt_kernels.attention, "_check_positions_range",
+                        lambda *a: pytest.fail("positions were read on the host"))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 4, 8, generator=g) for _ in range(3))
+    table = torch.randn(9, 2, generator=g)
+    bad = torch.tensor([[0, 1, 5, -2], [3, 2, 1, 0]])
+    kw = dict(rel_pos_bias=table, grid=2)
+    if "triton" in edt_kernels.available_backends():
+        qd, kd, vd, bad_d = (t.to(DEV) for t in (q, k, v, bad))
+        kwd = dict(kw, rel_pos_bias=table.to(DEV))
+        out = amm_attention(qd, kd, vd, positions=bad_d, backend="triton", **kwd)
+        want = amm_attention(qd, kd, vd, positions=bad_d.clamp(0, 3), backend="triton", **kwd)
+        assert torch.equal(out, want)
+    if "cpp" in edt_kernels.available_backends():
+        with pytest.raises(RuntimeError, match="positions must lie in"):
+            amm_attention(q, k, v, positions=bad, backend="cpp", **kw)
+    monkeypatch.undo()
+    edt_kernels.set_check_values(True)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, rows\*cols\) = \[0, 4\)"):
+        amm_attention(q, k, v, positions=bad, backend="torch", **kw)

@@ -65,13 +65,13 @@ def test_eager_low_precision_runs_in_input_dtype():
     assert_close(out, reference_attention(q, k, v, **kw), torch.float32, name="eager fp32")
 
 
-def test_auto_never_picks_eager(monkeypatch):
-    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+def test_auto_never_picks_eager(monkeypatch, kernels_env):
+    kernels_env("EDT_KERNELS_BACKEND")
     q = torch.randn(1, 2, 16, 8, dtype=torch.float64)
     inp = validate_inputs(q, q, q, grid=4, amm=True)
     assert select_backend(inp, "auto").name != "eager"
     assert select_backend(inp, "eager").name == "eager"
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "eager")
+    kernels_env("EDT_KERNELS_BACKEND", "eager")
     assert select_backend(inp, "auto").name == "eager"
     assert "eager" in edt_kernels.available_backends()
 
@@ -123,7 +123,7 @@ def test_available_backends_tell_the_truth(monkeypatch):
     assert _ext._state == {}  # nothing was built or loaded
 
 
-def test_triton_import_error_is_a_reason(monkeypatch):
+def test_triton_import_error_is_a_reason(monkeypatch, kernels_env):
     from edt_kernels import _triton_support
 
     why = "triton import failed: ImportError: no module"
@@ -131,18 +131,18 @@ def test_triton_import_error_is_a_reason(monkeypatch):
     x, s = torch.randn(2, 4, 3), torch.randn(2, 3)
     with pytest.raises(ValueError, match="triton import failed: ImportError"):
         edt_kernels.layernorm_modulate(x, s, s, backend="triton")
-    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    kernels_env("EDT_KERNELS_BACKEND")
     assert torch.equal(edt_kernels.layernorm_modulate(x, s, s), edt_kernels.layernorm_modulate(x, s, s, backend="torch"))
 
 
-def test_a_batch_beyond_the_triton_grid_is_a_reason(monkeypatch):
+def test_a_batch_beyond_the_triton_grid_is_a_reason(monkeypatch, kernels_env):
     """B > 65535 does not fit the grid axis on which the Triton token/adaLN
     kernels put the batch: a reason of that backend, so that "auto" takes the
     next one and an explicit backend="triton" names it (nothing is launched)."""
     from edt_kernels import backends
     from edt_kernels.backends import OpCall
 
-    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    kernels_env("EDT_KERNELS_BACKEND")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors fit the triton backend but for B
     B = 65536
     x, s = torch.randn(B, 1, 2), torch.randn(B, 2)
@@ -159,3 +159,41 @@ def test_unknown_backend_names_the_choices():
     x, s = torch.randn(2, 4, 3), torch.randn(2, 3)
     with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'eager', 'torch', 'triton'\]"):
         edt_kernels.layernorm_modulate(x, s, s, backend="cuda")
+
+
+def test_settings_are_read_once_and_changed_through_the_api(monkeypatch):
+    """The environment is read at import and by ``refresh``; ``set_backend`` changes the
+    choice at run time; every change reaches calls whose choice was cached before."""
+    from edt_kernels import backends
+
+    q = torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    inp = validate_inputs(q, q, q, grid=4, amm=True)
+    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    edt_kernels.refresh()
+    default = select_backend(inp).name
+    assert default != "eager"
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "eager")
+    assert select_backend(inp).name == default  # not re-read per call
+    edt_kernels.refresh()
+    assert select_backend(inp).name == "eager"
+    edt_kernels.set_backend("torch")
+    assert select_backend(inp).name == "torch" and backends.env_backend() == "torch"
+    assert select_backend(inp, "eager").name == "eager"  # a named backend is kept
+    edt_kernels.set_backend("auto")
+    assert select_backend(inp).name == default
+    with pytest.raises(TypeError, match="backend must be a str"):
+        edt_kernels.set_backend(3)
+
+
+def test_a_failed_choice_is_not_cached_and_lists_every_reason():
+    """The cache keeps choices, not failures: the same unsupported input raises again,
+    with every backend's reasons."""
+    q = torch.randn(1, 2, 16, 8, device="meta")
+    inp = validate_inputs(q, q, q)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"backend 'triton' does not support these inputs: .*meta"):
+            select_backend(inp, "triton")
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"backend 'triton' does not support these inputs: .*float64"):
+            edt_kernels.layernorm_modulate(x, x[:, 0], x[:, 0], backend="triton")

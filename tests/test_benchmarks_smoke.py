@@ -167,8 +167,8 @@ TINY_ATTN = [
 
 
 @pytest.mark.parametrize("case", TINY_ATTN, ids=lambda c: c.name)
-def test_attention_peers_agree(case, monkeypatch):
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")  # no extension build inside this smoke test
+def test_attention_peers_agree(case, monkeypatch, kernels_env):
+    kernels_env("EDT_KERNELS_BACKEND", "torch")  # no extension build inside this smoke test
     for mode in case.modes:
         for impl in BATT.IMPLS:
             kw = dict(FAST, compiled=False, device=CPU, dtype=torch.float32)
@@ -218,8 +218,8 @@ def test_attention_summary_and_targets():
     assert met["long-4096 fwd table+AMM >= 300 TFLOP/s"] is None  # not measured
 
 
-def test_attention_main_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+def test_attention_main_runs(tmp_path, monkeypatch, kernels_env, capsys):
+    kernels_env("EDT_KERNELS_BACKEND", "torch")
     monkeypatch.setattr(BATT, "CASE_BY_NAME", {c.name: c for c in TINY_ATTN})
     monkeypatch.setattr(U.results, "RESULTS", {})
     monkeypatch.setattr(U.rates, "copy_bandwidth", lambda device=U.DEVICE: 12.5)
@@ -285,8 +285,8 @@ EDT_TINY = dict(input_size=8, hidden_size=16, dims=(16, 24, 32, 24, 16), num_hea
 MDT_TINY = dict(input_size=8, hidden_size=16, depth=4, num_heads=2, decode_layer=2, num_classes=10)
 
 
-def test_models_bench_runs_and_summarizes(monkeypatch):
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+def test_models_bench_runs_and_summarizes(monkeypatch, kernels_env):
+    kernels_env("EDT_KERNELS_BACKEND", "torch")
     rows = []
     for col in BM.columns(compile_=False):
         ov = EDT_TINY if col.family == "EDT" else MDT_TINY

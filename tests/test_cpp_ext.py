@@ -267,15 +267,15 @@ def test_nan_propagates_like_reference():
     assert_close(out, ref, torch.float64, FWD_TOL, "out")
 
 
-def test_auto_picks_cpp_on_cpu(monkeypatch):
-    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+def test_auto_picks_cpp_on_cpu(monkeypatch, kernels_env):
+    kernels_env("EDT_KERNELS_BACKEND")
     q = torch.randn(1, 2, 16, 16)
     assert select_backend(validate_inputs(q, q, q, grid=4, amm=True)).name == "cpp"
 
 
-def test_unavailable_extension_falls_back_with_reason(monkeypatch):
+def test_unavailable_extension_falls_back_with_reason(monkeypatch, kernels_env):
     """A failed build is reported by the backend and "auto" uses the reference."""
-    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    kernels_env("EDT_KERNELS_BACKEND")
     monkeypatch.setitem(_ext._state, "cpu", "c++: error: no compiler (simulated)")
     q = torch.randn(1, 2, 16, 16)
     inp = validate_inputs(q, q, q)
@@ -397,7 +397,7 @@ def test_unshuffle_with_mask_token(dtype, with_pos):
         assert dpos.numel() == 0
 
 
-def test_token_kernels_are_the_cpp_backend_of_the_token_ops(monkeypatch):
+def test_token_kernels_are_the_cpp_backend_of_the_token_ops(monkeypatch, kernels_env):
     """The compiled token kernels are the ``cpp`` backend of gather/scatter/
     unshuffle: asked by name they run (values and gradients equal the
     reference); ``auto`` never takes them for CPU tensors."""
@@ -405,7 +405,7 @@ def test_token_kernels_are_the_cpp_backend_of_the_token_ops(monkeypatch):
     from edt_kernels import backends
     from edt_kernels.backends import OpCall
 
-    monkeypatch.delenv("EDT_KERNELS_BACKEND", raising=False)
+    kernels_env("EDT_KERNELS_BACKEND")
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 9, 16, generator=g, requires_grad=True)
     ids = torch.stack([torch.randperm(9, generator=g)[:5] for _ in range(2)])

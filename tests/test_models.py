@@ -43,10 +43,10 @@ TINY = {"EDT": (EDT, TINY_EDT), "EDT-XL": (EDT, TINY_EDT_XL), "MDTv2": (MDTv2, T
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
+def torch_backend(monkeypatch, kernels_env):
     """Kernel calls on their PyTorch backends: the model wiring is what is
     tested (the Triton interpreter is exercised by the *_on_triton tests)."""
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    kernels_env("EDT_KERNELS_BACKEND", "torch")
 
 
 def _assert_grads_close(grads_f, grads_p, rel: float, all_used: bool = True) -> None:
@@ -456,7 +456,7 @@ class _MaskingLog:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_mdt_sort_kept_same_output_and_mask(backend, monkeypatch):
+def test_mdt_sort_kept_same_output_and_mask(backend, monkeypatch, kernels_env):
     """sort_kept=True (kept tokens in grid order) vs False (the draw's order):
     same mask from the same draws, the attention gets the sorted positions,
     and the output and every gradient agree up to float summation order
@@ -468,7 +468,7 @@ def test_mdt_sort_kept_same_output_and_mask(backend, monkeypatch):
             pytest.skip("triton backend not available (triton not importable)")
         config, dtype = dict(TINY_MDT, **TRITON_CASES["MDTv2"]), torch.float32
     else:
-        monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+        kernels_env("EDT_KERNELS_BACKEND", "torch")
         config, dtype = TINY_MDT, torch.float64
     log = _MaskingLog()
     monkeypatch.setattr(mdt_module, "random_masking", log)

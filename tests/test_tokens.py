@@ -461,7 +461,7 @@ def test_ops_never_touch_out_of_range_indices(device, poison):
 
 # ============================================================================ dispatch
 
-def test_backend_dispatch(monkeypatch, device):
+def test_backend_dispatch(monkeypatch, kernels_env, device):
     x = torch.randn(2, 8, 4, device=device)
     ids = torch.tensor([[1, 3], [0, 7]], device=device)
 
@@ -472,16 +472,16 @@ def test_backend_dispatch(monkeypatch, device):
     assert edt_kernels.gather_tokens(x, ids, backend="torch").shape == (2, 2, 4)
     with pytest.raises(AssertionError, match="triton op called"):
         edt_kernels.gather_tokens(x, ids)  # auto: triton on CUDA / under the interpreter
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    kernels_env("EDT_KERNELS_BACKEND", "torch")
     edt_kernels.gather_tokens(x, ids)
-    monkeypatch.setenv("EDT_KERNELS_BACKEND", "cpp")
+    kernels_env("EDT_KERNELS_BACKEND", "cpp")
     # gather_tokens has a cpp backend: the variable names it; masked_shortcut has none: stays on auto
     if "cpp" in backends.available("gather_tokens"):
         assert torch.equal(edt_kernels.gather_tokens(x, ids), reference_gather_tokens(x, ids))
     monkeypatch.setattr(masked_shortcut, "_masked_shortcut_op", boom)
     with pytest.raises(AssertionError, match="triton op called"):
         edt_kernels.masked_shortcut(x, x, torch.ones(2, 8))
-    monkeypatch.delenv("EDT_KERNELS_BACKEND")
+    kernels_env("EDT_KERNELS_BACKEND")
     with pytest.raises(ValueError, match="float64"):
         edt_kernels.gather_tokens(x.double(), ids, backend="triton")
     assert edt_kernels.gather_tokens(x.double(), ids).dtype == torch.float64  # auto -> torch
@@ -492,6 +492,32 @@ def test_backend_dispatch(monkeypatch, device):
             edt_kernels.gather_tokens(x, ids, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         edt_kernels.gather_tokens(x, ids, backend="cuda")
+
+
+# ============================================================================ index values
+
+def test_index_values_unchecked_by_default_and_masked(device):
+    """Without value checks no index is read back on the host, and the Triton kernels mask
+    an out-of-range index (its row reads as zero) instead of reading out of bounds."""
+    assert not backends.check_values()
+    x = torch.randn(2, 8, 4, device=device)
+    ids = torch.tensor([[1, 9], [-1, 2]], device=device)
+    reads = []
+
+    class Reads(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("tolist", "item", "aminmax"):
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        out = edt_kernels.gather_tokens(x, ids, backend="triton")
+    assert reads == []
+    assert torch.equal(out[0, 0], x[0, 1]) and torch.equal(out[1, 1], x[1, 2])
+    assert torch.equal(out[0, 1], torch.zeros(4, device=device)) and torch.equal(out[1, 0], out[0, 1])
+    backends.set_check_values(True)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 8\)"):
+        edt_kernels.gather_tokens(x, ids, backend="triton")
 
 
 # ============================================================================ bad input
@@ -573,7 +599,10 @@ BAD_CALLS = {
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_input(case, monkeypatch):
-    """Rejected before any kernel runs (a kernel launch here fails the test)."""
+    """Rejected before any kernel runs (a kernel launch here fails the test); the index
+    value cases with value checks on (off by default: they are host syncs on a GPU)."""
+    backends.set_check_values(True)  # the autouse fixture of conftest restores the environment's setting
+
     def no_launch(*args, **kwargs):
         raise AssertionError("a launcher ran on bad input")
 

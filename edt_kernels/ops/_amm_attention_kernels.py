@@ -15,9 +15,9 @@ What the main loops do per score element, and why:
   64-bit word (two float32 halves) when both are present, else the plain
   float32 table or AMM.  Stored in reversed offset order, the gather address
   is ``row pointer + u_j``: one address computation and one 64-bit load per
-  score.  Validated positions
-  always give an offset in ``[0, n_table)``, so the gather has no mask or
-  range check.
+  score.  The launcher's grid indices come from positions clamped to the
+  grid, so every offset lies in ``[0, n_table)`` and the gather has no mask
+  or range check.
 - No separate multiply for the scale and add for the table: with a positive
   scale (``FOLD``) the table is stored divided by the scale and is the
   accumulator the ``q k^T`` dot starts from, and ``scale * log2(e)`` is
@@ -617,7 +617,7 @@ def _amm_attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N,
 
 @triton.jit
 def _amm_attn_grid_kernel(table_ptr, amm_ptr, pos_ptr, pre_ptr, tab_ptr, tab2_ptr, u_ptr,
-                          stride_tr, stride_th, stride_pb, stride_pn, n_table, H, N, n_pos, cols,
+                          stride_tr, stride_th, stride_pb, stride_pn, n_table, H, N, n_pos, cols, n_cells,
                           HAS_TABLE: tl.constexpr, HAS_AMM: tl.constexpr, HAS_POS: tl.constexpr,
                           TWO: tl.constexpr, BLOCK: tl.constexpr):
     """The per-offset table the attention kernels gather from, and the tokens' grid indices, in
@@ -626,7 +626,10 @@ def _amm_attn_grid_kernel(table_ptr, amm_ptr, pos_ptr, pre_ptr, tab_ptr, tab2_pt
     float32 (and, with ``TWO``, times ``pre[1]`` into ``tab2``), with the AMM the float32 AMM in
     the high half of one 64-bit word and the table value in the low half; AMM alone: the float32
     AMM ``[n_table]``.  The remaining programs write ``u = (p // cols) * (2 cols - 1) + p % cols``
-    (int32) for each of the ``n_pos`` positions (``[B, N]`` through its strides, or ``[N]``)."""
+    (int32) for each of the ``n_pos`` positions (``[B, N]`` through its strides, or ``[N]``), each
+    clamped to the grid's ``[0, n_cells)`` first: the attention kernels gather at ``u_j - u_i``
+    without a range check, so a position out of range (not checked unless value checks are on)
+    gives the scores of the nearest valid cell, never a read out of bounds."""
     pid = tl.program_id(0)
     n_tab = n_table * H if HAS_TABLE else n_table
     tab_programs = tl.cdiv(n_tab, BLOCK)
@@ -660,6 +663,7 @@ def _amm_attn_grid_kernel(table_ptr, amm_ptr, pos_ptr, pre_ptr, tab_ptr, tab2_pt
         valid = offs < n_pos
         b = (offs // N).to(tl.int64)
         p = tl.load(pos_ptr + b * stride_pb + (offs % N) * stride_pn, mask=valid, other=0)
+        p = tl.minimum(tl.maximum(p, 0), n_cells - 1)
         u = (p // cols) * (2 * cols - 1) + p % cols
         tl.store(u_ptr + offs, u.to(tl.int32), mask=valid)
 

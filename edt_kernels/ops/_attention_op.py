@@ -33,12 +33,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from .. import backends as _backends
+from .._tracing import runs_eagerly
 from ..amm import AMM, cached_amm_offset_table
 
 __all__ = ["AttentionInputs", "AttentionBackend", "register_backend", "OP", "register_attention_op",
            "register_attention_qkvpacked_op"]
 
 OP = "amm_attention"
+_amm_tables: dict = {}  # (rows, cols, AMM, device, dtype) -> cached_amm_offset_table's (read-only) table
 
 
 @dataclass
@@ -63,6 +65,12 @@ class AttentionInputs:
     def device(self) -> torch.device:
         return self.q.device
 
+    def signature(self) -> tuple:
+        """What the attention backends' reasons look at (``edt_kernels.backends``):
+        the device type and the dtype."""
+        q = self.q
+        return q.device.type, q.dtype
+
     @property
     def dtype(self) -> torch.dtype:
         return self.q.dtype
@@ -76,7 +84,12 @@ class AttentionInputs:
             return None
         # float64 inputs get the float64 AMM; every other dtype computes with the float32 one
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        return cached_amm_offset_table((self.rows, self.cols), self.amm, device=self.device, dtype=dtype)
+        key = (self.rows, self.cols, self.amm, self.q.device, dtype)
+        table = _amm_tables.get(key)
+        if table is None:
+            table = _amm_tables[key] = cached_amm_offset_table((self.rows, self.cols), self.amm,
+                                                               device=self.device, dtype=dtype)
+        return table
 
     def kernel_args(self) -> Tuple:
         """Positional arguments of the backend custom ops (see ``ops/_attention_op``)."""
@@ -125,6 +138,32 @@ def _empty_like_out(q: torch.Tensor) -> torch.Tensor:
     B, H, N, D = q.shape
     # [B, N, H, D] memory so that out.transpose(1, 2).reshape(B, N, H * D) is free.
     return q.new_empty((B, N, H, D)).transpose(1, 2)
+
+
+def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records a call on these (differentiable) inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _direct_function(name: str, fwd_impl: Callable, setup_context: Callable, backward: Callable):
+    """The ``torch.autograd.Function`` an op's ``apply`` calls where it runs eagerly
+    (``_tracing.runs_eagerly``): the custom op's implementation, context and backward
+    without its dispatch (the same kernels and results for less host work per call).
+    The context is set up inside ``forward`` (a separate ``setup_context`` would make
+    every ``apply`` bind its arguments through ``inspect.signature``).  Returns the
+    Function's autograd-level ``apply`` (the one below ``Function.apply``, whose own work,
+    unwrapping functorch tensors, has nothing to do where no transform is active)."""
+
+    def forward(ctx, *args):
+        output = tuple(fwd_impl(*args))
+        setup_context(ctx, args, output)
+        return output
+
+    def bwd(ctx, *grads):
+        return backward(ctx, grads)
+
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+    return super(torch.autograd.Function, fn).apply
 
 
 def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
@@ -184,7 +223,8 @@ def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
         need = ctx.needs_input_grad
         need_dtable = table is not None and bool(need[3])
         need_dbias = bias is not None and bool(need[6])
-        dq, dk, dv, dtable, dbias = bwd(dout, q, k, v, out, lse, table, positions, amm_table,
+        run = bwd_impl if runs_eagerly(dout) else bwd
+        dq, dk, dv, dtable, dbias = run(dout, q, k, v, out, lse, table, positions, amm_table,
                                         bias, modulation, ctx.scale, ctx.rows, ctx.cols,
                                         need_dtable, need_dbias)
         dtable = dtable.to(table.dtype) if need_dtable else None
@@ -192,10 +232,15 @@ def register_attention_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
         return dq, dk, dv, dtable, None, None, dbias, None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
+    direct = _direct_function(f"{name}_fwd", fwd_impl, setup_context, backward)
 
     def apply(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols):
-        return fwd(q, k, v, table, positions, amm_table, bias, modulation, float(scale),
-                   int(rows), int(cols))[0]
+        args = (q, k, v, table, positions, amm_table, bias, modulation, float(scale), int(rows), int(cols))
+        if not runs_eagerly(q):
+            return fwd(*args)[0]
+        if _wants_grad(q, k, v, table, bias):
+            return direct(*args)[0]
+        return fwd_impl(*args)[0]  # nothing to differentiate: no autograd node either
 
     apply.fwd_op = fwd
     apply.bwd_op = bwd
@@ -226,13 +271,25 @@ def register_attention_qkvpacked_op(name: str, fwd_impl: Callable, bwd_impl: Cal
     fwd_name = f"edt_kernels::{name}_qkvpacked_fwd"
     bwd_name = f"edt_kernels::{name}_qkvpacked_bwd"
 
+    def fwd_packed(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols):
+        q, k, v = _qkv_views(qkv)
+        out, lse = fwd_impl(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols)
+        return [out.transpose(1, 2).contiguous(), lse]  # (B, N, H, D): a view of the kernel's output
+
+    def bwd_packed(dout, qkv, out, lse, table, positions, amm_table, bias, modulation, scale, rows, cols,
+                   need_dtable, need_dbias):
+        dqkv = _new_dqkv(qkv)  # (B, N, 3, H, D)
+        q, k, v = _qkv_views(qkv)
+        _, _, _, dtable, dbias = bwd_impl(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, table,
+                                          positions, amm_table, bias, modulation, scale, rows, cols,
+                                          need_dtable, need_dbias, grads=_qkv_views(dqkv))
+        return [dqkv, dtable, dbias]
+
     @torch.library.custom_op(fwd_name, mutates_args=(), device_types=device_types)
     def fwd(qkv: torch.Tensor, table: Optional[torch.Tensor], positions: Optional[torch.Tensor],
             amm_table: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             modulation: Optional[torch.Tensor], scale: float, rows: int, cols: int) -> List[torch.Tensor]:
-        q, k, v = _qkv_views(qkv)
-        out, lse = fwd_impl(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols)
-        return [out.transpose(1, 2).contiguous(), lse]  # (B, N, H, D): a view of the kernel's output
+        return fwd_packed(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols)
 
     @fwd.register_fake
     def _(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols):
@@ -245,12 +302,8 @@ def register_attention_qkvpacked_op(name: str, fwd_impl: Callable, bwd_impl: Cal
             amm_table: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             modulation: Optional[torch.Tensor], scale: float, rows: int, cols: int,
             need_dtable: bool, need_dbias: bool) -> List[torch.Tensor]:
-        dqkv = _new_dqkv(qkv)  # (B, N, 3, H, D)
-        q, k, v = _qkv_views(qkv)
-        _, _, _, dtable, dbias = bwd_impl(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, table,
-                                          positions, amm_table, bias, modulation, scale, rows, cols,
-                                          need_dtable, need_dbias, grads=_qkv_views(dqkv))
-        return [dqkv, dtable, dbias]
+        return bwd_packed(dout, qkv, out, lse, table, positions, amm_table, bias, modulation, scale, rows,
+                          cols, need_dtable, need_dbias)
 
     @bwd.register_fake
     def _(dout, qkv, out, lse, table, positions, amm_table, bias, modulation, scale, rows, cols,
@@ -277,16 +330,23 @@ def register_attention_qkvpacked_op(name: str, fwd_impl: Callable, bwd_impl: Cal
         need = ctx.needs_input_grad
         need_dtable = table is not None and bool(need[1])
         need_dbias = bias is not None and bool(need[4])
-        dqkv, dtable, dbias = bwd(dout, qkv, out, lse, table, positions, amm_table, bias, modulation,
+        run = bwd_packed if runs_eagerly(dout) else bwd
+        dqkv, dtable, dbias = run(dout, qkv, out, lse, table, positions, amm_table, bias, modulation,
                                   ctx.scale, ctx.rows, ctx.cols, need_dtable, need_dbias)
         dtable = dtable.to(table.dtype) if need_dtable else None
         dbias = dbias.to(bias.dtype) if need_dbias else None
         return (dqkv if need[0] else None), dtable, None, None, dbias, None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
+    direct = _direct_function(f"{name}_qkvpacked_fwd", fwd_packed, setup_context, backward)
 
     def apply(qkv, table, positions, amm_table, bias, modulation, scale, rows, cols):
-        return fwd(qkv, table, positions, amm_table, bias, modulation, float(scale), int(rows), int(cols))[0]
+        args = (qkv, table, positions, amm_table, bias, modulation, float(scale), int(rows), int(cols))
+        if not runs_eagerly(qkv):
+            return fwd(*args)[0]
+        if _wants_grad(qkv, table, bias):
+            return direct(*args)[0]
+        return fwd_packed(*args)[0]  # nothing to differentiate: no autograd node either
 
     apply.fwd_op = fwd
     apply.bwd_op = bwd

@@ -47,6 +47,18 @@ MAX_ROW_BLOCK_T = 32  # rows per program of the kernels that hold whole rows
 ELEMENTS_PER_WARP = 512  # whole-row kernels: one warp per this many tile elements (4..16 warps)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host.  ``triton.cdiv`` / ``triton.next_power_of_2`` are
+    constexpr functions that unwrap their arguments on every call, several µs per
+    launch in the launchers; these plain versions give the same integers."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for ``n <= 0``, as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every token/adaLN launcher allocates its outputs here (the tests fill
     them with NaN to prove that the kernels write every element)."""
@@ -90,7 +102,7 @@ def promote(*tensors: torch.Tensor) -> torch.dtype:
 
 def row_config(n: int) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_T, num_warps) for kernels that hold whole rows of n channels."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     block_t = max(1, min(MAX_ROW_BLOCK_T, TILE_ELEMENTS // block_n))
     num_warps = max(4, min(16, block_n * block_t // ELEMENTS_PER_WARP))
     return block_n, block_t, num_warps
@@ -98,7 +110,7 @@ def row_config(n: int) -> Tuple[int, int, int]:
 
 def tile_config(c: int) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_T, num_warps) for elementwise/row-copy kernels tiled over channels."""
-    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
+    block_c = min(next_power_of_2(c), MAX_BLOCK_C)
     block_t = max(1, min(MAX_TILE_BLOCK_T, TILE_ELEMENTS // block_c))
     return block_c, block_t, 4
 
@@ -107,8 +119,8 @@ def rows_per_program(rows: int, other_programs: int, block_t: int, target: int =
     """Rows one reducing program walks through: enough programs (about
     ``target``) to fill a GPU, few enough partial rows to keep the reduction
     buffer small.  A multiple of ``block_t``."""
-    chunks = max(1, min(triton.cdiv(rows, block_t), triton.cdiv(target, max(1, other_programs))))
-    return triton.cdiv(triton.cdiv(rows, chunks), block_t) * block_t
+    chunks = max(1, min(cdiv(rows, block_t), cdiv(target, max(1, other_programs))))
+    return cdiv(cdiv(rows, chunks), block_t) * block_t
 
 
 def triton_reasons(call: OpCall) -> List[str]:

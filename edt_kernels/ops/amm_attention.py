@@ -34,16 +34,17 @@ Design notes
 """
 from __future__ import annotations
 
-import os
 import weakref
+from functools import lru_cache
 from typing import List, Optional
 
 import torch
 
+from ..backends import allow_tf32
 from .._triton_support import interpreting, triton_unavailable_reason
 from ._attention_op import (AttentionBackend, AttentionInputs, _empty_like_out, register_attention_op,
                             register_attention_qkvpacked_op, register_backend)
-from ._triton_utils import HAS_TRITON, triton
+from ._triton_utils import HAS_TRITON, cdiv, next_power_of_2, triton
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_grid_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
     _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
@@ -99,9 +100,14 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 def _block_sizes(N: int, D: int, q: torch.Tensor):
-    block_d = max(16, triton.next_power_of_2(D))  # the padded width of one tile (the Delta kernel's)
-    if not _on_gpu(q):  # interpreter: large tiles mean fewer Python-level steps
-        bm = 64 if N > 32 else 32
+    return _tile_sizes(D, _on_gpu(q), N > 32)
+
+
+@lru_cache(maxsize=None)
+def _tile_sizes(D: int, gpu: bool, long: bool):
+    block_d = max(16, next_power_of_2(D))  # the padded width of one tile (the Delta kernel's)
+    if not gpu:  # interpreter: large tiles mean fewer Python-level steps
+        bm = 64 if long else 32
         return bm, bm, block_d, 4, 1
     # Hopper/Ampere heuristic (the first autotune config that fits), used under CUDA-graph capture.
     d1, d2 = _head_blocks(D)
@@ -114,16 +120,18 @@ def _alignment(*ts: torch.Tensor) -> int:
     starts on: pointer and the batch/head/token strides are multiples of it and
     the head dim is contiguous.  1 disables the hints."""
     elt = ts[0].element_size()
-    a = max(1, 16 // elt)
+    bits = 0  # OR of every value that must be a multiple: its lowest set bit is their common power of two
     for t in ts:
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
+        shape, stride = t.shape, t.stride()
+        if stride[-1] != 1 and shape[-1] > 1:
             return 1
-        vals = [t.data_ptr() // elt if t.data_ptr() % elt == 0 else 1, t.shape[-1]]
-        vals += [st for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
-        for v in vals:
-            while a > 1 and v % a:
-                a //= 2
-    return a
+        ptr = t.data_ptr()
+        bits |= (ptr // elt if ptr % elt == 0 else 1) | shape[-1]
+        for st, n in zip(stride[:-1], shape[:-1]):
+            if n > 1:
+                bits |= st
+    widest = max(1, 16 // elt)
+    return min(widest, bits & -bits) if bits else widest
 
 
 # Backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first, per
@@ -185,7 +193,7 @@ def _launch_tiled(kernel, tiles, cpu_tiles, grid_of, args, kwargs, q):
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get full-precision dots (exact results are the contract);
     # tf32 can be requested with EDT_KERNELS_ALLOW_TF32=1.
-    if dtype == torch.float32 and os.environ.get("EDT_KERNELS_ALLOW_TF32", "0") != "1":
+    if dtype == torch.float32 and not allow_tf32():
         return "ieee"
     return "tf32"
 
@@ -203,10 +211,10 @@ def _head_blocks(D: int):
     as a power-of-two tile plus a narrower tail tile when that wastes less
     MMA work (72 = 64 + 16 with 8 valid lanes, 90% useful, instead of 128,
     56%).  At D <= 64 one tile (52 on 64)."""
-    full = max(16, triton.next_power_of_2(D))
+    full = max(16, next_power_of_2(D))
     if D > 64 and D != full:
         head = full // 2
-        tail = max(16, triton.next_power_of_2(D - head))
+        tail = max(16, next_power_of_2(D - head))
         if head + tail < full:
             return head, tail
     return full, 0
@@ -289,10 +297,10 @@ def _build_grid(table, positions, amm_table, rows, cols, scale, H, device, fold)
     pos2 = None if positions is None else (positions if positions.dim() == 2 else positions[None])
     block = 1024
     n_tab = n_table * (H if table is not None else 1)
-    _amm_attn_grid_kernel[(triton.cdiv(n_tab, block) + triton.cdiv(n_pos, block),)](
+    _amm_attn_grid_kernel[(cdiv(n_tab, block) + cdiv(n_pos, block),)](
         _dummy(table, pre), _dummy(amm, pre), _dummy(positions, pre), pre, tab, tab2, _dummy(u, tab),
         *(table.stride() if table is not None else (0, 0)), *(pos2.stride() if pos2 is not None else (0, 0)),
-        n_table, H, pos2.shape[1] if pos2 is not None else 1, n_pos, cols,
+        n_table, H, pos2.shape[1] if pos2 is not None else 1, n_pos, cols, rows * cols,
         HAS_TABLE=table is not None, HAS_AMM=amm_table is not None, HAS_POS=n_pos > 0,
         TWO=tab2 is not tab, BLOCK=block, num_warps=4)
     return tab, tab2, u
@@ -350,12 +358,23 @@ def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like
 
 
-def _flags(g: dict, q, bias, modulation, amm_table, table, D: int, align: int) -> dict:
-    block_d, block_d2 = _head_blocks(D)
-    return dict(HAS_GRID=g["has_grid"], HAS_TABLE=table is not None, HAS_AMM=amm_table is not None,
-                HAS_BIAS=bias is not None, HAS_MOD=modulation is not None, FOLD=g["fold"],
-                DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_D2=block_d2, HEAD_DIM=D,
-                ALIGN=align)
+_flag_sets: dict = {}  # what _flags depends on -> (flags, their sorted items)
+
+
+def _flags(g: dict, q, bias, modulation, amm_table, table, D: int, align: int):
+    """The kernels' compile-time flags (read-only: shared by calls) and their items
+    as a hashable key."""
+    key = (g["has_grid"], g["fold"], table is not None, amm_table is not None, bias is not None,
+           modulation is not None, q.dtype, D, align, allow_tf32())
+    got = _flag_sets.get(key)
+    if got is None:
+        block_d, block_d2 = _head_blocks(D)
+        flags = dict(HAS_GRID=g["has_grid"], HAS_TABLE=table is not None, HAS_AMM=amm_table is not None,
+                     HAS_BIAS=bias is not None, HAS_MOD=modulation is not None, FOLD=g["fold"],
+                     DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_D2=block_d2, HEAD_DIM=D,
+                     ALIGN=align)
+        got = _flag_sets[key] = (flags, tuple(sorted(flags.items())))
+    return got
 
 
 def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation, scale, rows, cols,
@@ -369,14 +388,14 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
         return out, lse
     BLOCK_M, BLOCK_N, _, warps, stages = _block_sizes(N, D, q)
     g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, q=q)
-    flags = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v))
-    n_bucket = triton.next_power_of_2(N)
-    key = (n_bucket, q.dtype, q.device, tuple(sorted(flags.items())))
+    flags, flag_items = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v))
+    n_bucket = next_power_of_2(N)
+    key = (n_bucket, q.dtype, q.device, flag_items)
     tiles = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages)
     autotuned = isinstance(_fwd_kernel, triton.runtime.Autotuner)
     if autotuned and not _capturing(q):
         tiles = {}
-        launch = _fwd_kernel[lambda meta: (B * H * triton.cdiv(N, meta["BLOCK_M"]),)]
+        launch = _fwd_kernel[lambda meta: (B * H * cdiv(N, meta["BLOCK_M"]),)]
     else:
         # No autotuning under CUDA-graph capture: the config tuned earlier for
         # this key, else the heuristic tiles.
@@ -384,7 +403,7 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
         if cfg is not None:
             tiles = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         plain = _amm_attn_fwd_kernel if autotuned else _fwd_kernel
-        launch = plain[(B * H * triton.cdiv(N, tiles["BLOCK_M"]),)]
+        launch = plain[(B * H * cdiv(N, tiles["BLOCK_M"]),)]
     launch(
         q, k, v, out, lse,
         _dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q),
@@ -463,8 +482,8 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     dm = 64 if _on_gpu(q) else BLOCK_M
     zero = dict(zero_ptr=dtable, n_zero=dtable.numel(), ZERO_BLOCK=_ZERO_BLOCK) if need_dtable else {}
-    n_zero_programs = triton.cdiv(dtable.numel(), _ZERO_BLOCK) if need_dtable else 0
-    _amm_attn_bwd_delta_kernel[(B * H * triton.cdiv(N, dm) + n_zero_programs,)](
+    n_zero_programs = cdiv(dtable.numel(), _ZERO_BLOCK) if need_dtable else 0
+    _amm_attn_bwd_delta_kernel[(B * H * cdiv(N, dm) + n_zero_programs,)](
         out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=dm, BLOCK_D=BLOCK_D, HEAD_DIM=D,
         ALIGN=_alignment(out, dout), num_warps=4, **zero)
     lse = lse.contiguous()
@@ -472,7 +491,7 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     # SASS the fold saves nothing, and this form keeps the table gradient's rounding noise
     # lower (it sums dS terms that cancel, e.g. to exactly 0 on a 1 x 1 grid).
     g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, fold=False, q=q)
-    flags = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v, dout))
+    flags, _ = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v, dout))
     width = flags["BLOCK_D"] + flags["BLOCK_D2"]
     ptrs = (_dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), g["stride_th"], g["stride_ub"],
@@ -484,7 +503,7 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     dtable_apart = need_dtable and _batch_shared_offsets(positions)
     _launch_tiled(
         _amm_attn_bwd_dkdv_kernel, _bwd_tiles(_BWD_DKDV_TILES_BY_D, width, positions is not None), cpu_tiles,
-        lambda bm, bn: B * H * triton.cdiv(N, bn),
+        lambda bm, bn: B * H * cdiv(N, bn),
         (q, k, v, dout, lse, delta, dk, dv, *ptrs, _dummy(dtable if need_dtable else None, lse),
          _dummy(dbias if need_dbias else None, lse), *strides, *dtstr,
          *(_strides4(dbias) if need_dbias else (0, 0, 0, 0)), *dk.stride(), *dv.stride(),
@@ -493,16 +512,16 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     if dtable_apart:
         tiles = _bwd_tiles(_BWD_DTABLE_TILES_BY_D, width)
         bm0, bn0 = tiles[0][:2] if _on_gpu(q) else cpu_tiles[:2]  # the batch split, sized on the first tile
-        per_program = _dtable_batch_per_program(B, H * triton.cdiv(N, bm0) * triton.cdiv(N, bn0), q)
+        per_program = _dtable_batch_per_program(B, H * cdiv(N, bm0) * cdiv(N, bn0), q)
         _launch_tiled(
             _amm_attn_bwd_dtable_kernel, tiles, cpu_tiles,
-            lambda bm, bn: H * triton.cdiv(N, bm) * triton.cdiv(N, bn) * triton.cdiv(B, per_program),
+            lambda bm, bn: H * cdiv(N, bm) * cdiv(N, bn) * cdiv(B, per_program),
             (q, k, v, dout, lse, delta, *ptrs, dtable, *strides, *dtstr,
              B, H, N, g["qk_scale"], g["bias_scale"], g["idx_off"], per_program),
             flags, q)
     _launch_tiled(
         _amm_attn_bwd_dq_kernel, _bwd_tiles(_BWD_DQ_TILES_BY_D, width), cpu_tiles,
-        lambda bm, bn: B * H * triton.cdiv(N, bm),
+        lambda bm, bn: B * H * cdiv(N, bm),
         (q, k, v, dout, lse, delta, dq, *ptrs, *strides, *dq.stride(), H, N, *scales),
         flags, q)
     return dq, dk, dv, dtable, dbias

@@ -15,8 +15,7 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    check_launchable, dispatch, promote, register_op, rows_per_program, tile_config, tl, triton,
-    unit_stride
+    cdiv, check_launchable, dispatch, promote, register_op, rows_per_program, tile_config, tl, triton, unit_stride
 )
 from ..reference.adaln import reference_gated_residual
 from .layernorm_modulate import _check_adaln_rows
@@ -86,7 +85,7 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
     if out.numel() == 0:
         return out
     block_c, block_t, num_warps = tile_config(C)
-    grid = (triton.cdiv(L, block_t), triton.cdiv(C, block_c), B)
+    grid = (cdiv(L, block_t), cdiv(C, block_c), B)
     _gated_residual_fwd_kernel[grid](
         x, gate, y, out, L, C,
         x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
@@ -107,9 +106,9 @@ def gated_residual_backward(dout: torch.Tensor, gate: torch.Tensor, y: torch.Ten
     if B == 0 or L == 0 or C == 0:
         return dy, torch.zeros((B, C), dtype=torch.float32, device=y.device)
     block_c, block_t, num_warps = tile_config(C)
-    n_c = triton.cdiv(C, block_c)
+    n_c = cdiv(C, block_c)
     rows = rows_per_program(L, B * n_c, block_t)
-    P = triton.cdiv(L, rows)
+    P = cdiv(L, rows)
     dgate_part = _tu.empty_output((B, P, C), torch.float32, y.device)
     _gated_residual_bwd_kernel[(P, n_c, B)](
         dout, gate, y, dy, dgate_part, L, C, rows,

@@ -20,7 +20,9 @@ import torch
 from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
-from ._triton_utils import check_launchable, dispatch, register_op, tile_config, tl, triton, unit_stride
+from ._triton_utils import (
+    cdiv, check_launchable, dispatch, next_power_of_2, register_op, tile_config, tl, triton, unit_stride
+)
 from ..reference.tokens import reference_gather_tokens, reference_scatter_tokens
 
 __all__ = ["gather_tokens", "scatter_tokens"]
@@ -111,7 +113,7 @@ def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block_c, block_t, num_warps = tile_config(C)
-    grid = (triton.cdiv(K, block_t), triton.cdiv(C, block_c), B)
+    grid = (cdiv(K, block_t), cdiv(C, block_c), B)
     _gather_rows_kernel[grid](
         x, ids, out, L, K, C,
         x.stride(0), x.stride(1), ids.stride(0), out.stride(0), out.stride(1),
@@ -136,7 +138,7 @@ def unshuffle_rows(src: torch.Tensor, inv: torch.Tensor, fill: Optional[torch.Te
     if pos is not None:
         pos = unit_stride(pos.reshape(L, C))
     block_c, block_t, num_warps = tile_config(C)
-    grid = (triton.cdiv(L, block_t), triton.cdiv(C, block_c), B)
+    grid = (cdiv(L, block_t), cdiv(C, block_c), B)
     _unshuffle_rows_kernel[grid](
         src, inv, fill if fill is not None else src, pos if pos is not None else src, out,
         L, K, C,
@@ -156,8 +158,8 @@ def invert_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
     inv = torch.full((B, length), -1, dtype=torch.int32, device=ids.device)
     if B == 0 or K == 0:
         return inv
-    block_k = min(1024, triton.next_power_of_2(K))
-    _invert_ids_kernel[(triton.cdiv(K, block_k), B)](
+    block_k = min(1024, next_power_of_2(K))
+    _invert_ids_kernel[(cdiv(K, block_k), B)](
         ids, inv, length, K, ids.stride(0), inv.stride(0), BLOCK_K=block_k)
     return inv
 

@@ -23,8 +23,7 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    check_launchable, dispatch, promote, register_op, row_config, rows_per_program, tl, triton,
-    unit_stride
+    cdiv, check_launchable, dispatch, promote, register_op, row_config, rows_per_program, tl, triton, unit_stride
 )
 from ..reference.adaln import reference_layernorm_modulate
 
@@ -176,7 +175,7 @@ def ln_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     if keep is not None:
         keep = unit_stride(keep)
     block_n, block_t, num_warps = row_config(N)
-    grid = (triton.cdiv(T, block_t), B)
+    grid = (cdiv(T, block_t), B)
     _ln_modulate_fwd_kernel[grid](
         x, shift, scale, keep if keep is not None else x, out,
         T, N, C, w_out,
@@ -208,7 +207,7 @@ def ln_modulate_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
         keep = unit_stride(keep)
     block_n, block_t, num_warps = row_config(N)
     rows = rows_per_program(T, B, block_t)
-    P = triton.cdiv(T, rows)
+    P = cdiv(T, rows)
     dshift_part = _tu.empty_output((B, P, N), torch.float32, x.device)
     dscale_part = _tu.empty_output((B, P, N), torch.float32, x.device)
     _ln_modulate_bwd_kernel[(P, B)](

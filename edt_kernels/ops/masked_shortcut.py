@@ -15,7 +15,7 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    check_launchable, dispatch, promote, register_op, tile_config, tl, triton, unit_stride
+    cdiv, check_launchable, dispatch, promote, register_op, tile_config, tl, triton, unit_stride
 )
 from ..reference.tokens import reference_masked_shortcut
 
@@ -102,7 +102,7 @@ def masked_shortcut_forward(x: torch.Tensor, x_before: torch.Tensor, mask: torch
     if out.numel() == 0:
         return out
     block_c, block_t, num_warps = tile_config(C)
-    grid = (triton.cdiv(L, block_t), triton.cdiv(C, block_c), B)
+    grid = (cdiv(L, block_t), cdiv(C, block_c), B)
     _masked_shortcut_fwd_kernel[grid](
         x, xb, m, out, L, C,
         x.stride(0), x.stride(1), xb.stride(0), xb.stride(1), m.stride(0),
@@ -124,10 +124,10 @@ def masked_shortcut_backward(dout: torch.Tensor, x: torch.Tensor, x_before: torc
     dx = _tu.empty_output((B, L, C), dout.dtype, x.device)
     dxb = _tu.empty_output((B, L, C), dout.dtype, x.device)
     block_c, block_t, num_warps = tile_config(max(C, 1))
-    n_c = triton.cdiv(C, block_c)
+    n_c = cdiv(C, block_c)
     dm_part = _tu.empty_output((n_c, B, L), torch.float32, x.device) if need_dmask else dx
     if dx.numel():
-        _masked_shortcut_bwd_kernel[(triton.cdiv(L, block_t), n_c, B)](
+        _masked_shortcut_bwd_kernel[(cdiv(L, block_t), n_c, B)](
             dout, x, xb, m, dx, dxb, dm_part, L, C,
             dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), xb.stride(0), xb.stride(1),
             m.stride(0), dx.stride(0), dx.stride(1),

@@ -24,7 +24,9 @@ import torch
 from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
-from ._triton_utils import check_launchable, dispatch, register_op, tile_config, tl, triton, unit_stride
+from ._triton_utils import (
+    cdiv, check_launchable, dispatch, next_power_of_2, register_op, tile_config, tl, triton, unit_stride
+)
 from ..reference.tokens import reference_random_masking
 from .gather_scatter import _scatter_tokens_op
 
@@ -105,7 +107,7 @@ def sort_kept(ids_shuffle: torch.Tensor, len_keep: int) -> torch.Tensor:
     if B == 0 or L == 0:
         return out
     rank = torch.empty((B, L), dtype=torch.int32, device=ids_shuffle.device)  # scratch, fully written
-    block = min(triton.next_power_of_2(L), 1024)
+    block = min(next_power_of_2(L), 1024)
     _sort_kept_kernel[(B,)](
         ids_shuffle, rank, out, L, len_keep, ids_shuffle.stride(0), rank.stride(0), out.stride(0),
         BLOCK=block, num_warps=4 if block <= 256 else 8,
@@ -126,7 +128,7 @@ def masking_gather(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int
     if B == 0 or L == 0:
         return out, mask, restore
     block_c, block_t, num_warps = tile_config(max(C, 1))
-    grid = (triton.cdiv(L, block_t), max(1, triton.cdiv(C, block_c)), B)
+    grid = (cdiv(L, block_t), max(1, cdiv(C, block_c)), B)
     _masking_gather_kernel[grid](
         x, ids_shuffle, out, mask, restore, L, K, C,
         x.stride(0), x.stride(1), ids_shuffle.stride(0), out.stride(0), out.stride(1),

@@ -23,13 +23,12 @@ asked about an input.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from .. import _ext
-from ..backends import Backend, OpCall, register
+from ..backends import Backend, OpCall, cuda_tokens_opted_in, register
 from .gather_scatter import register_gather_scatter_autograd
 from .unshuffle import register_unshuffle_autograd
 
@@ -117,10 +116,6 @@ _OPS = {"gather_tokens": gather_tokens_cpp, "scatter_tokens": scatter_tokens_cpp
         "unshuffle_with_mask_token": unshuffle_with_mask_token_cpp}
 
 
-def _cuda_tokens_opted_in() -> bool:
-    return os.environ.get("EDT_KERNELS_CUDA_TOKENS", "0") == "1"
-
-
 class CppTokenBackend(Backend):
     """The compiled token kernels of one token op (``gather_tokens``,
     ``scatter_tokens`` or ``unshuffle_with_mask_token``), with autograd."""
@@ -150,7 +145,7 @@ class CppTokenBackend(Backend):
 
     def auto_reasons(self, call: OpCall) -> List[str]:
         device = call.device.type
-        if device == "cuda" and not _cuda_tokens_opted_in():
+        if device == "cuda" and not cuda_tokens_opted_in():
             return ["'auto' uses the CUDA token kernels only with EDT_KERNELS_CUDA_TOKENS=1 "
                     "(or ask backend='cpp')"]
         if device == "cpu":

@@ -20,8 +20,7 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    check_launchable, dispatch, promote, register_op, rows_per_program, tile_config, tl, triton,
-    unit_stride
+    cdiv, check_launchable, dispatch, promote, register_op, rows_per_program, tile_config, tl, triton, unit_stride
 )
 from ..reference.tokens import reference_unshuffle_with_mask_token
 from .gather_scatter import unshuffle_rows
@@ -94,11 +93,11 @@ def unshuffle_backward(dout: torch.Tensor, inv: torch.Tensor, len_keep: int, nee
                 else dout.new_empty((0,), dtype=torch.float32))
         return dsrc, torch.zeros((1, 1, C), dtype=torch.float32, device=dout.device), dpos
     block_c, block_t, num_warps = tile_config(C)
-    n_t, n_c = triton.cdiv(L, block_t), triton.cdiv(C, block_c)
+    n_t, n_c = cdiv(L, block_t), cdiv(C, block_c)
     # Without a pos-embed gradient every sample is its own program; with it, a
     # program sums a few samples so that the [n_b, L, C] partials stay small.
     b_per_prog = rows_per_program(B, n_t * n_c, 1, target=2048) if need_dpos else 1
-    n_b = triton.cdiv(B, b_per_prog)
+    n_b = cdiv(B, b_per_prog)
     dfill_part = _tu.empty_output((n_b, n_t, C), torch.float32, dout.device)
     dpos_part = _tu.empty_output((n_b, L, C), torch.float32, dout.device) if need_dpos else dfill_part
     _unshuffle_bwd_kernel[(n_t, n_c, n_b)](
