@@ -4,6 +4,7 @@ and a bounded number of graphs for MDT's varying kept-token count."""
 import pytest
 import torch
 
+from benchmarks.test_bench_host import _GraphCounter
 from edt.diffusion import create_diffusion
 from edt.models import EDT_models, MDTv2_models
 from edt.train import DiffusionTrainingLoss
@@ -60,17 +61,6 @@ def test_drawn_ahead_forward_is_bit_equal_to_drawing_in_it(family):
         assert torch.equal(model(x, t, y, enable_mask=mask, draws=draws), want)
 
 
-class _Graphs:
-    """A Dynamo backend that counts the graphs it is handed and runs them as they are."""
-
-    def __init__(self):
-        self.n = 0
-
-    def __call__(self, gm, example_inputs):
-        self.n += 1
-        return gm.forward
-
-
 @pytest.mark.parametrize("family", ["MDTv2", "EDT"])
 def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family):
     """fullgraph=True (a graph break raises) for the training step (full + masked pass) and
@@ -80,7 +70,7 @@ def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family)
     model, loss = _loss(family)
     dynamo.reset()
     try:
-        graphs = _Graphs()
+        graphs = _GraphCounter()
         train = torch.compile(loss, fullgraph=True, backend=graphs)
         steps = 100 if family == "MDTv2" else 2
         kept = set()
@@ -92,13 +82,13 @@ def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family)
             train(x, y, t, n1, n2, draws)[0].backward()
         if family == "MDTv2":
             assert len(kept) >= 3, kept  # the count did change from step to step
-        assert graphs.n <= 8, graphs.n
+        assert graphs.graphs <= 8, graphs.graphs
         model.eval()
-        cfg_graphs = _Graphs()
+        cfg_graphs = _GraphCounter()
         cfg = torch.compile(model.forward_with_cfg, fullgraph=True, backend=cfg_graphs)
         with torch.no_grad():
             cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), 1.5)
-        assert cfg_graphs.n == 1
+        assert cfg_graphs.graphs == 1
     finally:
         dynamo.reset()
 
