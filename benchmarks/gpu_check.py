@@ -20,7 +20,12 @@ recorded with its error text, never turned into a number):
 * MDT masked attention (179 of 256 tokens) with random vs sorted positions
   (``random_masking(..., sort_kept=False / True)``), forward and forward + backward;
 * token / adaLN bandwidth at C=1152 and C=936 vs a device copy;
-* EDT-XL/2 vs MDTv2-XL/2: one training step and one CFG step at batch 32.
+* EDT-XL/2 vs MDTv2-XL/2: one training step and one CFG step at batch 32;
+* compiled steps: EDT-S/B/XL and MDTv2-S/B/XL at batch 32, the trainer's step (both
+  passes, loss, backward) and a CFG step, eager vs ``torch.compile`` vs CUDA graphs
+  (``reduce-overhead``), each with the GPU's idle fraction within the step from
+  ``torch.profiler`` (1 - device-busy time / wall time: near 0 means the GPU is fed,
+  large means the step is host-bound); its own budget (``--steps-budget-s``).
 
 Each timing sits beside its static estimate from ``benchmarks/profiling/sm90_profile.py``
 (``benchmarks/results/sm90-static/sm90_profile.json``) where one applies.
@@ -442,6 +447,119 @@ def timing_models(c: Ctx, rows, deadline):
         del model
 
 
+STEP_MODELS = ("EDT-S/2", "MDTv2-S/2", "EDT-B/2", "MDTv2-B/2", "EDT-XL/2", "MDTv2-XL/2")
+
+
+def _busy_ms(prof) -> float:
+    """Milliseconds in which the device ran something (the union of its kernel / copy intervals)."""
+    from torch.autograd import DeviceType
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, -math.inf
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e3
+
+
+def _idle_fraction(c: Ctx, fn, steps: int):
+    """1 - (device busy time / wall time) over ``steps`` calls of ``fn`` under torch.profiler (None
+    without a device): near 0 when the device is kept fed, large when the step is host-bound."""
+    torch = c.torch
+    if c.dev.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    return max(0.0, 1.0 - _busy_ms(prof) / wall_ms)
+
+
+def timing_compiled_steps(c: Ctx, rows, deadline):
+    """Training step (the trainer's two passes, loss, backward; no optimizer step) and CFG step of
+    EDT-S/B/XL and MDTv2-S/B/XL at batch 32: eager kernels vs torch.compile (Inductor) vs
+    CUDA graphs (mode reduce-overhead), with the device's idle fraction within the step.  The
+    draws are made ahead of the step as edt.train does.  Dry run: EDT-S and MDTv2-S at tiny widths,
+    batch 2, compiled with the aot_eager backend (the same tracing, no code generation)."""
+    torch = c.torch
+    import edt.models as em
+    from edt.diffusion import create_diffusion
+    from edt.train import DiffusionTrainingLoss
+    from edt.utils import compile_step
+
+    if c.dry:
+        os.environ["EDT_KERNELS_BACKEND"] = "torch"
+    B = 2 if c.dry else 32
+    res = 8 if c.dry else 32
+    names = STEP_MODELS[:2] if c.dry else STEP_MODELS
+    modes = ("none", "default") if c.dry else ("none", "default", "reduce-overhead")
+    diffusion = create_diffusion("")
+    for name in names:
+        reg = em.EDT_models if name.startswith("EDT") else em.MDTv2_models
+        small = dict(hidden_size=32, depth=4, num_heads=2, decode_layer=2) if name.startswith("MDT") else \
+            dict(hidden_size=16, dims=[16, 24, 32, 24, 16], num_heads=[2, 2, 2, 2, 2])
+        model = reg[name](input_size=res, **(small if c.dry else {})).to(c.dev)
+        loss = DiffusionTrainingLoss(model, diffusion, "edt" if name.startswith("EDT") else "mdt")
+        g = torch.Generator(device=c.dev).manual_seed(0)
+        x = torch.randn(B, 4, res, res, device=c.dev, generator=g)
+        t = torch.randint(0, 1000, (B,), device=c.dev, generator=g)
+        y = torch.randint(0, 1000, (B,), device=c.dev, generator=g)
+        n1, n2 = torch.randn(x.shape, device=c.dev, generator=g), torch.randn(x.shape, device=c.dev, generator=g)
+        x2, t2, y2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 1000)])
+        amp = torch.autocast(c.dev.type, dtype=torch.bfloat16, enabled=not c.dry)
+        base = {}
+        for mode in modes:
+            if time.time() > deadline:
+                rows.append(dict(model=name, mode=mode, error="skipped: section time budget spent"))
+                continue
+            try:
+                if c.dry and mode != "none":
+                    train_fn = torch.compile(loss, fullgraph=True, backend="aot_eager")
+                    cfg_fn = torch.compile(model.forward_with_cfg, fullgraph=True, backend="aot_eager")
+                else:
+                    train_fn = compile_step(loss, mode, c.dev)
+                    cfg_fn = compile_step(model.forward_with_cfg, mode, c.dev)
+                step_gen = torch.Generator(device=c.dev).manual_seed(1)
+
+                def train_step():
+                    if mode == "reduce-overhead":
+                        torch.compiler.cudagraph_mark_step_begin()
+                    model.train()
+                    draws = loss.draw_ahead(B, step_gen, c.dev)
+                    with amp:
+                        out = train_fn(x, y, t, n1, n2, draws)
+                    out[0].backward()
+                    model.zero_grad(set_to_none=True)
+
+                def cfg_step():
+                    if mode == "reduce-overhead":
+                        torch.compiler.cudagraph_mark_step_begin()
+                    model.eval()
+                    with torch.no_grad(), amp:
+                        cfg_fn(x2, t2, y2, 1.5)
+
+                for step, fn in (("train", train_step), ("cfg", cfg_step)):
+                    t0 = time.time()
+                    for _ in range(1 if c.dry else 3):  # compilation, autotuning, CUDA-graph recording
+                        fn()
+                    warm_s = time.time() - t0
+                    ms = c.time_ms(fn, warmup=1, repeats=10)
+                    base.setdefault(step, ms)
+                    rows.append(dict(model=name, step=step, mode=mode, batch=B, ms=ms,
+                                     speedup_vs_eager=base[step] / ms, warmup_s=round(warm_s, 1),
+                                     idle_fraction=_idle_fraction(c, fn, 1 if c.dry else 5)))
+            except Exception as exc:  # recorded per (model, mode), never a number
+                rows.append(dict(model=name, mode=mode, error=f"{type(exc).__name__}: {exc}"[:500]))
+            finally:
+                torch._dynamo.reset()
+        del model, loss
+
+
 # ----------------------------------------------------------------------------- output
 
 def run_info(c: Ctx):
@@ -481,6 +599,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     ap.add_argument("--budget-s", type=float, default=420.0, help="overall time budget (default 420 s)")
+    ap.add_argument("--steps-budget-s", type=float, default=300.0,
+                    help="budget of the compiled-steps section, on top of --budget-s (eager / compiled / CUDA "
+                         "graphs, S then B then XL; what does not fit is recorded as skipped; default 300 s)")
     a = ap.parse_args(argv)
     if a.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -503,6 +624,9 @@ def main(argv=None) -> int:
     c.section("timing: MDT masked", 45, lambda r, d: timing_masked(c, r, d))
     c.section("timing: token/adaLN bandwidth", 20, lambda r, d: timing_tokens(c, r, d))
     c.section("timing: models", 120, lambda r, d: timing_models(c, r, d))
+    c.deadline = max(c.deadline, time.time()) + a.steps_budget_s  # its own budget, beyond --budget-s
+    c.section("timing: compiled steps", a.steps_budget_s,
+              lambda r, d: timing_compiled_steps(c, r, d))
     write(c, a.out)
     bad = [n for n, s in c.sections.items() if s.get("error")]
     bad += [f"{r.get('op')} {r.get('tensor', '')}" for n, s in c.sections.items() for r in s.get("rows", [])

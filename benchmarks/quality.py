@@ -51,7 +51,7 @@ from edt import digits as D
 from edt import train as T
 from edt.cli import ArgumentParser
 from edt.diffusion import create_diffusion
-from edt.sample import sample_chunk
+from edt.sample import model_steps, sample_chunk
 from edt.utils import latents_to_uint8, make_grid, progress_bar, write_png
 
 from . import harness as U
@@ -99,7 +99,8 @@ def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: 
     sargs = argparse.Namespace(seed=seed, cfg_scale=cfg_scale, ddim=False, eta=0.0, mixed_precision="no")
     labels = torch.arange(n) % D.NUM_CLASSES
     model.eval()
-    out = [sample_chunk(model, diffusion, lambda z: z.clamp(-1, 1).cpu(), sargs, labels[lo:lo + batch], c,
+    step_fns = model_steps(model, "none", torch.device("cpu"))
+    out = [sample_chunk(step_fns, diffusion, lambda z: z.clamp(-1, 1).cpu(), sargs, labels[lo:lo + batch], c,
                         model.in_channels, model.input_size, D.NUM_CLASSES, torch.device("cpu"))
            for c, lo in enumerate(range(0, n, batch))]
     return torch.cat(out), labels

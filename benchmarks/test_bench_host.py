@@ -53,7 +53,8 @@ EDT-S/B/XL and MDTv2-S/B/XL with their published depth, stages, heads, grid (lat
 24/32/40/32/24), batch 2, so that the CPU compute stays small beside the host work; the
 launch and sync counts do not depend on the widths.  Training step: the training script's
 ``DiffusionTrainingLoss`` (EDT: full + down-masked pass on the same noised batch; MDTv2: full +
-input-masked pass) and ``backward``; the optimizer step is left out (the same few foreach
+input-masked pass; the model's random draws made ahead from a CPU generator, as edt.train does,
+outside the compiled region) and ``backward``; the optimizer step is left out (the same few foreach
 launches for both models).  Sampling step: one ``forward_with_cfg`` on a [cond, uncond] batch.
 Both on the Triton path (recorded) and the authors' eager path, on the same inputs.
 """
@@ -475,7 +476,8 @@ def step_fns(model, family: str, seed: int = 0):
     def train(loss_fn=loss):
         model.train()
         model.zero_grad(set_to_none=True)
-        out = loss_fn(x, y, t, noise, noise2)
+        draws = loss.draw_ahead(BATCH, torch.Generator().manual_seed(seed + 1), x.device)  # as edt.train does
+        out = loss_fn(x, y, t, noise, noise2, draws)
         out[0].backward()
         return out
 

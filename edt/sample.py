@@ -40,7 +40,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -52,8 +52,8 @@ from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
 from .models import load_state_dict_strict
 from .models.common import CFG_CHANNELS
-from .utils import TMP_SUFFIX, atomic_write, build_model, latents_to_uint8, load_checkpoint_file, make_grid, \
-    pixels_to_uint8, progress_bar, write_png
+from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, compile_step, latents_to_uint8, \
+    load_checkpoint_file, make_grid, pixels_to_uint8, progress_bar, write_png
 
 __all__ = ["main", "console_main", "parse_args", "load_weights", "sample_chunk"]
 
@@ -94,6 +94,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--grid-nrow", type=int, default=8, help="images per row of the grid")
     p.add_argument("--grid-max", type=int, default=64, help="samples in the grid OUT/samples.png")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16: autocast the model")
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the model's step (whole graph): default, max-autotune, reduce-overhead "
+                        "(replayed as CUDA graphs on CUDA, default elsewhere); see README")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -157,11 +160,18 @@ def _labels(args, n: int, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_chunk(model, diffusion, decode, args, y: torch.Tensor, chunk: int, in_channels: int, latent: int,
-                 num_classes: int, device: torch.device, progress: bool = False) -> np.ndarray:
-    """Images uint8 [b, H, W, 3] of one chunk of samples: its noise and the sampler's draws come
-    from a generator seeded by (seed, chunk), so a chunk's images do not depend on which process
-    makes it or on what was made before."""
+def model_steps(model, mode: str, device: torch.device) -> Dict[str, Any]:
+    """The model's step for the sampler: ``cfg`` (``forward_with_cfg``) and ``plain`` (``forward``),
+    compiled in ``mode`` (``--compile``; the model itself is left as it was)."""
+    return {"cfg": compile_step(model.forward_with_cfg, mode, device),
+            "plain": compile_step(model.forward, mode, device)}
+
+
+def sample_chunk(step_fns: Dict[str, Any], diffusion, decode, args, y: torch.Tensor, chunk: int, in_channels: int,
+                 latent: int, num_classes: int, device: torch.device, progress: bool = False) -> np.ndarray:
+    """Images uint8 [b, H, W, 3] of one chunk of samples (``step_fns``: :func:`model_steps`): its noise
+    and the sampler's draws come from a generator seeded by (seed, chunk), so a chunk's images do not
+    depend on which process makes it or on what was made before."""
     gen = torch.Generator(device=device).manual_seed(mix_seed(args.seed, 7, chunk))
     y = y.to(device)
     b = len(y)
@@ -169,11 +179,11 @@ def sample_chunk(model, diffusion, decode, args, y: torch.Tensor, chunk: int, in
     if args.cfg_scale > 1.0:
         z = torch.cat([z, z], 0)
         y = torch.cat([y, torch.full_like(y, num_classes)], 0)  # the null class
-        model_fn, kwargs = model.forward_with_cfg, {"y": y, "cfg_scale": args.cfg_scale}
+        model_fn, kwargs = step_fns["cfg"], {"y": y, "cfg_scale": args.cfg_scale}
         if in_channels < CFG_CHANNELS:  # fewer channels than the guided share of 4 VAE channels
             kwargs["cfg_channels"] = in_channels
     else:
-        model_fn, kwargs = model.forward, {"y": y}
+        model_fn, kwargs = step_fns["plain"], {"y": y}
     loop = diffusion.ddim_sample_loop if args.ddim else diffusion.p_sample_loop
     extra = {"eta": args.eta} if args.ddim else {}
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
@@ -294,6 +304,7 @@ def sample(args, d) -> Dict:
     image_dir = out_dir / "images"
     if not args.no_image_folder:
         image_dir.mkdir(parents=True, exist_ok=True)
+    step_fns = model_steps(model, args.compile, device)
     n, bs = args.num_samples, args.batch_size
     chunks = list(range(d.rank, math.ceil(n / bs), d.world))
     made, resumed = 0, 0
@@ -304,7 +315,7 @@ def sample(args, d) -> Dict:
         if _read_shard(path, hi - lo) is not None:
             resumed += 1
             continue
-        images = sample_chunk(model, diffusion, decode, args, labels[lo:hi], c, in_channels, latent, num_classes,
+        images = sample_chunk(step_fns, diffusion, decode, args, labels[lo:hi], c, in_channels, latent, num_classes,
                               device, progress=not args.no_progress and n <= bs)
         if not args.no_image_folder:
             for i, image in enumerate(images):

@@ -37,9 +37,11 @@ One optimisation step (per rank, on ``global_batch / world_size`` samples):
   forward only. The loss of each forward is the diffusion loss of
   ``edt.diffusion`` (Min-SNR-weighted MSE + VB).
 * the optimiser step (AdamW or Adan), optional gradient clipping, EMA update.
-* random draws inside the model (label dropout, masks) use a generator seeded
-  by (seed, step, rank) when the model's forward takes ``generator=``,
-  otherwise the (checkpointed) global RNG.
+* random draws inside the model (label dropout, masks) are made ahead of the
+  forward (the model's ``draw_ahead``) from a generator seeded by (seed, step,
+  rank), so that the step itself draws nothing and reads nothing back from the
+  device (``--compile`` compiles it whole); a model without ``draw_ahead``
+  draws from the (checkpointed) global RNG.
 
 Checkpoints (``RESULTS/checkpoints/<step>.pt``) hold model, EMA, optimiser,
 step, the arguments, the timestep sampler's state and every rank's RNG
@@ -57,7 +59,6 @@ last good one.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import random
 import signal
@@ -82,7 +83,8 @@ from .diffusion import create_diffusion, create_named_schedule_sampler
 from .distributed import Dist, exit_status_of_peer_failure, mix_seed, process_group
 from .models import load_state_dict_strict
 from .models.checkpointing import parse_checkpoint
-from .utils import TMP_SUFFIX, atomic_write, build_model, load_checkpoint_file, model_family, progress_bar
+from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, compile_step, load_checkpoint_file, \
+    model_family, progress_bar
 
 __all__ = ["main", "console_main", "parse_args", "DiffusionTrainingLoss", "ShardedSampler", "update_ema",
            "TrainingDiverged", "RECIPES", "recipe_values", "CHECKPOINT_FORMAT"]
@@ -177,23 +179,29 @@ class DiffusionTrainingLoss(nn.Module):
         self.model = model
         self.diffusion = diffusion
         self.strategy = strategy
-        try:
-            self._takes_generator = "generator" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            self._takes_generator = False
+
+    def draw_ahead(self, batch: int, generator: Optional[torch.Generator], device) -> Optional[tuple]:
+        """The model's random draws for the step's passes, made ahead (``(full, masked)``, masked
+        None with the ``none`` strategy), so that :meth:`forward` draws nothing and compiles whole;
+        None for a model without ``draw_ahead`` (it draws from the global RNG itself)."""
+        if not hasattr(self.model, "draw_ahead"):
+            return None
+        full = self.model.draw_ahead(batch, False, generator, device)
+        masked = None if self.strategy == "none" else self.model.draw_ahead(batch, True, generator, device)
+        return full, masked
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                noise_masked: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None,
+                noise_masked: Optional[torch.Tensor] = None, draws: Optional[tuple] = None,
                 weights: Optional[torch.Tensor] = None, per_sample: bool = False):
         """float32 [3]: (total loss, full-pass loss, masked-pass loss or 0), each the mean over
         the batch of ``weights * per-sample loss`` (weights: the sampler's importance weights,
         1 when ``None``). ``per_sample=True`` also returns the per-sample sum of the passes'
-        unweighted losses, detached (what a loss-aware timestep sampler is updated with)."""
+        unweighted losses, detached (what a loss-aware timestep sampler is updated with).
+        ``draws``: :meth:`draw_ahead`'s (None: the model draws from the global RNG)."""
+        full_draws, masked_draws = draws if draws is not None else (None, None)
         kwargs = {"y": y}
-        if self._takes_generator and generator is not None:
-            kwargs["generator"] = generator
-        full_terms = self.diffusion.training_losses(self.model, x, t, kwargs, noise=noise)["loss"]
+        full_kwargs = dict(kwargs, draws=full_draws) if full_draws is not None else kwargs
+        full_terms = self.diffusion.training_losses(self.model, x, t, full_kwargs, noise=noise)["loss"]
         full = _weighted_mean(full_terms, weights)
         if self.strategy == "none":
             out = torch.stack([full, full.detach(), torch.zeros_like(full)])
@@ -204,8 +212,10 @@ class DiffusionTrainingLoss(nn.Module):
             raise ValueError(f"the {self.strategy!r} strategy needs noise_masked (each pass has its own noise)")
         else:
             masked_noise = noise_masked
-        masked_terms = self.diffusion.training_losses(self.model, x, t, dict(kwargs, enable_mask=True),
-                                                      noise=masked_noise)["loss"]
+        masked_kwargs = dict(kwargs, enable_mask=True)
+        if masked_draws is not None:
+            masked_kwargs["draws"] = masked_draws
+        masked_terms = self.diffusion.training_losses(self.model, x, t, masked_kwargs, noise=masked_noise)["loss"]
         masked = _weighted_mean(masked_terms, weights)
         out = torch.stack([full + masked, full.detach(), masked.detach()])
         return (out, full_terms.detach() + masked_terms.detach()) if per_sample else out
@@ -331,6 +341,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpoint", default="none", metavar="{none,all,selective,K}",
                    help="activation checkpointing of the blocks: none, all, every K-th block, or selective "
                         "(matmul outputs kept, the rest recomputed); results are unchanged")
+    g.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the step's forward+loss+backward (whole graph): default (Inductor), "
+                        "max-autotune (Inductor with GEMM autotuning), reduce-overhead (the step replayed "
+                        "as CUDA graphs on CUDA, default elsewhere); see README")
     g = p.add_argument_group("run")
     g.add_argument("--results-dir", default="results", help="log.txt and checkpoints/ go here")
     g.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
@@ -474,6 +488,9 @@ class Run:
     ema: nn.Module
     opt: torch.optim.Optimizer
     ddp: nn.Module
+    loss_module: "DiffusionTrainingLoss"
+    #: ``ddp``, compiled with ``--compile``
+    step_fn: Any
     diffusion: Any
     schedule_sampler: Any
     strategy: str
@@ -592,7 +609,9 @@ def setup(args: argparse.Namespace, d: Dist) -> Run:
     else:
         ddp = loss_module
     amp = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
-    run = Run(args=args, d=d, model=model, ema=ema, opt=opt, ddp=ddp, diffusion=diffusion,
+    step_fn = compile_step(ddp, args.compile, device, fullgraph=family in ("edt", "mdt"))
+    run = Run(args=args, d=d, model=model, ema=ema, opt=opt, ddp=ddp, loss_module=loss_module, step_fn=step_fn,
+              diffusion=diffusion,
               schedule_sampler=schedule_sampler, strategy=strategy, loader=loader, sampler=sampler,
               steps_per_epoch=steps_per_epoch, local_batch=local_batch, max_steps=max_steps, amp=amp,
               results=Path(args.results_dir))
@@ -674,8 +693,11 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     noise = noise_all[rows].to(d.device)
     noise2 = noise2_all[rows].to(d.device) if noise2_all is not None else None
     model_gen = torch.Generator(device=gen_device).manual_seed(mix_seed(args.seed, 4, step, d.rank))
+    draws = run.loss_module.draw_ahead(x.shape[0], model_gen, d.device)
+    if args.compile == "reduce-overhead" and d.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
     with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=run.amp):
-        losses, per_sample = run.ddp(x, y, t, noise, noise2, model_gen, weights=weights, per_sample=True)
+        losses, per_sample = run.step_fn(x, y, t, noise, noise2, draws, weights=weights, per_sample=True)
     if hasattr(run.schedule_sampler, "update_with_local_losses"):
         _update_sampler(run, t, per_sample)
     run.opt.zero_grad(set_to_none=True)

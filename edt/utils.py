@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
 
 import numpy as np
+import torch
 
 __all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8", "atomic_write",
            "TMP_SUFFIX"]
@@ -183,6 +184,28 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
                              f"(or 'package.module:factory')")
         factory = all_models[name]
     return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Compiled steps
+# ---------------------------------------------------------------------------
+
+#: ``--compile`` of edt.train and edt.sample.
+COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")
+
+
+def compile_step(fn: Callable, mode: str, device: torch.device, fullgraph: bool = True) -> Callable:
+    """``fn`` (a module or a bound method) under ``torch.compile`` in ``mode`` (one of
+    :data:`COMPILE_MODES`; ``none``: ``fn`` itself).  ``reduce-overhead`` replays the step as CUDA
+    graphs on CUDA and is ``default`` elsewhere.  The module itself is left as it was (its
+    ``state_dict`` keys too): only the returned callable is compiled."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return fn
+    if mode == "reduce-overhead" and device.type != "cuda":
+        mode = "default"
+    return torch.compile(fn, fullgraph=fullgraph, mode=None if mode == "default" else mode)
 
 
 # ---------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_guidance_covers_a_single_image_channel():
     import argparse
 
     from edt.diffusion import create_diffusion
-    from edt.sample import sample_chunk
+    from edt.sample import model_steps, sample_chunk
 
     seen = []
 
@@ -148,6 +148,7 @@ def test_guidance_covers_a_single_image_channel():
     sargs = argparse.Namespace(seed=0, cfg_scale=2.0, ddim=False, eta=0.0, mixed_precision="no")
     for channels, expected in ((1, 1), (4, 3)):
         seen.clear()
-        sample_chunk(Stub(), create_diffusion("2"), lambda z: z, sargs, torch.tensor([0, 1]), 0, channels, 4, 10,
+        steps = model_steps(Stub(), "none", torch.device("cpu"))
+        sample_chunk(steps, create_diffusion("2"), lambda z: z, sargs, torch.tensor([0, 1]), 0, channels, 4, 10,
                      torch.device("cpu"))
         assert seen and set(seen) == {expected}

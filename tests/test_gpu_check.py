@@ -26,6 +26,11 @@ def test_gpu_check_dry_run(tmp_path):
     # models are another module's: an error there is recorded as text, never as a number
     m = secs["timing: models"]
     assert m.get("error") or all(r["ms"] > 0 for r in m["rows"])
+    # the compiled-steps section: eager and compiled rows for EDT-S and MDTv2-S, none an error
+    steps = secs["timing: compiled steps"]
+    assert not steps.get("error") and not any("error" in r for r in steps["rows"]), steps
+    assert {(r["model"], r["mode"]) for r in steps["rows"]} == {
+        (m, mode) for m in ("EDT-S/2", "MDTv2-S/2") for mode in ("none", "default")}
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
 
 

@@ -16,6 +16,7 @@ import torch
 import edt_kernels
 from edt_kernels import backends
 from edt_kernels.ops import gather_scatter, masked_shortcut, patch_merge_modulate, random_masking, unshuffle
+from edt_kernels.ops.random_masking import kept_count
 from edt_kernels.reference.tokens import (
     reference_gather_tokens,
     reference_masked_shortcut,
@@ -289,6 +290,21 @@ def test_triton_random_masking(shape, dtype, device, poison):
     assert torch.equal(dx, _grads(want[0], [x], d)[0])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_random_masking_drawn_ahead(backend, device, poison):
+    """len_keep and noise drawn ahead (a compiled step's way) give the ratio-and-generator call's outputs."""
+    x = _rand((3, 37, 5), torch.float32, torch.Generator().manual_seed(1), device)
+    gen_kind = "cuda" if device == "cuda" else "cpu"
+    ratio = torch.tensor([0.37])
+    want = edt_kernels.random_masking(x, ratio, torch.Generator(gen_kind).manual_seed(7), sort_kept=True,
+                                      backend=backend)
+    noise = torch.rand(3, 37, generator=torch.Generator(gen_kind).manual_seed(7), device=device)
+    got = edt_kernels.random_masking(x, len_keep=kept_count(37, ratio), noise=noise, sort_kept=True,
+                                     backend=backend)
+    for g, w, name in zip(got, want, ["x_kept", "mask", "ids_restore", "ids_keep"]):
+        assert torch.equal(g, w), name
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.37, 0.99], ids=["0", "0.37", "0.99"])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
 @pytest.mark.parametrize("shape", SHAPES + [(2, 1500, 3)], ids=_id)  # L > 1024: the sort walks 2 chunks
@@ -555,6 +571,14 @@ BAD_CALLS = {
     "masking ratio 2 elems": (lambda: edt_kernels.random_masking(_X, torch.tensor([0.1, 0.2])), TypeError,
                               "one-element"),
     "masking generator": (lambda: edt_kernels.random_masking(_X, 0.3, generator=3), TypeError, "generator"),
+    "masking ratio and len_keep": (lambda: edt_kernels.random_masking(_X, 0.3, len_keep=1), TypeError,
+                                   "exactly one of mask_ratio and len_keep"),
+    "masking len_keep > L": (lambda: edt_kernels.random_masking(_X, len_keep=L_ + 1), ValueError, "len_keep"),
+    "masking len_keep float": (lambda: edt_kernels.random_masking(_X, len_keep=1.0), TypeError, "len_keep"),
+    "masking noise shape": (lambda: edt_kernels.random_masking(_X, 0.3, noise=torch.rand(1, 1)), ValueError,
+                            "noise must be"),
+    "masking noise and generator": (lambda: edt_kernels.random_masking(
+        _X, 0.3, torch.Generator(), noise=torch.rand(_X.shape[:2])), TypeError, "generator and noise"),
     "masking sort_kept int": (lambda: edt_kernels.random_masking(_X, 0.3, sort_kept=1), TypeError, "sort_kept"),
     "unshuffle token width": (lambda: edt_kernels.unshuffle_with_mask_token(_Y, _RESTORE, torch.randn(1, 1, 5)),
                               ValueError, "mask_token must be"),

@@ -68,17 +68,20 @@ def test_strategy_noising_and_passes(strategy):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(()))
 
-        def forward(self, x, t, y, enable_mask=False, generator=None):
-            calls.append((x.clone(), t.clone(), enable_mask, generator))
+        def draw_ahead(self, batch, enable_mask, generator, device):
+            return ("drawn", batch, enable_mask, generator)
+
+        def forward(self, x, t, y, enable_mask=False, draws=None):
+            calls.append((x.clone(), t.clone(), enable_mask, draws))
             return torch.cat([x * self.w, torch.zeros_like(x)], 1)
 
     loss_module = train.DiffusionTrainingLoss(Recorder(), create_diffusion(""), strategy)
     x, y = torch.randn(3, *LATENT), torch.zeros(3, dtype=torch.long)
     t, n1, n2 = torch.tensor([5, 500, 900]), torch.randn(3, *LATENT), torch.randn(3, *LATENT)
     g = torch.Generator()
-    losses = loss_module(x, y, t, n1, n2, g)
+    losses = loss_module(x, y, t, n1, n2, loss_module.draw_ahead(3, g, "cpu"))
     assert [c[2] for c in calls] == ([False] if strategy == "none" else [False, True])
-    assert all(c[3] is g for c in calls)
+    assert all(c[3] == ("drawn", 3, c[2], g) for c in calls)  # each pass its own draws
     if strategy != "none":
         assert torch.equal(calls[0][1], calls[1][1])
         assert torch.equal(calls[0][0], calls[1][0]) == (strategy == "shared-noise")

@@ -46,6 +46,8 @@ __all__ = [
     "FinalLayer",
     "get_2d_sincos_pos_embed",
     "uniform",
+    "host_generator",
+    "Draws",
     "unpatchify",
     "LN_EPS",
     "EAGER",
@@ -80,6 +82,36 @@ def uniform(shape: Sequence[int], generator: Optional[torch.Generator], device, 
         return torch.rand(tuple(shape), device=device)
     out = torch.rand(tuple(shape), generator=generator, device=generator.device)
     return out.to(device) if move else out
+
+
+def host_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """A CPU generator for the draws that size a step (read on the host, so no device sync):
+    ``generator`` itself when it is a CPU one (or None: the global CPU RNG); for a device
+    generator, a CPU generator seeded from its seed and offset, both host-side state, so
+    it follows the device generator's draws and is the same for the same seed."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    seed = (generator.initial_seed() * 0x9E3779B97F4A7C15 + generator.get_offset()) % (1 << 63)
+    return torch.Generator().manual_seed(seed)
+
+
+class Draws:
+    """A forward's random draws made ahead of it, taken back in the order they were made
+    (one forward per ``Draws``).
+
+    A model's ``draw_ahead`` makes them with the generator, in the order its forward would,
+    and the forward given ``draws=`` takes them instead of drawing: the same numbers, and a
+    forward that draws nothing and reads nothing back from the device, so that it compiles
+    whole (``torch.compile(fullgraph=True)``) and is captured as one CUDA graph."""
+
+    def __init__(self, values: Sequence[Any]):
+        self.values = tuple(values)
+        self._next = 0
+
+    def take(self) -> Any:
+        value = self.values[self._next]
+        self._next += 1
+        return value
 
 
 #################################################################################
@@ -127,16 +159,23 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def token_drop(self, labels, force_drop_ids=None, generator=None):
+    def drops(self, train: bool) -> bool:
+        """Whether a forward in this mode draws the label dropout."""
+        return train and self.dropout_prob > 0
+
+    def token_drop(self, labels, force_drop_ids=None, generator=None, draw=None):
+        """``draw``: the ``U[0, 1)`` samples of the dropout drawn ahead (instead of ``generator``)."""
         if force_drop_ids is None:
-            drop_ids = uniform(labels.shape, generator, labels.device) < self.dropout_prob
+            if draw is None:
+                draw = uniform(labels.shape, generator, labels.device)
+            drop_ids = draw < self.dropout_prob
         else:
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels, train: bool, force_drop_ids=None, generator=None):
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids, generator)
+    def forward(self, labels, train: bool, force_drop_ids=None, generator=None, draw=None):
+        if self.drops(train) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids, generator, draw)
         return self.embedding_table(labels)
 
 
@@ -415,12 +454,17 @@ class DiffusionTransformer(nn.Module):
 
     # ----------------------------------------------------------------- forward
 
+    def _draw_labels(self, batch: int, generator: Optional[torch.Generator], device) -> List[Any]:
+        """The label dropout's draw of a forward in the current mode (first of :class:`Draws`)."""
+        return [uniform((batch,), generator, device)] if self.y_embedder.drops(self.training) else []
+
     def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+               draws: Draws) -> Tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``(B, N, D)`` with the positional embedding, and the conditioning
-        ``c = t_emb + y_emb`` ``(B, D)`` (labels dropped in training, drawn from ``generator``)."""
+        ``c = t_emb + y_emb`` ``(B, D)`` (labels dropped in training, the draw taken from ``draws``)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
+        draw = draws.take() if self.y_embedder.drops(self.training) else None
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, draw=draw)  # (B, D)
         return x, c
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .common import (
     FinalLayer,
     LN_EPS,
     get_2d_sincos_pos_embed,
+    Draws,
     init_weights_dit,
     uniform,
 )
@@ -278,38 +279,53 @@ class EDT(DiffusionTransformer):
         p = lo + (hi - lo) * uniform((), generator, device)
         return uniform(shape, generator, device) >= p
 
+    def draw_ahead(self, batch: int, enable_mask: bool = False, generator: Optional[torch.Generator] = None,
+                   device=None) -> Draws:
+        """The random draws of one forward on ``batch`` samples, in the forward's order (label
+        dropout in training; with ``enable_mask`` the mid keep-mask (EDT-XL) and one keep-mask
+        per down stage), for ``forward(..., draws=)``; from ``generator`` as the forward would."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        values = self._draw_labels(batch, generator, device)
+        if enable_mask:
+            for s in range(len(self.down_blocks)):
+                shape = (batch, self.stage_grids[s] ** 2)
+                if s == 0 and self.mid_mask:
+                    values.append(self._keep_mask(shape, MID_MASK_RATIO, generator, device))
+                ratio = DOWN_MASK_RATIOS[min(s, len(DOWN_MASK_RATIOS) - 1)]
+                values.append(self._keep_mask(shape, ratio, generator, device))
+        return Draws(values)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, draws: Optional[Draws] = None) -> torch.Tensor:
         """x ``(B, C, H, W)`` latents, t ``(B,)`` timesteps, y ``(B,)`` labels ->
         ``(B, out_channels, H, W)``.  ``enable_mask``: the published masked
         training forward (down masking, and mid masking for EDT-XL).  All
-        random draws (label dropout, masks) use ``generator`` if given."""
-        x, c = self._embed(x, t, y, generator)  # (B, N, D), (B, D)
+        random draws (label dropout, masks) use ``generator`` if given, or are
+        taken from ``draws`` (:meth:`draw_ahead`)."""
+        if draws is None:
+            draws = self.draw_ahead(x.shape[0], enable_mask, generator, x.device)
+        x, c = self._embed(x, t, y, draws)  # (B, N, D), (B, D)
         skips: List[torch.Tensor] = []
         for s, down in enumerate(self.down_blocks):  # down stages: blocks, then a patch merge
             skips.append(x)
-            x = self._stage(s, x, c, enable_mask, generator)  # (B, N_s, D_s)
-            keep = None
-            if enable_mask:
-                ratio = DOWN_MASK_RATIOS[min(s, len(DOWN_MASK_RATIOS) - 1)]
-                keep = self._keep_mask(x.shape[:-1], ratio, generator, x.device)  # (B, N_s)
+            x = self._stage(s, x, c, enable_mask, draws)  # (B, N_s, D_s)
+            keep = draws.take() if enable_mask else None  # (B, N_s)
             x = down(x, c, keep=keep)  # (B, N_s / 4, D_s+1)
-        x = self._stage(self.mid_stage, x, c, enable_mask, generator)  # middle stage
+        x = self._stage(self.mid_stage, x, c, enable_mask, draws)  # middle stage
         for k, (up, concat) in enumerate(zip(self.up_blocks, self.concat_blocks)):  # up stages
             x = concat(up(x), skips.pop(), c)  # (B, 4 N_s, D_s+1)
-            x = self._stage(self.mid_stage + 1 + k, x, c, enable_mask, generator)
+            x = self._stage(self.mid_stage + 1 + k, x, c, enable_mask, draws)
         x = self.final_layer(x, c)  # (B, N, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 
-    def _stage(self, s: int, x: torch.Tensor, c: torch.Tensor, enable_mask: bool,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _stage(self, s: int, x: torch.Tensor, c: torch.Tensor, enable_mask: bool, draws: Draws) -> torch.Tensor:
         """The blocks of stage ``s``; with ``enable_mask`` on an EDT-XL layout,
         stage 0 replaces masked tokens by the positional embedding before its
         block ``MID_MASK_BLOCK``."""
         first = self.stage_blocks[s].start
         for i in self.stage_blocks[s]:
             if enable_mask and self.mid_mask and s == 0 and i - first == MID_MASK_BLOCK:
-                keep = self._keep_mask(x.shape[:-1], MID_MASK_RATIO, generator, x.device)  # (B, N)
+                keep = draws.take()  # (B, N)
                 x = masked_shortcut(x, self.pos_embed, keep, backend=self.backend)  # dropped -> pos_embed
             x = run_block(self.blocks[i], i, self.checkpoint, x, c)  # (B, N_s, D_s)
         return x

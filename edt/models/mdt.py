@@ -27,14 +27,17 @@ import torch
 import torch.nn as nn
 
 from edt_kernels import masked_shortcut, random_masking, unshuffle_with_mask_token
+from edt_kernels.ops.random_masking import kept_count
 
 from .checkpointing import CheckpointSpec, parse_checkpoint, run_block
 from .common import (
     CFG_CHANNELS,
     AdaLNBlock,
+    Draws,
     DiffusionTransformer,
     FinalLayer,
     get_2d_sincos_pos_embed,
+    host_generator,
     init_weights_dit,
     uniform,
 )
@@ -175,23 +178,45 @@ class MDTv2(DiffusionTransformer):
             x = run_block(blk, first + i, self.checkpoint, x, c)
         return masked_shortcut(x, x_before, mask, backend=self.backend)  # (B, L, D)
 
+    def draw_ahead(self, batch: int, enable_mask: bool = False, generator: Optional[torch.Generator] = None,
+                   device=None) -> Draws:
+        """The random draws of one forward on ``batch`` samples, in the forward's order, for
+        ``forward(..., draws=)``: the label dropout in training; with ``enable_mask`` the kept
+        count ``int(L (1 - r))``, ``r = mask_ratio + 0.2 U(0, 1)`` (as the authors draw it, but
+        on the host: from a CPU ``generator`` itself, for a device generator from
+        :func:`host_generator`, with none from the global CPU RNG), then the ``(B, L)`` noise
+        whose argsort shuffles the tokens (from ``generator`` on ``device``)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        values = self._draw_labels(batch, generator, device)
+        if enable_mask:
+            if self.mask_ratio is None:
+                raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
+            host = host_generator(generator)
+            ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), host, "cpu", move=False)
+            L = self.grid * self.grid
+            values.append(kept_count(L, ratio))  # a CPU tensor read: no device sync
+            values.append(uniform((batch, L), generator, device))
+        return Draws(values)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, draws: Optional[Draws] = None) -> torch.Tensor:
         """x ``(B, C, H, W)``, t ``(B,)``, y ``(B,)`` -> ``(B, out_channels, H, W)``.
         ``enable_mask``: the published masked-training forward (needs
-        ``mask_ratio``).  Random draws use ``generator`` if given."""
+        ``mask_ratio``).  Random draws use ``generator`` if given, or are taken
+        from ``draws`` (:meth:`draw_ahead`)."""
         if enable_mask and self.mask_ratio is None:
             raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
-        x, c = self._embed(x, t, y, generator)  # (B, L, D), (B, D)
+        if draws is None:
+            draws = self.draw_ahead(x.shape[0], enable_mask, generator, x.device)
+        x, c = self._embed(x, t, y, draws)  # (B, L, D), (B, D)
         input_skip = x
 
         ids_keep = None
         if enable_mask:
-            # The ratio stays where it was drawn: read back to size the kept set, it costs no
-            # device sync when the generator is a CPU one (a CUDA generator's draw is a device read).
-            ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), generator, x.device, move=False)
-            # noise, argsort and the gather of the kept tokens: mask and ids_restore (B, L), ids_keep (B, K)
-            x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator, sort_kept=self.sort_kept,
+            len_keep, noise = draws.take(), draws.take()
+            # argsort of the noise and the gather of the kept tokens: mask and ids_restore (B, L), ids_keep (B, K)
+            x, mask, ids_restore, ids_keep = random_masking(x, len_keep=len_keep, noise=noise,
+                                                            sort_kept=self.sort_kept,
                                                             backend=self.backend)  # (B, K, D)
 
         skips = []

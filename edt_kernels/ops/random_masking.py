@@ -30,7 +30,7 @@ from ._triton_utils import (
 from ..reference.tokens import reference_random_masking
 from .gather_scatter import _scatter_tokens_op
 
-__all__ = ["random_masking"]
+__all__ = ["random_masking", "kept_count"]
 
 
 # ============================================================================ kernels
@@ -179,8 +179,9 @@ def _(ids_shuffle, len_keep):
 
 # ============================================================================ public functions
 
-def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
-                   generator: Optional[torch.Generator] = None, *, sort_kept: bool = False,
+def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor, None] = None,
+                   generator: Optional[torch.Generator] = None, *, len_keep: Optional[int] = None,
+                   noise: Optional[torch.Tensor] = None, sort_kept: bool = False,
                    backend: str = "auto"
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MDT's per-sample random token masking, the gather fused.
@@ -205,10 +206,17 @@ def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
     tokens are near in the grid (the relative-position table is gathered at
     nearby rows).  The default False gives MDT's exact outputs.
 
+    Drawn ahead (what a compiled step does, so that the call itself reads
+    nothing back from the device and draws nothing): ``len_keep`` instead of
+    ``mask_ratio`` (:func:`kept_count` gives MDT's count from a ratio) and
+    ``noise`` instead of ``generator``; the same numbers give the same outputs.
+
     Args:
         x: ``[B, L, C]`` floating point.
-        mask_ratio: float (or one-element tensor, as MDT's) in ``[0, 1)``.
+        mask_ratio: float (or one-element tensor, as MDT's) in ``[0, 1)``; or None with ``len_keep``.
         generator: ``torch.Generator`` on x's device type, or None.
+        len_keep: the number of kept tokens, in ``[0, L]`` (instead of ``mask_ratio``).
+        noise: ``[B, L]`` floating ``U[0, 1)`` draws on x's device (instead of ``generator``).
         sort_kept: kept (and removed) tokens in ascending position order.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"``.
 
@@ -218,7 +226,21 @@ def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
         ``ids_restore [B, L]`` int64, ``ids_keep [B, K]`` int64.
     """
     B, L, C = V.check_tokens("x", x)
-    if isinstance(mask_ratio, torch.Tensor):
+    if (mask_ratio is None) == (len_keep is None):
+        raise TypeError("random_masking takes exactly one of mask_ratio and len_keep")
+    if noise is not None:
+        if generator is not None:
+            raise TypeError("random_masking takes at most one of generator and noise")
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.shape != (B, L) \
+                or noise.device != x.device:
+            raise ValueError(f"noise must be a floating [B, L] = [{B}, {L}] tensor on {x.device}, got "
+                             f"{_describe(noise)}")
+    if len_keep is not None:
+        if isinstance(len_keep, bool) or not isinstance(len_keep, (int, torch.SymInt)):
+            raise TypeError(f"len_keep must be an int, got {type(len_keep).__name__}")
+        if not 0 <= len_keep <= L:
+            raise ValueError(f"len_keep must be in [0, L={L}], got {len_keep}")
+    elif isinstance(mask_ratio, torch.Tensor):
         if mask_ratio.numel() != 1 or not mask_ratio.is_floating_point():
             raise TypeError(f"mask_ratio must be a float or a one-element floating tensor, got "
                             f"{mask_ratio.dtype} tensor of shape {list(mask_ratio.shape)}")
@@ -227,8 +249,10 @@ def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
         raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
     else:
         ratio = float(mask_ratio)
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
+    if mask_ratio is not None:
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
+        len_keep = kept_count(L, mask_ratio)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -237,14 +261,26 @@ def random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
                              f"got a {generator.device.type} generator")
     if not isinstance(sort_kept, bool):
         raise TypeError(f"sort_kept must be a bool, got {type(sort_kept).__name__}")
-    return dispatch("random_masking", backend, OpCall((x, mask_ratio, generator, sort_kept), x=x))
+    return dispatch("random_masking", backend, OpCall((x, len_keep, noise, generator, sort_kept), x=x))
+
+
+def kept_count(length: int, mask_ratio: Union[float, torch.Tensor]) -> int:
+    """MDT's kept-token count ``int(L * (1 - r))`` (tensor arithmetic for a tensor ratio, in its
+    dtype: a CPU tensor's is read without a device sync)."""
+    return int(length * (1 - mask_ratio))
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
 
 
 def _random_masking_triton(call: OpCall):
-    x, mask_ratio, generator, sort = call.args
+    x, len_keep, noise, generator, sort = call.args
     B, L, C = x.shape
-    len_keep = int(L * (1 - mask_ratio))  # MDT's expression (tensor arithmetic for a tensor ratio)
-    noise = torch.rand(B, L, device=x.device, generator=generator)
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     if sort:
         ids_shuffle = _sort_kept_op(ids_shuffle, len_keep)
@@ -256,4 +292,5 @@ def _random_masking_triton(call: OpCall):
 # ============================================================================ backends
 
 register_op("random_masking", _random_masking_triton,
-            lambda c: reference_random_masking(*c.args[:3], sort_kept=c.args[3]))
+            lambda c: reference_random_masking(c.args[0], generator=c.args[3], len_keep=c.args[1],
+                                               noise=c.args[2], sort_kept=c.args[4]))

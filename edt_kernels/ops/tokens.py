@@ -6,7 +6,7 @@ Public functions (definitions in ``edt_kernels.reference.tokens``; every one
 takes ``backend="auto" | "triton" | "torch" | "eager"`` (and ``"cpp"`` for
 gather/scatter/unshuffle), see ``edt_kernels.backends``):
 
-- ``random_masking(x, mask_ratio, generator=None, *, sort_kept=False)`` -> ``(x_kept, mask, ids_restore, ids_keep)``
+- ``random_masking(x, mask_ratio, generator=None, *, len_keep=None, noise=None, sort_kept=False)`` -> ``(x_kept, mask, ids_restore, ids_keep)``
 - ``gather_tokens(x, ids)`` / ``scatter_tokens(y, ids, length)``
 - ``unshuffle_with_mask_token(x_kept, ids_restore, mask_token, pos_embed=None)``
 - ``masked_shortcut(x, x_before, mask)``

@@ -40,8 +40,9 @@ def reference_sort_kept_ids(ids_shuffle: torch.Tensor, len_keep: int) -> torch.T
                       ids_shuffle[:, len_keep:].sort(dim=1).values], dim=1)
 
 
-def reference_random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor],
-                             generator: Optional[torch.Generator] = None, sort_kept: bool = False
+def reference_random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Tensor, None] = None,
+                             generator: Optional[torch.Generator] = None, sort_kept: bool = False, *,
+                             len_keep: Optional[int] = None, noise: Optional[torch.Tensor] = None
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MDT's per-sample random masking with the final ratio ``mask_ratio``.
 
@@ -50,13 +51,16 @@ def reference_random_masking(x: torch.Tensor, mask_ratio: Union[float, torch.Ten
     ``ids_shuffle``, ``ids_restore = argsort(ids_shuffle)``, the first
     ``len_keep`` shuffled tokens are kept.  ``sort_kept``: ``ids_shuffle``
     reordered by :func:`reference_sort_kept_ids` first (the same kept set in
-    ascending position order).  Returns ``(x_kept [B, K, C],
+    ascending position order).  ``len_keep`` (instead of ``mask_ratio``) and
+    ``noise`` (instead of the draw) give them drawn ahead.  Returns ``(x_kept [B, K, C],
     mask [B, L] (1 = removed, original order, default float dtype),
     ids_restore [B, L], ids_keep [B, K])``.
     """
     B, L, C = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    noise = torch.rand(B, L, device=x.device, generator=generator)
+    if len_keep is None:
+        len_keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     if sort_kept:
         ids_shuffle = reference_sort_kept_ids(ids_shuffle, len_keep)

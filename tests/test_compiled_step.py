@@ -1,0 +1,123 @@
+"""The training and sampling steps of EDT and MDTv2 drawn ahead and compiled whole
+(``torch.compile(fullgraph=True)``) on tiny models: the same numbers as eager, no graph break,
+and a bounded number of graphs for MDT's varying kept-token count."""
+import pytest
+import torch
+
+from benchmarks.test_bench_host import _GraphCounter
+from edt.diffusion import create_diffusion
+from edt.models import EDT_models, MDTv2_models
+from edt.train import DiffusionTrainingLoss
+from edt.utils import compile_step
+from tests.helpers.model_runs import assert_same_run
+from tests.tolerances import GRAD_TOL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+B = 2
+# EDT on backend "auto": the edt_kernels custom ops in the graph (opaque to Dynamo; the Triton
+# interpreter runs them here).  MDTv2 on the PyTorch references ("torch"): its masked blocks take
+# tens of seconds a step in the interpreter, and its 100-step test is about the kept counts.
+TINY = {
+    "EDT": lambda: EDT_models["EDT-S/2"](input_size=8, hidden_size=16, dims=[16, 24, 32, 24, 16],
+                                         num_heads=[2, 2, 2, 2, 2], num_classes=10),
+    "MDTv2": lambda: MDTv2_models["MDTv2-S/2"](input_size=8, hidden_size=16, depth=4, num_heads=2,
+                                               decode_layer=2, num_classes=10, backend="torch"),
+}
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, 8, 8, generator=g)
+    return (x, torch.randint(0, 10, (B,), generator=g), torch.randint(0, 1000, (B,), generator=g),
+            torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g))
+
+
+def _loss(family: str):
+    torch.manual_seed(0)
+    model = TINY[family]().train()
+    return model, DiffusionTrainingLoss(model, create_diffusion(""), "edt" if family == "EDT" else "mdt")
+
+
+def _step(loss, fn, seed: int):
+    """Losses and parameter gradients of one training step (both passes) on ``seed``'s inputs and draws."""
+    loss.model.zero_grad(set_to_none=True)
+    x, y, t, n1, n2 = _inputs(seed)
+    draws = loss.draw_ahead(B, torch.Generator().manual_seed(100 + seed), "cpu")
+    out = fn(x, y, t, n1, n2, draws)
+    out[0].backward()
+    return out.detach(), {n: p.grad for n, p in loss.model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["MDTv2", "EDT"])
+def test_drawn_ahead_forward_is_bit_equal_to_drawing_in_it(family):
+    """The draws made ahead are the ones the forward makes from the same CPU generator, in its order."""
+    model, _ = _loss(family)
+    model.backend = "torch"  # the draws do not depend on the backend
+    x, y, t, _, _ = _inputs(0)
+    for mask in (False, True):
+        want = model(x, t, y, enable_mask=mask, generator=torch.Generator().manual_seed(3))
+        draws = model.draw_ahead(B, mask, torch.Generator().manual_seed(3), "cpu")
+        assert torch.equal(model(x, t, y, enable_mask=mask, draws=draws), want)
+
+
+@pytest.mark.parametrize("family", ["MDTv2", "EDT"])
+def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family):
+    """fullgraph=True (a graph break raises) for the training step (full + masked pass) and
+    forward_with_cfg; MDTv2: at most 8 graphs over 100 steps of new kept-token counts."""
+    import torch._dynamo as dynamo
+
+    model, loss = _loss(family)
+    dynamo.reset()
+    try:
+        graphs = _GraphCounter()
+        train = torch.compile(loss, fullgraph=True, backend=graphs)
+        steps = 100 if family == "MDTv2" else 2
+        kept = set()
+        for s in range(steps):
+            x, y, t, n1, n2 = _inputs(s)
+            draws = loss.draw_ahead(B, torch.Generator().manual_seed(100 + s), "cpu")
+            if family == "MDTv2":
+                kept.add(draws[1].values[-2])
+            train(x, y, t, n1, n2, draws)[0].backward()
+        if family == "MDTv2":
+            assert len(kept) >= 3, kept  # the count did change from step to step
+        assert graphs.graphs <= 8, graphs.graphs
+        model.eval()
+        cfg_graphs = _GraphCounter()
+        cfg = torch.compile(model.forward_with_cfg, fullgraph=True, backend=cfg_graphs)
+        with torch.no_grad():
+            cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), 1.5)
+        assert cfg_graphs.graphs == 1
+    finally:
+        dynamo.reset()
+
+
+def test_compiled_step_matches_eager():
+    """Inductor (compile_step's default mode) on EDT's training step (forward, loss, backward; the
+    custom ops in the graph) and on forward_with_cfg: eager's numbers; the module's state_dict
+    keys are untouched.  (Inductor costs minutes on this CPU per graph pair: one model here.)"""
+    import torch._dynamo as dynamo
+
+    model, loss = _loss("EDT")
+    keys = list(model.state_dict())
+    atol = GRAD_TOL[torch.float32][0]
+    dynamo.reset()
+    try:
+        compiled = compile_step(loss, "reduce-overhead", torch.device("cpu"))  # = default on the CPU
+        assert_same_run(_step(loss, compiled, 0), _step(loss, loss, 0), atol)
+        model.eval()
+        x, y, t, _, _ = _inputs(1)
+        args = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), 1.5)
+        with torch.no_grad():
+            want = model.forward_with_cfg(*args)
+            got = compile_step(model.forward_with_cfg, "default", torch.device("cpu"))(*args)
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+    finally:
+        dynamo.reset()
+    assert list(model.state_dict()) == keys
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_step(torch.nn.Linear(2, 2), "fast", torch.device("cpu"))
