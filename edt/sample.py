@@ -162,9 +162,12 @@ def _labels(args, n: int, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def model_steps(model, mode: str, device: torch.device) -> Dict[str, Any]:
     """The model's step for the sampler: ``cfg`` (``forward_with_cfg``) and ``plain`` (``forward``),
-    compiled in ``mode`` (``--compile``; the model itself is left as it was)."""
-    return {"cfg": compile_step(model.forward_with_cfg, mode, device),
-            "plain": compile_step(model.forward, mode, device)}
+    compiled in ``mode`` (``--compile``; the model itself is left as it was).  A model without
+    ``forward_with_cfg`` has no ``cfg`` step."""
+    steps = {"plain": compile_step(model.forward, mode, device)}
+    if hasattr(model, "forward_with_cfg"):
+        steps["cfg"] = compile_step(model.forward_with_cfg, mode, device)
+    return steps
 
 
 def sample_chunk(step_fns: Dict[str, Any], diffusion, decode, args, y: torch.Tensor, chunk: int, in_channels: int,
@@ -179,6 +182,9 @@ def sample_chunk(step_fns: Dict[str, Any], diffusion, decode, args, y: torch.Ten
     if args.cfg_scale > 1.0:
         z = torch.cat([z, z], 0)
         y = torch.cat([y, torch.full_like(y, num_classes)], 0)  # the null class
+        if "cfg" not in step_fns:
+            raise ValueError(f"--cfg-scale {args.cfg_scale} needs a model with forward_with_cfg "
+                             f"(guidance); use --cfg-scale 1")
         model_fn, kwargs = step_fns["cfg"], {"y": y, "cfg_scale": args.cfg_scale}
         if in_channels < CFG_CHANNELS:  # fewer channels than the guided share of 4 VAE channels
             kwargs["cfg_channels"] = in_channels
