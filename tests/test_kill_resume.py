@@ -7,6 +7,7 @@ stops the other with a clear error. A few kills here (CI's budget); ``run_train_
 long version (see its docstring).
 """
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def run_train_kills(tmp: Path, *, steps: int, kills: int, ckpt_every: int, seed:
         return 1.0 - (int(Path(done).stem) / steps if done else 0.0)
 
     log = run_killed(_train_cmd(killed, steps, ckpt_every), env, kills=kills, timing=timing, ready=READY,
-                     seed=seed, remaining=remaining)
+                     seed=seed, remaining=remaining, reset=lambda: shutil.rmtree(killed, ignore_errors=True))
     final = f"{steps:07d}.pt"
     _assert_same_state(train.read_checkpoint(str(tmp / "whole/checkpoints" / final)),
                        train.read_checkpoint(str(killed / "checkpoints" / final)))
@@ -114,7 +115,6 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path):
     reacts): rank 1 SIGKILLed mid-run; rank 0 exits 1 within seconds with one error line."""
     import signal
     import socket
-    import subprocess
     import time
 
     with socket.socket() as s:

@@ -93,13 +93,35 @@ def time_run(cmd: List[str], env: dict, ready: Optional[str], timeout: float = 6
     return Timing(ready_s=ready_s, total_s=end - child.start)
 
 
+class EndedBeforeKill(AssertionError):
+    """The command finished before the moment chosen for a kill."""
+
+
 def run_killed(cmd: List[str], env: dict, *, kills: int, timing: Timing, ready: Optional[str], seed: int,
-               remaining: Callable[[], float] = lambda: 1.0, timeout: float = 600) -> KillLog:
+               remaining: Callable[[], float] = lambda: 1.0, timeout: float = 600,
+               reset: Optional[Callable[[], None]] = None, attempts: int = 4) -> KillLog:
     """Kill the command ``kills`` times at random moments, then run it to the end.
 
     ``remaining()``: the fraction of the work still to do (e.g. steps left / steps), which
-    scales the delays of the kills that fall after the ready line."""
-    rng = random.Random(seed)
+    scales the delays of the kills that fall after the ready line.  The work of one run varies
+    (a busy machine, a warm cache): when the command ends before a kill and ``reset`` (which
+    removes what the killed runs wrote) is given, the whole scenario starts again with the
+    delays after the ready line halved, up to ``attempts`` times."""
+    scale = 1.0
+    for attempt in range(attempts):
+        try:
+            return _run_killed_once(cmd, env, kills, timing, ready, random.Random(seed + attempt), remaining,
+                                    timeout, scale)
+        except EndedBeforeKill:
+            if reset is None or attempt == attempts - 1:
+                raise
+            reset()
+            scale /= 2
+    raise AssertionError("unreachable")
+
+
+def _run_killed_once(cmd: List[str], env: dict, kills: int, timing: Timing, ready: Optional[str],
+                     rng: random.Random, remaining: Callable[[], float], timeout: float, scale: float) -> KillLog:
     log = KillLog()
     while len(log.kills) < kills:
         child = Child(cmd, env, ready)
@@ -109,14 +131,14 @@ def run_killed(cmd: List[str], env: dict, *, kills: int, timing: Timing, ready: 
                 time.sleep(max(0.0, child.start + delay - time.monotonic()))
             where = f"start+{delay:.2f}s"
         else:
-            work = (timing.total_s - timing.ready_s) * remaining()
+            work = (timing.total_s - timing.ready_s) * remaining() * scale
             child.ready_event.wait(timeout)
             delay = rng.uniform(0.0, 0.9 * work)
             time.sleep(delay)
             where = f"ready+{delay:.2f}s"
         if child.proc.poll() is not None:  # it finished first: the work is done, no kill to make
             child.wait(timeout)
-            raise AssertionError(f"the command ended before kill {len(log.kills) + 1} ({where}); "
+            raise EndedBeforeKill(f"the command ended before kill {len(log.kills) + 1} ({where}); "
                                  f"kills so far: {log.kills}")
         child.proc.send_signal(signal.SIGKILL)
         assert child.wait(timeout) == -signal.SIGKILL
