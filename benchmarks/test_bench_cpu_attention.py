@@ -26,7 +26,6 @@ Where the extension is not built (no compiler), the cpp/auto rows say why.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time

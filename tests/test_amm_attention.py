@@ -5,7 +5,6 @@ TRITON_INTERPRET=1 when no GPU is present); bfloat16 is only checked on a GPU
 because the interpreter mishandles it.
 """
 import math
-import os
 import random
 
 import pytest

@@ -20,7 +20,6 @@ import torch
 
 from edt_kernels import AMM, amm_attention, reference_attention
 from edt_kernels import _ext
-from edt_kernels.amm import amm_offset_table
 from edt_kernels.attention import select_backend, validate_inputs
 from edt_kernels.ops.amm_attention_cpp import CppBackend, amm_attention_cpp
 from edt_kernels.reference.attention import reference_attention_lse

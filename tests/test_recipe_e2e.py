@@ -3,7 +3,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from edt import evaluate, extract_features, sample, train
