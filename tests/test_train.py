@@ -188,6 +188,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_ddp_restart_with_resume_auto_continues_bit_exactly(tmp_path):
+    """2 gloo processes: a job stopped at step 2 and started again with the same command line plus
+    ``--resume auto`` (rank 0 finds the newest checkpoint, every rank loads it) ends where the
+    uninterrupted 4-step job ends, bit for bit."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    common = ("--synthetic", "--synthetic-size", "32", "--ckpt-every", "2", "--resume", "auto")
+
+    def torchrun(out, steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "edt.train", *cli(out, *common, steps=steps)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    torchrun(tmp_path / "whole", 4)
+    first = torchrun(tmp_path / "restarted", 2)  # the job that was stopped after its step-2 checkpoint
+    assert "starting afresh" in first
+    again = torchrun(tmp_path / "restarted", 4)  # the same command started again
+    assert f"continuing from {tmp_path / 'restarted/checkpoints/0000002.pt'}" in again, again[-2000:]
+    a, b = load(tmp_path / "whole/checkpoints/0000004.pt"), load(tmp_path / "restarted/checkpoints/0000004.pt")
+    for key in ("model", "ema"):
+        for name, v in a[key].items():
+            assert torch.equal(b[key][name], v), f"{key}.{name} differs after the restart"
+    for i, st in a["opt"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(b["opt"]["state"][i][k], v), f"optimiser state {i}.{k} differs"
+
+
 @pytest.mark.parametrize("grad_checkpoint", ["none", "all"])
 def test_ddp_two_process_step_equals_single_process(tmp_path, grad_checkpoint):
     """2 gloo processes x 4 samples == 1 process x 8 samples (masking and label dropout off:
