@@ -149,7 +149,7 @@ def fake_activation_bytes(family: str, size: str, col: Column, overrides: Option
     from edt_kernels import _validation
     from edt_kernels import attention as attention_module
 
-    def mean_draw(shape, generator, device, **kwargs):
+    def mean_draw(shape, generator, device):
         with unset_fake_temporarily():
             return torch.full(tuple(shape), 0.5)
 

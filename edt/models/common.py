@@ -72,16 +72,15 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 #                            Random draws (masking)                             #
 #################################################################################
 
-def uniform(shape: Sequence[int], generator: Optional[torch.Generator], device, move: bool = True
-            ) -> torch.Tensor:
+def uniform(shape: Sequence[int], generator: Optional[torch.Generator], device) -> torch.Tensor:
     """``U[0, 1)`` samples drawn from ``generator`` (on the generator's device,
-    then moved to ``device`` unless ``move=False``) or from the global RNG on ``device``.
+    then moved to ``device``) or from the global RNG on ``device``.
     The label dropout and the masks draw through here, in the same order on every
     backend."""
     if generator is None:
         return torch.rand(tuple(shape), device=device)
     out = torch.rand(tuple(shape), generator=generator, device=generator.device)
-    return out.to(device) if move else out
+    return out.to(device)
 
 
 def host_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
@@ -163,19 +162,20 @@ class LabelEmbedder(nn.Module):
         """Whether a forward in this mode draws the label dropout."""
         return train and self.dropout_prob > 0
 
-    def token_drop(self, labels, force_drop_ids=None, generator=None, draw=None):
-        """``draw``: the ``U[0, 1)`` samples of the dropout drawn ahead (instead of ``generator``)."""
+    def token_drop(self, labels, force_drop_ids=None, draw=None):
+        """``draw``: the ``U[0, 1)`` samples of the dropout drawn ahead (the model's
+        ``draw_ahead``); without it they come from the global RNG."""
         if force_drop_ids is None:
             if draw is None:
-                draw = uniform(labels.shape, generator, labels.device)
+                draw = uniform(labels.shape, None, labels.device)
             drop_ids = draw < self.dropout_prob
         else:
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels, train: bool, force_drop_ids=None, generator=None, draw=None):
+    def forward(self, labels, train: bool, force_drop_ids=None, draw=None):
         if self.drops(train) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids, generator, draw)
+            labels = self.token_drop(labels, force_drop_ids, draw)
         return self.embedding_table(labels)
 
 

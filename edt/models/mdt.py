@@ -192,7 +192,7 @@ class MDTv2(DiffusionTransformer):
             if self.mask_ratio is None:
                 raise ValueError("enable_mask=True needs a model built with mask_ratio (e.g. mask_ratio=0.3)")
             host = host_generator(generator)
-            ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), host, "cpu", move=False)
+            ratio = self.mask_ratio + MASK_RATIO_SPREAD * uniform((1,), host, "cpu")
             L = self.grid * self.grid
             values.append(kept_count(L, ratio))  # a CPU tensor read: no device sync
             values.append(uniform((batch, L), generator, device))
