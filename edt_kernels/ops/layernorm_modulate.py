@@ -8,9 +8,11 @@ backward; the shift/scale gradients are sums over the tokens: each program
 accumulates its rows in fp32 and writes one partial row, a small ``torch.sum``
 over the ``[B, P, C]`` partials finishes (deterministic, no atomics).  With
 ``MERGE`` the same kernels serve ``patch_merge_modulate`` (EDT's 2x2 patch
-merge read in place).  Custom ops ``edt_kernels::layernorm_modulate(Tensor x,
-Tensor shift, Tensor scale, float eps)`` and its ``_backward`` (``dx``,
-``dshift``/``dscale`` float32 ``[B, C]``).  Outputs follow PyTorch type
+merge read in place).  Both partial rows of a program sit side by side in one
+``[B, P, 2, C]`` buffer, so one sum finishes both.  Custom ops
+``edt_kernels::layernorm_modulate(Tensor x, Tensor shift, Tensor scale, float eps)``
+and its ``_backward`` (``dx``, and ``dshift``/``dscale`` as the rows of one float32
+``[B, 2, C]``).  Outputs follow PyTorch type
 promotion of the inputs.
 """
 from __future__ import annotations
@@ -191,9 +193,9 @@ def ln_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
 def ln_modulate_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
                          keep: Optional[torch.Tensor] = None, merge_width: int = 0
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`ln_modulate_forward`: ``(dx`` like x, ``dshift, dscale``
-    float32 ``[B, N])``."""
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`ln_modulate_forward`: ``(dx`` like x, ``dmod`` float32
+    ``[B, 2, N]``: ``dmod[:, 0]`` = dshift, ``dmod[:, 1]`` = dscale)."""
     check_launchable(x)
     x = x.contiguous()
     dout, scale = unit_stride(dout), unit_stride(scale)
@@ -201,15 +203,14 @@ def ln_modulate_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
     T, N, w_out = (L // 4, 4 * C, merge_width // 2) if merge_width else (L, C, 1)
     dx = _tu.empty_output(x.shape, x.dtype, x.device)
     if B == 0 or T == 0:
-        zeros = torch.zeros((B, N), dtype=torch.float32, device=x.device)
-        return dx, zeros, zeros.clone()
+        return dx, torch.zeros((B, 2, N), dtype=torch.float32, device=x.device)
     if keep is not None:
         keep = unit_stride(keep)
     block_n, block_t, num_warps = row_config(N)
     rows = rows_per_program(T, B, block_t)
     P = cdiv(T, rows)
-    dshift_part = _tu.empty_output((B, P, N), torch.float32, x.device)
-    dscale_part = _tu.empty_output((B, P, N), torch.float32, x.device)
+    part = _tu.empty_output((B, P, 2, N), torch.float32, x.device)  # [:, :, 0] dshift, [:, :, 1] dscale
+    dshift_part, dscale_part = part.unbind(2)
     _ln_modulate_bwd_kernel[(P, B)](
         dout, x, scale, keep if keep is not None else x, dx, dshift_part, dscale_part,
         T, N, C, w_out, rows,
@@ -221,7 +222,7 @@ def ln_modulate_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
         KEEP_SOURCE=keep is not None and bool(merge_width) and keep.shape[1] == L,
         BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return dx, dshift_part.sum(1), dscale_part.sum(1)
+    return dx, part.sum(1)
 
 # ============================================================================ custom ops
 
@@ -238,15 +239,14 @@ def _(x, shift, scale, eps):
 
 @torch.library.custom_op("edt_kernels::layernorm_modulate_backward", mutates_args=())
 def _layernorm_modulate_bwd_op(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
-                               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return ln_modulate_backward(dout, x, scale, eps)
 
 
 @_layernorm_modulate_bwd_op.register_fake
 def _(dout, x, scale, eps):
     B, C = x.shape[0], x.shape[-1]
-    return (x.new_empty(x.shape), x.new_empty((B, C), dtype=torch.float32),
-            x.new_empty((B, C), dtype=torch.float32))
+    return x.new_empty(x.shape), x.new_empty((B, 2, C), dtype=torch.float32)
 
 
 def _ln_setup(ctx, inputs, output):
@@ -258,7 +258,8 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dout):
     x, scale = ctx.saved_tensors
-    dx, dshift, dscale = _layernorm_modulate_bwd_op(dout, x, scale, ctx.eps)
+    dx, dmod = _layernorm_modulate_bwd_op(dout, x, scale, ctx.eps)
+    dshift, dscale = dmod.unbind(1)
     return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
 
 

@@ -43,15 +43,14 @@ def _(x, shift, scale, keep_mask, height, width, eps):
 @torch.library.custom_op("edt_kernels::patch_merge_modulate_backward", mutates_args=())
 def _patch_merge_bwd_op(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                         keep_mask: Optional[torch.Tensor], height: int, width: int,
-                        eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return ln_modulate_backward(dout, x, scale, eps, keep=keep_mask, merge_width=width)
 
 
 @_patch_merge_bwd_op.register_fake
 def _(dout, x, scale, keep_mask, height, width, eps):
     B, C4 = x.shape[0], 4 * x.shape[2]
-    return (x.new_empty(x.shape), x.new_empty((B, C4), dtype=torch.float32),
-            x.new_empty((B, C4), dtype=torch.float32))
+    return x.new_empty(x.shape), x.new_empty((B, 2, C4), dtype=torch.float32)
 
 
 def _merge_setup(ctx, inputs, output):
@@ -63,7 +62,8 @@ def _merge_setup(ctx, inputs, output):
 
 def _merge_backward(ctx, dout):
     x, scale, keep_mask = ctx.saved_tensors
-    dx, dshift, dscale = _patch_merge_bwd_op(dout, x, scale, keep_mask, *ctx.geometry)
+    dx, dmod = _patch_merge_bwd_op(dout, x, scale, keep_mask, *ctx.geometry)
+    dshift, dscale = dmod.unbind(1)
     return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None, None
 
 
