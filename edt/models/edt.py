@@ -30,6 +30,7 @@ from .common import (
     DiffusionTransformer,
     FinalLayer,
     LN_EPS,
+    Modulated,
     get_2d_sincos_pos_embed,
     Draws,
     init_weights_dit,
@@ -66,7 +67,7 @@ class EDTBlock(AdaLNBlock):
                          extra_rows=0, persistent_index=False, rel_pos_first=True, backend=backend)
 
 
-class DownSample(nn.Module):
+class DownSample(Modulated):
     """2x2 patch merge -> LayerNorm(4C) -> adaLN modulate -> (keep-mask) ->
     ``Linear(4C -> C_out, no bias)`` + fixed sin-cos ``pos_embed``.
 
@@ -78,6 +79,7 @@ class DownSample(nn.Module):
     """
 
     merge = staticmethod(reference_patch_merge)  # (B, n*n, C) -> (B, n/2*n/2, 4C)
+    modulation_chunks = 2
 
     def __init__(self, hidden_size: int, out_hidden_size: int, grid: int, cond_dim: int,
                  backend: str = "auto"):
@@ -94,11 +96,12 @@ class DownSample(nn.Module):
         self.reduction = nn.Linear(4 * hidden_size, out_hidden_size, bias=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.out_grid ** 2, out_hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                mod: Optional[Tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
         B, L, C = x.shape
         if L != self.grid ** 2:
             raise ValueError(f"DownSample expects {self.grid}x{self.grid} = {self.grid ** 2} tokens, got {L}")
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, 4C) each
+        shift, scale = self.modulation(c, mod)  # (B, 4C) each
         x = patch_merge_modulate(x, shift, scale, keep, grid=self.grid, eps=LN_EPS,
                                  backend=self.backend)  # (B, L/4, 4C)
         return self.reduction(x) + self.pos_embed  # (B, L/4, C_out)
@@ -122,9 +125,11 @@ class UpSample(nn.Module):
         return x.reshape(B, 4 * L, c)  # (B, 2n*2n, C_out)
 
 
-class ConcatLayer(nn.Module):
+class ConcatLayer(Modulated):
     """Long-skip fusion: ``cat([x, skip]) -> LayerNorm(2C) -> modulate ->
     Linear(2C -> C)`` + fixed sin-cos ``pos_embed``."""
+
+    modulation_chunks = 2
 
     def __init__(self, hidden_size: int, cond_dim: int, grid: int, backend: str = "auto"):
         super().__init__()
@@ -136,9 +141,10 @@ class ConcatLayer(nn.Module):
         self.cat = nn.Linear(2 * hidden_size, hidden_size, bias=True)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid ** 2, hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, c: torch.Tensor,
+                mod: Optional[Tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
         x = torch.cat([x, skip], dim=-1)  # (B, L, 2C)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, 2C) each
+        shift, scale = self.modulation(c, mod)  # (B, 2C) each
         x = layernorm_modulate(x, shift, scale, LN_EPS, backend=self.backend)
         return self.cat(x) + self.pos_embed  # (B, L, C)
 
@@ -305,29 +311,32 @@ class EDT(DiffusionTransformer):
         if draws is None:
             draws = self.draw_ahead(x.shape[0], enable_mask, generator, x.device)
         x, c = self._embed(x, t, y, draws)  # (B, N, D), (B, D)
+        mods = self._modulations(c, [*self.blocks, *self.down_blocks, *self.concat_blocks, self.final_layer])
         skips: List[torch.Tensor] = []
         for s, down in enumerate(self.down_blocks):  # down stages: blocks, then a patch merge
             skips.append(x)
-            x = self._stage(s, x, c, enable_mask, draws)  # (B, N_s, D_s)
+            x = self._stage(s, x, c, mods, enable_mask, draws)  # (B, N_s, D_s)
             keep = draws.take() if enable_mask else None  # (B, N_s)
-            x = down(x, c, keep=keep)  # (B, N_s / 4, D_s+1)
-        x = self._stage(self.mid_stage, x, c, enable_mask, draws)  # middle stage
+            x = down(x, c, keep=keep, mod=mods.get(down))  # (B, N_s / 4, D_s+1)
+        x = self._stage(self.mid_stage, x, c, mods, enable_mask, draws)  # middle stage
         for k, (up, concat) in enumerate(zip(self.up_blocks, self.concat_blocks)):  # up stages
-            x = concat(up(x), skips.pop(), c)  # (B, 4 N_s, D_s+1)
-            x = self._stage(self.mid_stage + 1 + k, x, c, enable_mask, draws)
-        x = self.final_layer(x, c)  # (B, N, p*p*out_channels)
+            x = concat(up(x), skips.pop(), c, mod=mods.get(concat))  # (B, 4 N_s, D_s+1)
+            x = self._stage(self.mid_stage + 1 + k, x, c, mods, enable_mask, draws)
+        x = self.final_layer(x, c, mod=mods.get(self.final_layer))  # (B, N, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 
-    def _stage(self, s: int, x: torch.Tensor, c: torch.Tensor, enable_mask: bool, draws: Draws) -> torch.Tensor:
-        """The blocks of stage ``s``; with ``enable_mask`` on an EDT-XL layout,
-        stage 0 replaces masked tokens by the positional embedding before its
-        block ``MID_MASK_BLOCK``."""
+    def _stage(self, s: int, x: torch.Tensor, c: torch.Tensor, mods: dict, enable_mask: bool,
+               draws: Draws) -> torch.Tensor:
+        """The blocks of stage ``s`` (``mods``: their modulation rows, :meth:`_modulations`);
+        with ``enable_mask`` on an EDT-XL layout, stage 0 replaces masked tokens by the
+        positional embedding before its block ``MID_MASK_BLOCK``."""
         first = self.stage_blocks[s].start
         for i in self.stage_blocks[s]:
             if enable_mask and self.mid_mask and s == 0 and i - first == MID_MASK_BLOCK:
                 keep = draws.take()  # (B, N)
                 x = masked_shortcut(x, self.pos_embed, keep, backend=self.backend)  # dropped -> pos_embed
-            x = run_block(self.blocks[i], i, self.checkpoint, x, c)  # (B, N_s, D_s)
+            blk = self.blocks[i]
+            x = run_block(blk, i, self.checkpoint, x, c, mod=mods.get(blk))  # (B, N_s, D_s)
         return x
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,

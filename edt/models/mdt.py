@@ -163,19 +163,20 @@ class MDTv2(DiffusionTransformer):
     # ----------------------------------------------------------------- forward
 
     def forward_side_interpolater(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor,
-                                  ids_restore: torch.Tensor) -> torch.Tensor:
+                                  ids_restore: torch.Tensor, mods: Optional[dict] = None) -> torch.Tensor:
         """Append mask tokens, unshuffle to the grid order, add the decoder
         pos_embed, run the side block, and keep its output on the removed
         tokens only (``x * mask + (1 - mask) * x_before``).
 
         x ``(B, K, D)`` kept tokens, mask ``(B, L)`` (1 = removed),
-        ids_restore ``(B, L)`` -> ``(B, L, D)``."""
+        ids_restore ``(B, L)`` -> ``(B, L, D)``; ``mods``: the side block's
+        modulation rows (:meth:`_modulations`), if the forward computed them."""
         x = unshuffle_with_mask_token(x, ids_restore, self.mask_token, self.decoder_pos_embed,
                                       backend=self.backend)  # (B, L, D)
         x_before = x
         first = len(self.all_blocks())  # the side block follows all_blocks() in the checkpointing order
         for i, blk in enumerate(self.sideblocks):
-            x = run_block(blk, first + i, self.checkpoint, x, c)
+            x = run_block(blk, first + i, self.checkpoint, x, c, mod=(mods or {}).get(blk))
         return masked_shortcut(x, x_before, mask, backend=self.backend)  # (B, L, D)
 
     def draw_ahead(self, batch: int, enable_mask: bool = False, generator: Optional[torch.Generator] = None,
@@ -209,6 +210,8 @@ class MDTv2(DiffusionTransformer):
         if draws is None:
             draws = self.draw_ahead(x.shape[0], enable_mask, generator, x.device)
         x, c = self._embed(x, t, y, draws)  # (B, L, D), (B, D)
+        mods = self._modulations(c, [*self.all_blocks(), *(self.sideblocks if enable_mask else ()),
+                                     self.final_layer])
         input_skip = x
 
         ids_keep = None
@@ -222,21 +225,21 @@ class MDTv2(DiffusionTransformer):
         skips = []
         ck, i = self.checkpoint, 0  # i: index of the block in all_blocks()
         for blk in self.en_inblocks:
-            x = run_block(blk, i, ck, x, c, positions=ids_keep)  # (B, K, D); K = L unmasked
+            x = run_block(blk, i, ck, x, c, positions=ids_keep, mod=mods.get(blk))  # (B, K, D); K = L unmasked
             skips.append(x)
             i += 1
         for blk in self.en_outblocks:
-            x = run_block(blk, i, ck, x, c, skip=skips.pop(), positions=ids_keep)
+            x = run_block(blk, i, ck, x, c, skip=skips.pop(), positions=ids_keep, mod=mods.get(blk))
             i += 1
 
         if enable_mask:
-            x = self.forward_side_interpolater(x, c, mask, ids_restore)  # (B, L, D)
+            x = self.forward_side_interpolater(x, c, mask, ids_restore, mods)  # (B, L, D)
         else:
             x = x + self.decoder_pos_embed
         for blk in self.de_blocks:
-            x = run_block(blk, i, ck, x, c, skip=input_skip)  # (B, L, D)
+            x = run_block(blk, i, ck, x, c, skip=input_skip, mod=mods.get(blk))  # (B, L, D)
             i += 1
-        x = self.final_layer(x, c)  # (B, L, p*p*out_channels)
+        x = self.final_layer(x, c, mod=mods.get(self.final_layer))  # (B, L, p*p*out_channels)
         return self.unpatchify(x)  # (B, out_channels, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
