@@ -83,6 +83,7 @@ from .diffusion import create_diffusion, create_named_schedule_sampler
 from .distributed import Dist, exit_status_of_peer_failure, mix_seed, process_group
 from .models import load_state_dict_strict
 from .models.checkpointing import parse_checkpoint
+from .models.common import EAGER
 from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, compile_step, load_checkpoint_file, \
     model_family, progress_bar
 
@@ -201,7 +202,11 @@ class DiffusionTrainingLoss(nn.Module):
         full_draws, masked_draws = draws if draws is not None else (None, None)
         kwargs = {"y": y}
         full_kwargs = dict(kwargs, draws=full_draws) if full_draws is not None else kwargs
-        full_terms = self.diffusion.training_losses(self.model, x, t, full_kwargs, noise=noise)["loss"]
+        # The kernel backends compute the loss as one fused op; the authors' path op by op.
+        backend = getattr(self.model, "backend", EAGER)
+        loss_backend = None if backend == EAGER else backend
+        full_terms = self.diffusion.training_losses(self.model, x, t, full_kwargs, noise=noise,
+                                                    backend=loss_backend)["loss"]
         full = _weighted_mean(full_terms, weights)
         if self.strategy == "none":
             out = torch.stack([full, full.detach(), torch.zeros_like(full)])
@@ -215,7 +220,8 @@ class DiffusionTrainingLoss(nn.Module):
         masked_kwargs = dict(kwargs, enable_mask=True)
         if masked_draws is not None:
             masked_kwargs["draws"] = masked_draws
-        masked_terms = self.diffusion.training_losses(self.model, x, t, masked_kwargs, noise=masked_noise)["loss"]
+        masked_terms = self.diffusion.training_losses(self.model, x, t, masked_kwargs, noise=masked_noise,
+                                                      backend=loss_backend)["loss"]
         masked = _weighted_mean(masked_terms, weights)
         out = torch.stack([full + masked, full.detach(), masked.detach()])
         return (out, full_terms.detach() + masked_terms.detach()) if per_sample else out

@@ -8,6 +8,7 @@ from .attention import amm_attention, amm_attention_qkvpacked, available_backend
 from .reference import reference_attention  # noqa: F401
 # -- more exports below (one line per module) --
 from .ops.adaln import gated_residual, layernorm_modulate, mlp_gelu_tanh  # noqa: F401
+from .ops.diffusion_loss import diffusion_loss  # noqa: F401
 from .ops.tokens import gather_tokens, masked_shortcut, patch_merge_modulate, random_masking, scatter_tokens, unshuffle_with_mask_token  # noqa: F401,E501
 from .nn import AMMAttention, RelativePositionBias  # noqa: F401
 from .patch import PatchReport, patch_model, unpatch_model  # noqa: F401

@@ -97,6 +97,7 @@ EXPECTED_KERNELS = {
     "_ln_modulate_fwd_kernel", "_ln_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
     "_gated_residual_bwd_kernel", "_amm_attn_fwd_kernel", "_amm_attn_bwd_dkdv_kernel",
     "_amm_attn_bwd_dq_kernel", "_amm_attn_bwd_delta_kernel", "_amm_attn_bwd_dtable_kernel", "_amm_attn_grid_kernel",
+    "_diffusion_loss_kernel",
 }
 
 

@@ -24,6 +24,8 @@ from edt.diffusion import (
     space_timesteps,
 )
 from edt.diffusion.gaussian_diffusion import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from helpers.poison import poison  # noqa: F401 - fixture
+from tolerances import FWD_TOL, GRAD_TOL, assert_close, assert_within_torch_error
 
 T = 1000
 REPO = Path(__file__).resolve().parents[1]
@@ -514,6 +516,74 @@ def test_min_snr_loss_equals_authors_formula(spec, predict_x0):
     snr = abar / (1 - abar)
     expected = snr.clamp(max=5) if predict_x0 else snr.clamp(max=5) / snr
     torch.testing.assert_close(ratio, expected, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# The fused loss (edt_kernels.diffusion_loss) that training_losses(backend=...) computes
+# ---------------------------------------------------------------------------
+
+def _fused_loss_case(spec: str):
+    """Every branch: t = 0 (decoder NLL, with x0 in both edge bins) and t > 0 (KL)."""
+    diff = create_diffusion(spec)
+    g = torch.Generator().manual_seed(5)
+    n = diff.num_timesteps
+    t = torch.tensor([0, 1, 2, n // 10, n // 2, n - 1, 0])
+    x0 = (torch.rand(len(t), 3, 5, 7, generator=g, dtype=torch.float64) * 2.2 - 1.1).clamp(-1, 1)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    out = 0.5 * torch.randn(len(t), 6, 5, 7, generator=g, dtype=torch.float64)
+    return diff, x0, t, noise, out
+
+
+def _loss_and_grad(diff, x0, t, noise, out, backend, dtype=torch.float64):
+    o = out.to(dtype).requires_grad_(True)
+    loss = diff.training_losses(lambda x, tt: o * 1.0, x0.to(dtype), t, noise=noise.to(dtype),
+                                backend=backend)["loss"]
+    w = torch.linspace(0.5, 2.0, len(t), dtype=loss.dtype)
+    (grad,) = torch.autograd.grad((loss * w).sum(), o)
+    return loss, grad
+
+
+@pytest.mark.parametrize("spec", ["", "25"], ids=["1000", "spaced25"])
+def test_fused_loss_equals_the_terms(spec):
+    diff, x0, t, noise, out = _fused_loss_case(spec)
+    assert diff.fused_loss()
+    ref, gref = _loss_and_grad(diff, x0, t, noise, out, None)
+    for backend in ("torch", "eager"):
+        loss, grad = _loss_and_grad(diff, x0, t, noise, out, backend)
+        assert_close(loss, ref, torch.float64, FWD_TOL, name=f"{backend} loss")
+        assert_close(grad, gref, torch.float64, GRAD_TOL, name=f"{backend} grad")
+
+
+def test_fused_loss_on_triton(poison):
+    from edt_kernels import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not available (triton not importable)")
+    diff, x0, t, noise, out = _fused_loss_case("")
+    ref, gref = _loss_and_grad(diff, x0, t, noise, out, None)
+    low, glow = _loss_and_grad(diff, x0, t, noise, out, None, torch.float32)
+    loss, grad = _loss_and_grad(diff, x0, t, noise, out, "triton", torch.float32)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    assert_within_torch_error(loss, low, ref, torch.float32, name="loss")
+    assert_within_torch_error(grad, glow, gref, torch.float32, name="grad")
+    x0, noise, out = x0.float(), noise.float(), out.float()
+    x_t = diff.q_sample(x0, t, noise=noise)
+    coef = diff._loss_coefficients(t, torch.float32)
+    torch.library.opcheck(torch.ops.edt_kernels.diffusion_loss.default, (out, x0, x_t, noise, coef, 1.0, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fused_loss_bad_input_names_the_argument():
+    import edt_kernels
+
+    out, x = torch.zeros(2, 8, 4, 4), torch.zeros(2, 4, 4, 4)
+    coef = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="output must be"):
+        edt_kernels.diffusion_loss(torch.zeros(2, 7, 4, 4), x, x, x, coef)
+    with pytest.raises(ValueError, match="noise must be"):
+        edt_kernels.diffusion_loss(out, x, x, x[:, :3], coef)
+    with pytest.raises(ValueError, match="coef must be"):
+        edt_kernels.diffusion_loss(out, x, x, x, coef[:, :5])
 
 
 def test_mse_loss_weight_type_validation():

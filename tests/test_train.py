@@ -404,7 +404,7 @@ class _ConstantDiffusion:
     def __init__(self, full, masked):
         self.full, self.masked = full, masked
 
-    def training_losses(self, model, x, t, model_kwargs=None, noise=None):
+    def training_losses(self, model, x, t, model_kwargs=None, noise=None, backend=None):
         base_loss = self.masked if model_kwargs.get("enable_mask") else self.full
         return {"loss": base_loss * model(x, t, **{k: v for k, v in model_kwargs.items() if k != "generator"})}
 

@@ -31,6 +31,9 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from edt_kernels import diffusion_loss
+from edt_kernels.reference.diffusion_loss import COEF_COLUMNS
+
 from ..utils import progress_bar
 
 #: The loss weighting of EDT's and MDTv2's training code: Min-SNR with gamma = 5.
@@ -499,21 +502,54 @@ class GaussianDiffusion:
         nll = mean_flat(nll) / math.log(2.0)
         return {"output": torch.where(t == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
 
+    def fused_loss(self) -> bool:
+        """Whether :meth:`training_losses` can take ``backend=`` here: a learned-range
+        variance, an epsilon target and the (rescaled) MSE loss, DiT's configuration."""
+        return (self.model_var_type == ModelVarType.LEARNED_RANGE and self.model_mean_type == ModelMeanType.EPSILON
+                and self.loss_type in (LossType.MSE, LossType.RESCALED_MSE))
+
+    def _loss_coefficients(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, K]``: the schedule values of each sample's timestep that the fused loss
+        reads (columns ``edt_kernels.reference.diffusion_loss.COEF_COLUMNS``), one gather."""
+        key = ("loss coefficients", t.device, dtype)
+        table = self._device_cache.get(key)
+        if table is None:
+            first = np.zeros(self.num_timesteps)
+            first[0] = 1.0
+            columns = [first if name == "first_step" else np.asarray(getattr(self, name), dtype=np.float64)
+                       for name in COEF_COLUMNS]
+            table = torch.from_numpy(np.stack(columns, axis=1)).to(device=t.device, dtype=dtype)
+            self._device_cache[key] = table
+        return table[t.long()]
+
     def training_losses(self, model: Callable, x_start: torch.Tensor, t: torch.Tensor,
                         model_kwargs: Optional[dict] = None, noise: Optional[torch.Tensor] = None,
-                        generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                        generator: Optional[torch.Generator] = None,
+                        backend: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """Per-sample losses: ``{"loss", "mse", "vb"}`` (each [B]).
 
         ``mse`` is the weighted term w_t * mean((target - prediction)^2) (w_t from
         ``mse_loss_weight_type``), ``vb`` the unweighted variational-bound term of
         a learned variance, ``loss = mse + vb``. Passing the same ``noise`` to two
         calls noises the batch identically.
+
+        ``backend`` (where :meth:`fused_loss`): ``{"loss"}`` alone, computed by
+        ``edt_kernels.diffusion_loss`` on that backend (one kernel instead of the op-by-op
+        terms below: the same values up to float rounding); None: the terms op by op.
         """
         self._check_t(t, x_start.shape[0])
         if noise is None:
             noise = _randn(None, like=x_start, generator=generator)
         x_t = self.q_sample(x_start, t, noise=noise)
         terms: Dict[str, torch.Tensor] = {}
+        if backend is not None and self.fused_loss():
+            model_output = self._call_model(model, x_t, t, model_kwargs)
+            if model_output.dtype in (torch.float16, torch.bfloat16):
+                model_output = model_output.float()
+            vb_scale = self.num_timesteps / 1000.0 if self.loss_type == LossType.RESCALED_MSE else 1.0
+            coef = self._loss_coefficients(t, model_output.dtype)
+            terms["loss"] = diffusion_loss(model_output, x_start, x_t, noise, coef, vb_scale, backend=backend)
+            return terms
         if self.loss_type.is_vb():
             terms["loss"] = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False,
                                                model_kwargs=model_kwargs)["output"]

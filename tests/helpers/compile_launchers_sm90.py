@@ -27,6 +27,7 @@ sm90_compile.install(_record)
 
 from edt_kernels.ops import adaln, tokens  # noqa: E402
 from edt_kernels.ops import amm_attention as attn  # noqa: E402
+from edt_kernels.ops import diffusion_loss as dloss  # noqa: E402
 
 attn._fwd_kernel = attn._amm_attn_fwd_kernel  # no autotuning: it would launch
 
@@ -47,4 +48,9 @@ for dt in (torch.bfloat16, torch.float32):
     args = (q, k, v, table, None, amm_table, bias, mod, 0.14, 7, 7)
     out, lse = attn.amm_attention_forward(*args)
     attn.amm_attention_backward(torch.randn_like(q), q, k, v, out, lse, *args[3:], True, True)
+    # the fused diffusion loss, with and without the gradient
+    x0 = torch.randn(B, 4, 8, 8)
+    for need_grad in (True, False):
+        dloss.diffusion_loss_forward(torch.randn(B, 8, 8, 8, dtype=dt), x0, x0.clone(), x0.clone(),
+                                     torch.rand(B, len(dloss.COEF_COLUMNS)), 1.0, need_grad)
 print("RESULT" + json.dumps(compiled))
