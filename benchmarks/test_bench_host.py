@@ -31,6 +31,11 @@ included, without timing a kernel:
   ``repeat_interleave`` without ``output_size``), ``equal``/``is_nonzero``, and ``Tensor.tolist``
   / ``Tensor.numpy`` (seen by a ``TorchFunctionMode``: on the CPU they read memory without
   dispatch).  On a GPU each is a device-to-host read that stalls the launch queue.
+  A read inside :func:`host_draws` (the model's random draws made ahead from a CPU generator,
+  before the step, as edt.train does) of a CPU tensor is counted apart, as a host-drawn value
+  read (``host_reads``): it reads host memory, never the device's.  That those draws read no
+  device tensor is checked once per model by drawing them for the ``meta`` device, where any
+  value read of a device tensor raises (:func:`check_host_draws`).
 * **Host µs**: ``time.perf_counter_ns`` around each call (no counter active), ``inner`` calls
   per case per round in ``rounds`` interleaved rounds (every case once per round, so that a
   busy machine's drift hits all cases alike); the median over all calls is reported (a call
@@ -110,6 +115,27 @@ def _has_tensor(out) -> bool:
     return isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out)
 
 
+class _HostDraws:
+    active = False
+
+
+@contextlib.contextmanager
+def host_draws():
+    """The step's random draws made ahead on the host (``draw_ahead`` from a CPU generator,
+    before the step): a value read of a CPU tensor in here counts as a host-drawn value read
+    (``OpCounter.host_reads``), not as a host sync."""
+    saved, _HostDraws.active = _HostDraws.active, True
+    try:
+        yield
+    finally:
+        _HostDraws.active = saved
+
+
+def _host_read(args) -> bool:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return _HostDraws.active and bool(tensors) and all(t.device.type == "cpu" for t in tensors)
+
+
 class _MethodSyncs(TorchFunctionMode):
     def __init__(self, counter: "OpCounter"):
         super().__init__()
@@ -117,7 +143,7 @@ class _MethodSyncs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in _SYNC_METHODS:
-            self.counter.syncs[func.__name__] += 1
+            (self.counter.host_reads if _host_read(args) else self.counter.syncs)[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -128,6 +154,7 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.launches: Counter = Counter()  # "aten.<op>" / "triton.<kernel>" -> count
         self.syncs: Counter = Counter()
+        self.host_reads: Counter = Counter()  # value reads of host-drawn CPU tensors (host_draws)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -138,7 +165,7 @@ class OpCounter(TorchDispatchMode):
         name = func._schema.name.split("::")[-1]
         out = func(*args, **kwargs)
         if _is_sync(func):
-            self.syncs[name] += 1
+            (self.host_reads if _host_read(args) else self.syncs)[name] += 1
         elif not (func.is_view or name in _NO_LAUNCH) and _has_tensor(out):
             self.launches[f"aten.{name}"] += 1
         return out
@@ -155,6 +182,10 @@ class OpCounter(TorchDispatchMode):
     @property
     def n_syncs(self) -> int:
         return sum(self.syncs.values())
+
+    @property
+    def n_host_reads(self) -> int:
+        return sum(self.host_reads.values())
 
 
 def interpreting() -> bool:
@@ -475,7 +506,8 @@ def step_fns(model, family: str, seed: int = 0):
     def train(loss_fn=loss):
         model.train()
         model.zero_grad(set_to_none=True)
-        draws = loss.draw_ahead(BATCH, torch.Generator().manual_seed(seed + 1), x.device)  # as edt.train does
+        with host_draws():  # before the step, from a CPU generator, as edt.train does
+            draws = loss.draw_ahead(BATCH, torch.Generator().manual_seed(seed + 1), x.device)
         out = loss_fn(x, y, t, noise, noise2, draws)
         out[0].backward()
         return out
@@ -485,6 +517,17 @@ def step_fns(model, family: str, seed: int = 0):
         with torch.no_grad():
             return fwd(x2, t2, y2, 1.5)
     return train, cfg, loss
+
+
+def check_host_draws(model, loss) -> None:
+    """The training step's draws made for the ``meta`` device: a draw that read a device
+    tensor's value would raise there, so every value read in :func:`host_draws` is of a
+    tensor drawn on the host."""
+    model.train()
+    try:
+        loss.draw_ahead(BATCH, torch.Generator().manual_seed(0), torch.device("meta"))
+    except (RuntimeError, NotImplementedError) as exc:
+        raise AssertionError(f"the step's draws read a device tensor: {exc}") from exc
 
 
 class _GraphCounter:
@@ -528,7 +571,9 @@ def compile_stats(model, family: str, which: str, steps: int) -> Dict:
 
 
 MODEL_COLUMNS = [("model", "model"), ("step", "step"), ("path", "path"), ("launches", "device launches"),
-                 ("triton", "of which Triton"), ("syncs", "host syncs"), ("ms", "host ms / step"),
+                 ("triton", "of which Triton"), ("syncs", "host syncs"),
+                 ("host_reads", "host-drawn values read (CPU generator, before the step)"),
+                 ("ms", "host ms / step"),
                  ("vs_eager", "launches / authors'"), ("graphs", "graphs (step 1)"),
                  ("graph_breaks", "graph breaks (step 1)"), ("recompiles", "recompiles"), ("spread", "spread"),
                  ("sync_detail", "syncs by op"), ("break_reasons", "break reasons"), ("note", "note")]
@@ -547,11 +592,12 @@ def run_models(families: Sequence[str] = FAMILIES, sizes: Sequence[str] = SIZES,
                 path = "triton (recorded)" if backend == "triton" else "authors' eager"
                 model = build_model(family, size, backend, (overrides or {}).get(family))
                 built[backend] = model
-                train, cfg, _ = step_fns(model, family)
+                train, cfg, loss = step_fns(model, family)
+                check_host_draws(model, loss)
                 for step, fn in (("train", train), ("cfg sample", cfg)):
                     row = {"_key": [name, step, path], "model": name, "step": step, "path": path}
                     c = count(fn)
-                    row.update(launches=c.n_launches, syncs=c.n_syncs,
+                    row.update(launches=c.n_launches, syncs=c.n_syncs, host_reads=c.n_host_reads,
                                triton=sum(n for k, n in c.launches.items() if k.startswith("triton.")),
                                sync_detail=", ".join(f"{k}×{n}" for k, n in c.syncs.items()) or None)
                     if backend == "triton" and compile_steps:
@@ -585,7 +631,11 @@ def _model_notes(rounds: int, compile_steps: int) -> List[str]:
             "train = DiffusionTrainingLoss (both passes, the loss) + backward, no optimizer step; "
             "cfg sample = one forward_with_cfg on a [cond, uncond] batch.",
             f"graphs / breaks / recompiles: Dynamo with a counting backend over {compile_steps} steps with new "
-            "inputs; recompiles = graphs compiled after the first step."]
+            "inputs; recompiles = graphs compiled after the first step.",
+            "host syncs: reads of a value inside the step; host-drawn values read: reads, in the model's "
+            "draw_ahead before the step, of values drawn on the host from a CPU generator (MDTv2's mask ratio, "
+            "which sizes the step's kept-token count): host memory, no device read on a GPU (checked by "
+            "drawing them for the meta device)."]
 
 
 def summarize_models(sec: U.Section) -> List[Dict]:

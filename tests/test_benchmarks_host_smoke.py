@@ -39,6 +39,19 @@ def test_counter_definitions():
     assert dict(c.syncs) == {"_local_scalar_dense": 1, "tolist": 1, "nonzero": 1}
 
 
+def test_host_drawn_reads_are_counted_apart_from_syncs():
+    x = torch.randn(4)
+
+    def step():
+        with BH.host_draws():
+            int(5 * torch.rand(1))  # a value drawn on the host, read before the step
+        return x.sum().item()  # a read inside the step
+
+    c = BH.count(step)
+    assert dict(c.host_reads) == {"_local_scalar_dense": 1}
+    assert dict(c.syncs) == {"_local_scalar_dense": 1}
+
+
 def test_triton_launches_are_recorded_not_run():
     import edt_kernels
 
@@ -75,6 +88,9 @@ def test_model_rows_and_compile_stats():
     assert len(rows) == 8
     for r in rows:
         assert r["launches"] > 0 and r["ms"] > 0 and r["vs_eager"] > 0
+        assert r["syncs"] == 0  # MDTv2's mask ratio is read from its host draw, not in the step
+        masked_draw = r["model"].startswith("MDTv2") and r["step"] == "train"
+        assert r["host_reads"] == (1 if masked_draw else 0)
         if r["path"] == "triton (recorded)":
             assert r["triton"] > 0
             if r["model"].startswith("MDTv2"):
