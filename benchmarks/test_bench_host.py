@@ -635,7 +635,9 @@ def _model_notes(rounds: int, compile_steps: int) -> List[str]:
             "host syncs: reads of a value inside the step; host-drawn values read: reads, in the model's "
             "draw_ahead before the step, of values drawn on the host from a CPU generator (MDTv2's mask ratio, "
             "which sizes the step's kept-token count): host memory, no device read on a GPU (checked by "
-            "drawing them for the meta device)."]
+            "drawing them for the meta device); the position and id value checks are opt-in "
+            "(edt_kernels.set_check_values).",
+            "baseline beside it in benchmarks/results/host-cost-baseline/ (the code before the host-cost changes)."]
 
 
 def summarize_models(sec: U.Section) -> List[Dict]:
