@@ -14,6 +14,11 @@ configurations of ``edt.digits.DIGITS_MODELS``, parameters within 10 %):
   gradient clipping, uniform timesteps and its token masking), its ``setup``,
   data loader and ``train_step`` (driven by ``train_loop`` a few steps at a
   time); same batch, data, seed-derived noise and EMA decay for both models;
+* runs the models of one seed side by side, each in its own process with
+  ``--threads`` threads (``--jobs`` processes at a time; by default as many as
+  the cores hold, so on 2 cores EDT and MDTv2 train at once, one core each:
+  the same hardware for the same time, and more steps than sharing 2 threads
+  one after the other, which these tiny models barely use);
 * stops after ``--minutes`` of training wall-clock (the time inside
   ``train_loop``; evaluation is not counted) and evaluates ``--evals`` times at
   regular shares of it: the EMA weights draw ``--num-samples`` samples, the
@@ -65,15 +70,19 @@ DATA_SEED = 0
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = ArgumentParser("python -m benchmarks.quality", __doc__)
-    p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock per model and seed")
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per model and seed")
     p.add_argument("--models", nargs="+", default=list(D.DIGITS_MODELS), choices=list(D.DIGITS_MODELS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (weights, data order, noise)")
-    p.add_argument("--evals", type=int, default=5, help="evaluations per run, at equal shares of --minutes")
-    p.add_argument("--num-samples", type=int, default=200, help="samples per evaluation (classes cycled)")
+    p.add_argument("--evals", type=int, default=4, help="evaluations per run, at equal shares of --minutes")
+    p.add_argument("--num-samples", type=int, default=1000,
+                   help="samples per evaluation (classes cycled); FD-digits of fewer is biased upwards")
     p.add_argument("--sampling-steps", type=int, default=50, help="respaced DDPM steps")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (both models)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each run")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at once, each in its own process (default: cores // threads, at most the "
+                        "number of models; 1: one after the other in this process)")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="where the JSON, markdown and PNGs go")
     p.add_argument("--cache-dir", default=None, help="data folder and judge cache (default: edt.digits.cache_dir)")
     args = p.parse_args(argv)
@@ -82,6 +91,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("evals", "num_samples", "sampling_steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.jobs is not None and args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs is None:
+        args.jobs = max(1, min(len(args.models), (os.cpu_count() or 1) // args.threads))
     if args.num_samples < 2:
         p.error("--num-samples must be >= 2 (a Fréchet distance needs a covariance)")
     return args
@@ -128,7 +141,9 @@ def evaluate(model, judge, reference: torch.Tensor, args, seed: int) -> Dict[str
 # ---------------------------------------------------------------------------
 
 def train_and_evaluate(model_key: str, seed: int, args, data_dir: str, judge, reference: torch.Tensor,
-                       workdir: pathlib.Path) -> Dict[str, Any]:
+                       workdir: pathlib.Path, parent: Optional[int] = None) -> Dict[str, Any]:
+    """One model trained for ``args.minutes`` and evaluated ``args.evals`` times; ``parent``: the pid
+    of the process that started this one (the run stops when that process is gone)."""
     name, kwargs = D.DIGITS_MODELS[model_key]
     targs = T.parse_args(["--preset", "digits", "--model", name, "--model-kwargs", json.dumps(kwargs),
                           "--data-path", data_dir, "--seed", str(seed), "--global-batch-size", str(args.batch_size),
@@ -150,6 +165,8 @@ def train_and_evaluate(model_key: str, seed: int, args, data_dir: str, judge, re
           f"{args.minutes:g} min", flush=True)
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         while len(evals) < len(marks):
+            if parent is not None and os.getppid() != parent:
+                raise SystemExit(f"{model_key} seed {seed}: the benchmark process is gone; stopping")
             run.max_steps = run.step + CHUNK_STEPS
             t = time.perf_counter()
             T.train_loop(run)
@@ -170,6 +187,35 @@ def train_and_evaluate(model_key: str, seed: int, args, data_dir: str, judge, re
             "mask_strategy": run.strategy, "ema_decay": targs.ema_decay, "grad_clip": targs.grad_clip,
             "steps_per_second": run.step / max(seconds, 1e-9), "evals": evals,
             "last_images": last["images"], "last_labels": last["labels"]}
+
+
+def _worker(model_key: str, seed: int, args, data_dir: str, judge_state: Dict[str, torch.Tensor],
+            reference: torch.Tensor, workdir: str, parent: int) -> Dict[str, Any]:
+    """:func:`train_and_evaluate` in a process of its own, with the parent's judge."""
+    torch.set_num_threads(args.threads)
+    judge = D.DigitsJudge(reference.shape[-1])
+    judge.load_state_dict(judge_state)
+    judge.eval().requires_grad_(False)
+    return train_and_evaluate(model_key, seed, args, data_dir, judge, reference, pathlib.Path(workdir), parent)
+
+
+def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathlib.Path) -> List[Dict[str, Any]]:
+    """Every (seed, model) run: the models of one seed ``args.jobs`` at a time in worker processes
+    (spawned: nothing of this process's thread pool is inherited), or here when ``args.jobs`` is 1."""
+    if args.jobs == 1:
+        return [train_and_evaluate(key, seed, args, data_dir, judge, reference, workdir)
+                for seed in args.seeds for key in args.models]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runs = []
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for seed in args.seeds:  # one seed at a time: its models share the machine, and only they
+            futures = [pool.submit(_worker, key, seed, args, data_dir, judge.state_dict(), reference, str(workdir),
+                                   os.getpid())
+                       for key in args.models]
+            runs += [f.result() for f in futures]
+    return runs
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +297,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
     info, judge, claim = result["run_info"], result["judge"], result["claim"]
     lines = ["# EDT vs MDTv2 on the UCI digits: quality against training wall-clock", "",
              f"{info['date']}, commit {info['git_commit']}, {info['device']}, torch {info['torch']}, "
-             f"{result['settings']['threads']} threads, load average at start {info['load_average']}.", ""]
+             f"{result['settings']['jobs']} run(s) at a time, {result['settings']['threads']} thread(s) each, "
+             f"load average at start {info['load_average']}.", ""]
     if result["busy"]:
         lines += [U.busy_note(result["busy"]), ""]
     s = result["settings"]
@@ -260,7 +307,10 @@ def render_markdown(result: Dict[str, Any]) -> str:
               f"{s['cfg_scale']:g}), batch {s['batch_size']}, seeds {s['seeds']}.", "",
               f"Judge (CNN, seed {DATA_SEED}, trained on the {judge['n_train']} training images): "
               f"{100 * judge['heldout_accuracy']:.1f} % on the {judge['n_heldout']} held-out images; "
-              f"FD floor (held-out vs training) {judge['fd_floor']:.2f}.", "",
+              f"FD floor (held-out vs training) {judge['fd_floor']:.2f}; {judge['n_real']} real training images "
+              f"against the held-out split (what a perfect model scores with as many samples): FD "
+              f"{judge['fd_real_n']:.2f} (range {judge['fd_real_n_min']:.2f}-{judge['fd_real_n_max']:.2f} over "
+              f"{D.REAL_SUBSETS} subsets).", "",
               "| model | seed | params | recipe | steps | steps/s | final FD | FD / floor | class acc |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
@@ -298,16 +348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     data = D.load_digits_split(DATA_SEED)
     judge = D.load_judge(DATA_SEED, root=args.cache_dir, data=data)
-    report = D.judge_report(judge, data)
-    print(f"judge: {100 * report['heldout_accuracy']:.1f} % held-out accuracy, FD floor {report['fd_floor']:.2f}",
-          flush=True)
+    report = D.judge_report(judge, data, n=min(args.num_samples, len(data["train_x"])), seed=DATA_SEED)
+    print(f"judge: {100 * report['heldout_accuracy']:.1f} % held-out accuracy, FD floor {report['fd_floor']:.2f}, "
+          f"{report['n_real']} real images {report['fd_real_n']:.2f}", flush=True)
     data_dir = str(D.prepare_digits_folder("train", DATA_SEED, root=args.cache_dir))
-    runs = []
     with tempfile.TemporaryDirectory(prefix="edt-quality-") as work:
-        for seed in args.seeds:
-            for key in args.models:
-                runs.append(train_and_evaluate(key, seed, args, data_dir, judge, data["test_x"],
-                                               pathlib.Path(work)))
+        runs = run_all(args, data_dir, judge, data["test_x"], pathlib.Path(work))
     busy = U.busy_reasons(U.machine_load_since(start))
     args.out.mkdir(parents=True, exist_ok=True)
     for r in runs:
