@@ -87,6 +87,11 @@ def test_judge_is_cached_and_fd_uses_the_fid_code(cache, monkeypatch):
     x = data["test_x"][:60]
     assert D.fd_digits(judge, x, x) == pytest.approx(0.0, abs=1e-6)
     assert D.fd_digits(judge, x, data["train_x"][:60]) > 0
+    report = D.judge_report(judge, data, n=100)
+    assert report["fd_real_n_min"] <= report["fd_real_n"] <= report["fd_real_n_max"] and report["n_real"] == 100
+    assert report["fd_real_n_min"] > 0
+    with pytest.raises(ValueError, match="n must be"):
+        D.judge_report(judge, data, n=1)
     acc = D.class_accuracy(judge, x, data["test_y"][:60])
     assert 0.0 <= acc <= 1.0
     with pytest.raises(ValueError, match="shape"):
@@ -117,6 +122,11 @@ def test_quality_smoke(cache, tmp_path, capsys):
     assert set(saved["claim"]["per_seed"]) == {"0"} and result["judge"]["n_heldout"] == 359
     for name in ("quality.md", "curves.png", "samples-EDT-seed0.png", "samples-MDTv2-seed0.png"):
         assert (out / name).stat().st_size > 0
+    # one run after the other in this process: the same result layout
+    alone = quality.main(["--minutes", "0.001", "--evals", "1", "--num-samples", "10", "--sampling-steps", "2",
+                          "--batch-size", "8", "--jobs", "1", "--models", "EDT", "--out", str(tmp_path / "alone")])
+    assert alone["settings"]["jobs"] == 1 and [r["model"] for r in alone["runs"]] == ["EDT"]
+    assert alone["runs"][0]["evals"][0]["step"] == quality.CHUNK_STEPS
 
 
 def test_quality_bad_input(capsys):
@@ -125,6 +135,9 @@ def test_quality_bad_input(capsys):
     with pytest.raises(SystemExit) as e:
         quality.main(["--minutes", "0"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --minutes")
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--jobs", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --jobs")
 
 
 def test_guidance_covers_a_single_image_channel():
