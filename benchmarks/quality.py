@@ -179,8 +179,9 @@ def train_and_evaluate(model_key: str, seed: int, args, data_dir: str, judge, re
                    "class_accuracy": last["class_accuracy"], "loss": run.history[-1]["loss"],
                    "eval_seconds": time.perf_counter() - t}
             evals.append(row)
-            print(f"  {model_key} seed {seed}: step {row['step']:5d}  {seconds:7.1f} s  FD {row['fd']:8.2f}  class acc "
-                  f"{100 * row['class_accuracy']:5.1f} %  loss {row['loss']:.4f}", file=sys.stderr, flush=True)
+            print(f"  {model_key} seed {seed}: step {row['step']:5d}  {seconds:7.1f} s  FD {row['fd']:8.2f}  "
+                  f"class acc {100 * row['class_accuracy']:5.1f} %  loss {row['loss']:.4f}",
+                  file=sys.stderr, flush=True)
     return {"model": model_key, "name": name, "model_kwargs": kwargs, "seed": seed, "parameters": n_params,
             "recipe": targs.recipe, "optimizer": targs.optimizer, "optimizer_class": type(run.opt).__module__
             + "." + type(run.opt).__name__, "lr": targs.lr, "schedule_sampler": targs.schedule_sampler,
