@@ -419,6 +419,13 @@ OP_COLUMNS = [("case", "case"), ("mode", "mode"), ("path", "path"), ("us", "host
               ("spread", "spread"), ("detail", "launches by op"), ("note", "note")]
 
 
+def _record_rows(name: str, title: str, columns, notes: List[str], summarize, rows: List[Dict]) -> None:
+    """``rows`` into this run's section ``name`` (created with its title, columns, notes and targets)."""
+    U.section(name, title, columns, notes, summarize=summarize)
+    for row in rows:
+        U.record(name, row)
+
+
 def _detail(c: OpCounter) -> str:
     return ", ".join(f"{k.split('.', 1)[1]}×{n}" if n > 1 else k.split(".", 1)[1]
                      for k, n in sorted(c.launches.items(), key=lambda kv: -kv[1]))
@@ -448,9 +455,7 @@ def run_ops(rounds: int = 9, inner: int = 20, record: bool = True, cases=None) -
             r = times.get(ref[row["mode"]])
             row["vs_sdpa"] = row["us"] / r["us"] if r else None
     if record:
-        U.section(SECTION_OPS, TITLE_OPS, OP_COLUMNS, _op_notes(rounds, inner), summarize=summarize_ops)
-        for row in rows:
-            U.record(SECTION_OPS, row)
+        _record_rows(SECTION_OPS, TITLE_OPS, OP_COLUMNS, _op_notes(rounds, inner), summarize_ops, rows)
     return rows
 
 
@@ -650,10 +655,8 @@ def run_models(families: Sequence[str] = FAMILIES, sizes: Sequence[str] = SIZES,
                 row["vs_eager"] = row["launches"] / eager["launches"] if eager["launches"] else None
             del built
     if record:
-        U.section(SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, _model_notes(rounds, compile_steps),
-                  summarize=summarize_models)
-        for row in rows:
-            U.record(SECTION_MODELS, row)
+        _record_rows(SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, _model_notes(rounds, compile_steps),
+                     summarize_models, rows)
     return rows
 
 
@@ -796,10 +799,8 @@ def run_compiled(families: Sequence[str] = FAMILIES, backends: Sequence[str] = (
                              "compiled_ms": c["us"] / 1e3, "ratio": c["us"] / e["us"], "same": same,
                              "max_diff": diff, "spread": f"{e['spread'] or 0:.2f}, {c['spread'] or 0:.2f}"})
     if record:
-        U.section(SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, _compiled_notes(rounds, overrides),
-                  summarize=summarize_compiled)
-        for row in rows:
-            U.record(SECTION_COMPILED, row)
+        _record_rows(SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, _compiled_notes(rounds, overrides),
+                     summarize_compiled, rows)
     return rows
 
 
@@ -857,6 +858,15 @@ def test_host_cost(benchmark):
         assert benchmark.pedantic(_in_subprocess, args=([],), rounds=1, iterations=1) == 0
 
 
+def _record_error(errors: List[str], section: tuple, model: str, exc: Exception) -> None:
+    """``exc`` of ``model`` in ``errors`` (the exit status) and as the model's row of ``section``
+    (name, title, columns, summarize)."""
+    name, title, columns, summarize = section
+    errors.append(f"{model}: {type(exc).__name__}: {exc}")
+    U.section(name, title, columns, summarize=summarize)
+    U.record(name, {"_key": [model], "model": model, "note": f"ERROR: {type(exc).__name__}: {exc}"})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = U.base_parser("host cost per op call and per model step")
     p.add_argument("--parts", nargs="*", default=["ops", "models"], choices=("ops", "models", "compiled"),
@@ -894,23 +904,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               f"graphs {r.get('graphs', '-')} breaks {r.get('graph_breaks', '-')} "
                               f"recompiles {r.get('recompiles', '-')}", flush=True)
                 except Exception as exc:  # noqa: BLE001 - reported, exit status non-zero
-                    errors.append(f"{fam}-{size}: {type(exc).__name__}: {exc}")
-                    U.section(SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, summarize=summarize_models)
-                    U.record(SECTION_MODELS, {"_key": [f"{fam}-{size}/2"], "model": f"{fam}-{size}/2",
-                                              "note": f"ERROR: {type(exc).__name__}: {exc}"})
+                    _record_error(errors, (SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, summarize_models),
+                                  f"{fam}-{size}/2", exc)
     if "compiled" in args.parts:
         for fam in args.families:
             try:
                 for r in run_compiled([fam], rounds=max(3, args.rounds // 2),
-                                          overrides=TINY_MODELS if args.compiled_models == "tiny" else None):
+                                      overrides=TINY_MODELS if args.compiled_models == "tiny" else None):
                     print(f"{r['model']:12s} {r['step']:10s} {r['backend']:5s} compile {r['compile_s']:7.1f} s "
                           f"eager {r['eager_ms']:8.1f} ms compiled {r['compiled_ms']:8.1f} ms "
                           f"ratio {r['ratio']:.2f} same {r['same']}", flush=True)
             except Exception as exc:  # noqa: BLE001 - reported, exit status non-zero
-                errors.append(f"{fam} compiled: {type(exc).__name__}: {exc}")
-                U.section(SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, summarize=summarize_compiled)
-                U.record(SECTION_COMPILED, {"_key": [f"{fam}-S/2"], "model": f"{fam}-S/2",
-                                            "note": f"ERROR: {type(exc).__name__}: {exc}"})
+                _record_error(errors, (SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, summarize_compiled),
+                              f"{fam}-S/2", exc)
     return U.finish_main(args, [SECTION_OPS, SECTION_MODELS, SECTION_COMPILED], errors)
 
 
