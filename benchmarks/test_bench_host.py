@@ -809,9 +809,8 @@ def _compiled_notes(rounds: int, overrides) -> List[str]:
     models = ("TINY_MODELS: EDT-S/2 one block per stage at widths 16-24-32-24-16, 2 heads, AMM in block 4; "
               "MDTv2-S/2 depth 4, width 16, 2 heads, decode_layer 2; input 8 x 8 x 4 (16 tokens), 10 classes"
               if tiny else "the models given" if overrides else
-              "edt.digits.DIGITS_MODELS: EDT-S/2 stages 2-2-2-3-3 at widths 64-96-128-96-64, heads 2-3-4-3-2 "
-              "(1.96M parameters); MDTv2-S/2 depth 6, width 120, 4 heads, decode_layer 2 (2.04M); input 16 x 16 "
-              "x 1, patch 2 (64 tokens), 10 classes")
+              "edt.digits.DIGITS_MODELS at their digits input: "
+              + "; ".join(f"{f}-S/2 {digits_config(f)}" for f in FAMILIES))
     return [f"models: {models}; batch {BATCH}; float32, torch CPU threads as run (1 by default).",
             "train = DiffusionTrainingLoss (both passes, the loss) + backward, no optimizer step; cfg sample = "
             "one forward_with_cfg on a [cond, uncond] batch; the same inputs and draws as the model section.",
