@@ -2,6 +2,7 @@
 
     python -m benchmarks.test_bench_host                       # ops + all six models
     python -m benchmarks.test_bench_host --parts ops --rounds 9
+    python -m benchmarks.test_bench_host --parts compiled --compiled-models tiny   # Inductor: minutes
     pytest benchmarks/test_bench_host.py --benchmark-only
 
 At the sizes these models run on a GPU the kernels take 10-20 µs, so the Python around them
@@ -52,7 +53,8 @@ Cases.  Ops: ``amm_attention`` (table + AMM on a 4 x 4 grid, and table + per-sam
 forward+backward with the table gradient, on every backend (``triton`` recorded, ``cpp``,
 ``torch``, and ``eager``, the authors' code path), against ``F.scaled_dot_product_attention``
 without a mask, with a float mask, and with a mask that takes a gradient; MDT's and EDT's token
-ops and the adaLN ops, on the Triton path (recorded) and the authors' eager path.  Models:
+ops and the adaLN ops (``layernorm_modulate`` and ``patch_merge_modulate`` also forward+backward),
+on the Triton path (recorded) and the authors' eager path.  Models:
 EDT-S/B/XL and MDTv2-S/B/XL with their published depth, stages, heads, grid (latent 32, patch
 2: 256 tokens) and block layout but **head dim 4** (every width divided so, e.g. EDT-S dims
 24/32/40/32/24), batch 2, so that the CPU compute stays small beside the host work; the
@@ -62,6 +64,14 @@ input-masked pass; the model's random draws made ahead from a CPU generator, as 
 outside the compiled region) and ``backward``; the optimizer step is left out (the same few foreach
 launches for both models).  Sampling step: one ``forward_with_cfg`` on a [cond, uncond] batch.
 Both on the Triton path (recorded) and the authors' eager path, on the same inputs.
+
+**Compiled vs eager** (``--parts compiled``, opt-in, run alone and without the interpreter: the
+kernels run for real here).  The same training and CFG sampling steps, eager and under
+``torch.compile(fullgraph=True)`` in mode default (Inductor), for small EDT and MDTv2 models
+(``edt.digits.DIGITS_MODELS``, or :data:`TINY_MODELS`), on backend ``auto`` (which backend each
+op chose is reported) and on the authors' eager path: the first compiled call's seconds (compile
++ one step), eager and compiled ms per step in interleaved rounds, their ratio, and whether the
+compiled losses and gradients (or samples) equal eager's within the float32 gradient tolerance.
 """
 from __future__ import annotations
 
@@ -85,10 +95,19 @@ SECTION_OPS = "host_ops"
 SECTION_MODELS = "host_models"
 TITLE_OPS = "Host cost per op call (Triton launches recorded, not executed)"
 TITLE_MODELS = "Host cost per model step (launches, syncs, host time, graph breaks)"
+SECTION_COMPILED = "host_compiled"
+TITLE_COMPILED = "Compiled (torch.compile, Inductor) vs eager step time on this CPU"
 FAMILIES = ("EDT", "MDTv2")
 SIZES = ("S", "B", "XL")
 HEAD_DIM = 4  # the models' head dim here: widths shrink, counts do not change
 BATCH = 2
+#: The smallest models with every kind of block (EDT: one block per stage, both down/up
+#: samplings and an AMM block; MDTv2: encoder, side-interpolater and decoder), 8 x 8 input.
+TINY_MODELS = {
+    "MDTv2": dict(input_size=8, hidden_size=16, depth=4, num_heads=2, decode_layer=2, num_classes=10),
+    "EDT": dict(input_size=8, hidden_size=16, dims=(16, 24, 32, 24, 16), num_heads=(2, 2, 2, 2, 2),
+                stages_depth=(1, 1, 1, 1, 1), depth=5, amm_blocks=(4,), num_classes=10),
+}
 
 # ----------------------------------------------------------------------------- counting
 
@@ -380,12 +399,31 @@ def op_cases(seed: int = 0) -> List[Tuple[str, str, str, Callable[[], object]]]:
         for b in ("triton", "eager"):
             cases.append((name, "fwd", "triton (recorded)" if b == "triton" else "authors' eager",
                           lambda call=call, b=b: call(b)))
+    # the adaLN ops' backward: gradients of the input, shift and scale
+    xg, shg, scg, sh4g, sc4g = (t.clone().requires_grad_(True) for t in (x, shift, scale, sh4, sc4))
+    grad_ops = [
+        ("patch_merge_modulate", (xg, sh4g, sc4g),
+         lambda b: edt_kernels.patch_merge_modulate(xg, sh4g, sc4g, keep, grid=4, backend=b)),
+        ("layernorm_modulate", (xg, shg, scg), lambda b: edt_kernels.layernorm_modulate(xg, shg, scg, backend=b)),
+    ]
+    for name, inputs, call in grad_ops:
+        gout = torch.randn(call("eager").shape, generator=g)
+        for b in ("triton", "eager"):
+            cases.append((name, "fwd+bwd", "triton (recorded)" if b == "triton" else "authors' eager",
+                          lambda call=call, b=b, inputs=inputs, gout=gout: _grads(call(b), inputs, gout)))
     return cases
 
 
 OP_COLUMNS = [("case", "case"), ("mode", "mode"), ("path", "path"), ("us", "host µs / call"),
               ("launches", "device launches"), ("syncs", "host syncs"), ("vs_sdpa", "× SDPA host µs"),
               ("spread", "spread"), ("detail", "launches by op"), ("note", "note")]
+
+
+def _record_rows(name: str, title: str, columns, notes: List[str], summarize, rows: List[Dict]) -> None:
+    """``rows`` into this run's section ``name`` (created with its title, columns, notes and targets)."""
+    U.section(name, title, columns, notes, summarize=summarize)
+    for row in rows:
+        U.record(name, row)
 
 
 def _detail(c: OpCounter) -> str:
@@ -417,9 +455,7 @@ def run_ops(rounds: int = 9, inner: int = 20, record: bool = True, cases=None) -
             r = times.get(ref[row["mode"]])
             row["vs_sdpa"] = row["us"] / r["us"] if r else None
     if record:
-        U.section(SECTION_OPS, TITLE_OPS, OP_COLUMNS, _op_notes(rounds, inner), summarize=summarize_ops)
-        for row in rows:
-            U.record(SECTION_OPS, row)
+        _record_rows(SECTION_OPS, TITLE_OPS, OP_COLUMNS, _op_notes(rounds, inner), summarize_ops, rows)
     return rows
 
 
@@ -430,7 +466,9 @@ def _op_notes(rounds: int, inner: int) -> List[str]:
             "is the host side alone; device launches = Triton launches + ATen ops that launch on a device "
             "(views, allocations and syncs excluded; see the module docstring).",
             "× SDPA: forward against SDPA with a float mask, forward+backward against SDPA whose mask takes "
-            "a gradient (the issue's reference points)."]
+            "a gradient (the issue's reference points).",
+            "adaLN ops' fwd+bwd: the gradients of the input, shift and scale (torch.autograd.grad with a "
+            "prepared output gradient)."]
 
 
 def _get(rows, case, mode, path, key):
@@ -617,10 +655,8 @@ def run_models(families: Sequence[str] = FAMILIES, sizes: Sequence[str] = SIZES,
                 row["vs_eager"] = row["launches"] / eager["launches"] if eager["launches"] else None
             del built
     if record:
-        U.section(SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, _model_notes(rounds, compile_steps),
-                  summarize=summarize_models)
-        for row in rows:
-            U.record(SECTION_MODELS, row)
+        _record_rows(SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, _model_notes(rounds, compile_steps),
+                     summarize_models, rows)
     return rows
 
 
@@ -662,6 +698,148 @@ def summarize_models(sec: U.Section) -> List[Dict]:
              "columns": [["target", "target"], ["value", "measured"], ["met", "met"]], "rows": t}]
 
 
+# ----------------------------------------------------------------------------- compiled vs eager
+
+def digits_config(family: str) -> dict:
+    """The model arguments of :data:`edt.digits.DIGITS_MODELS` for ``family`` at the digits input
+    size (16, patch 2: 64 tokens) and 10 classes, the backend left to :func:`build_model`."""
+    from edt.digits import DIGITS_MODELS, DIGITS_SIZE, NUM_CLASSES
+
+    kw = {k: v for k, v in DIGITS_MODELS[family][1].items() if k != "backend"}
+    return dict(kw, input_size=DIGITS_SIZE, num_classes=NUM_CLASSES)
+
+
+def chosen_backends(fn: Callable[[], object]) -> str:
+    """The backend each edt_kernels op chose while ``fn`` ran ("op: backend, ..."), with the
+    choice cache cleared before and after, so that every op chooses while it is watched."""
+    from edt_kernels import backends as KB
+
+    seen: Dict[str, str] = {}
+    select = KB._select
+
+    def watched(op, inp, backend):
+        chosen = select(op, inp, backend)
+        seen[op] = next(n for n, b in KB.backends_of(op).items() if b is chosen)
+        return chosen
+
+    KB._CHOICES.clear()
+    KB._select = watched
+    try:
+        fn()
+    finally:
+        KB._select = select
+        KB._CHOICES.clear()
+    return ", ".join(f"{op}: {name}" for op, name in sorted(seen.items())) or "no edt_kernels op"
+
+
+def _train_result(model, train, loss_fn) -> List[torch.Tensor]:
+    """The losses and the parameter gradients (in parameter order) of one training step."""
+    out = train(loss_fn)
+    return [out.detach().clone()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _max_diff(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> Tuple[float, bool]:
+    """The largest |got - want| over all tensors, and whether every pair is close within the float32
+    gradient tolerance of tests/tolerances.py (the same shapes required)."""
+    from tests.tolerances import GRAD_TOL
+
+    tol = GRAD_TOL[torch.float32]
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        return float("inf"), False
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
+    return diff, all(torch.allclose(a, b, atol=tol[0], rtol=tol[1]) for a, b in zip(got, want))
+
+
+COMPILED_COLUMNS = [("model", "model"), ("step", "step"), ("backend", "backend"), ("picked", "ops ran on"),
+                    ("compile_s", "first compiled call s (compile + 1 step)"), ("eager_ms", "eager ms / step"),
+                    ("compiled_ms", "compiled ms / step"), ("ratio", "compiled / eager"),
+                    ("same", "compiled = eager"), ("max_diff", "max |compiled - eager|"),
+                    ("spread", "spread (eager, compiled)"), ("note", "note")]
+
+
+def run_compiled(families: Sequence[str] = FAMILIES, backends: Sequence[str] = ("auto", "eager"),
+                 rounds: int = 5, record: bool = True, overrides: Optional[Dict[str, dict]] = None,
+                 compiler: str = "inductor") -> List[Dict]:
+    """Per (model, step, backend): the training step (both passes, the loss, backward) and the CFG
+    sampling step, eager and under ``torch.compile(fullgraph=True, backend=compiler)`` (mode
+    default); the compiled numbers against eager's on the same inputs.  Models: ``overrides``
+    (family -> model arguments), else :func:`digits_config`."""
+    import torch._dynamo as dynamo
+
+    rows = []
+    for family in families:
+        kw = (overrides or {}).get(family) or digits_config(family)
+        for backend in backends:
+            name = f"{family}-S/2"
+            model = build_model(family, "S", backend, kw)
+            train, cfg, loss = step_fns(model, family)
+            picked = chosen_backends(lambda: (train(), cfg()))
+            dynamo.reset()
+            try:
+                ctrain = torch.compile(loss, fullgraph=True, backend=compiler)
+                ccfg = torch.compile(model.forward_with_cfg, fullgraph=True, backend=compiler)
+                want = {"train": _train_result(model, train, loss), "cfg sample": [cfg()]}
+                got, first = {}, {}
+                t0 = time.perf_counter()
+                got["train"] = _train_result(model, train, ctrain)
+                first["train"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                got["cfg sample"] = [cfg(ccfg)]
+                first["cfg sample"] = time.perf_counter() - t0
+                times = interleaved({("train", "eager"): lambda: train(loss), ("train", "compiled"): lambda: train(ctrain),
+                                     ("cfg sample", "eager"): cfg, ("cfg sample", "compiled"): lambda: cfg(ccfg)},
+                                    rounds, 1)
+            finally:
+                dynamo.reset()
+            for step in ("train", "cfg sample"):
+                e, c = times[(step, "eager")], times[(step, "compiled")]
+                diff, same = _max_diff(got[step], want[step])
+                rows.append({"_key": [name, step, backend], "model": name, "step": step, "backend": backend,
+                             "picked": picked, "compile_s": first[step], "eager_ms": e["us"] / 1e3,
+                             "compiled_ms": c["us"] / 1e3, "ratio": c["us"] / e["us"], "same": same,
+                             "max_diff": diff, "spread": f"{e['spread'] or 0:.2f}, {c['spread'] or 0:.2f}"})
+    if record:
+        _record_rows(SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, _compiled_notes(rounds, overrides),
+                     summarize_compiled, rows)
+    return rows
+
+
+def _compiled_notes(rounds: int, overrides) -> List[str]:
+    tiny = overrides is TINY_MODELS
+    models = ("TINY_MODELS: EDT-S/2 one block per stage at widths 16-24-32-24-16, 2 heads, AMM in block 4; "
+              "MDTv2-S/2 depth 4, width 16, 2 heads, decode_layer 2; input 8 x 8 x 4 (16 tokens), 10 classes"
+              if tiny else "the models given" if overrides else
+              "edt.digits.DIGITS_MODELS at their digits input: "
+              + "; ".join(f"{f}-S/2 {digits_config(f)}" for f in FAMILIES))
+    return [f"models: {models}; batch {BATCH}; float32, torch CPU threads as run (1 by default).",
+            "train = DiffusionTrainingLoss (both passes, the loss) + backward, no optimizer step; cfg sample = "
+            "one forward_with_cfg on a [cond, uncond] batch; the same inputs and draws as the model section.",
+            "compiled = torch.compile(fullgraph=True), mode default (Inductor, C++ code on the CPU); first "
+            "compiled call: Dynamo + Inductor for the forward and (train) the backward, plus one step; "
+            "backend auto: the edt_kernels ops choose as listed (no Triton here: kernels run for real, not "
+            "recorded); backend eager: the authors' code path.",
+            f"ms / step: median of {rounds} interleaved rounds of one step (eager and compiled alternate); "
+            "compiled = eager: losses and every parameter gradient (train) or the output (cfg) within the "
+            "float32 gradient tolerance of tests/tolerances.py."]
+
+
+def summarize_compiled(sec: U.Section) -> List[Dict]:
+    t = []
+    for step in ("train", "cfg sample"):
+        rs = [r for r in sec.rows if r.get("step") == step and r.get("ratio") is not None]
+        if rs:
+            v = max(r["ratio"] for r in rs)
+            t.append({"target": f"compiled {step} step no slower than eager on this CPU (max compiled / eager)",
+                      "value": v, "met": v <= 1.0})
+    rs = [r for r in sec.rows if r.get("same") is not None]
+    if rs:
+        n = sum(1 for r in rs if r["same"])
+        t.append({"target": "compiled results equal eager's (rows)", "value": f"{n} of {len(rs)}",
+                  "met": n == len(rs)})
+    return [{"title": "Targets (compiled steps on this CPU)", "kind": "targets",
+             "columns": [["target", "target"], ["value", "measured"], ["met", "met"]], "rows": t}]
+
+
 # ----------------------------------------------------------------------------- pytest entry + main
 
 def _in_subprocess(args: Sequence[str]) -> int:
@@ -679,18 +857,35 @@ def test_host_cost(benchmark):
         assert benchmark.pedantic(_in_subprocess, args=([],), rounds=1, iterations=1) == 0
 
 
+def _record_error(errors: List[str], section: tuple, model: str, exc: Exception) -> None:
+    """``exc`` of ``model`` in ``errors`` (the exit status) and as the model's row of ``section``
+    (name, title, columns, summarize)."""
+    name, title, columns, summarize = section
+    errors.append(f"{model}: {type(exc).__name__}: {exc}")
+    U.section(name, title, columns, summarize=summarize)
+    U.record(name, {"_key": [model], "model": model, "note": f"ERROR: {type(exc).__name__}: {exc}"})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    if not U.IS_CUDA and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     p = U.base_parser("host cost per op call and per model step")
-    p.add_argument("--parts", nargs="*", default=["ops", "models"], choices=("ops", "models"))
+    p.add_argument("--parts", nargs="*", default=["ops", "models"], choices=("ops", "models", "compiled"),
+                   help="compiled (opt-in, minutes of Inductor): eager vs torch.compile step times; "
+                        "alone, as its kernels run for real instead of recorded")
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=SIZES)
     p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (ops; models use max(3, rounds // 2))")
     p.add_argument("--inner", type=int, default=20, help="calls per case per round (ops)")
     p.add_argument("--compile-steps", type=int, default=3, help="steps under Dynamo per model step (0: skip)")
+    p.add_argument("--compiled-models", default="digits", choices=("digits", "tiny"),
+                   help="compiled part: edt.digits.DIGITS_MODELS, or TINY_MODELS (Inductor in minutes)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the host side alone)")
     args = U.parse_main_args(p, argv)
+    if "compiled" in args.parts and len(args.parts) > 1:
+        p.error("--parts compiled runs alone (its kernels run for real; the others record Triton launches)")
+    if "compiled" in args.parts and interpreting():
+        p.error("--parts compiled times the kernels themselves: run it without TRITON_INTERPRET=1")
+    if "compiled" not in args.parts and not U.IS_CUDA and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(args.threads)
     errors = []
     if "ops" in args.parts:
@@ -708,11 +903,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               f"graphs {r.get('graphs', '-')} breaks {r.get('graph_breaks', '-')} "
                               f"recompiles {r.get('recompiles', '-')}", flush=True)
                 except Exception as exc:  # noqa: BLE001 - reported, exit status non-zero
-                    errors.append(f"{fam}-{size}: {type(exc).__name__}: {exc}")
-                    U.section(SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, summarize=summarize_models)
-                    U.record(SECTION_MODELS, {"_key": [f"{fam}-{size}/2"], "model": f"{fam}-{size}/2",
-                                              "note": f"ERROR: {type(exc).__name__}: {exc}"})
-    return U.finish_main(args, [SECTION_OPS, SECTION_MODELS], errors)
+                    _record_error(errors, (SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, summarize_models),
+                                  f"{fam}-{size}/2", exc)
+    if "compiled" in args.parts:
+        for fam in args.families:
+            try:
+                for r in run_compiled([fam], rounds=max(3, args.rounds // 2),
+                                      overrides=TINY_MODELS if args.compiled_models == "tiny" else None):
+                    print(f"{r['model']:12s} {r['step']:10s} {r['backend']:5s} compile {r['compile_s']:7.1f} s "
+                          f"eager {r['eager_ms']:8.1f} ms compiled {r['compiled_ms']:8.1f} ms "
+                          f"ratio {r['ratio']:.2f} same {r['same']}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - reported, exit status non-zero
+                _record_error(errors, (SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, summarize_compiled),
+                              f"{fam}-S/2", exc)
+    return U.finish_main(args, [SECTION_OPS, SECTION_MODELS, SECTION_COMPILED], errors)
 
 
 if __name__ == "__main__":

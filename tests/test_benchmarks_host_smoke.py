@@ -18,9 +18,7 @@ from benchmarks import test_bench_host as BH  # noqa: E402
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
                                 reason="the launch recorder is exercised under Triton's interpreter (CPU)")
 
-MDT_TINY = dict(input_size=8, hidden_size=16, depth=4, num_heads=2, decode_layer=2, num_classes=10)
-EDT_TINY = dict(input_size=8, hidden_size=16, dims=(16, 24, 32, 24, 16), num_heads=(2, 2, 2, 2, 2),
-                stages_depth=(1, 1, 1, 1, 1), depth=5, amm_blocks=(4,), num_classes=10)
+MDT_TINY, EDT_TINY = BH.TINY_MODELS["MDTv2"], BH.TINY_MODELS["EDT"]
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +96,27 @@ def test_model_rows_and_compile_stats():
     sec = U.Section(BH.SECTION_MODELS, "t", BH.MODEL_COLUMNS, rows=rows)
     (targets,) = BH.summarize_models(sec)
     assert len(targets["rows"]) == 3
+
+
+def test_compiled_rows():
+    """The compiled section's rows on the tiny MDTv2 (its trace is the cheaper), Dynamo's eager
+    backend standing in for Inductor (minutes here): compiled and eager steps agree, ratios and the
+    targets are filled, the ops' backend choice is reported."""
+    rows = BH.run_compiled(["MDTv2"], backends=("torch",), rounds=1, record=False, overrides=BH.TINY_MODELS,
+                           compiler="eager")
+    assert len(rows) == 2
+    for r in rows:
+        assert r["same"] and r["max_diff"] < 1e-4, r
+        assert r["compile_s"] > 0 and r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["ratio"] > 0
+        if r["backend"] == "torch":
+            assert "layernorm_modulate: torch" in r["picked"], r["picked"]
+    sec = U.Section(BH.SECTION_COMPILED, "t", BH.COMPILED_COLUMNS, rows=rows)
+    (targets,) = BH.summarize_compiled(sec)
+    assert [r["met"] for r in targets["rows"]][-1] is True and len(targets["rows"]) == 3
+
+
+def test_compiled_part_runs_alone_and_without_the_interpreter():
+    for argv in (["--parts", "compiled", "--no-write"], ["--parts", "ops", "compiled", "--no-write"]):
+        with pytest.raises(SystemExit) as exc:
+            BH.main(argv)
+        assert exc.value.code == 2

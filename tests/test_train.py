@@ -550,6 +550,30 @@ def test_non_finite_loss_stops_without_overwriting_the_last_checkpoint(tmp_path,
 # CPU demo, progress, help
 # ---------------------------------------------------------------------------
 
+def test_compile_flag_runs_the_step_compiled_whole(tmp_path, monkeypatch):
+    """``--compile default`` hands the step (forward, both passes, loss) to torch.compile with
+    fullgraph=True and mode None (Inductor's default; Dynamo's eager backend stands in for it here,
+    Inductor takes minutes on this CPU), and trains to the losses of the uncompiled run."""
+    compiled = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kw):
+        compiled.append((type(fn).__name__, kw))
+        return real_compile(fn, fullgraph=kw["fullgraph"], backend="eager")
+
+    args = ("--synthetic", "--synthetic-size", "32", "--log-every", "1")
+    want = train.main(cli(tmp_path / "eager", *args, model="MDTv2-S/2", kwargs=MDT_TINY, steps=2))
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    try:
+        got = train.main(cli(tmp_path / "compiled", *args, "--compile", "default", model="MDTv2-S/2",
+                             kwargs=MDT_TINY, steps=2))
+    finally:
+        torch._dynamo.reset()
+    assert compiled == [("DiffusionTrainingLoss", {"fullgraph": True, "mode": None})]
+    assert len(want["history"]) == 2
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in want["history"]], rel=1e-5)
+
+
 def test_cpu_demo_preset_and_overrides(tmp_path, capsys):
     a = train.parse_args(["--preset", "cpu-demo"])
     assert (a.model, a.image_size, a.synthetic, a.global_batch_size, a.max_steps, a.device) == \
