@@ -86,17 +86,23 @@ def _ln_inputs(dtype):
     return [torch.randn(s, generator=g, dtype=dtype).requires_grad_(True) for s in ((3, 9, 37), (3, 37), (3, 37))]
 
 
-def test_layernorm_modulate_torch_backend_float64():
-    args = _ln_inputs(torch.float64)
+def _assert_lean_is_reference(lean, reference, args, name: str):
+    """``lean(*args)`` is ``reference`` on copies of ``args`` bit for bit, and
+    their float64 gradients under a random loss agree."""
     ref_args = _leafify(args)
-    out = layernorm_modulate(*args, 1e-6, backend="torch")
-    ref = reference_layernorm_modulate(*ref_args, 1e-6)
+    out, ref = lean(*args), reference(*ref_args)
     assert torch.equal(out, ref)
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (out * w).sum().backward()
     (ref * w).sum().backward()
     for a, r in zip(args, ref_args):
-        assert_close(a.grad, r.grad, torch.float64, GRAD_TOL, name="layernorm_modulate grad")
+        assert_close(a.grad, r.grad, torch.float64, GRAD_TOL, name=f"{name} grad")
+
+
+def test_layernorm_modulate_torch_backend_float64():
+    _assert_lean_is_reference(lambda *a: layernorm_modulate(*a, 1e-6, backend="torch"),
+                              lambda *a: reference_layernorm_modulate(*a, 1e-6), _ln_inputs(torch.float64),
+                              "layernorm_modulate")
 
 
 def test_layernorm_modulate_torch_keeps_x_and_statistics():
@@ -134,15 +140,9 @@ def _merge_inputs(dtype, keep: str):
 @pytest.mark.parametrize("keep", ["none", "source", "merged"])
 def test_patch_merge_modulate_torch_backend_float64(keep):
     args, mask = _merge_inputs(torch.float64, keep)
-    ref_args = _leafify(args)
-    out = patch_merge_modulate(*args, mask, grid=MERGE_GRID, backend="torch")
-    ref = reference_patch_merge_modulate(*ref_args, mask, MERGE_GRID)
-    assert torch.equal(out, ref)
-    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    (out * w).sum().backward()
-    (ref * w).sum().backward()
-    for a, r in zip(args, ref_args):
-        assert_close(a.grad, r.grad, torch.float64, GRAD_TOL, name="patch_merge_modulate grad")
+    _assert_lean_is_reference(lambda *a: patch_merge_modulate(*a, mask, grid=MERGE_GRID, backend="torch"),
+                              lambda *a: reference_patch_merge_modulate(*a, mask, MERGE_GRID), args,
+                              "patch_merge_modulate")
 
 
 def test_patch_merge_modulate_torch_keeps_x_and_statistics():
