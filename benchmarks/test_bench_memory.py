@@ -122,7 +122,11 @@ def _compiled_loss(loss_mod, batch: int, device):
     :func:`partition_backend`, its random draws made ahead from the global RNG
     (the draws the uncompiled forward makes after the same seed).  The
     diffusion's device tables are filled first by one forward without grad:
-    their first fill is a side effect Dynamo would guard on and compile twice."""
+    their first fill is a side effect Dynamo would guard on and compile twice.
+    Dynamo's caches are cleared first: the model is compiled afresh with static
+    shapes, as a training job compiles its one model (after other models'
+    columns Dynamo would otherwise mark the changed sizes dynamic)."""
+    torch._dynamo.reset()  # noqa: SLF001
     U.configure_compile()
     compiled = torch.compile(loss_mod, backend=partition_backend(), fullgraph=True)
     with torch.no_grad():
