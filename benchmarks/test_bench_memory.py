@@ -23,6 +23,17 @@ runs it), backward, AdamW.  Per (model, column):
   ``--repeats - 1`` more) after one warm-up step (which also creates AdamW's
   state), and its ratio to the kernels column without checkpointing.
 
+The compiled columns (``--compile``: ``compile``, ``compile ckpt=all``) run
+the training loss under ``torch.compile(fullgraph=True)`` with the random
+draws made ahead (as ``edt.train`` compiles its step), through
+:func:`partition_backend`: the forward/backward partition Inductor would
+make (its decompositions, joint-graph passes and min-cut rematerialisation
+partitioner), its two graphs run as they are, without code generation.  What
+they save for the backward is what an Inductor-compiled step saves (the
+compiled region's saved tensors go through ``ctx.save_for_backward``, so the
+same hooks count them); their peak and time are not Inductor's and are not
+reported.
+
 Batch 4, 32x32 latents (256 px images), float32 everywhere (no autocast):
 the figures are per step of that batch, and ``per image`` divides by 4.
 """
@@ -57,10 +68,73 @@ class Column:
     def name(self) -> str:
         return self.variant + ("" if self.checkpoint is None else f" ckpt={self.checkpoint}")
 
+    @property
+    def compiled(self) -> bool:
+        return self.variant == "compile"
+
 
 def columns(compile_: bool) -> List[Column]:
-    cols = [Column("eager"), Column("kernels")] + ([Column("compile")] if compile_ else [])
-    return cols + [Column("kernels", c) for c in CHECKPOINTS]
+    cols = [Column("eager"), Column("kernels")] + [Column("kernels", c) for c in CHECKPOINTS]
+    return cols + ([Column("compile"), Column("compile", "all")] if compile_ else [])
+
+
+COMPILE_NOTE = ("torch.compile's partition measured without Inductor's code generation (partition_backend): "
+                "the bytes an Inductor-compiled step keeps; no peak, no time (its graphs run op by op here, "
+                "neither would be Inductor's)")
+
+
+def partition_backend(saved: Optional[list] = None):
+    """A ``torch.compile`` backend that splits the training graph into forward
+    and backward exactly as Inductor does (its pre-grad passes, AOTAutograd
+    with its decompositions, its joint-graph passes and the min-cut
+    rematerialisation partitioner: ``torch._inductor.compile_fx.partition_fn``)
+    and runs both graphs as they are, generating no code.  The tensors the
+    forward saves for the backward are Inductor's; the time is not.
+    ``saved``: a list that gets, per backward graph, the (shape, dtype) of
+    each tensor it takes from the forward (its inputs but the incoming
+    gradients; a symbolic size as its value when traced)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor import compile_fx as CF
+
+    def as_is(gm, example_inputs):
+        return make_boxed_func(gm)
+
+    def backward(gm, example_inputs):
+        if saved is not None:
+            vals = [n.meta.get("val") for n in gm.graph.nodes
+                    if n.op == "placeholder" and not n.name.startswith("tangents")]
+            saved.append([(tuple(d if isinstance(d, int) else d.node.hint for d in v.shape), v.dtype)
+                          for v in vals if isinstance(v, torch.Tensor)])
+        return make_boxed_func(gm)
+
+    partitioned = aot_autograd(fw_compiler=as_is, bw_compiler=backward, partition_fn=CF.partition_fn,
+                               decompositions=CF.select_decomp_table())
+
+    def backend(gm, example_inputs):
+        return partitioned(CF._recursive_pre_grad_passes(gm, example_inputs), example_inputs)  # noqa: SLF001
+
+    return backend
+
+
+def _compiled_loss(loss_mod, batch: int, device):
+    """fn(x, y, t, noise, noise2) = the training loss compiled whole by
+    :func:`partition_backend`, its random draws made ahead from the global RNG
+    (the draws the uncompiled forward makes after the same seed).  The
+    diffusion's device tables are filled first by one forward without grad:
+    their first fill is a side effect Dynamo would guard on and compile twice.
+    Dynamo's caches are cleared first: the model is compiled afresh with static
+    shapes, as a training job compiles its one model (after other models'
+    columns Dynamo would otherwise mark the changed sizes dynamic)."""
+    torch._dynamo.reset()  # noqa: SLF001
+    U.configure_compile()
+    compiled = torch.compile(loss_mod, backend=partition_backend(), fullgraph=True)
+    with torch.no_grad():
+        loss_mod(*_fixed_inputs(loss_mod.model, device), draws=loss_mod.draw_ahead(batch, None, device))
+
+    def fn(*inputs):
+        return compiled(*inputs, draws=loss_mod.draw_ahead(inputs[0].shape[0], None, inputs[0].device))
+    return fn
 
 
 @contextlib.contextmanager
@@ -118,17 +192,23 @@ def _train_parts(family: str, size: str, col: Column, device, overrides: Optiona
     """The column's model (cached by the models benchmark), AdamW, the training loss and one batch."""
     from edt.diffusion import create_diffusion
 
-    built = BM.build(family, size, col.variant, device=device, overrides=_overrides(col, overrides))
+    variant = "kernels" if col.compiled else col.variant  # the compiled columns compile its whole loss
+    built = BM.build(family, size, variant, device=device, overrides=_overrides(col, overrides))
     model = built.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     loss_mod = BM.training_loss(built.runner, create_diffusion(""), "edt" if family == "EDT" else "mdt")
+    run = _compiled_loss(loss_mod, BATCH, device) if col.compiled else loss_mod
+    return model, opt, run, _fixed_inputs(model, device)
+
+
+def _fixed_inputs(model, device):
+    """(x, y, t, noise, noise2) of one batch, drawn from a CPU generator seeded 0."""
     g = torch.Generator(device="cpu").manual_seed(0)
     C, S = model.in_channels, model.input_size
     x = torch.randn(BATCH, C, S, S, generator=g)
-    inputs = tuple(a.to(device) for a in (x, torch.randint(0, model.num_classes, (BATCH,), generator=g),
-                                          torch.randint(0, 1000, (BATCH,), generator=g),
-                                          torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)))
-    return model, opt, loss_mod, inputs
+    return tuple(a.to(device) for a in (x, torch.randint(0, model.num_classes, (BATCH,), generator=g),
+                                        torch.randint(0, 1000, (BATCH,), generator=g),
+                                        torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)))
 
 
 def fake_activation_bytes(family: str, size: str, col: Column, overrides: Optional[dict] = None) -> int:
@@ -154,20 +234,17 @@ def fake_activation_bytes(family: str, size: str, col: Column, overrides: Option
             return torch.full(tuple(shape), 0.5)
 
     factory = (EDT_models if family == "EDT" else MDTv2_models)[BM.model_name(family, size)]
-    if col.variant == "compile":
-        raise ValueError("the compiled column needs a real run")
+    variant = "kernels" if col.compiled else col.variant
     with torch.device("meta"):  # the initialisation needs data; the values do not matter here
-        model = factory(backend=BM._backend(col.variant), **_overrides(col, overrides)).train()  # noqa: SLF001
+        model = factory(backend=BM._backend(variant), **_overrides(col, overrides)).train()  # noqa: SLF001
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(mdt_module, "uniform", mean_draw), \
             mock.patch.object(attention_module, "_check_positions_range", lambda *args: None), \
             mock.patch.object(_validation, "check_id_values", lambda *args, **kwargs: None):
         model.to_empty(device="cpu")
         loss_mod = BM.training_loss(model, create_diffusion(""), "edt" if family == "EDT" else "mdt")
-        C, S = model.in_channels, model.input_size
-        x = torch.randn(BATCH, C, S, S)
-        inputs = (x, torch.randint(0, model.num_classes, (BATCH,)), torch.randint(0, 1000, (BATCH,)),
-                  torch.randn(x.shape), torch.randn(x.shape))
-        _, nbytes = saved_activation_bytes(lambda: loss_mod(*inputs), list(model.parameters()))
+        run = _compiled_loss(loss_mod, BATCH, "cpu") if col.compiled else loss_mod
+        inputs = _fixed_inputs(model, "cpu")
+        _, nbytes = saved_activation_bytes(lambda: run(*inputs), list(model.parameters()))
     return nbytes
 
 
@@ -177,11 +254,11 @@ def measure_one(family: str, size: str, col: Column, *, repeats: int = 1, device
     fake tensors); ``overrides``: constructor arguments (tiny test models)."""
     if bytes_only:
         nbytes = fake_activation_bytes(family, size, col, overrides)
+        notes = ([COMPILE_NOTE] if col.compiled else []) + ["bytes from fake tensors (no step run: no peak, no time)"]
         return {"_key": [family, size, col.name], "model": BM.model_name(family, size), "family": family,
                 "size": size, "column": col.name, "batch": BATCH, "act_mib": nbytes / MIB,
                 "act_mib_per_image": nbytes / MIB / BATCH,
-                "note": "bytes from fake tensors (no step run: no peak, no time)"
-                        + ("; masked pass at the mean mask ratio 0.4" if family == "MDTv2" else "")}
+                "note": "; ".join(notes + (["masked pass at the mean mask ratio 0.4"] if family == "MDTv2" else []))}
     device = U.DEVICE if device is None else torch.device(device)
     model, opt, loss_mod, inputs = _train_parts(family, size, col, device, overrides)
     params = list(model.parameters())
@@ -199,23 +276,26 @@ def measure_one(family: str, size: str, col: Column, *, repeats: int = 1, device
         return losses.detach()
 
     step()  # warm-up: AdamW state, compilation, allocator growth
-    t0 = time.perf_counter()
-    peak = BM._peak(step, (True,), device)  # noqa: SLF001 - the models benchmark's peak, same method
-    times = [time.perf_counter() - t0]
-    if device.type == "cuda":
-        peak -= torch.cuda.memory_allocated(device)
-    for _ in range(repeats - 1):
-        U.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        U.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    ms = 1e3 * times[len(times) // 2]
     row = {"_key": [family, size, col.name], "model": BM.model_name(family, size), "family": family,
-           "size": size, "column": col.name, "batch": BATCH, "act_mib": acts["bytes"] / MIB,
-           "act_mib_per_image": acts["bytes"] / MIB / BATCH,
-           "peak_mib": None if peak is None else peak / MIB, "ms": ms}
+           "size": size, "column": col.name, "batch": BATCH}
+    if col.compiled:
+        step(True)
+        row["note"] = COMPILE_NOTE
+    else:
+        t0 = time.perf_counter()
+        peak = BM._peak(step, (True,), device)  # noqa: SLF001 - the models benchmark's peak, same method
+        times = [time.perf_counter() - t0]
+        if device.type == "cuda":
+            peak -= torch.cuda.memory_allocated(device)
+        for _ in range(repeats - 1):
+            U.synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            U.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        row.update(peak_mib=None if peak is None else peak / MIB, ms=1e3 * times[len(times) // 2])
+    row.update(act_mib=acts["bytes"] / MIB, act_mib_per_image=acts["bytes"] / MIB / BATCH)
     del model, opt, loss_mod
     BM._CACHE.clear()  # noqa: SLF001 - free this column's model before the next
     return row
@@ -235,7 +315,13 @@ def _section() -> U.Section:
              ("peak MiB (CUDA) = torch.cuda.max_memory_allocated over one step minus what was allocated "
               "before it" if U.DEVICE.type == "cuda" else U.memory_note()),
              "x eager = activation bytes / the eager column's; time x kernels = step time / the kernels "
-             "column's without checkpointing (same model, same run)"]
+             "column's without checkpointing (same model, same run)",
+             "compile, compile ckpt=all (with --compile): the kernels model's whole training loss under "
+             "torch.compile(fullgraph=True), draws made ahead, split into forward and backward as Inductor "
+             "splits it (its pre-grad passes, decompositions, joint-graph passes and min-cut "
+             "rematerialisation partitioner) and run without code generation: the bytes its forward saves "
+             "for the backward are an Inductor-compiled step's (the hooks see the compiled region's saved "
+             "tensors); its peak and step time would not be Inductor's and are not reported"]
     if U.DEVICE.type == "cpu":
         notes.insert(0, U.CPU_NOTE)
     return U.section(SECTION, "Training memory: activations kept for backward, peak, step time",
@@ -286,7 +372,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = U.base_parser("training memory of EDT and MDTv2: activation bytes, peak memory, step time")
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=("S", "B", "XL"))
     p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
-    p.add_argument("--compile", action="store_true", help="add the torch.compile'd kernels column")
+    p.add_argument("--compile", action="store_true",
+                   help="add the compiled kernels columns (compile, compile ckpt=all): the bytes of the "
+                        "partition Inductor makes, measured without its code generation (no peak, no time)")
     p.add_argument("--bytes-only", nargs="*", default=[], choices=("S", "B", "XL"),
                    help="sizes whose activation bytes are computed on fake tensors, without running a step "
                         "(no peak memory, no time): for models too slow to step on this machine")
@@ -295,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for size in args.sizes:
         for family in args.families:
             fake = size in args.bytes_only
-            for col in columns(args.compile and not fake):
+            for col in columns(args.compile):
                 try:
                     row = run_one(family, size, col, repeats=args.repeats or 1, bytes_only=fake)
                     print(f"{family}-{size} {col.name:24s} act {row['act_mib']:9.1f} MiB  "

@@ -343,3 +343,54 @@ def test_memory_bench_tiny_models(monkeypatch):
         assert fake["act_mib"] == got["kernels ckpt=all"]
     (table,) = BMEM.summarize(U.Section("memory", "t", BMEM.ROW_COLUMNS, rows=rows))
     assert all(r["act_ratio"] > 0 and r["time_ratio"] > 0 for r in table["rows"])
+
+
+@pytest.mark.parametrize("family", ["EDT", "MDTv2"])
+def test_memory_bench_compiled_step(monkeypatch, family):
+    """The compiled column on a tiny model: its step gives the uncompiled step's
+    losses and gradients; the hooks see exactly the tensors the partitioned
+    backward graph takes from the forward; the row has bytes and no time."""
+    from collections import Counter
+
+    from benchmarks import test_bench_memory as BMEM
+    from tests.tolerances import GRAD_TOL, assert_close
+
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    ov = EDT_TINY if family == "EDT" else MDT_TINY
+    model, _, loss_mod, inputs = BMEM._train_parts(family, "S", BMEM.Column("kernels"), CPU, ov)
+    saved, packed = [], []
+    compiled = torch.compile(loss_mod, backend=BMEM.partition_backend(saved), fullgraph=True)
+
+    def step(fn, **kw):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        out = fn(*inputs, **kw)
+        out[0].backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    want = step(loss_mod)
+    with torch.no_grad():  # fill the diffusion's device tables before tracing
+        loss_mod(*inputs, draws=loss_mod.draw_ahead(BMEM.BATCH, None, CPU))
+    step(lambda *a: compiled(*a, draws=loss_mod.draw_ahead(BMEM.BATCH, None, CPU)))  # compiles
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((tuple(t.shape), t.dtype)) or t,
+                                                  lambda t: t):
+        got = step(lambda *a: compiled(*a, draws=loss_mod.draw_ahead(BMEM.BATCH, None, CPU)))
+    assert_close(got[0], want[0], torch.float32)
+    assert got[1].keys() == want[1].keys()
+    for n, g in want[1].items():
+        assert (g is None) == (got[1][n] is None), n
+        if g is not None:
+            assert_close(got[1][n], g, torch.float32, GRAD_TOL, n)
+    assert len(saved) == 1 and Counter(packed) == Counter(saved[0])
+
+
+def test_memory_bench_compiled_column_fake_equals_real(monkeypatch):
+    """The compiled column's row: bytes and no time; on fake tensors (how the
+    B and XL rows are made) the same bytes as the step run for real."""
+    from benchmarks import test_bench_memory as BMEM
+
+    monkeypatch.setenv("EDT_KERNELS_BACKEND", "torch")
+    row = BMEM.measure_one("EDT", "S", BMEM.Column("compile"), device=CPU, overrides=EDT_TINY)
+    assert row["act_mib"] > 0 and row.get("ms") is None and "Inductor" in row["note"]
+    fake = BMEM.measure_one("EDT", "S", BMEM.Column("compile"), overrides=EDT_TINY, bytes_only=True)
+    assert fake["act_mib"] == row["act_mib"]

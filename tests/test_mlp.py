@@ -1,12 +1,14 @@
 """edt_kernels.mlp_gelu_tanh (the block MLP keeping x and the pre-activation
-only) and the lean torch backend of layernorm_modulate (x and the row
-statistics only): the reference's forward bit for bit, float64 gradients
-against the reference, what the backward keeps, bad input."""
+only) and the lean torch backends of layernorm_modulate and
+patch_merge_modulate (x and the row statistics only): the reference's forward
+bit for bit, float64 gradients against the reference, what the backward
+keeps, bad input."""
 import pytest
 import torch
 
-from edt_kernels import layernorm_modulate, mlp_gelu_tanh
-from edt_kernels.reference import reference_layernorm_modulate, reference_mlp_gelu_tanh
+from edt_kernels import layernorm_modulate, mlp_gelu_tanh, patch_merge_modulate
+from edt_kernels.reference import (reference_layernorm_modulate, reference_mlp_gelu_tanh,
+                                   reference_patch_merge_modulate)
 from tolerances import GRAD_TOL, assert_close
 
 
@@ -84,17 +86,23 @@ def _ln_inputs(dtype):
     return [torch.randn(s, generator=g, dtype=dtype).requires_grad_(True) for s in ((3, 9, 37), (3, 37), (3, 37))]
 
 
-def test_layernorm_modulate_torch_backend_float64():
-    args = _ln_inputs(torch.float64)
+def _assert_lean_is_reference(lean, reference, args, name: str):
+    """``lean(*args)`` is ``reference`` on copies of ``args`` bit for bit, and
+    their float64 gradients under a random loss agree."""
     ref_args = _leafify(args)
-    out = layernorm_modulate(*args, 1e-6, backend="torch")
-    ref = reference_layernorm_modulate(*ref_args, 1e-6)
+    out, ref = lean(*args), reference(*ref_args)
     assert torch.equal(out, ref)
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (out * w).sum().backward()
     (ref * w).sum().backward()
     for a, r in zip(args, ref_args):
-        assert_close(a.grad, r.grad, torch.float64, GRAD_TOL, name="layernorm_modulate grad")
+        assert_close(a.grad, r.grad, torch.float64, GRAD_TOL, name=f"{name} grad")
+
+
+def test_layernorm_modulate_torch_backend_float64():
+    _assert_lean_is_reference(lambda *a: layernorm_modulate(*a, 1e-6, backend="torch"),
+                              lambda *a: reference_layernorm_modulate(*a, 1e-6), _ln_inputs(torch.float64),
+                              "layernorm_modulate")
 
 
 def test_layernorm_modulate_torch_keeps_x_and_statistics():
@@ -112,4 +120,45 @@ def test_layernorm_modulate_torch_backend_partial_requires_grad():
     out.sum().backward()
     ref_x = x.detach().clone().requires_grad_(True)
     reference_layernorm_modulate(ref_x, shift.detach(), scale.detach()).sum().backward()
+    assert_close(x.grad, ref_x.grad, torch.float64, GRAD_TOL, name="dx")
+
+
+MERGE_GRID, MERGE_C = (4, 6), 5
+
+
+def _merge_inputs(dtype, keep: str):
+    """x [2, 24, 5] on a 4 x 6 grid, shift and scale [2, 20], and a keep mask
+    per input token ("source"), per merged token ("merged") or None."""
+    g = torch.Generator().manual_seed(4)
+    L = MERGE_GRID[0] * MERGE_GRID[1]
+    x, shift, scale = (torch.randn(s, generator=g, dtype=dtype).requires_grad_(True)
+                       for s in ((2, L, MERGE_C), (2, 4 * MERGE_C), (2, 4 * MERGE_C)))
+    mask = None if keep == "none" else torch.rand(2, L if keep == "source" else L // 4, generator=g) >= 0.4
+    return [x, shift, scale], mask
+
+
+@pytest.mark.parametrize("keep", ["none", "source", "merged"])
+def test_patch_merge_modulate_torch_backend_float64(keep):
+    args, mask = _merge_inputs(torch.float64, keep)
+    _assert_lean_is_reference(lambda *a: patch_merge_modulate(*a, mask, grid=MERGE_GRID, backend="torch"),
+                              lambda *a: reference_patch_merge_modulate(*a, mask, MERGE_GRID), args,
+                              "patch_merge_modulate")
+
+
+def test_patch_merge_modulate_torch_keeps_x_and_statistics():
+    args, mask = _merge_inputs(torch.float32, "source")
+    h = args[0] * 1.0  # a non-leaf input, as in a model
+    _, lean = _saved(lambda: patch_merge_modulate(h, args[1], args[2], mask, grid=MERGE_GRID, backend="torch"))
+    _, ref = _saved(lambda: patch_merge_modulate(h, args[1], args[2], mask, grid=MERGE_GRID, backend="eager"))
+    # x, scale, mean, rstd and the mask as given: no merged, normalised or channel-spread copy
+    assert sorted(lean) == sorted([(2, 24, 5), (2, 20), (2, 6, 1), (2, 6, 1), (2, 24)])
+    assert len([s for s in ref if s == (2, 6, 20)]) == 3  # merged, normalised rows, the spread mask
+
+
+def test_patch_merge_modulate_torch_backend_partial_requires_grad():
+    (x, shift, scale), mask = _merge_inputs(torch.float64, "merged")
+    out = patch_merge_modulate(x, shift.detach(), scale.detach(), mask, grid=MERGE_GRID, backend="torch")
+    out.sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    reference_patch_merge_modulate(ref_x, shift.detach(), scale.detach(), mask, MERGE_GRID).sum().backward()
     assert_close(x.grad, ref_x.grad, torch.float64, GRAD_TOL, name="dx")

@@ -19,7 +19,7 @@ from .. import _validation as V
 from ..backends import OpCall
 from ._triton_utils import dispatch, promote, register_op
 from ..amm import GridLike, normalize_grid
-from ..reference.tokens import reference_patch_merge_modulate
+from ..reference.tokens import merged_keep_multiplier, reference_patch_merge, reference_patch_merge_modulate
 from .layernorm_modulate import ln_modulate_backward, ln_modulate_forward
 
 __all__ = ["patch_merge_modulate"]
@@ -68,6 +68,56 @@ def _merge_backward(ctx, dout):
 
 
 _patch_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
+
+# ============================================================================ torch backend
+
+class _PatchMergeModulateTorch(torch.autograd.Function):
+    """The reference's forward, op for op (bit-equal), keeping for the backward
+    only x, scale, the keep mask as given and the row statistics (mean, rstd):
+    the merged and normalised rows and the mask spread over the channels are
+    recomputed from them instead of being saved (the reference keeps all three)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, keep_mask, H, W, eps):
+        merged = reference_patch_merge(x, (H, W))  # (B, L/4, 4C)
+        normed, mean, rstd = torch.native_layer_norm(merged, (merged.shape[-1],), None, None, eps)
+        out = normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        if keep_mask is not None:
+            out = out * merged_keep_multiplier(keep_mask, x.shape[1], x.shape[-1], out.dtype, (H, W))
+        ctx.save_for_backward(x, scale, mean, rstd, keep_mask)
+        ctx.geometry = (H, W, eps, out.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, scale, mean, rstd, keep_mask = ctx.saved_tensors
+        H, W, eps, dtype = ctx.geometry
+        needs_x, needs_shift, needs_scale = ctx.needs_input_grad[:3]
+        B, L, C = x.shape
+        if keep_mask is not None:
+            dout = dout * merged_keep_multiplier(keep_mask, L, C, dtype, (H, W))
+        merged = reference_patch_merge(x, (H, W))
+        dx = dshift = dscale = None
+        if needs_x:
+            dnormed = dout * (1 + scale.unsqueeze(1))
+            dmerged = torch.ops.aten.native_layer_norm_backward(
+                dnormed, merged, (4 * C,), mean, rstd, None, None, [True, False, False])[0]
+            # the merge's inverse: channel block r + 2c of merged token (i, j) is grid cell (2i + r, 2j + c)
+            dx = (dmerged.reshape(B, H // 2, W // 2, 2, 2, C).permute(0, 1, 4, 2, 3, 5)
+                  .reshape(B, L, C).to(x.dtype))
+        if needs_shift:
+            dshift = dout.sum(1)
+        if needs_scale:
+            dscale = (dout * ((merged - mean) * rstd)).sum(1)
+        return dx, dshift, dscale, None, None, None, None
+
+
+def _patch_merge_torch(call: OpCall) -> torch.Tensor:
+    x, shift, scale, keep_mask, H, W, eps = call.args
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, shift, scale)):
+        keep = None if keep_mask is None else keep_mask.detach()
+        return _PatchMergeModulateTorch.apply(x, shift, scale, keep, H, W, eps)
+    return _patch_merge_reference(call)
 
 # ============================================================================ public functions
 
@@ -132,4 +182,4 @@ def _patch_merge_reference(call: OpCall) -> torch.Tensor:
 
 # ============================================================================ backends
 
-register_op("patch_merge_modulate", _patch_merge_triton, _patch_merge_reference)
+register_op("patch_merge_modulate", _patch_merge_triton, _patch_merge_reference, torch_fn=_patch_merge_torch)

@@ -28,6 +28,7 @@ __all__ = [
     "reference_scatter_tokens",
     "reference_unshuffle_with_mask_token",
     "reference_masked_shortcut",
+    "merged_keep_multiplier",
     "reference_patch_merge",
     "reference_patch_merge_modulate",
 ]
@@ -140,10 +141,17 @@ def reference_patch_merge_modulate(x: torch.Tensor, shift: torch.Tensor, scale: 
     out = F.layer_norm(merged, (merged.shape[-1],), eps=eps)
     out = out * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
     if keep_mask is not None:
-        if keep_mask.shape[1] == x.shape[1] and x.shape[1] != out.shape[1]:
-            # Per input token: merge the mask like the features (1 channel each).
-            sub = reference_patch_merge(keep_mask.unsqueeze(-1).to(out.dtype), grid)  # [B, L/4, 4]
-            out = out * sub.repeat_interleave(x.shape[-1], dim=-1)
-        else:
-            out = out * keep_mask.unsqueeze(-1).to(out.dtype)
+        out = out * merged_keep_multiplier(keep_mask, x.shape[1], x.shape[-1], out.dtype, grid)
     return out
+
+
+def merged_keep_multiplier(keep_mask: torch.Tensor, L: int, C: int, dtype: torch.dtype,
+                           grid: Optional[GridLike] = None) -> torch.Tensor:
+    """What :func:`reference_patch_merge_modulate` multiplies its ``[B, L/4, 4C]``
+    rows by for ``keep_mask`` (in ``dtype``): ``[B, L/4, 1]`` for a mask per
+    merged token, ``[B, L/4, 4C]`` for one per input token (the mask merged
+    like the features, 1 channel each, then repeated over the C channels)."""
+    if keep_mask.shape[1] == L and L != L // 4:
+        sub = reference_patch_merge(keep_mask.unsqueeze(-1).to(dtype), grid)  # [B, L/4, 4]
+        return sub.repeat_interleave(C, dim=-1)
+    return keep_mask.unsqueeze(-1).to(dtype)
