@@ -85,6 +85,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "number of models; 1: one after the other in this process)")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="where the JSON, markdown and PNGs go")
     p.add_argument("--cache-dir", default=None, help="data folder and judge cache (default: edt.digits.cache_dir)")
+    p.add_argument("--combine", nargs="+", type=pathlib.Path, default=None, metavar="DIR",
+                   help="train nothing: merge the quality.json of earlier runs with the same settings but "
+                        "other seeds (e.g. the default run and a --seeds 1 2 run) into one report in --out")
     args = p.parse_args(argv)
     if not args.minutes > 0:
         p.error(f"--minutes must be > 0, got {args.minutes}")
@@ -257,6 +260,40 @@ def speedups(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return summary
 
 
+#: Settings that may differ between runs merged by ``--combine``.
+_PER_RUN_SETTINGS = {"seeds", "out", "jobs", "cache_dir", "combine"}
+
+
+def combine(dirs: Sequence[pathlib.Path]) -> Dict[str, Any]:
+    """One result from the ``quality.json`` of several runs: their runs concatenated (each seed
+    once), the claim recomputed over all seeds, each source's run line and busy marks kept."""
+    parts = []
+    for d in dirs:
+        path = pathlib.Path(d) / "quality.json"
+        try:
+            parts.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--combine: cannot read {path} ({e})") from None
+    first = parts[0]
+    same = {k: v for k, v in first["settings"].items() if k not in _PER_RUN_SETTINGS}
+    seeds: List[int] = []
+    for d, part in zip(dirs, parts):
+        other = {k: v for k, v in part["settings"].items() if k not in _PER_RUN_SETTINGS}
+        if other != same:
+            diff = sorted(k for k in set(same) | set(other) if same.get(k) != other.get(k))
+            raise ValueError(f"--combine: {d} was run with other settings ({', '.join(diff)})")
+        if set(part["settings"]["seeds"]) & set(seeds):
+            raise ValueError(f"--combine: {d} repeats seed(s) {sorted(set(part['settings']['seeds']) & set(seeds))}")
+        seeds += part["settings"]["seeds"]
+    runs = [r for part in parts for r in part["runs"]]
+    busy = [f"{d}: {why}" for d, part in zip(dirs, parts) for why in part["busy"]]
+    settings = dict(first["settings"], seeds=seeds, jobs=first["settings"]["jobs"])
+    return {"run_info": first["run_info"], "busy": busy, "judge": first["judge"], "claim": speedups(runs),
+            "runs": runs, "settings": settings,
+            "sources": [{"dir": str(d), "run_info": part["run_info"], "seeds": part["settings"]["seeds"],
+                         "busy": part["busy"]} for d, part in zip(dirs, parts)]}
+
+
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
@@ -296,10 +333,13 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 def render_markdown(result: Dict[str, Any]) -> str:
     info, judge, claim = result["run_info"], result["judge"], result["claim"]
-    lines = ["# EDT vs MDTv2 on the UCI digits: quality against training wall-clock", "",
-             f"{info['date']}, commit {info['git_commit']}, {info['device']}, torch {info['torch']}, "
-             f"{result['settings']['jobs']} run(s) at a time, {result['settings']['threads']} thread(s) each, "
-             f"load average at start {info['load_average']}.", ""]
+    lines = ["# EDT vs MDTv2 on the UCI digits: quality against training wall-clock", ""]
+    for src in result.get("sources") or [{"run_info": info, "seeds": result["settings"]["seeds"]}]:
+        i = src["run_info"]
+        lines += [f"{'Seeds ' + str(src['seeds']) + ': ' if 'dir' in src else ''}{i['date']}, commit "
+                  f"{i['git_commit']}, {i['device']}, torch {i['torch']}, {result['settings']['jobs']} run(s) at a "
+                  f"time, {result['settings']['threads']} thread(s) each, load average at start "
+                  f"{i['load_average']}.", ""]
     if result["busy"]:
         lines += [U.busy_note(result["busy"]), ""]
     s = result["settings"]
@@ -343,6 +383,18 @@ def render_markdown(result: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the comparison; returns the JSON-able result (also written to ``OUT/quality.json``)."""
     args = parse_args(argv)
+    if args.combine:
+        try:
+            result = combine(args.combine)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quality.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        (args.out / "quality.md").write_text(render_markdown(result))
+        plot_curves(result["runs"], result["judge"]["fd_floor"], args.out / "curves.png")
+        print(render_markdown(result))
+        return result
     start = U.machine_snapshot()
     info = U.run_info()
     info["threads"] = args.threads

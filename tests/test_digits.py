@@ -122,11 +122,21 @@ def test_quality_smoke(cache, tmp_path, capsys):
     assert set(saved["claim"]["per_seed"]) == {"0"} and result["judge"]["n_heldout"] == 359
     for name in ("quality.md", "curves.png", "samples-EDT-seed0.png", "samples-MDTv2-seed0.png"):
         assert (out / name).stat().st_size > 0
-    # one run after the other in this process: the same result layout
+    # one run after the other in this process, another seed: the same result layout, and the two
+    # runs merge into one report over both seeds
     alone = quality.main(["--minutes", "0.001", "--evals", "1", "--num-samples", "10", "--sampling-steps", "2",
-                          "--batch-size", "8", "--jobs", "1", "--models", "EDT", "--out", str(tmp_path / "alone")])
-    assert alone["settings"]["jobs"] == 1 and [r["model"] for r in alone["runs"]] == ["EDT"]
+                          "--batch-size", "8", "--threads", "1", "--jobs", "1", "--seeds", "1",
+                          "--out", str(tmp_path / "alone")])
+    assert alone["settings"]["jobs"] == 1 and [r["model"] for r in alone["runs"]] == ["EDT", "MDTv2"]
     assert alone["runs"][0]["evals"][0]["step"] == quality.CHUNK_STEPS
+    both = quality.main(["--combine", str(out), str(tmp_path / "alone"), "--out", str(tmp_path / "both")])
+    assert set(json.loads((tmp_path / "both" / "quality.json").read_text())["claim"]["per_seed"]) == {"0", "1"}
+    assert [(r["model"], r["seed"]) for r in both["runs"]] == [("EDT", 0), ("MDTv2", 0), ("EDT", 1), ("MDTv2", 1)]
+    assert "Seeds [1]:" in (tmp_path / "both" / "quality.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--combine", str(out), str(out), "--out", str(tmp_path / "again")])
+    assert e.value.code == 2 and "repeats seed" in capsys.readouterr().err
 
 
 def test_quality_bad_input(capsys):
