@@ -107,6 +107,21 @@ def test_time_to_reach_interpolates():
     assert time_to_reach(evals, 5.0) is None
 
 
+def test_speedup_is_a_lower_bound_when_edt_starts_below_the_target():
+    from benchmarks.quality import speedups
+
+    def run(model, *points):
+        return {"model": model, "seed": 0, "evals": [{"seconds": s, "fd": f} for s, f in points]}
+
+    mdt = run("MDTv2", (10, 300.0), (20, 150.0))
+    early = speedups([run("EDT", (10, 100.0), (20, 50.0)), mdt])
+    assert early["per_seed"][0]["speedup"] == pytest.approx(2.0) and early["per_seed"][0]["speedup_is_lower_bound"]
+    assert early["lower_bounds"] == 1
+    crossing = speedups([run("EDT", (10, 200.0), (20, 50.0)), mdt])
+    assert crossing["per_seed"][0]["speedup"] == pytest.approx(1.5)
+    assert not crossing["per_seed"][0]["speedup_is_lower_bound"] and crossing["lower_bounds"] == 0
+
+
 def test_quality_smoke(cache, tmp_path, capsys):
     from benchmarks import quality
 
