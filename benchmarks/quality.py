@@ -1,6 +1,6 @@
 """EDT vs MDTv2 on real images, quality against training wall-clock: ``python -m benchmarks.quality``.
 
-    python -m benchmarks.quality                      # the default run (about 15 minutes on 2 cores)
+    python -m benchmarks.quality                      # the default run (about 19 minutes on 2 cores)
     python -m benchmarks.quality --seeds 0 1 2        # the speed-up's spread over 3 seeds (3x as long)
     python -m benchmarks.quality --minutes 0.05 --evals 1 --num-samples 20 --sampling-steps 4   # smoke
 
