@@ -328,8 +328,52 @@ def _section() -> U.Section:
                      ROW_COLUMNS, notes, summarize=summarize)
 
 
+#: The issue's targets: activation bytes of the XL models against the eager path, without and with
+#: every block checkpointed, and the step time with every block checkpointed against the unchecked one.
+TARGET_BYTES, TARGET_BYTES_CKPT, TARGET_TIME_CKPT = 0.65, 0.25, 1.35
+#: The computed budget: EDT-XL/2 at 256 px, this many images per GPU, every block checkpointed.
+BUDGET_BATCH, BUDGET_GB = 32, 24.0
+#: Training bytes per parameter: float32 weights, gradients, AdamW's two moments, the EMA copy.
+BYTES_PER_PARAM = 20
+
+
+def _edt_block_share(size: str) -> float:
+    """tokens x width of one first-stage block of EDT-``size`` at 256 px over the sum over all its
+    blocks: the share of the unchecked activations one recomputed block holds again."""
+    from edt.models.edt import _EDT_CONFIGS
+
+    cfg = _EDT_CONFIGS[size]
+    tokens = (32 // cfg["patch_size"]) ** 2
+    n = len(cfg["stages_depth"])
+    per_stage = [tokens // 4 ** min(i, n - 1 - i) for i in range(n)]  # down-sampled to the middle, back up
+    total = sum(d * w * t for d, w, t in zip(cfg["stages_depth"], cfg["dims"], per_stage))
+    return per_stage[0] * cfg["dims"][0] / total
+
+
+def xl_budget(by: Dict) -> Optional[Dict]:
+    """The computed memory of an EDT-XL/2 training step at 256 px, ``BUDGET_BATCH`` images, every block
+    checkpointed (None without the EDT-XL rows): parameters' training state, the kept activations
+    (float32 as measured: an upper bound under bf16), and the recomputed block with its gradients."""
+    kern, ckpt = by.get(("EDT-XL/2", "kernels")), by.get(("EDT-XL/2", "kernels ckpt=all"))
+    if not (kern and ckpt):
+        return None
+    from edt.models import EDT_models
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in EDT_models["EDT-XL/2"]().parameters())
+    state = BYTES_PER_PARAM * params / 1e9
+    kept = BUDGET_BATCH * ckpt["act_mib_per_image"] * MIB / 1e9
+    freed = kern["act_mib_per_image"] - ckpt["act_mib_per_image"]
+    share = _edt_block_share("XL")
+    block = BUDGET_BATCH * share * freed * MIB / 1e9
+    unchecked = state + BUDGET_BATCH * kern["act_mib_per_image"] * MIB / 1e9
+    return {"params": params, "state_gb": state, "kept_gb": kept, "block_share": share, "block_gb": block,
+            "total_gb": state + kept + 2 * block, "unchecked_gb": unchecked}
+
+
 def summarize(sec: U.Section) -> List[Dict]:
-    """Ratios to the eager and unchecked kernels columns of the same model."""
+    """The targets, the ratios to the eager and unchecked kernels columns of the same model, and the
+    compiled columns against the kernels ones."""
     by = {(r["model"], r["column"]): r for r in sec.rows if "act_mib" in r}
     rows = []
     for r in sec.rows:
@@ -340,8 +384,52 @@ def summarize(sec: U.Section) -> List[Dict]:
         if kern and r.get("ms") is not None:
             r["time_ratio"] = r["ms"] / kern["ms"]
         rows.append(r)
-    return [{"title": "Activation bytes, peak memory and step time", "columns": [list(c) for c in ROW_COLUMNS],
-             "rows": rows}]
+    ratio = {(r["model"], r["column"]): r for r in rows}
+    targets = []
+    for col, limit, what in (("kernels", TARGET_BYTES, "without checkpointing"),
+                             ("kernels ckpt=all", TARGET_BYTES_CKPT, "every block checkpointed")):
+        for model in ("EDT-XL/2", "MDTv2-XL/2"):
+            r = ratio.get((model, col))
+            if r and r.get("act_ratio") is not None:
+                targets.append({"target": f"{model} activation bytes {what} <= {limit}x the authors' eager path",
+                                "value": r["act_ratio"], "met": r["act_ratio"] <= limit})
+    for (model, col), r in ratio.items():
+        if col == "kernels ckpt=all" and r.get("time_ratio") is not None:
+            targets.append({"target": f"{model} step time, every block checkpointed, <= {TARGET_TIME_CKPT}x the "
+                                      "unchecked step (one timed step each)",
+                            "value": r["time_ratio"], "met": r["time_ratio"] <= TARGET_TIME_CKPT})
+    budget = xl_budget(by)
+    if budget:
+        targets.append({"target": f"EDT-XL/2, 256 px, batch {BUDGET_BATCH} per GPU, bf16, every block checkpointed, "
+                                  f"within {BUDGET_GB:g} GB (COMPUTED from the measured bytes, not measured)",
+                        "value": f"{budget['total_gb']:.1f} GB", "met": budget["total_gb"] < BUDGET_GB})
+    tables = [{"title": "Targets (training memory)", "kind": "targets",
+               "columns": [["target", "target"], ["value", "measured"], ["met", "met"]], "rows": targets}]
+    if budget:
+        tables[0]["notes"] = [
+            f"COMPUTED, not measured: weights + gradients + AdamW moments + EMA (float32) = {BYTES_PER_PARAM} B x "
+            f"{budget['params'] / 1e6:.1f} M parameters = {budget['state_gb']:.2f} GB; kept activations "
+            f"{BUDGET_BATCH} x {by[('EDT-XL/2', 'kernels ckpt=all')]['act_mib_per_image']:.2f} MiB/image (measured "
+            f"here in float32: an upper bound under bf16) = {budget['kept_gb']:.2f} GB; the block recomputed in "
+            f"the backward (a first-stage block: {100 * budget['block_share']:.2f}% by tokens x width of what "
+            f"checkpointing every block stops keeping) {budget['block_gb']:.2f} GB, and as much again for its "
+            f"activation gradients: {budget['total_gb']:.1f} GB. Without checkpointing: "
+            f"{budget['unchecked_gb']:.1f} GB (float32 upper bound). benchmarks.gpu_check measures this step's "
+            "peak when a GPU runs it"]
+    tables.append({"title": "Activation bytes, peak memory and step time", "columns": [list(c) for c in ROW_COLUMNS],
+                   "rows": rows})
+    compiled = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        c, k = by.get((model, "compile")), by.get((model, "kernels"))
+        cc, kc = by.get((model, "compile ckpt=all")), by.get((model, "kernels ckpt=all"))
+        if c and k:
+            compiled.append({"model": model, "ratio": c["act_mib"] / k["act_mib"],
+                             "ratio_ckpt": cc["act_mib"] / kc["act_mib"] if cc and kc else None})
+    if compiled:
+        tables.append({"title": "Compiled (Inductor's partition) against the kernels column, activation bytes",
+                       "columns": [["model", "model"], ["ratio", "compile / kernels"],
+                                   ["ratio_ckpt", "compile ckpt=all / kernels ckpt=all"]], "rows": compiled})
+    return tables
 
 
 def run_one(family: str, size: str, col: Column, *, repeats: int = 1, bytes_only: bool = False) -> Dict:

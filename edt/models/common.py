@@ -257,20 +257,41 @@ class Modulated(nn.Module):
         return self.adaLN_modulation(c).chunk(self.modulation_chunks, dim=1)
 
 
+class _ConcatLinear(torch.autograd.Function):
+    """``x @ cat(weights).T + cat(biases)`` that keeps the parameters, not their concatenation, for the
+    backward (which concatenates the weights again): a copy of every modulation weight would otherwise
+    stay alive until the backward of each pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int, *params: torch.Tensor) -> torch.Tensor:
+        weights, biases = params[:n], params[n:]
+        ctx.save_for_backward(x, *weights)
+        ctx.sizes = [w.shape[0] for w in weights]
+        return torch.addmm(torch.cat(biases), x, torch.cat(weights).t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        grad_x = grad @ torch.cat(weights) if ctx.needs_input_grad[0] else None
+        grad_w = (grad.t() @ x).split(ctx.sizes)  # rows of one matmul: contiguous per weight
+        grad_b = grad.sum(0).split(ctx.sizes)
+        return (grad_x, None, *grad_w, *grad_b)
+
+
 def batched_modulations(modules: Sequence[Modulated], c: torch.Tensor) -> List[Tuple[torch.Tensor, ...]]:
     """Every module's :meth:`Modulated.modulation` rows from one SiLU and one matmul.
 
     The modules' modulation linears all read ``SiLU(c)``: their weights (and biases) are
     concatenated along the outputs and applied at once, and the result is split back into each
-    module's rows.  The parameters stay per module (the published state dict).  Each row is the
-    same dot product as the module's own linear, up to float summation order.  On a GPU this is
-    4 launches (SiLU, two concatenations, the matmul) instead of 2 per module, and in the
-    backward one matmul per input and per weight gradient and one bias sum instead of one each
-    per module, with no sum of per-module gradients into ``c``."""
+    module's rows.  The parameters stay per module (the published state dict), and the backward
+    keeps them rather than their concatenation.  Each row is the same dot product as the module's
+    own linear, up to float summation order.  On a GPU this is 4 launches (SiLU, two
+    concatenations, the matmul) instead of 2 per module, and in the backward one concatenation, one
+    matmul per input and per weight gradient and one bias sum instead of one each per module, with
+    no sum of per-module gradients into ``c``."""
     linears = [m.adaLN_modulation[-1] for m in modules]
-    weight = torch.cat([lin.weight for lin in linears])  # (sum of outputs, cond_dim)
-    bias = torch.cat([lin.bias for lin in linears])
-    out = F.linear(F.silu(c), weight, bias)  # (B, sum of outputs)
+    out = _ConcatLinear.apply(F.silu(c), len(linears), *[lin.weight for lin in linears],
+                              *[lin.bias for lin in linears])  # (B, sum of outputs)
     sizes = [lin.out_features // m.modulation_chunks for m, lin in zip(modules, linears)
              for _ in range(m.modulation_chunks)]
     rows = out.split(sizes, dim=1)  # one split: its backward is one concatenation
