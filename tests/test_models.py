@@ -222,6 +222,22 @@ def test_kernels_equal_eager_training(kind, enable_mask, torch_backend):
     _assert_grads_close(grads_f, grads_p, rel=1e-5, all_used=enable_mask or kind != "MDTv2")
 
 
+def test_batched_modulation_gradients_and_what_it_keeps():
+    """The batched modulation linear: float64 gradients of input, weights and biases (gradcheck), and
+    its backward keeps the input and the parameters themselves, no concatenated copy."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weights = [torch.randn(k, 5, dtype=torch.float64, generator=g, requires_grad=True) for k in (4, 6, 2)]
+    biases = [torch.randn(k, dtype=torch.float64, generator=g, requires_grad=True) for k in (4, 6, 2)]
+    assert torch.autograd.gradcheck(lambda x, *p: common._ConcatLinear.apply(x, 3, *p), (x, *weights, *biases))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = common._ConcatLinear.apply(x, 3, *weights, *biases)
+    want = x @ torch.cat(weights).t() + torch.cat(biases)
+    assert torch.allclose(out, want) and out.shape == (3, 12)
+    assert len(saved) == 4 and all(any(t is s for s in saved) for t in (x, *weights))
+
+
 @pytest.mark.parametrize("kind", ["EDT", "EDT-XL", "MDTv2"])
 def test_kernels_equal_eager_eval_with_amm(kind, torch_backend):
     fused, plain = _pair(kind, **({"amm_blocks": [1, 4]} if kind == "MDTv2" else {}))
