@@ -284,17 +284,14 @@ def batched_modulations(modules: Sequence[Modulated], c: torch.Tensor) -> List[T
     The modules' modulation linears all read ``SiLU(c)``: their weights (and biases) are
     concatenated along the outputs and applied at once, and the result is split back into each
     module's rows.  The parameters stay per module (the published state dict), and the backward
-    keeps them rather than their concatenation (under torch.compile the partitioner decides).  Each row is the same dot product as the module's
+    keeps them rather than their concatenation.  Each row is the same dot product as the module's
     own linear, up to float summation order.  On a GPU this is 4 launches (SiLU, two
     concatenations, the matmul) instead of 2 per module, and in the backward one concatenation, one
     matmul per input and per weight gradient and one bias sum instead of one each per module, with
     no sum of per-module gradients into ``c``."""
     linears = [m.adaLN_modulation[-1] for m in modules]
-    weights, biases = [lin.weight for lin in linears], [lin.bias for lin in linears]
-    if torch.compiler.is_compiling():  # the compiler's partitioner chooses what the backward keeps
-        out = F.linear(F.silu(c), torch.cat(weights), torch.cat(biases))
-    else:
-        out = _ConcatLinear.apply(F.silu(c), len(linears), *weights, *biases)  # (B, sum of outputs)
+    out = _ConcatLinear.apply(F.silu(c), len(linears), *[lin.weight for lin in linears],
+                              *[lin.bias for lin in linears])  # (B, sum of outputs)
     sizes = [lin.out_features // m.modulation_chunks for m, lin in zip(modules, linears)
              for _ in range(m.modulation_chunks)]
     rows = out.split(sizes, dim=1)  # one split: its backward is one concatenation
@@ -546,9 +543,11 @@ class DiffusionTransformer(nn.Module):
 
     def _modulations(self, c: torch.Tensor, modules: Sequence[Modulated]) -> Dict[Modulated, Tuple[torch.Tensor, ...]]:
         """The modulation rows of ``modules`` (those this forward runs), by module, computed at
-        once (:func:`batched_modulations`); empty on the authors' path (``"eager"``), where every
-        module computes its own."""
-        if self.backend == EAGER:
+        once (:func:`batched_modulations`); empty on the authors' path (``"eager"``) and under
+        torch.compile, where every module computes its own."""
+        if self.backend == EAGER or torch.compiler.is_compiling():
+            # under torch.compile launches are the compiler's to fuse, and its partitioner would keep
+            # the concatenated weights for the backward (hundreds of MiB per pass at XL)
             return {}
         return dict(zip(modules, batched_modulations(modules, c)))
 
