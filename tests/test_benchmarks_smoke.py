@@ -341,8 +341,26 @@ def test_memory_bench_tiny_models(monkeypatch):
         assert got["kernels ckpt=selective"] < got["kernels"]
         fake = BMEM.measure_one(family, "S", BMEM.Column("kernels", "all"), overrides=ov, bytes_only=True)
         assert fake["act_mib"] == got["kernels ckpt=all"]
-    (table,) = BMEM.summarize(U.Section("memory", "t", BMEM.ROW_COLUMNS, rows=rows))
+    targets, table = BMEM.summarize(U.Section("memory", "t", BMEM.ROW_COLUMNS, rows=rows))
     assert all(r["act_ratio"] > 0 and r["time_ratio"] > 0 for r in table["rows"])
+    times = [r for r in targets["rows"] if "step time" in r["target"]]  # no XL rows here: the time targets only
+    assert targets["kind"] == "targets" and len(times) == len(targets["rows"]) == 2
+    assert all(r["met"] == (r["value"] <= BMEM.TARGET_TIME_CKPT) for r in times)
+
+
+def test_memory_budget_is_computed_from_the_rows():
+    """The EDT-XL batch-32 budget: parameters' training state + kept activations + the recomputed
+    first-stage block and its gradients, from the measured MiB per image."""
+    from benchmarks import test_bench_memory as BMEM
+
+    by = {("EDT-XL/2", "kernels"): {"act_mib_per_image": 460.0},
+          ("EDT-XL/2", "kernels ckpt=all"): {"act_mib_per_image": 50.0}}
+    b = BMEM.xl_budget(by)
+    mib = BMEM.MIB / 1e9
+    assert b["params"] > 600e6 and 0.05 < b["block_share"] < 0.07
+    want = 20 * b["params"] / 1e9 + 32 * 50 * mib + 2 * 32 * b["block_share"] * 410 * mib
+    assert b["total_gb"] == pytest.approx(want)
+    assert BMEM.xl_budget({}) is None
 
 
 @pytest.mark.parametrize("family", ["EDT", "MDTv2"])
