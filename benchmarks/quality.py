@@ -291,7 +291,7 @@ def combine(dirs: Sequence[pathlib.Path]) -> Dict[str, Any]:
         seeds += part["settings"]["seeds"]
     runs = [r for part in parts for r in part["runs"]]
     busy = [f"{d}: {why}" for d, part in zip(dirs, parts) for why in part["busy"]]
-    settings = dict(first["settings"], seeds=seeds, jobs=first["settings"]["jobs"])
+    settings = dict(first["settings"], seeds=seeds)
     return {"run_info": first["run_info"], "busy": busy, "judge": first["judge"], "claim": speedups(runs),
             "runs": runs, "settings": settings,
             "sources": [{"dir": str(d), "run_info": part["run_info"], "seeds": part["settings"]["seeds"],
@@ -389,6 +389,17 @@ def render_markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(result: Dict[str, Any], out: pathlib.Path) -> None:
+    """``OUT/quality.json``, ``quality.md`` (also printed) and ``curves.png`` of a result."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(result)
+    (out / "quality.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / "quality.md").write_text(markdown)
+    plot_curves(result["runs"], result["judge"]["fd_floor"], out / "curves.png")
+    print(markdown)
+    print(f"results written to {out}/")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the comparison; returns the JSON-able result (also written to ``OUT/quality.json``)."""
     args = parse_args(argv)
@@ -398,11 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "quality.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        (args.out / "quality.md").write_text(render_markdown(result))
-        plot_curves(result["runs"], result["judge"]["fd_floor"], args.out / "curves.png")
-        print(render_markdown(result))
+        write_report(result, args.out)
         return result
     start = U.machine_snapshot()
     info = U.run_info()
@@ -423,11 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   sample_grid(r.pop("last_images"), r.pop("last_labels")))
     result = {"run_info": info, "busy": busy, "judge": report, "claim": speedups(runs), "runs": runs,
               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}}
-    (args.out / "quality.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    (args.out / "quality.md").write_text(render_markdown(result))
-    plot_curves(runs, report["fd_floor"], args.out / "curves.png")
-    print(render_markdown(result))
-    print(f"results written to {args.out}/")
+    write_report(result, args.out)
     return result
 
 
