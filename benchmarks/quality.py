@@ -1,6 +1,6 @@
 """EDT vs MDTv2 on real images, quality against training wall-clock: ``python -m benchmarks.quality``.
 
-    python -m benchmarks.quality                      # the default run (about 19 minutes on 2 cores)
+    python -m benchmarks.quality                      # the default run (about 14 minutes on 2 cores)
     python -m benchmarks.quality --seeds 0 1 2        # the speed-up's spread over 3 seeds (3x as long)
     python -m benchmarks.quality --minutes 0.05 --evals 1 --num-samples 20 --sampling-steps 4   # smoke
 
@@ -20,13 +20,15 @@ configurations of ``edt.digits.DIGITS_MODELS``, parameters within 10 %):
   the same hardware for the same time, and more steps than sharing 2 threads
   one after the other, which these tiny models barely use);
 * stops after ``--minutes`` of training wall-clock (the time inside
-  ``train_loop``; evaluation is not counted) and evaluates ``--evals`` times at
-  regular shares of it: the EMA weights draw ``--num-samples`` samples, the
-  same number of every class, with ``edt.sample.sample_chunk`` (respaced DDPM,
-  ``--sampling-steps`` steps, classifier-free guidance ``--cfg-scale`` on the
-  image channel, each model's own guidance schedule), clipped to [-1, 1] as
-  pixels are, judged by the digits
-  judge: FD-digits against the held-out split and the class accuracy;
+  ``train_loop``), keeping a copy of the EMA weights at ``--evals`` regular
+  shares of it;
+* then evaluates every copy, spread over the same worker processes once all
+  training is done (so no training run shares the machine with sampling): the
+  EMA weights draw ``--num-samples`` samples, the same number of every class,
+  with ``edt.sample.sample_chunk`` (respaced DDPM, ``--sampling-steps`` steps,
+  classifier-free guidance ``--cfg-scale`` on the image channel, each model's
+  own guidance schedule), clipped to [-1, 1] as pixels are, judged by the
+  digits judge: FD-digits against the held-out split and the class accuracy;
 * writes ``OUT/quality.json`` and ``OUT/quality.md`` (device, versions, commit,
   date, machine load), ``OUT/curves.png`` (FD and class accuracy against
   seconds and steps) and ``OUT/samples-<model>-seed<s>.png`` (the last
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import pathlib
@@ -70,7 +73,7 @@ DATA_SEED = 0
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = ArgumentParser("python -m benchmarks.quality", __doc__)
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per model and seed")
+    p.add_argument("--minutes", type=float, default=7.0, help="training wall-clock per model and seed")
     p.add_argument("--models", nargs="+", default=list(D.DIGITS_MODELS), choices=list(D.DIGITS_MODELS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (weights, data order, noise)")
     p.add_argument("--evals", type=int, default=4, help="evaluations per run, at equal shares of --minutes")
@@ -133,20 +136,15 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10)
     return make_grid(latents_to_uint8(torch.cat(rows)), nrow=per_class)
 
 
-def evaluate(model, judge, reference: torch.Tensor, args, seed: int) -> Dict[str, Any]:
-    images, labels = draw_samples(model, args.num_samples, args.sampling_steps, args.cfg_scale, seed)
-    return {"fd": D.fd_digits(judge, images, reference), "class_accuracy": D.class_accuracy(judge, images, labels),
-            "images": images, "labels": labels}
-
-
 # ---------------------------------------------------------------------------
 # One training run, driven through edt.train
 # ---------------------------------------------------------------------------
 
-def train_and_evaluate(model_key: str, seed: int, args, data_dir: str, judge, reference: torch.Tensor,
-                       workdir: pathlib.Path, parent: Optional[int] = None) -> Dict[str, Any]:
-    """One model trained for ``args.minutes`` and evaluated ``args.evals`` times; ``parent``: the pid
-    of the process that started this one (the run stops when that process is gone)."""
+def train(model_key: str, seed: int, args, data_dir: str, workdir: pathlib.Path,
+          parent: Optional[int] = None) -> Dict[str, Any]:
+    """One model trained for ``args.minutes``; at each of the ``args.evals`` marks a copy of its EMA
+    weights is kept (``snapshots``: modules, evaluated later by :func:`evaluate`). ``parent``: the
+    pid of the process that started this one (the run stops when that process is gone)."""
     name, kwargs = D.DIGITS_MODELS[model_key]
     targs = T.parse_args(["--preset", "digits", "--model", name, "--model-kwargs", json.dumps(kwargs),
                           "--data-path", data_dir, "--seed", str(seed), "--global-batch-size", str(args.batch_size),
@@ -161,64 +159,92 @@ def train_and_evaluate(model_key: str, seed: int, args, data_dir: str, judge, re
     run.t0 = time.time()
     budget = args.minutes * 60.0
     marks = [budget * (i + 1) / args.evals for i in range(args.evals)]
-    seconds, evals, last = 0.0, [], None
+    seconds, rows, snapshots = 0.0, [], []
     n_params = sum(p.numel() for p in run.model.parameters())
     print(f"{model_key} seed {seed}: {name} ({n_params / 1e6:.2f}M parameters), recipe {targs.recipe} "
           f"({targs.optimizer}, {targs.schedule_sampler} timesteps, mask strategy {run.strategy}), "
           f"{args.minutes:g} min", flush=True)
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        while len(evals) < len(marks):
+        while len(rows) < len(marks):
             if parent is not None and os.getppid() != parent:
                 raise SystemExit(f"{model_key} seed {seed}: the benchmark process is gone; stopping")
             run.max_steps = run.step + CHUNK_STEPS
             t = time.perf_counter()
             T.train_loop(run)
             seconds += time.perf_counter() - t
-            if seconds < marks[len(evals)]:
+            if seconds < marks[len(rows)]:
                 continue
-            t = time.perf_counter()
-            last = evaluate(run.ema, judge, reference, args, seed)
-            row = {"step": run.step, "seconds": seconds, "fd": last["fd"],
-                   "class_accuracy": last["class_accuracy"], "loss": run.history[-1]["loss"],
-                   "eval_seconds": time.perf_counter() - t}
-            evals.append(row)
-            print(f"  {model_key} seed {seed}: step {row['step']:5d}  {seconds:7.1f} s  FD {row['fd']:8.2f}  "
-                  f"class acc {100 * row['class_accuracy']:5.1f} %  loss {row['loss']:.4f}",
-                  file=sys.stderr, flush=True)
+            rows.append({"step": run.step, "seconds": seconds, "loss": run.history[-1]["loss"]})
+            snapshots.append(copy.deepcopy(run.ema).eval())
+    print(f"  {model_key} seed {seed}: {run.step} steps in {seconds:.1f} s", file=sys.stderr, flush=True)
     return {"model": model_key, "name": name, "model_kwargs": kwargs, "seed": seed, "parameters": n_params,
             "recipe": targs.recipe, "optimizer": targs.optimizer, "optimizer_class": type(run.opt).__module__
             + "." + type(run.opt).__name__, "lr": targs.lr, "schedule_sampler": targs.schedule_sampler,
             "mask_strategy": run.strategy, "ema_decay": targs.ema_decay, "grad_clip": targs.grad_clip,
-            "steps_per_second": run.step / max(seconds, 1e-9), "evals": evals,
-            "last_images": last["images"], "last_labels": last["labels"]}
+            "steps_per_second": run.step / max(seconds, 1e-9), "evals": rows, "snapshots": snapshots}
 
 
-def _worker(model_key: str, seed: int, args, data_dir: str, judge_state: Dict[str, torch.Tensor],
-            reference: torch.Tensor, workdir: str, parent: int) -> Dict[str, Any]:
-    """:func:`train_and_evaluate` in a process of its own, with the parent's judge."""
-    torch.set_num_threads(args.threads)
-    judge = D.DigitsJudge(reference.shape[-1])
+def evaluate(model, judge, reference: torch.Tensor, args, seed: int) -> Dict[str, Any]:
+    """FD-digits and class accuracy of ``args.num_samples`` samples of ``model`` (and the samples)."""
+    t = time.perf_counter()
+    images, labels = draw_samples(model, args.num_samples, args.sampling_steps, args.cfg_scale, seed)
+    return {"fd": D.fd_digits(judge, images, reference), "class_accuracy": D.class_accuracy(judge, images, labels),
+            "images": images, "labels": labels, "eval_seconds": time.perf_counter() - t}
+
+
+def _in_worker(fn, threads: int, *a):
+    """``fn(*a)`` in a worker process with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    return fn(*a)
+
+
+def _judge(judge_state: Dict[str, torch.Tensor], size: int) -> D.DigitsJudge:
+    judge = D.DigitsJudge(size)
     judge.load_state_dict(judge_state)
-    judge.eval().requires_grad_(False)
-    return train_and_evaluate(model_key, seed, args, data_dir, judge, reference, pathlib.Path(workdir), parent)
+    return judge.eval().requires_grad_(False)
+
+
+def _evaluate_in_worker(model, judge_state, reference, args, seed):
+    return evaluate(model, _judge(judge_state, reference.shape[-1]), reference, args, seed)
 
 
 def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathlib.Path) -> List[Dict[str, Any]]:
-    """Every (seed, model) run: the models of one seed ``args.jobs`` at a time in worker processes
-    (spawned: nothing of this process's thread pool is inherited), or here when ``args.jobs`` is 1."""
+    """Every (seed, model) run. First the training: the models of one seed side by side,
+    ``args.jobs`` worker processes at a time (spawned: nothing of this process's thread pool is
+    inherited), with nothing else running beside them; then every evaluation of every run,
+    spread over the same workers, the longest first. With
+    ``args.jobs`` 1 everything runs here, one after the other."""
     if args.jobs == 1:
-        return [train_and_evaluate(key, seed, args, data_dir, judge, reference, workdir)
-                for seed in args.seeds for key in args.models]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        runs = [train(key, seed, args, data_dir, workdir) for seed in args.seeds for key in args.models]
+        results = {(i, j): evaluate(snap, judge, reference, args, r["seed"])
+                   for i, r in enumerate(runs) for j, snap in enumerate(r["snapshots"])}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    runs = []
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for seed in args.seeds:  # one seed at a time: its models share the machine, and only they
-            futures = [pool.submit(_worker, key, seed, args, data_dir, judge.state_dict(), reference, str(workdir),
-                                   os.getpid())
-                       for key in args.models]
-            runs += [f.result() for f in futures]
+        runs, parent, state = [], os.getpid(), judge.state_dict()
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for seed in args.seeds:
+                futures = [pool.submit(_in_worker, train, args.threads, key, seed, args, data_dir, workdir, parent)
+                           for key in args.models]
+                runs += [f.result() for f in futures]
+            # the slowest model's evaluations first (its forward costs the most), so that the
+            # workers finish together
+            tasks = sorted(((i, j) for i, r in enumerate(runs) for j in range(len(r["snapshots"]))),
+                           key=lambda ij: runs[ij[0]]["steps_per_second"])
+            futures = {ij: pool.submit(_in_worker, _evaluate_in_worker, args.threads,
+                                       runs[ij[0]]["snapshots"][ij[1]], state, reference, args,
+                                       runs[ij[0]]["seed"]) for ij in tasks}
+            results = {ij: f.result() for ij, f in futures.items()}
+    for i, r in enumerate(runs):
+        n = len(r.pop("snapshots"))
+        for j in range(n):
+            res = results[(i, j)]
+            r["evals"][j].update(fd=res["fd"], class_accuracy=res["class_accuracy"], eval_seconds=res["eval_seconds"])
+            print(f"  {r['model']} seed {r['seed']}: step {r['evals'][j]['step']:5d}  "
+                  f"{r['evals'][j]['seconds']:7.1f} s  FD {res['fd']:8.2f}  class acc "
+                  f"{100 * res['class_accuracy']:5.1f} %", file=sys.stderr, flush=True)
+        r["last_images"], r["last_labels"] = results[(i, n - 1)]["images"], results[(i, n - 1)]["labels"]
     return runs
 
 
