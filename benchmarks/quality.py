@@ -67,16 +67,19 @@ from . import harness as U
 DEFAULT_OUT = U.LOCAL_RESULTS_DIR / "quality"
 #: Steps between two looks at the clock (one ``train_loop`` call).
 CHUNK_STEPS = 10
+#: Samples per sampling chunk (a guided forward runs twice as many): on one CPU thread the digits
+#: models' forward costs 25-30 % less per sample at a batch of 100 than of 200 (cache-resident).
+SAMPLE_CHUNK = 50
 #: The digits' data split and judge: seed 0 for every run (the training seeds vary).
 DATA_SEED = 0
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = ArgumentParser("python -m benchmarks.quality", __doc__)
-    p.add_argument("--minutes", type=float, default=7.0, help="training wall-clock per model and seed")
+    p.add_argument("--minutes", type=float, default=9.0, help="training wall-clock per model and seed")
     p.add_argument("--models", nargs="+", default=list(D.DIGITS_MODELS), choices=list(D.DIGITS_MODELS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (weights, data order, noise)")
-    p.add_argument("--evals", type=int, default=4, help="evaluations per run, at equal shares of --minutes")
+    p.add_argument("--evals", type=int, default=3, help="evaluations per run, at equal shares of --minutes")
     p.add_argument("--num-samples", type=int, default=1000,
                    help="samples per evaluation (classes cycled); FD-digits of fewer is biased upwards")
     p.add_argument("--sampling-steps", type=int, default=50, help="respaced DDPM steps")
@@ -111,7 +114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: int = 100):
+def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: int = SAMPLE_CHUNK):
     """(float32 [n, 1, S, S] clipped to [-1, 1] as pixels are, labels int64 [n]): ``n`` samples,
     classes 0..9 cycled, through edt.sample's chunk sampler (the noise of chunk c seeded by (seed, c))."""
     diffusion = create_diffusion(str(steps))
