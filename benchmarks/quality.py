@@ -50,7 +50,7 @@ import pathlib
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -70,6 +70,8 @@ CHUNK_STEPS = 10
 #: Samples per sampling chunk (a guided forward runs twice as many): on one CPU thread the digits
 #: models' forward costs 25-30 % less per sample at a batch of 100 than of 200 (cache-resident).
 SAMPLE_CHUNK = 50
+#: Worker tasks per evaluation (each draws a share of its chunks; the parent judges the whole).
+EVAL_PARTS = 4
 #: The digits' data split and judge: seed 0 for every run (the training seeds vary).
 DATA_SEED = 0
 
@@ -82,7 +84,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=3, help="evaluations per run, at equal shares of --minutes")
     p.add_argument("--num-samples", type=int, default=1000,
                    help="samples per evaluation (classes cycled); FD-digits of fewer is biased upwards")
-    p.add_argument("--sampling-steps", type=int, default=50, help="respaced DDPM steps")
+    p.add_argument("--sampling-steps", type=int, default=40, help="respaced DDPM steps")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (both models)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each run")
@@ -114,18 +116,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: int = SAMPLE_CHUNK):
-    """(float32 [n, 1, S, S] clipped to [-1, 1] as pixels are, labels int64 [n]): ``n`` samples,
-    classes 0..9 cycled, through edt.sample's chunk sampler (the noise of chunk c seeded by (seed, c))."""
+def draw_samples(model, n: int, steps: int, cfg_scale: float, seed: int, batch: int = SAMPLE_CHUNK,
+                 chunks: Optional[Tuple[int, int]] = None):
+    """(float32 [m, 1, S, S] clipped to [-1, 1] as pixels are, labels int64 [m]): ``n`` samples,
+    classes 0..9 cycled, through edt.sample's chunk sampler (the noise of chunk c seeded by (seed, c));
+    ``chunks``: only the chunks ``first <= c < stop`` of them (a chunk's samples are the same
+    whichever call draws it)."""
     diffusion = create_diffusion(str(steps))
     sargs = argparse.Namespace(seed=seed, cfg_scale=cfg_scale, ddim=False, eta=0.0, mixed_precision="no")
     labels = torch.arange(n) % D.NUM_CLASSES
+    first, stop = chunks if chunks is not None else (0, -(-n // batch))
     model.eval()
     step_fns = model_steps(model, "none", torch.device("cpu"))
-    out = [sample_chunk(step_fns, diffusion, lambda z: z.clamp(-1, 1).cpu(), sargs, labels[lo:lo + batch], c,
-                        model.in_channels, model.input_size, D.NUM_CLASSES, torch.device("cpu"))
-           for c, lo in enumerate(range(0, n, batch))]
-    return torch.cat(out), labels
+    out = [sample_chunk(step_fns, diffusion, lambda z: z.clamp(-1, 1).cpu(), sargs, labels[c * batch:(c + 1) * batch],
+                        c, model.in_channels, model.input_size, D.NUM_CLASSES, torch.device("cpu"))
+           for c in range(first, stop)]
+    return torch.cat(out), labels[first * batch:stop * batch]
 
 
 def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10) -> np.ndarray:
@@ -187,12 +193,18 @@ def train(model_key: str, seed: int, args, data_dir: str, workdir: pathlib.Path,
             "steps_per_second": run.step / max(seconds, 1e-9), "evals": rows, "snapshots": snapshots}
 
 
-def evaluate(model, judge, reference: torch.Tensor, args, seed: int) -> Dict[str, Any]:
-    """FD-digits and class accuracy of ``args.num_samples`` samples of ``model`` (and the samples)."""
+def draw_part(model, args, seed: int, chunks: Optional[Tuple[int, int]] = None):
+    """(images, labels, seconds): the evaluation samples of ``model`` (``chunks``: a part of them)."""
     t = time.perf_counter()
-    images, labels = draw_samples(model, args.num_samples, args.sampling_steps, args.cfg_scale, seed)
+    images, labels = draw_samples(model, args.num_samples, args.sampling_steps, args.cfg_scale, seed, chunks=chunks)
+    return images, labels, time.perf_counter() - t
+
+
+def judged(judge, reference: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+           seconds: float) -> Dict[str, Any]:
+    """FD-digits and class accuracy of the samples ``images`` drawn for ``labels``."""
     return {"fd": D.fd_digits(judge, images, reference), "class_accuracy": D.class_accuracy(judge, images, labels),
-            "images": images, "labels": labels, "eval_seconds": time.perf_counter() - t}
+            "images": images, "labels": labels, "eval_seconds": seconds}
 
 
 def _in_worker(fn, threads: int, *a):
@@ -201,44 +213,42 @@ def _in_worker(fn, threads: int, *a):
     return fn(*a)
 
 
-def _judge(judge_state: Dict[str, torch.Tensor], size: int) -> D.DigitsJudge:
-    judge = D.DigitsJudge(size)
-    judge.load_state_dict(judge_state)
-    return judge.eval().requires_grad_(False)
-
-
-def _evaluate_in_worker(model, judge_state, reference, args, seed):
-    return evaluate(model, _judge(judge_state, reference.shape[-1]), reference, args, seed)
-
-
 def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathlib.Path) -> List[Dict[str, Any]]:
     """Every (seed, model) run. First the training: the models of one seed side by side,
     ``args.jobs`` worker processes at a time (spawned: nothing of this process's thread pool is
-    inherited), with nothing else running beside them; then every evaluation of every run,
-    spread over the same workers, the longest first. With
-    ``args.jobs`` 1 everything runs here, one after the other."""
+    inherited), with nothing else running beside them; then every evaluation of every run, each
+    cut into parts of its sampling chunks, spread over the same workers, the slowest model's
+    first; the judge runs here on the joined parts. With ``args.jobs`` 1 everything runs here,
+    one after the other."""
     if args.jobs == 1:
         runs = [train(key, seed, args, data_dir, workdir) for seed in args.seeds for key in args.models]
-        results = {(i, j): evaluate(snap, judge, reference, args, r["seed"])
+        results = {(i, j): judged(judge, reference, *draw_part(snap, args, r["seed"]))
                    for i, r in enumerate(runs) for j, snap in enumerate(r["snapshots"])}
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        runs, parent, state = [], os.getpid(), judge.state_dict()
+        runs, parent = [], os.getpid()
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for seed in args.seeds:
                 futures = [pool.submit(_in_worker, train, args.threads, key, seed, args, data_dir, workdir, parent)
                            for key in args.models]
                 runs += [f.result() for f in futures]
-            # the slowest model's evaluations first (its forward costs the most), so that the
-            # workers finish together
-            tasks = sorted(((i, j) for i, r in enumerate(runs) for j in range(len(r["snapshots"]))),
-                           key=lambda ij: runs[ij[0]]["steps_per_second"])
-            futures = {ij: pool.submit(_in_worker, _evaluate_in_worker, args.threads,
-                                       runs[ij[0]]["snapshots"][ij[1]], state, reference, args,
-                                       runs[ij[0]]["seed"]) for ij in tasks}
-            results = {ij: f.result() for ij, f in futures.items()}
+            # every evaluation in EVAL_PARTS parts of its sampling chunks, the slowest model's first,
+            # so that the workers finish together
+            n_chunks = -(-args.num_samples // SAMPLE_CHUNK)
+            cuts = sorted({round(n_chunks * k / EVAL_PARTS) for k in range(EVAL_PARTS + 1)})
+            tasks = sorted(((i, j, part) for i, r in enumerate(runs) for j in range(len(r["snapshots"]))
+                            for part in zip(cuts, cuts[1:])), key=lambda t: runs[t[0]]["steps_per_second"])
+            futures = {t: pool.submit(_in_worker, draw_part, args.threads, runs[t[0]]["snapshots"][t[1]], args,
+                                      runs[t[0]]["seed"], t[2]) for t in tasks}
+            parts = {t: f.result() for t, f in futures.items()}
+        results = {}
+        for i, r in enumerate(runs):
+            for j in range(len(r["snapshots"])):
+                mine = [parts[t] for t in sorted(t for t in parts if t[:2] == (i, j))]
+                results[(i, j)] = judged(judge, reference, torch.cat([m[0] for m in mine]),
+                                         torch.cat([m[1] for m in mine]), sum(m[2] for m in mine))
     for i, r in enumerate(runs):
         n = len(r.pop("snapshots"))
         for j in range(n):

@@ -154,6 +154,22 @@ def test_quality_smoke(cache, tmp_path, capsys):
     assert e.value.code == 2 and "repeats seed" in capsys.readouterr().err
 
 
+def test_samples_drawn_in_parts_are_the_samples_drawn_at_once():
+    """The benchmark's workers draw an evaluation's chunks in parts: the joined parts are the
+    samples (and labels) of one call."""
+    from benchmarks import quality
+    from edt.models import create_model
+
+    name, kwargs = D.DIGITS_MODELS["EDT"]
+    torch.manual_seed(0)
+    model = create_model(name, input_size=D.DIGITS_SIZE, num_classes=D.NUM_CLASSES, learn_sigma=True, **kwargs)
+    whole, labels = quality.draw_samples(model, 25, 2, 2.0, seed=3, batch=10)
+    parts = [quality.draw_samples(model, 25, 2, 2.0, seed=3, batch=10, chunks=c) for c in ((0, 1), (1, 3))]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole) and whole.shape[0] == 25
+    assert torch.equal(torch.cat([p[1] for p in parts]), labels)
+    assert parts[1][0].shape[0] == 15 and parts[1][1].tolist() == [k % 10 for k in range(10, 25)]
+
+
 def test_quality_bad_input(capsys):
     from benchmarks import quality
 
