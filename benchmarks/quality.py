@@ -49,6 +49,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -72,6 +73,8 @@ CHUNK_STEPS = 10
 SAMPLE_CHUNK = 50
 #: Worker tasks per evaluation (each draws a share of its chunks; the parent judges the whole).
 EVAL_PARTS = 4
+#: Seconds between a worker's looks at whether the benchmark process is still there.
+PARENT_POLL_S = 0.5
 #: The digits' data split and judge: seed 0 for every run (the training seeds vary).
 DATA_SEED = 0
 
@@ -149,11 +152,9 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10)
 # One training run, driven through edt.train
 # ---------------------------------------------------------------------------
 
-def train(model_key: str, seed: int, args, data_dir: str, workdir: pathlib.Path,
-          parent: Optional[int] = None) -> Dict[str, Any]:
+def train(model_key: str, seed: int, args, data_dir: str, workdir: pathlib.Path) -> Dict[str, Any]:
     """One model trained for ``args.minutes``; at each of the ``args.evals`` marks a copy of its EMA
-    weights is kept (``snapshots``: modules, evaluated later by :func:`evaluate`). ``parent``: the
-    pid of the process that started this one (the run stops when that process is gone)."""
+    weights is kept (``snapshots``: modules, sampled later by :func:`draw_part`)."""
     name, kwargs = D.DIGITS_MODELS[model_key]
     targs = T.parse_args(["--preset", "digits", "--model", name, "--model-kwargs", json.dumps(kwargs),
                           "--data-path", data_dir, "--seed", str(seed), "--global-batch-size", str(args.batch_size),
@@ -175,8 +176,6 @@ def train(model_key: str, seed: int, args, data_dir: str, workdir: pathlib.Path,
           f"{args.minutes:g} min", flush=True)
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         while len(rows) < len(marks):
-            if parent is not None and os.getppid() != parent:
-                raise SystemExit(f"{model_key} seed {seed}: the benchmark process is gone; stopping")
             run.max_steps = run.step + CHUNK_STEPS
             t = time.perf_counter()
             T.train_loop(run)
@@ -207,10 +206,18 @@ def judged(judge, reference: torch.Tensor, images: torch.Tensor, labels: torch.T
             "images": images, "labels": labels, "eval_seconds": seconds}
 
 
-def _in_worker(fn, threads: int, *a):
-    """``fn(*a)`` in a worker process with ``threads`` torch threads."""
+def _worker_init(parent: int, threads: int) -> None:
+    """Start of a worker process: ``threads`` torch threads, and a daemon thread that ends the
+    process as soon as the benchmark process ``parent`` is gone (killed), whatever the worker is
+    doing or waiting for: nothing is left running or blocked on the pool's queues."""
     torch.set_num_threads(threads)
-    return fn(*a)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathlib.Path) -> List[Dict[str, Any]]:
@@ -228,11 +235,11 @@ def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathli
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        runs, parent = [], os.getpid()
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = []
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(os.getpid(), args.threads)) as pool:
             for seed in args.seeds:
-                futures = [pool.submit(_in_worker, train, args.threads, key, seed, args, data_dir, workdir, parent)
-                           for key in args.models]
+                futures = [pool.submit(train, key, seed, args, data_dir, workdir) for key in args.models]
                 runs += [f.result() for f in futures]
             # every evaluation in EVAL_PARTS parts of its sampling chunks, the slowest model's first,
             # so that the workers finish together
@@ -240,8 +247,8 @@ def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathli
             cuts = sorted({round(n_chunks * k / EVAL_PARTS) for k in range(EVAL_PARTS + 1)})
             tasks = sorted(((i, j, part) for i, r in enumerate(runs) for j in range(len(r["snapshots"]))
                             for part in zip(cuts, cuts[1:])), key=lambda t: runs[t[0]]["steps_per_second"])
-            futures = {t: pool.submit(_in_worker, draw_part, args.threads, runs[t[0]]["snapshots"][t[1]], args,
-                                      runs[t[0]]["seed"], t[2]) for t in tasks}
+            futures = {t: pool.submit(draw_part, runs[t[0]]["snapshots"][t[1]], args, runs[t[0]]["seed"], t[2])
+                       for t in tasks}
             parts = {t: f.result() for t, f in futures.items()}
         results = {}
         for i, r in enumerate(runs):

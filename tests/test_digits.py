@@ -170,6 +170,64 @@ def test_samples_drawn_in_parts_are_the_samples_drawn_at_once():
     assert parts[1][0].shape[0] == 15 and parts[1][1].tolist() == [k % 10 for k in range(10, 25)]
 
 
+def _children(pid: int):
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_quality_workers_end_when_the_benchmark_is_killed(cache, tmp_path):
+    """SIGKILL the benchmark while its workers train: no worker is left running or blocked."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = ("import sys; from edt import digits as D; D.JUDGE_EPOCHS = 1; from benchmarks import quality; "
+              "quality.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--minutes", "5", "--evals", "1", "--num-samples", "10",
+                             "--sampling-steps", "2", "--batch-size", "8", "--out", str(tmp_path / "out")],
+                            cwd=REPO, env=dict(os.environ, EDT_CACHE_DIR=str(cache)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    workers = []
+    try:
+        started = set()
+        deadline = time.monotonic() + 240
+        while started != {"EDT", "MDTv2"} and time.monotonic() < deadline:  # the workers' first lines
+            line = proc.stdout.readline()
+            assert line, "the benchmark ended before its workers started training"
+            started |= {m for m in ("EDT", "MDTv2") if line.startswith(f"{m} seed 0:")}
+        assert started == {"EDT", "MDTv2"}
+        workers += _children(proc.pid)
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        proc.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
 def test_quality_bad_input(capsys):
     from benchmarks import quality
 
