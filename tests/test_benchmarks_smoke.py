@@ -335,6 +335,10 @@ def test_memory_bench_tiny_models(monkeypatch):
         for col in BMEM.columns(False):
             row = BMEM.measure_one(family, "S", col, device=CPU, overrides=ov)
             assert row["act_mib"] > 0 and row["ms"] > 0
+            # a checkpointed column is timed in turn with its unchecked twin, and its ratio is to it
+            assert ("twin_ms" in row) == (col.checkpoint is not None)
+            if col.checkpoint is not None:
+                assert row["twin_ms"] > 0 and row["time_ratio"] == pytest.approx(row["ms"] / row["twin_ms"])
             got[col.name] = row["act_mib"]
             rows.append(row)
         assert got["kernels ckpt=all"] < got["kernels ckpt=2"] < got["kernels"] < got["eager"]
@@ -343,6 +347,9 @@ def test_memory_bench_tiny_models(monkeypatch):
         assert fake["act_mib"] == got["kernels ckpt=all"]
     targets, table = BMEM.summarize(U.Section("memory", "t", BMEM.ROW_COLUMNS, rows=rows))
     assert all(r["act_ratio"] > 0 and r["time_ratio"] > 0 for r in table["rows"])
+    by_row = {(r["model"], r["column"]): r for r in rows}
+    for r in table["rows"]:  # the twin's ratio is kept, not replaced by one to the kernels row
+        assert r["time_ratio"] == by_row[(r["model"], r["column"])].get("time_ratio", r["time_ratio"])
     times = [r for r in targets["rows"] if "step time" in r["target"]]  # no XL rows here: the time targets only
     assert targets["kind"] == "targets" and len(times) == len(targets["rows"]) == 2
     assert all(r["met"] == (r["value"] <= BMEM.TARGET_TIME_CKPT) for r in times)
