@@ -306,6 +306,20 @@ def run_tokens_adaln(adaln, tokens, reduced: bool):
         for C in widths:
             _REC.spec = dict(feature=f"C={C}", dtype=dt_name, head_dim=None, N=L, layout="[B, L, C]")
             sm90_compile.token_launchers(tokens, adaln, torch.randn(B, L, C, dtype=dt), K)
+        run_diffusion_loss(dt_name)
+
+
+def run_diffusion_loss(dt_name: str) -> None:
+    """The training loss kernel on a model output of ``dt_name`` (the data, noise and schedule rows
+    float32, as the training loss passes them), 4x32x32 latents, with and without its gradient."""
+    from edt_kernels.ops import diffusion_loss as dloss
+
+    B = 2
+    x0 = torch.randn(B, 4, 32, 32)
+    _REC.spec = dict(feature="latent 4x32x32", dtype=dt_name, head_dim=None, N=4 * 32 * 32, layout="[B, 2C, H, W]")
+    for need_grad in (True, False):
+        dloss.diffusion_loss_forward(torch.randn(B, 8, 32, 32, dtype=DTYPES[dt_name]), x0, x0.clone(), x0.clone(),
+                                     torch.rand(B, len(dloss.COEF_COLUMNS)), 1.0, need_grad)
 
 
 # ----------------------------------------------------------------------------- records and output
