@@ -316,8 +316,9 @@ def run_diffusion_loss(dt_name: str) -> None:
 
     B = 2
     x0 = torch.randn(B, 4, 32, 32)
-    _REC.spec = dict(feature="latent 4x32x32", dtype=dt_name, head_dim=None, N=4 * 32 * 32, layout="[B, 2C, H, W]")
     for need_grad in (True, False):
+        _REC.spec = dict(feature="latent4x32x32" + ("+grad" if need_grad else ""), dtype=dt_name, head_dim=None,
+                         N=4 * 32 * 32, layout="[B, 2C, H, W]")
         dloss.diffusion_loss_forward(torch.randn(B, 8, 32, 32, dtype=DTYPES[dt_name]), x0, x0.clone(), x0.clone(),
                                      torch.rand(B, len(dloss.COEF_COLUMNS)), 1.0, need_grad)
 
