@@ -245,15 +245,16 @@ def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathli
             # so that the workers finish together
             n_chunks = -(-args.num_samples // SAMPLE_CHUNK)
             cuts = sorted({round(n_chunks * k / EVAL_PARTS) for k in range(EVAL_PARTS + 1)})
+            pieces = list(zip(cuts, cuts[1:]))
             tasks = sorted(((i, j, part) for i, r in enumerate(runs) for j in range(len(r["snapshots"]))
-                            for part in zip(cuts, cuts[1:])), key=lambda t: runs[t[0]]["steps_per_second"])
+                            for part in pieces), key=lambda t: runs[t[0]]["steps_per_second"])
             futures = {t: pool.submit(draw_part, runs[t[0]]["snapshots"][t[1]], args, runs[t[0]]["seed"], t[2])
                        for t in tasks}
             parts = {t: f.result() for t, f in futures.items()}
         results = {}
         for i, r in enumerate(runs):
             for j in range(len(r["snapshots"])):
-                mine = [parts[t] for t in sorted(t for t in parts if t[:2] == (i, j))]
+                mine = [parts[(i, j, part)] for part in pieces]
                 results[(i, j)] = judged(judge, reference, torch.cat([m[0] for m in mine]),
                                          torch.cat([m[1] for m in mine]), sum(m[2] for m in mine))
     for i, r in enumerate(runs):

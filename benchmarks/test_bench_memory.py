@@ -279,10 +279,6 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def _median(values: Sequence[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def measure_one(family: str, size: str, col: Column, *, repeats: int = 1, device=None,
                 bytes_only: bool = False, overrides: Optional[dict] = None) -> Dict:
     """One row: activation bytes, peak, step time (``bytes_only``: the bytes on
@@ -319,9 +315,11 @@ def measure_one(family: str, size: str, col: Column, *, repeats: int = 1, device
             times.append(_timed(step, device))
             if twin is not None:
                 twin_times.append(_timed(twin, device))
-        row.update(peak_mib=None if peak is None else peak / MIB, ms=1e3 * _median(times))
+        step_s = U.Timing(times).median
+        row.update(peak_mib=None if peak is None else peak / MIB, ms=1e3 * step_s)
         if twin is not None:
-            row.update(twin_ms=1e3 * _median(twin_times), time_ratio=_median(times) / _median(twin_times))
+            twin_s = U.Timing(twin_times).median
+            row.update(twin_ms=1e3 * twin_s, time_ratio=step_s / twin_s)
     row.update(act_mib=acts["bytes"] / MIB, act_mib_per_image=acts["bytes"] / MIB / BATCH)
     del model, opt, loss_mod
     BM._CACHE.clear()  # noqa: SLF001 - free this column's model before the next
