@@ -122,6 +122,113 @@ def test_speedup_is_a_lower_bound_when_edt_starts_below_the_target():
     assert not crossing["per_seed"][0]["speedup_is_lower_bound"] and crossing["lower_bounds"] == 0
 
 
+def test_speedup_range_comes_from_the_bracket_around_the_crossing():
+    from benchmarks.quality import speedups
+
+    edt = {"model": "EDT", "seed": 0, "evals": [{"seconds": 40, "fd": 100.0}, {"seconds": 80, "fd": 50.0}],
+           "probes": [{"seconds": 10, "fd": 300.0}, {"seconds": 20, "fd": 100.0}, {"seconds": 30}]}
+    mdt = {"model": "MDTv2", "seed": 0, "evals": [{"seconds": 40, "fd": 190.0}, {"seconds": 80, "fd": 200.0}]}
+    v = speedups([edt, mdt])["per_seed"][0]
+    # MDTv2 first reached its final FD at 40 s; EDT between its probes at 10 s (300) and 20 s (100)
+    assert v["mdtv2_seconds"] == 40 and v["edt_bracket"] == [10, 20]
+    assert v["edt_seconds_to_reach"] == pytest.approx(15.0) and v["speedup"] == pytest.approx(40 / 15)
+    assert v["speedup_range"] == [pytest.approx(2.0), pytest.approx(4.0)] and not v["speedup_is_lower_bound"]
+
+
+def test_next_probe_bisects_in_log_time():
+    from benchmarks.quality import next_probe
+
+    evals = [{"seconds": 80.0, "fd": 50.0}, {"seconds": 160.0, "fd": 20.0}]
+    probes = [{"seconds": 10.0 * k} for k in range(1, 8)]
+    # the bracket (0, 80]: the earliest point (10 s) stands in for 0; sqrt(10 * 80) = 28 s -> 30 s
+    assert probes[next_probe(evals, probes, 100.0)]["seconds"] == 30.0
+    probes[2]["fd"] = 150.0  # 30 s is above the target: (30, 80], sqrt(30 * 80) = 49 s -> 50 s
+    assert probes[next_probe(evals, probes, 100.0)]["seconds"] == 50.0
+    probes[4]["fd"] = 90.0  # (30, 50]: 40 s is the only point left
+    assert probes[next_probe(evals, probes, 100.0)]["seconds"] == 40.0
+    probes[3]["fd"] = 120.0  # (40, 50]: nothing between
+    assert next_probe(evals, probes, 100.0) is None
+    assert next_probe(evals, probes, 10.0) is None  # never reached: nothing to bisect
+
+
+def test_run_all_bisects_to_the_crossing(monkeypatch):
+    """The benchmark's bisection rounds, on runs whose FD falls with training time as a known
+    curve: every probe lands inside the bracket left by the points before it, and enough
+    probes close it to two neighbouring probe points around the true crossing."""
+    import argparse
+
+    from benchmarks import quality
+
+    def fd(model, t):
+        return (400.0 if model == "EDT" else 900.0) * np.exp(-t / 150.0)
+
+    def fake_train(key, seed, args, data_dir, workdir, probe=False):
+        marks = [180.0 * (i + 1) for i in range(args.evals)]
+        grid = [22.5 * k + 1.0 for k in range(1, 8 * args.evals) if k % 8] if probe else []
+        point = lambda t: {"step": int(t), "seconds": t, "loss": 0.1}  # noqa: E731
+        return {"model": key, "seed": seed, "steps_per_second": 1.0, "evals": [point(t) for t in marks],
+                "snapshots": [(key, t) for t in marks], "probes": [point(t) for t in grid],
+                "probe_snapshots": [(key, t) for t in grid]}
+
+    asked = []
+
+    def fake_evaluate(pool, args, judge, reference, tasks):
+        asked.append(sorted(tasks))
+        return {k: {"fd": fd(*snap), "class_accuracy": 0.5, "images": torch.zeros(1), "labels": torch.zeros(1),
+                    "eval_seconds": 1.0} for k, (snap, seed, speed) in tasks.items()}
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    monkeypatch.setattr(quality, "evaluate", fake_evaluate)
+    target = fd("MDTv2", 540.0)  # 24.6: EDT crosses it at 150 * ln(400 / 24.6) = 418 s
+    crossing = 150.0 * np.log(400.0 / target)
+    for probes, width in ((2, None), (6, 22.5)):
+        asked.clear()
+        args = argparse.Namespace(models=["EDT", "MDTv2"], seeds=[0], evals=3, probes=probes, jobs=1)
+        runs = quality.run_all(args, "", None, None, Path("."))
+        edt = runs[0]
+        assert len(asked) == 1 + min(probes, 3) and all(len(a) == 1 for a in asked[1:])
+        v = quality.speedups(runs)["per_seed"][0]
+        lo, hi = v["edt_bracket"]
+        assert lo < crossing <= hi and v["mdtv2_seconds"] == 540.0
+        assert len(edt["probes"]) == min(probes, 3) and edt["probe_points"] == 21
+        if width:  # the bisection closed: neighbouring probe points
+            assert hi - lo == pytest.approx(width)
+        assert not runs[1]["probes"] and runs[1]["probe_points"] == 0
+
+
+def test_training_keeps_probe_copies_between_the_marks(cache, monkeypatch):
+    """``train`` with ``probe``: an EMA copy at the first step past every grid time that is not a
+    mark, one per grid time at most; without ``probe`` none."""
+    import argparse
+
+    from benchmarks import quality
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(quality.time, "perf_counter", lambda: clock["t"])
+
+    def fake_loop(run):  # 10 steps in 7 fake seconds
+        clock["t"] += 7.0
+        run.step = run.max_steps
+        run.history.append({"loss": 0.5})
+
+    monkeypatch.setattr(quality.T, "train_loop", fake_loop)
+    data_dir = str(D.prepare_digits_folder("train", 0))
+    args = argparse.Namespace(minutes=2.0, evals=2, batch_size=8, threads=1)  # marks at 60 and 120 s
+    r = quality.train("EDT", 0, args, data_dir, Path(cache), probe=True)
+    assert [e["seconds"] for e in r["evals"]] == [63.0, 126.0]
+    # the grid every 60 / PROBES_PER_MARK = 7.5 s; a chunk ends every 7 s
+    grid = 60.0 / quality.PROBES_PER_MARK
+    times = [p["seconds"] for p in r["probes"]]
+    assert times == sorted(set(times)) and len(r["probe_snapshots"]) == len(times)
+    assert len({int(t // grid) for t in times}) == len(times) and not set(times) & {63.0, 126.0}
+    expected = [t for t in np.arange(7.0, 126.0, 7.0) if int(t // grid) > int((t - 7.0) // grid) and t != 63.0]
+    assert times == pytest.approx(expected)
+    assert all(isinstance(s, torch.nn.Module) and not s.training for s in r["probe_snapshots"])
+    clock["t"] = 0.0
+    plain = quality.train("MDTv2", 0, args, data_dir, Path(cache))
+    assert plain["probes"] == [] and plain["probe_snapshots"] == []
+
+
 def test_quality_smoke(cache, tmp_path, capsys):
     from benchmarks import quality
 
