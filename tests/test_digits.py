@@ -120,6 +120,19 @@ def test_speedup_is_a_lower_bound_when_edt_starts_below_the_target():
     crossing = speedups([run("EDT", (10, 200.0), (20, 50.0)), mdt])
     assert crossing["per_seed"][0]["speedup"] == pytest.approx(1.5)
     assert not crossing["per_seed"][0]["speedup_is_lower_bound"] and crossing["lower_bounds"] == 0
+    # three seeds, the largest speed-up a bound: the median and the minimum stand, the maximum is a bound
+    def seeds(*edts):
+        return [dict(r, seed=k) for k, e in enumerate(edts) for r in (e, mdt)]
+
+    crossing, late = run("EDT", (10, 200.0), (20, 50.0)), run("EDT", (10, 250.0), (20, 50.0))
+    s = speedups(seeds(crossing, run("EDT", (5, 100.0)), late))
+    assert [s["per_seed"][k]["speedup"] for k in range(3)] == [pytest.approx(v) for v in (1.5, 4.0, 20 / 15)]
+    assert s["median"] == pytest.approx(1.5) and not s["median_is_lower_bound"]
+    assert not s["min_is_lower_bound"] and s["max_is_lower_bound"] and s["lower_bounds"] == 1
+    # the bound the smallest (EDT at 20 s at the latest): it moves every summary
+    s = speedups(seeds(crossing, run("EDT", (20, 100.0)), late))
+    assert s["per_seed"][1]["speedup"] == pytest.approx(1.0) and s["per_seed"][1]["speedup_is_lower_bound"]
+    assert s["median_is_lower_bound"] and s["min_is_lower_bound"] and s["max_is_lower_bound"]
 
 
 def test_speedup_range_comes_from_the_bracket_around_the_crossing():
