@@ -766,6 +766,7 @@ def run_compiled(families: Sequence[str] = FAMILIES, backends: Sequence[str] = (
     (family -> model arguments), else :func:`digits_config`."""
     import torch._dynamo as dynamo
 
+    cache = inductor_cache_state()
     rows = []
     for family in families:
         kw = (overrides or {}).get(family) or digits_config(family)
@@ -799,12 +800,27 @@ def run_compiled(families: Sequence[str] = FAMILIES, backends: Sequence[str] = (
                              "compiled_ms": c["us"] / 1e3, "ratio": c["us"] / e["us"], "same": same,
                              "max_diff": diff, "spread": f"{e['spread'] or 0:.2f}, {c['spread'] or 0:.2f}"})
     if record:
-        _record_rows(SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, _compiled_notes(rounds, overrides),
+        _record_rows(SECTION_COMPILED, TITLE_COMPILED, COMPILED_COLUMNS, _compiled_notes(rounds, overrides, cache),
                      summarize_compiled, rows)
     return rows
 
 
-def _compiled_notes(rounds: int, overrides) -> List[str]:
+def inductor_cache_state() -> str:
+    """Whether Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) held anything before the
+    compiled part: the first compiled calls time cold compiles only when it was empty."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        entries = len(os.listdir(cache_dir())) if os.path.isdir(cache_dir()) else 0
+    except (ImportError, OSError) as exc:
+        return f"Inductor's cache not read ({type(exc).__name__}): compile seconds may include cache hits"
+    if entries == 0:
+        return "Inductor's on-disk cache empty at the start: the first compiled calls are cold compiles"
+    return (f"Inductor's on-disk cache held {entries} entr{'y' if entries == 1 else 'ies'} at the start: the "
+            "first compiled calls may be cache hits, not cold compiles (an empty TORCHINDUCTOR_CACHE_DIR times those)")
+
+
+def _compiled_notes(rounds: int, overrides, cache: str) -> List[str]:
     tiny = overrides is TINY_MODELS
     models = ("TINY_MODELS: EDT-S/2 one block per stage at widths 16-24-32-24-16, 2 heads, AMM in block 4; "
               "MDTv2-S/2 depth 4, width 16, 2 heads, decode_layer 2; input 8 x 8 x 4 (16 tokens), 10 classes"
@@ -817,7 +833,7 @@ def _compiled_notes(rounds: int, overrides) -> List[str]:
             "compiled = torch.compile(fullgraph=True), mode default (Inductor, C++ code on the CPU); first "
             "compiled call: Dynamo + Inductor for the forward and (train) the backward, plus one step; "
             "backend auto: the edt_kernels ops choose as listed (no Triton here: kernels run for real, not "
-            "recorded); backend eager: the authors' code path.",
+            f"recorded); backend eager: the authors' code path. {cache}.",
             f"ms / step: median of {rounds} interleaved rounds of one step (eager and compiled alternate); "
             "compiled = eager: losses and every parameter gradient (train) or the output (cfg) within the "
             "float32 gradient tolerance of tests/tolerances.py."]

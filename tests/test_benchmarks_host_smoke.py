@@ -115,6 +115,16 @@ def test_compiled_rows():
     assert [r["met"] for r in targets["rows"]][-1] is True and len(targets["rows"]) == 3
 
 
+def test_compiled_notes_say_whether_inductor_cache_was_empty(tmp_path, monkeypatch):
+    """The compiled section's first-call seconds are cold compiles only from an empty Inductor
+    cache: the notes say which it was."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert "cold compiles" in BH.inductor_cache_state() and "may be" not in BH.inductor_cache_state()
+    (tmp_path / "fxgraph").mkdir()
+    assert "held 1 entry" in BH.inductor_cache_state() and "may be cache hits" in BH.inductor_cache_state()
+    assert "held 1 entry" in " ".join(BH._compiled_notes(5, BH.TINY_MODELS, BH.inductor_cache_state()))
+
+
 def test_compiled_part_runs_alone_and_without_the_interpreter():
     for argv in (["--parts", "compiled", "--no-write"], ["--parts", "ops", "compiled", "--no-write"]):
         with pytest.raises(SystemExit) as exc:
