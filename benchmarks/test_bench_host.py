@@ -759,14 +759,15 @@ COMPILED_COLUMNS = [("model", "model"), ("step", "step"), ("backend", "backend")
 
 def run_compiled(families: Sequence[str] = FAMILIES, backends: Sequence[str] = ("auto", "eager"),
                  rounds: int = 5, record: bool = True, overrides: Optional[Dict[str, dict]] = None,
-                 compiler: str = "inductor") -> List[Dict]:
+                 compiler: str = "inductor", cache: Optional[str] = None) -> List[Dict]:
     """Per (model, step, backend): the training step (both passes, the loss, backward) and the CFG
     sampling step, eager and under ``torch.compile(fullgraph=True, backend=compiler)`` (mode
     default); the compiled numbers against eager's on the same inputs.  Models: ``overrides``
-    (family -> model arguments), else :func:`digits_config`."""
+    (family -> model arguments), else :func:`digits_config`.  ``cache``: the Inductor cache's
+    state before the whole part (:func:`inductor_cache_state`, read here when not given)."""
     import torch._dynamo as dynamo
 
-    cache = inductor_cache_state()
+    cache = cache or inductor_cache_state()
     rows = []
     for family in families:
         kw = (overrides or {}).get(family) or digits_config(family)
@@ -922,9 +923,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     _record_error(errors, (SECTION_MODELS, TITLE_MODELS, MODEL_COLUMNS, summarize_models),
                                   f"{fam}-{size}/2", exc)
     if "compiled" in args.parts:
+        cache = inductor_cache_state()  # before the first family compiles into it
         for fam in args.families:
             try:
-                for r in run_compiled([fam], rounds=max(3, args.rounds // 2),
+                for r in run_compiled([fam], rounds=max(3, args.rounds // 2), cache=cache,
                                       overrides=TINY_MODELS if args.compiled_models == "tiny" else None):
                     print(f"{r['model']:12s} {r['step']:10s} {r['backend']:5s} compile {r['compile_s']:7.1f} s "
                           f"eager {r['eager_ms']:8.1f} ms compiled {r['compiled_ms']:8.1f} ms "
