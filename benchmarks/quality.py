@@ -363,8 +363,8 @@ def next_probe(evals: List[Dict[str, Any]], probes: List[Dict[str, Any]], target
     """Index into ``probes`` of the next probe point to evaluate: between the last evaluated point
     (marks and probes) above ``target`` and the first at or below it, the one nearest their
     geometric mean time (the earliest point's time standing in for 0); None when no evaluated point
-    reaches ``target`` or no probe point is left between the two. Bisecting in log time halves the
-    ratio of the bracket's ends, which bounds the speed-up's ratio."""
+    reaches ``target`` or no probe point is left between the two. Each probe in log time takes the
+    square root of the ratio of the bracket's ends, the factor the speed-up's range spans."""
     points = sorted([(e, None) for e in evals] + [(e, k) for k, e in enumerate(probes)], key=lambda t: t[0]["seconds"])
     found = reach([e for e, _ in points], target)
     if found is None or found[1] - found[0] < 2:
