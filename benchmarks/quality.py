@@ -306,9 +306,9 @@ def run_all(args, data_dir: str, judge, reference: torch.Tensor, workdir: pathli
         for _ in range(args.probes if probed else 0):
             asks = {}
             for i, r in enumerate(runs):
-                rival = next((m for m in runs if m["seed"] == r["seed"] and m["model"] == "MDTv2"), None)
-                if r["model"] != "EDT" or rival is None:
+                if r["model"] != "EDT":
                     continue
+                rival = next(m for m in runs if m["seed"] == r["seed"] and m["model"] == "MDTv2")
                 k = next_probe(r["evals"], r["probes"], rival["evals"][-1]["fd"])
                 if k is not None:
                     asks[(i, k)] = (r["probe_snapshots"][k], r["seed"], r["steps_per_second"])
@@ -347,7 +347,6 @@ def reach(points: List[Dict[str, Any]], target: float) -> Optional[Tuple[int, in
 def time_to_reach(points: List[Dict[str, Any]], target: float) -> Optional[float]:
     """Training seconds at which FD first reaches ``target`` (linear in FD between the evaluated
     points around it; the first point's time when it already does), or None when it never does."""
-    points = [e for e in points if e.get("fd") is not None]
     found = reach(points, target)
     if found is None:
         return None

@@ -812,7 +812,7 @@ def inductor_cache_state() -> str:
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        entries = len(os.listdir(cache_dir())) if os.path.isdir(cache_dir()) else 0
+        entries = len(os.listdir(cache_dir()))  # cache_dir() creates the folder when it is missing
     except (ImportError, OSError) as exc:
         return f"Inductor's cache not read ({type(exc).__name__}): compile seconds may include cache hits"
     if entries == 0:
