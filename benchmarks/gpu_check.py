@@ -309,7 +309,7 @@ def timing_backward(c: Ctx, rows, deadline):
     bd = max(16, 1 << (D - 1).bit_length())
     ms = c.time_ms(lambda: attn._amm_attn_bwd_delta_kernel[(B * H * math.ceil(N / 64),)](
         out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=64, BLOCK_D=bd, HEAD_DIM=D,
-        ALIGN=attn._alignment(out, dout), num_warps=4))
+        ALIGN=attn.alignment(out, dout), num_warps=4))
     rows.append(dict(op="delta preprocess", ms=ms, gbps=2 * out.numel() * out.element_size() / ms / 1e6))
 
 

@@ -412,6 +412,99 @@ def test_triton_mixed_dtypes_follow_promotion(device, poison):
         assert_close(got, want, torch.float16, GRAD_TOL, "mixed grads")
 
 
+def _odd_batch_stride(t):
+    """``t`` ``[1, L, C]`` as a leaf whose batch stride (of a dimension of length one) is 3."""
+    _, L, C = t.shape
+    return t.detach().as_strided((1, L, C), (3, C, 1)).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
+def test_triton_vector_hints_at_a_width_of_eight(dtype, device, poison):
+    """C = 72 (a multiple of 8, not of 16, as EDT-S's 312 and EDT-XL's 936): the launchers pass
+    ALIGN = 16 bytes of elements and the kernels read rows as vectors.  The batch stride of a
+    length-one batch is not a multiple of it (3) and must not matter."""
+    from edt_kernels.ops._triton_utils import alignment
+
+    gen = torch.Generator().manual_seed(72)
+    B, L, C, K = 1, 19, 72, 11
+    x = _odd_batch_stride(_rand((B, L, C), dtype, gen, device))
+    assert x.stride(0) == 3 and alignment(x) == 16 // x.element_size()
+    ids_keep, ids_restore = _perm_ids(B, L, K, gen, device)
+    (x64,) = _f64(x)
+    for name, fn, ref_fn in [
+        ("gather", lambda a: edt_kernels.gather_tokens(a, ids_keep, backend="triton"),
+         lambda a: reference_gather_tokens(a, ids_keep)),
+        ("masked_shortcut", lambda a: edt_kernels.masked_shortcut(a, a * 2, keep, backend="triton"),
+         lambda a: reference_masked_shortcut(a, a * 2, keep)),
+    ]:
+        keep = torch.rand(B, L, generator=gen).to(device) < 0.6
+        out, ref = fn(x), ref_fn(x64)
+        assert_close(out, ref, dtype, name=name)
+        d = _rand(out.shape, dtype, gen, device, requires_grad=False)
+        assert_close(_grads(out, [x], d)[0], _grads(ref, [x64], d.double())[0], dtype, GRAD_TOL, name + " dx")
+
+    y = _odd_batch_stride(_rand((B, K, C), dtype, gen, device))
+    mt, pos = _rand((1, 1, C), dtype, gen, device), _odd_batch_stride(_rand((1, L, C), dtype, gen, device))
+    y64, mt64, pos64 = _f64(y, mt, pos)
+    out = edt_kernels.unshuffle_with_mask_token(y, ids_restore, mt, pos, backend="triton")
+    ref = reference_unshuffle_with_mask_token(y64, ids_restore, mt64, pos64)
+    assert_close(out, ref, dtype, name="unshuffle")
+    d = _rand(out.shape, dtype, gen, device, requires_grad=False)
+    for got, want, n in zip(_grads(out, [y, mt, pos], d), _grads(ref, [y64, mt64, pos64], d.double()),
+                            ["dx_kept", "dmask_token", "dpos"]):
+        assert_close(got, want, dtype, GRAD_TOL, n)
+    out = edt_kernels.scatter_tokens(y, ids_keep, L, backend="triton")
+    assert_close(out, reference_scatter_tokens(y64, ids_keep, L), dtype, name="scatter")
+
+    gen_kind = "cuda" if device == "cuda" else "cpu"
+    got = edt_kernels.random_masking(x, 0.37, torch.Generator(gen_kind).manual_seed(7), backend="triton")
+    want = reference_random_masking(x, 0.37, torch.Generator(gen_kind).manual_seed(7))
+    for g, w, n in zip(got, want, ["x_kept", "mask", "ids_restore", "ids_keep"]):
+        assert torch.equal(g, w), n
+
+
+def test_alignment_is_the_widest_vector_every_row_starts_on():
+    """``alignment`` (the ALIGN the launchers pass) on views: a power of two at most 16 bytes of the narrowest
+    dtype that divides each pointer (in elements), last-dim size and stride of a dimension longer than one,
+    and the widest such; 1 where the last dim is strided, and 1 where 16 divides every value (Triton's own
+    specialisation covers that case)."""
+    from edt_kernels.ops._triton_utils import alignment
+
+    base = torch.zeros(4, 8, 72, dtype=torch.float16)
+    assert alignment(base) == 8 and alignment(base.float()) == 4 and alignment(base, base.float()) == 8
+    assert alignment(base[..., 1:]) == 1 and alignment(base[..., 4:68]) == 4 and alignment(base[..., ::2]) == 1
+    assert alignment(torch.zeros(2, 5, 936, dtype=torch.bfloat16)) == 8
+    assert alignment(torch.zeros(2, 5, 1152, dtype=torch.bfloat16)) == 1
+    assert alignment(base[:1].as_strided((1, 8, 72), (3, 72, 1))) == 8  # a length-one dim's stride is never used
+
+    def divides(a, t):
+        ok = t.data_ptr() % (a * t.element_size()) == 0 and t.shape[-1] % a == 0
+        return ok and all(st % a == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+    gen = torch.Generator().manual_seed(0)
+    store = torch.zeros(3 * 64 * 64, dtype=torch.float32)
+
+    def draw(dtype):
+        flat = store.view(dtype)
+        n1, n2 = (int(v) for v in torch.randint(1, 5, (2,), generator=gen))
+        c = int(torch.randint(1, 40, (1,), generator=gen))
+        s1 = c + int(torch.randint(0, 20, (1,), generator=gen))
+        s0 = n2 * s1 + int(torch.randint(0, 20, (1,), generator=gen))
+        off = int(torch.randint(0, 40, (1,), generator=gen))
+        return flat.as_strided((n1, n2, c), (s0, s1, 1), off)
+
+    for _ in range(300):
+        ts = [draw(dt) for dt in (torch.float16, torch.float32)[: int(torch.randint(1, 3, (1,), generator=gen))]]
+        a = alignment(*ts)
+        cap = 16 // min(t.element_size() for t in ts)
+        assert a & (a - 1) == 0 and 1 <= a <= cap
+        assert all(divides(a, t) for t in ts), [(t.shape, t.stride(), t.storage_offset()) for t in ts]
+        if all(divides(16, t) for t in ts):
+            assert a == 1
+        else:
+            assert a == cap or not all(divides(2 * a, t) for t in ts)
+
+
 # ============================================================================ custom ops
 
 def _opcheck(op, args):

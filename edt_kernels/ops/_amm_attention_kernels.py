@@ -30,7 +30,7 @@ What the main loops do per score element, and why:
   ``BLOCK_D``-wide one and a ``BLOCK_D2``-wide tail (64 + 16 for 72), two
   dots per product, instead of one tile padded to the next power of two.
 """
-from ._triton_utils import tl, triton
+from ._triton_utils import multiple_of, tl, triton
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -75,13 +75,7 @@ def _load_vec(ptr, offs, valid, MASK: tl.constexpr):
 def _aligned(stride_b, stride_h, stride_n, ALIGN: tl.constexpr):
     """Alignment hints (checked on the host): the strides are multiples of ALIGN
     elements, so rows of a tile load as ALIGN-wide vectors."""
-    if ALIGN > 1:
-        # (s // A) * A is s itself (host-checked) and carries the divisibility
-        # to the compiler's alignment analysis, which hints on arguments do not.
-        stride_b = (stride_b // ALIGN) * ALIGN
-        stride_h = (stride_h // ALIGN) * ALIGN
-        stride_n = (stride_n // ALIGN) * ALIGN
-    return stride_b, stride_h, stride_n
+    return multiple_of(stride_b, ALIGN), multiple_of(stride_h, ALIGN), multiple_of(stride_n, ALIGN)
 
 
 @triton.jit

@@ -100,6 +100,48 @@ def promote(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def alignment(*ts: torch.Tensor) -> int:
+    """The widest vector (elements, at most 16 bytes of the narrowest dtype) that
+    every row of every tensor starts on: each pointer, each last-dim size and each
+    stride of a dimension longer than one is a multiple of it, and the last dim is
+    contiguous.  The launchers pass it as ``ALIGN`` to kernels that call
+    :func:`multiple_of` on those sizes and strides; 1 disables the hints.
+
+    1 also where every value is a multiple of 16: Triton specialises each
+    integer argument divisible by 16 and each 16-byte aligned pointer itself,
+    so the hints would only add instructions (as they would at C = 1152).  They
+    matter at widths that are multiples of 8 but not of 16 (EDT-S's 312, EDT-XL's
+    936, head dims 52 and 72), which otherwise load 2 bytes at a time."""
+    bits = 0  # OR of every value that must be a multiple: its lowest set bit is their common power of two
+    elt_min = 16
+    for t in ts:
+        shape, stride, elt = t.shape, t.stride(), t.element_size()
+        if stride[-1] != 1 and shape[-1] > 1:
+            return 1
+        elt_min = min(elt_min, elt)
+        ptr = t.data_ptr()
+        bits |= (ptr // elt if ptr % elt == 0 else 1) | shape[-1]
+        for st, n in zip(stride[:-1], shape[:-1]):
+            if n > 1:
+                bits |= st
+    common = bits & -bits  # 0 when every value is 0
+    return 1 if common == 0 or common >= 16 else min(common, max(1, 16 // elt_min))
+
+
+@triton.jit
+def multiple_of(value, ALIGN: tl.constexpr):
+    """``value`` (a size or stride the launcher found to be a multiple of ALIGN,
+    see :func:`alignment`) in a form the compiler's alignment analysis reads:
+    ``(value // ALIGN) * ALIGN`` is ``value`` and carries its divisibility, which
+    a hint on a kernel argument does not.  Tiles whose rows start on multiples of
+    ALIGN elements then load and store as vectors, and masks such as ``c < C``
+    stay constant over a vector.  A stride of a dimension of length one may not
+    be a multiple: it only ever multiplies index 0."""
+    if ALIGN > 1:
+        value = (value // ALIGN) * ALIGN
+    return value
+
+
 def row_config(n: int) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_T, num_warps) for kernels that hold whole rows of n channels."""
     block_n = next_power_of_2(n)

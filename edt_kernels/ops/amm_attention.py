@@ -44,7 +44,7 @@ from ..backends import allow_tf32
 from .._triton_support import interpreting, triton_unavailable_reason
 from ._attention_op import (AttentionBackend, AttentionInputs, _empty_like_out, register_attention_op,
                             register_attention_qkvpacked_op, register_backend)
-from ._triton_utils import HAS_TRITON, cdiv, next_power_of_2, triton
+from ._triton_utils import HAS_TRITON, alignment, cdiv, next_power_of_2, triton
 from ._amm_attention_kernels import (  # noqa: F401  (the @triton.jit kernels; tools reach them here)
     _aligned, _amm_attn_bwd_delta_kernel, _amm_attn_grid_kernel, _amm_attn_bwd_dkdv_kernel, _amm_attn_bwd_dq_kernel,
     _amm_attn_bwd_dtable_kernel, _amm_attn_fwd_kernel, _load_rows, _load_tile, _tile_scores, _tile_weights,
@@ -113,25 +113,6 @@ def _tile_sizes(D: int, gpu: bool, long: bool):
     d1, d2 = _head_blocks(D)
     cfg = _prune_fwd_configs(_fwd_configs(), {}, BLOCK_D=d1, BLOCK_D2=d2)[0]
     return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_d, cfg.num_warps, cfg.num_stages
-
-
-def _alignment(*ts: torch.Tensor) -> int:
-    """The widest vector (elements, <= 16 bytes) that every row of every tensor
-    starts on: pointer and the batch/head/token strides are multiples of it and
-    the head dim is contiguous.  1 disables the hints."""
-    elt = ts[0].element_size()
-    bits = 0  # OR of every value that must be a multiple: its lowest set bit is their common power of two
-    for t in ts:
-        shape, stride = t.shape, t.stride()
-        if stride[-1] != 1 and shape[-1] > 1:
-            return 1
-        ptr = t.data_ptr()
-        bits |= (ptr // elt if ptr % elt == 0 else 1) | shape[-1]
-        for st, n in zip(stride[:-1], shape[:-1]):
-            if n > 1:
-                bits |= st
-    widest = max(1, 16 // elt)
-    return min(widest, bits & -bits) if bits else widest
 
 
 # Backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first, per
@@ -388,7 +369,7 @@ def amm_attention_forward(q, k, v, table, positions, amm_table, bias, modulation
         return out, lse
     BLOCK_M, BLOCK_N, _, warps, stages = _block_sizes(N, D, q)
     g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, q=q)
-    flags, flag_items = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v))
+    flags, flag_items = _flags(g, q, bias, modulation, amm_table, table, D, alignment(q, k, v))
     n_bucket = next_power_of_2(N)
     key = (n_bucket, q.dtype, q.device, flag_items)
     tiles = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages)
@@ -485,13 +466,13 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     n_zero_programs = cdiv(dtable.numel(), _ZERO_BLOCK) if need_dtable else 0
     _amm_attn_bwd_delta_kernel[(B * H * cdiv(N, dm) + n_zero_programs,)](
         out, dout, delta, H, N, *out.stride(), *dout.stride(), BLOCK_M=dm, BLOCK_D=BLOCK_D, HEAD_DIM=D,
-        ALIGN=_alignment(out, dout), num_warps=4, **zero)
+        ALIGN=alignment(out, dout), num_warps=4, **zero)
     lse = lse.contiguous()
     # The backward kernels take the unfolded scores (scaled dot + table * log2 e): in their
     # SASS the fold saves nothing, and this form keeps the table gradient's rounding noise
     # lower (it sums dS terms that cancel, e.g. to exactly 0 on a 1 x 1 grid).
     g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, fold=False, q=q)
-    flags, _ = _flags(g, q, bias, modulation, amm_table, table, D, _alignment(q, k, v, dout))
+    flags, _ = _flags(g, q, bias, modulation, amm_table, table, D, alignment(q, k, v, dout))
     width = flags["BLOCK_D"] + flags["BLOCK_D2"]
     ptrs = (_dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), g["stride_th"], g["stride_ub"],

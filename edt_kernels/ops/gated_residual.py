@@ -15,7 +15,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    cdiv, check_launchable, dispatch, promote, register_op, rows_per_program, tile_config, tl, triton, unit_stride
+    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, rows_per_program, tile_config,
+    tl, triton, unit_stride,
 )
 from ..reference.adaln import reference_gated_residual
 from .layernorm_modulate import _check_adaln_rows
@@ -30,8 +31,13 @@ def _gated_residual_fwd_kernel(
     x_ptr, gate_ptr, y_ptr, out_ptr,
     L, C,
     stride_xb, stride_xl, stride_gb, stride_yb, stride_yl, stride_ob, stride_ol,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    C = multiple_of(C, ALIGN)
+    stride_xb, stride_xl = multiple_of(stride_xb, ALIGN), multiple_of(stride_xl, ALIGN)
+    stride_gb = multiple_of(stride_gb, ALIGN)
+    stride_yb, stride_yl = multiple_of(stride_yb, ALIGN), multiple_of(stride_yl, ALIGN)
+    stride_ob, stride_ol = multiple_of(stride_ob, ALIGN), multiple_of(stride_ol, ALIGN)
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -53,9 +59,14 @@ def _gated_residual_bwd_kernel(
     dout_ptr, gate_ptr, y_ptr, dy_ptr, dgate_part_ptr,
     L, C, ROWS_PER_PROG,
     stride_db, stride_dl, stride_gb, stride_yb, stride_yl, stride_pb, stride_pp,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # dy = dout * gate (written with y's strides), dgate partial = sum_t dout * y.
+    C = multiple_of(C, ALIGN)
+    stride_db, stride_dl = multiple_of(stride_db, ALIGN), multiple_of(stride_dl, ALIGN)
+    stride_gb = multiple_of(stride_gb, ALIGN)
+    stride_yb, stride_yl = multiple_of(stride_yb, ALIGN), multiple_of(stride_yl, ALIGN)
+    stride_pb, stride_pp = multiple_of(stride_pb, ALIGN), multiple_of(stride_pp, ALIGN)
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -90,7 +101,7 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
         x, gate, y, out, L, C,
         x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         out.stride(0), out.stride(1),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        ALIGN=alignment(x, gate, y, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
 
@@ -114,7 +125,7 @@ def gated_residual_backward(dout: torch.Tensor, gate: torch.Tensor, y: torch.Ten
         dout, gate, y, dy, dgate_part, L, C, rows,
         dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         dgate_part.stride(0), dgate_part.stride(1),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        ALIGN=alignment(dout, gate, y, dgate_part), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return dy, dgate_part.sum(1)
 

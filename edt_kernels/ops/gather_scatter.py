@@ -21,7 +21,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    cdiv, check_launchable, dispatch, next_power_of_2, register_op, tile_config, tl, triton, unit_stride
+    alignment, cdiv, check_launchable, dispatch, multiple_of, next_power_of_2, register_op, tile_config, tl, triton,
+    unit_stride,
 )
 from ..reference.tokens import reference_gather_tokens, reference_scatter_tokens
 
@@ -35,9 +36,12 @@ def _gather_rows_kernel(
     x_ptr, ids_ptr, out_ptr,
     L, K, C,
     stride_xb, stride_xl, stride_ib, stride_ob, stride_ol,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # out[b, k, :] = x[b, ids[b, k], :]; an index outside [0, L) gives a zero row.
+    C = multiple_of(C, ALIGN)
+    stride_xb, stride_xl = multiple_of(stride_xb, ALIGN), multiple_of(stride_xl, ALIGN)
+    stride_ob, stride_ol = multiple_of(stride_ob, ALIGN), multiple_of(stride_ol, ALIGN)
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -73,12 +77,16 @@ def _unshuffle_rows_kernel(
     L, K, C,
     stride_sb, stride_sl, stride_vb, stride_pl, stride_ob, stride_ol,
     HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # out[b, l] = (src[b, r] if 0 <= r < K else fill) + pos[l],  r = inv[b, l].
     # With inv = ids_restore and fill = mask token this is MDT's "append mask
     # tokens, unshuffle, add pos_embed"; with inv = inverse of ids and no fill
     # it is the scatter of kept rows into zeros.  Every output row is written.
+    C = multiple_of(C, ALIGN)
+    stride_sb, stride_sl = multiple_of(stride_sb, ALIGN), multiple_of(stride_sl, ALIGN)
+    stride_pl = multiple_of(stride_pl, ALIGN)
+    stride_ob, stride_ol = multiple_of(stride_ob, ALIGN), multiple_of(stride_ol, ALIGN)
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -117,7 +125,7 @@ def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     _gather_rows_kernel[grid](
         x, ids, out, L, K, C,
         x.stride(0), x.stride(1), ids.stride(0), out.stride(0), out.stride(1),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        ALIGN=alignment(x, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
 
@@ -145,6 +153,7 @@ def unshuffle_rows(src: torch.Tensor, inv: torch.Tensor, fill: Optional[torch.Te
         src.stride(0), src.stride(1), inv.stride(0), pos.stride(0) if pos is not None else 0,
         out.stride(0), out.stride(1),
         HAS_FILL=fill is not None, HAS_POS=pos is not None,
+        ALIGN=alignment(*(t for t in (src, fill, pos, out) if t is not None)),
         BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out

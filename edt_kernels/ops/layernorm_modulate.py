@@ -25,7 +25,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    cdiv, check_launchable, dispatch, promote, register_op, row_config, rows_per_program, tl, triton, unit_stride
+    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, row_config, rows_per_program,
+    tl, triton, unit_stride,
 )
 from ..reference.adaln import reference_layernorm_modulate
 
@@ -91,8 +92,12 @@ def _ln_modulate_fwd_kernel(
     stride_xb, stride_xl, stride_sb, stride_cb, stride_kb, stride_ob, stride_ol,
     eps,
     MERGE: tl.constexpr, HAS_KEEP: tl.constexpr, KEEP_SOURCE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    N, C_IN = multiple_of(N, ALIGN), multiple_of(C_IN, ALIGN)
+    stride_xb, stride_xl = multiple_of(stride_xb, ALIGN), multiple_of(stride_xl, ALIGN)
+    stride_sb, stride_cb = multiple_of(stride_sb, ALIGN), multiple_of(stride_cb, ALIGN)
+    stride_ob, stride_ol = multiple_of(stride_ob, ALIGN), multiple_of(stride_ol, ALIGN)
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -120,12 +125,17 @@ def _ln_modulate_bwd_kernel(
     stride_pb, stride_pp,
     eps,
     MERGE: tl.constexpr, HAS_KEEP: tl.constexpr, KEEP_SOURCE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: rows [pid * ROWS_PER_PROG, +ROWS_PER_PROG) of sample b.  The
     # statistics are recomputed from x (read anyway for xhat), so the forward
     # saves nothing.  dx is written with x's strides (the launcher makes x
     # contiguous and allocates dx like it).
+    N, C_IN = multiple_of(N, ALIGN), multiple_of(C_IN, ALIGN)
+    stride_db, stride_dl = multiple_of(stride_db, ALIGN), multiple_of(stride_dl, ALIGN)
+    stride_xb, stride_xl = multiple_of(stride_xb, ALIGN), multiple_of(stride_xl, ALIGN)
+    stride_cb = multiple_of(stride_cb, ALIGN)
+    stride_pb, stride_pp = multiple_of(stride_pb, ALIGN), multiple_of(stride_pp, ALIGN)
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     j = tl.arange(0, BLOCK_N)
@@ -186,7 +196,7 @@ def ln_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         float(eps),
         MERGE=bool(merge_width), HAS_KEEP=keep is not None,
         KEEP_SOURCE=keep is not None and bool(merge_width) and keep.shape[1] == L,
-        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        ALIGN=alignment(x, shift, scale, out), BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return out
 
@@ -220,6 +230,7 @@ def ln_modulate_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
         float(eps),
         MERGE=bool(merge_width), HAS_KEEP=keep is not None,
         KEEP_SOURCE=keep is not None and bool(merge_width) and keep.shape[1] == L,
+        ALIGN=alignment(dout, x, scale, dx, dshift_part, dscale_part),
         BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return dx, part.sum(1)

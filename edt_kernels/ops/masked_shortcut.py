@@ -15,7 +15,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    cdiv, check_launchable, dispatch, promote, register_op, tile_config, tl, triton, unit_stride
+    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, tile_config, tl, triton,
+    unit_stride,
 )
 from ..reference.tokens import reference_masked_shortcut
 
@@ -29,9 +30,13 @@ def _masked_shortcut_fwd_kernel(
     x_ptr, xb_ptr, m_ptr, out_ptr,
     L, C,
     stride_xb, stride_xl, stride_bb, stride_bl, stride_mb, stride_ob, stride_ol,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # out = x * m + (1 - m) * x_before; x_before's batch stride is 0 when it is [1, L, C].
+    C = multiple_of(C, ALIGN)
+    stride_xb, stride_xl = multiple_of(stride_xb, ALIGN), multiple_of(stride_xl, ALIGN)
+    stride_bb, stride_bl = multiple_of(stride_bb, ALIGN), multiple_of(stride_bl, ALIGN)
+    stride_ob, stride_ol = multiple_of(stride_ob, ALIGN), multiple_of(stride_ol, ALIGN)
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -54,11 +59,16 @@ def _masked_shortcut_bwd_kernel(
     L, C,
     stride_db, stride_dl, stride_xb, stride_xl, stride_bb, stride_bl, stride_mb,
     stride_gb, stride_gl, stride_pc, stride_pb,
-    NEED_DMASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEED_DMASK: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # dx = dout * m, dx_before = dout * (1 - m) (both [B, L, C], with the
     # strides stride_gb, stride_gl), dmask partial over this channel block =
     # sum_c dout * (x - x_before).
+    C = multiple_of(C, ALIGN)
+    stride_db, stride_dl = multiple_of(stride_db, ALIGN), multiple_of(stride_dl, ALIGN)
+    stride_xb, stride_xl = multiple_of(stride_xb, ALIGN), multiple_of(stride_xl, ALIGN)
+    stride_bb, stride_bl = multiple_of(stride_bb, ALIGN), multiple_of(stride_bl, ALIGN)
+    stride_gb, stride_gl = multiple_of(stride_gb, ALIGN), multiple_of(stride_gl, ALIGN)
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -107,7 +117,7 @@ def masked_shortcut_forward(x: torch.Tensor, x_before: torch.Tensor, mask: torch
         x, xb, m, out, L, C,
         x.stride(0), x.stride(1), xb.stride(0), xb.stride(1), m.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        ALIGN=alignment(x, xb, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
 
@@ -132,7 +142,8 @@ def masked_shortcut_backward(dout: torch.Tensor, x: torch.Tensor, x_before: torc
             dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), xb.stride(0), xb.stride(1),
             m.stride(0), dx.stride(0), dx.stride(1),
             dm_part.stride(0) if need_dmask else 0, dm_part.stride(1) if need_dmask else 0,
-            NEED_DMASK=need_dmask, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+            NEED_DMASK=need_dmask, ALIGN=alignment(dout, x, xb, dx, dxb), BLOCK_T=block_t, BLOCK_C=block_c,
+            num_warps=num_warps,
         )
     if x_before.shape[0] != B:
         dxb = dxb.sum(0, keepdim=True)

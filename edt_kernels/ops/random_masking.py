@@ -25,7 +25,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    cdiv, check_launchable, dispatch, next_power_of_2, register_op, tile_config, tl, triton, unit_stride
+    alignment, cdiv, check_launchable, dispatch, multiple_of, next_power_of_2, register_op, tile_config, tl, triton,
+    unit_stride,
 )
 from ..reference.tokens import reference_random_masking
 from .gather_scatter import _scatter_tokens_op
@@ -40,12 +41,15 @@ def _masking_gather_kernel(
     x_ptr, shuffle_ptr, out_ptr, mask_ptr, restore_ptr,
     L, K, C,
     stride_xb, stride_xl, stride_hb, stride_ob, stride_ol, stride_mb, stride_rb,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # MDT's masking in one pass over ids_shuffle (a permutation per sample):
     # slot j < K keeps token i = ids_shuffle[b, j] (x_kept[b, j] = x[b, i]);
     # mask[b, i] = (j >= K); ids_restore[b, i] = j, which is
     # argsort(ids_shuffle) without a second sort.
+    C = multiple_of(C, ALIGN)
+    stride_xb, stride_xl = multiple_of(stride_xb, ALIGN), multiple_of(stride_xl, ALIGN)
+    stride_ob, stride_ol = multiple_of(stride_ob, ALIGN), multiple_of(stride_ol, ALIGN)
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -133,7 +137,7 @@ def masking_gather(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int
         x, ids_shuffle, out, mask, restore, L, K, C,
         x.stride(0), x.stride(1), ids_shuffle.stride(0), out.stride(0), out.stride(1),
         mask.stride(0), restore.stride(0),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        ALIGN=alignment(x, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out, mask, restore
 

@@ -20,7 +20,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    cdiv, check_launchable, dispatch, promote, register_op, rows_per_program, tile_config, tl, triton, unit_stride
+    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, rows_per_program, tile_config,
+    tl, triton, unit_stride,
 )
 from ..reference.tokens import reference_unshuffle_with_mask_token
 from .gather_scatter import unshuffle_rows
@@ -36,13 +37,18 @@ def _unshuffle_bwd_kernel(
     B, L, K, C, B_PER_PROG,
     stride_db, stride_dl, stride_vb, stride_sb, stride_sl,
     stride_fp, stride_ft, stride_pp, stride_pl,
-    HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_POS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One program: rows l of one tile, channels c, samples
     # [pid_b * B_PER_PROG, +B_PER_PROG).  dsrc[b, r] = dout[b, l] for kept rows
     # (ids_restore is a permutation, so each kept row is written once); the
     # mask-token gradient (sum over masked rows) and the pos-embed gradient
     # (sum over samples) are accumulated in fp32 and written as partials.
+    C = multiple_of(C, ALIGN)
+    stride_db, stride_dl = multiple_of(stride_db, ALIGN), multiple_of(stride_dl, ALIGN)
+    stride_sb, stride_sl = multiple_of(stride_sb, ALIGN), multiple_of(stride_sl, ALIGN)
+    stride_fp, stride_ft = multiple_of(stride_fp, ALIGN), multiple_of(stride_ft, ALIGN)
+    stride_pp, stride_pl = multiple_of(stride_pp, ALIGN), multiple_of(stride_pl, ALIGN)
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -105,7 +111,8 @@ def unshuffle_backward(dout: torch.Tensor, inv: torch.Tensor, len_keep: int, nee
         B, L, K, C, b_per_prog,
         dout.stride(0), dout.stride(1), inv.stride(0), dsrc.stride(0), dsrc.stride(1),
         dfill_part.stride(0), dfill_part.stride(1), dpos_part.stride(0), dpos_part.stride(1),
-        HAS_POS=need_dpos, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        HAS_POS=need_dpos, ALIGN=alignment(dout, dsrc, dfill_part, dpos_part),
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     dfill = dfill_part.sum((0, 1)).reshape(1, 1, C)
     dpos = dpos_part.sum(0, keepdim=True) if need_dpos else dout.new_empty((0,), dtype=torch.float32)
