@@ -466,15 +466,14 @@ def test_triton_vector_hints_at_a_width_of_eight(dtype, device, poison):
 def test_alignment_is_the_widest_vector_every_row_starts_on():
     """``alignment`` (the ALIGN the launchers pass) on views: a power of two at most 16 bytes of the narrowest
     dtype that divides each pointer (in elements), last-dim size and stride of a dimension longer than one,
-    and the widest such; 1 where the last dim is strided, and 1 where 16 divides every value (Triton's own
-    specialisation covers that case)."""
+    and the widest such; 1 where the last dim is strided."""
     from edt_kernels.ops._triton_utils import alignment
 
     base = torch.zeros(4, 8, 72, dtype=torch.float16)
     assert alignment(base) == 8 and alignment(base.float()) == 4 and alignment(base, base.float()) == 8
     assert alignment(base[..., 1:]) == 1 and alignment(base[..., 4:68]) == 4 and alignment(base[..., ::2]) == 1
     assert alignment(torch.zeros(2, 5, 936, dtype=torch.bfloat16)) == 8
-    assert alignment(torch.zeros(2, 5, 1152, dtype=torch.bfloat16)) == 1
+    assert alignment(torch.zeros(2, 5, 1152, dtype=torch.bfloat16)) == 8
     assert alignment(base[:1].as_strided((1, 8, 72), (3, 72, 1))) == 8  # a length-one dim's stride is never used
 
     def divides(a, t):
@@ -499,10 +498,7 @@ def test_alignment_is_the_widest_vector_every_row_starts_on():
         cap = 16 // min(t.element_size() for t in ts)
         assert a & (a - 1) == 0 and 1 <= a <= cap
         assert all(divides(a, t) for t in ts), [(t.shape, t.stride(), t.storage_offset()) for t in ts]
-        if all(divides(16, t) for t in ts):
-            assert a == 1
-        else:
-            assert a == cap or not all(divides(2 * a, t) for t in ts)
+        assert a == cap or not all(divides(2 * a, t) for t in ts)
 
 
 # ============================================================================ custom ops
