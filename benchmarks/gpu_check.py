@@ -11,7 +11,9 @@ Sections, each with its own time budget and ``try/except`` (a failure is
 recorded with its error text, never turned into a number):
 
 * correctness, bf16 and fp16 against a float64 reference: attention out, dq,
-  dk, dv, d table, d bias (including a fully masked row), token and adaLN ops;
+  dk, dv, d table, d bias (including a fully masked row); every token and adaLN
+  op, output and input gradients, at C=1152 and C=936 (rows aligned to 8, not 16,
+  elements: the launchers' alignment hints);
 * attention forward at N=4096, D=64: none / table / AMM / table+AMM vs SDPA
   without bias; table+AMM at D=52, 64, 72;
 * backward at B=32, H=16, N=256, D=72 with the table gradient on and off, with
@@ -192,32 +194,73 @@ def correctness_attention(c: Ctx, rows, deadline):
 
 
 def correctness_tokens(c: Ctx, rows, deadline):
+    """Every token and adaLN kernel, output and input gradients, against its float64 reference
+    on the CPU.  C = 936 is a multiple of 8 but not of 16: its rows load as vectors only through
+    the launchers' alignment hints, which this is the first check of on a GPU."""
     torch = c.torch
     import edt_kernels as ek
     from edt_kernels.reference import adaln as radaln
     from edt_kernels.reference import tokens as rtok
-    B, L, K = (2, 16, 11) if c.dry else (8, 256, 179)
+    B, side, K = (2, 4, 11) if c.dry else (8, 16, 179)
+    L = side * side
+    T = "triton"
     widths = (24,) if c.dry else (1152, 936)
     dtypes = (torch.float16, torch.float32) if c.dry else (torch.bfloat16, torch.float16)
     for dt in dtypes:
+        tol = TOL[str(dt).split(".")[-1]]
         for C in widths:
-            _over(deadline)
-            x = torch.randn(B, L, C, device=c.dev).to(dt)
-            ids = torch.stack([torch.randperm(L)[:K] for _ in range(B)]).to(c.dev)
-            sh, sc = torch.randn(B, C, device=c.dev).to(dt), torch.randn(B, C, device=c.dev).to(dt)
-            gate, y = torch.randn(B, C, device=c.dev).to(dt), torch.randn(B, L, C, device=c.dev).to(dt)
-            cases = {
-                "gather_tokens": (lambda: ek.gather_tokens(x, ids), lambda: rtok.reference_gather_tokens(
-                    x.double(), ids)),
-                "layernorm_modulate": (lambda: ek.layernorm_modulate(x, sh, sc), lambda: radaln.reference_layernorm_modulate(
-                    x.double(), sh.double(), sc.double(), 1e-6)),
-                "gated_residual": (lambda: ek.gated_residual(x, gate, y), lambda: radaln.reference_gated_residual(
-                    x.double(), gate.double(), y.double())),
+            g = torch.Generator().manual_seed(C)
+
+            def rnd(*shape):
+                return torch.randn(*shape, generator=g)
+
+            ids = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
+            keep_ids, restore = ids[:, :K].contiguous(), torch.argsort(ids, dim=1)
+            cases = {  # name: (kernel call, float64 reference, inputs)
+                "gather_tokens": (lambda x, i: ek.gather_tokens(x, i, backend=T), rtok.reference_gather_tokens,
+                                  [rnd(B, L, C), keep_ids]),
+                "scatter_tokens": (lambda y, i: ek.scatter_tokens(y, i, L, backend=T),
+                                   lambda y, i: rtok.reference_scatter_tokens(y, i, L), [rnd(B, K, C), keep_ids]),
+                "unshuffle_with_mask_token": (lambda *a: ek.unshuffle_with_mask_token(*a, backend=T),
+                                              rtok.reference_unshuffle_with_mask_token,
+                                              [rnd(B, K, C), restore, rnd(1, 1, C), rnd(1, L, C)]),
+                "masked_shortcut": (lambda *a: ek.masked_shortcut(*a, backend=T), rtok.reference_masked_shortcut,
+                                    [rnd(B, L, C), rnd(B, L, C), torch.rand(B, L, 1, generator=g)]),
+                "layernorm_modulate": (lambda *a: ek.layernorm_modulate(*a, backend=T),
+                                       lambda *a: radaln.reference_layernorm_modulate(*a, 1e-6),
+                                       [rnd(B, L, C), rnd(B, C), rnd(B, C)]),
+                "patch_merge_modulate": (lambda x, sh, sc: ek.patch_merge_modulate(x, sh, sc, grid=side, backend=T),
+                                         lambda x, sh, sc: rtok.reference_patch_merge_modulate(x, sh, sc, grid=side),
+                                         [rnd(B, L, C), rnd(B, 4 * C), rnd(B, 4 * C)]),
+                "gated_residual": (lambda *a: ek.gated_residual(*a, backend=T), radaln.reference_gated_residual,
+                                   [rnd(B, L, C), rnd(B, C), rnd(B, L, C)]),
             }
-            for name, (f, r) in cases.items():
-                err, nf = _rel_err(f().float().cpu(), r().cpu())
-                tol = TOL[str(dt).split(".")[-1]]
-                rows.append(dict(op=name, dtype=str(dt), C=C, rel_err=err, tol=tol, ok=bool(err <= tol and nf)))
+            for name, (fn, ref_fn, inputs) in cases.items():
+                _over(deadline)
+                ins = [t.to(c.dev, dt).requires_grad_() if t.is_floating_point() else t.to(c.dev) for t in inputs]
+                ins64 = [t.detach().cpu().double().requires_grad_() if t.is_floating_point() else t.cpu()
+                         for t in ins]  # the values the kernel reads
+                out, ref = fn(*ins), ref_fn(*ins64)
+                dout = torch.randn(ref.shape, generator=g)
+                want = [t for t in ins if t.requires_grad]
+                got = dict(zip(["out"] + [f"d{i}" for i in range(len(want))],
+                               [out.detach(), *torch.autograd.grad(out, want, dout.to(c.dev, out.dtype))]))
+                exp = dict(zip(got, [ref.detach(), *torch.autograd.grad(ref, [t for t in ins64 if t.requires_grad],
+                                                                        dout.double())]))
+                for tensor in got:
+                    err, nf = _rel_err(got[tensor].float().cpu(), exp[tensor])
+                    rows.append(dict(op=name, dtype=str(dt), C=C, tensor=tensor, rel_err=err, tol=tol,
+                                     ok=bool(err <= tol and nf)))
+            _over(deadline)  # MDT's masking: the same draws on the device, so the kept rows are equal
+            x = rnd(B, L, C).to(c.dev, dt).requires_grad_()
+            got = ek.random_masking(x, 0.3, torch.Generator(c.dev.type).manual_seed(C), sort_kept=True,
+                                   backend=T)
+            want = rtok.reference_random_masking(x, 0.3, torch.Generator(c.dev.type).manual_seed(C), sort_kept=True)
+            dout = torch.randn(got[0].shape, generator=g).to(c.dev, dt)
+            same = [torch.equal(a, b) for a, b in zip(got, want)]
+            same.append(torch.equal(*(torch.autograd.grad(o[0], x, dout)[0] for o in (got, want))))
+            rows.append(dict(op="random_masking", dtype=str(dt), C=C, tensor="x_kept, mask, restore, ids, dx",
+                             rel_err=0.0 if all(same) else None, tol=0.0, ok=all(same)))
 
 
 # ----------------------------------------------------------------------------- timings
@@ -389,6 +432,9 @@ def timing_tokens(c: Ctx, rows, deadline):
         rows.append(dict(op="layernorm_modulate", C=C, ms=ms, gbps=2 * nbytes / ms / 1e6))
         ms = c.time_ms(lambda: ek.gated_residual(x, sh, dst))
         rows.append(dict(op="gated_residual", C=C, ms=ms, gbps=3 * nbytes / ms / 1e6))
+        keep = torch.rand(B, L, device=c.dev) < 0.7
+        ms = c.time_ms(lambda: ek.masked_shortcut(x, dst, keep))
+        rows.append(dict(op="masked_shortcut", C=C, ms=ms, gbps=3 * nbytes / ms / 1e6))
 
 
 def _peak_mib(c: Ctx, fn):
@@ -618,7 +664,7 @@ def main(argv=None) -> int:
         return 2
     c = Ctx(a.dry_run, a.budget_s)
     c.section("correctness: attention", 120, lambda r, d: correctness_attention(c, r, d))
-    c.section("correctness: token/adaLN", 30, lambda r, d: correctness_tokens(c, r, d))
+    c.section("correctness: token/adaLN", 60, lambda r, d: correctness_tokens(c, r, d))
     c.section("timing: attention forward", 90, lambda r, d: timing_forward(c, r, d))
     c.section("timing: attention backward", 60, lambda r, d: timing_backward(c, r, d))
     c.section("timing: MDT masked", 45, lambda r, d: timing_masked(c, r, d))
