@@ -465,20 +465,19 @@ def test_triton_vector_hints_at_a_width_of_eight(dtype, device, poison):
 
 def test_alignment_is_the_widest_vector_every_row_starts_on():
     """``alignment`` (the ALIGN the launchers pass) on views: a power of two at most 16 bytes of the narrowest
-    dtype that divides each pointer (in elements), last-dim size and stride of a dimension longer than one,
-    and the widest such; 1 where the last dim is strided."""
+    dtype that divides each last-dim size and stride of a dimension longer than one, and the widest such;
+    1 where the last dim is strided.  Pointers are left to Triton's own specialisation."""
     from edt_kernels.ops._triton_utils import alignment
 
     base = torch.zeros(4, 8, 72, dtype=torch.float16)
     assert alignment(base) == 8 and alignment(base.float()) == 4 and alignment(base, base.float()) == 8
-    assert alignment(base[..., 1:]) == 1 and alignment(base[..., 4:68]) == 4 and alignment(base[..., ::2]) == 1
+    assert alignment(base[..., 1:]) == 1 and alignment(base[..., 4:68]) == 8 and alignment(base[..., ::2]) == 1
     assert alignment(torch.zeros(2, 5, 936, dtype=torch.bfloat16)) == 8
     assert alignment(torch.zeros(2, 5, 1152, dtype=torch.bfloat16)) == 8
     assert alignment(base[:1].as_strided((1, 8, 72), (3, 72, 1))) == 8  # a length-one dim's stride is never used
 
     def divides(a, t):
-        ok = t.data_ptr() % (a * t.element_size()) == 0 and t.shape[-1] % a == 0
-        return ok and all(st % a == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+        return t.shape[-1] % a == 0 and all(st % a == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
     gen = torch.Generator().manual_seed(0)
     store = torch.zeros(3 * 64 * 64, dtype=torch.float32)

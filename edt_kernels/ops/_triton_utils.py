@@ -102,12 +102,14 @@ def promote(*tensors: torch.Tensor) -> torch.dtype:
 
 def alignment(*ts: torch.Tensor) -> int:
     """The widest vector (elements, at most 16 bytes of the narrowest dtype) that
-    every row of every tensor starts on: each pointer, each last-dim size and each
-    stride of a dimension longer than one is a multiple of it, and the last dim is
-    contiguous.  The launchers pass it as ``ALIGN`` to kernels that call
-    :func:`multiple_of` on those sizes and strides; 1 disables the hints.
+    the rows of every tensor start on relative to its pointer: each last-dim size
+    and each stride of a dimension longer than one is a multiple of it, and the
+    last dim is contiguous.  The launchers pass it as ``ALIGN`` to kernels that
+    call :func:`multiple_of` on those sizes and strides; 1 disables the hints.
+    The pointers are Triton's: it specialises each argument on 16-byte alignment,
+    and an unaligned pointer keeps the accesses scalar whatever the hints say.
 
-    Triton itself specialises integer arguments divisible by 16, so the hints
+    Triton also specialises integer arguments divisible by 16, so the hints
     matter at widths that are multiples of 8 but not of 16 (EDT-S's 312,
     EDT-XL's 936, head dims 52 and 72), which otherwise load 2 bytes at a time.
     Where 16 divides everything they are redundant and still passed: in the
@@ -117,16 +119,17 @@ def alignment(*ts: torch.Tensor) -> int:
     bits = 0  # OR of every value that must be a multiple: its lowest set bit is their common power of two
     elt_min = 16
     for t in ts:
-        shape, stride, elt = t.shape, t.stride(), t.element_size()
+        stride, shape = t.stride(), t.shape
         if stride[-1] != 1 and shape[-1] > 1:
             return 1
-        elt_min = min(elt_min, elt)
-        ptr = t.data_ptr()
-        bits |= (ptr // elt if ptr % elt == 0 else 1) | shape[-1]
-        for st, n in zip(stride[:-1], shape[:-1]):
-            if n > 1:
-                bits |= st
-    widest = max(1, 16 // elt_min)
+        elt = t.element_size()
+        if elt < elt_min:
+            elt_min = elt
+        bits |= shape[-1]
+        for i in range(len(stride) - 1):
+            if shape[i] > 1:
+                bits |= stride[i]
+    widest = 16 // elt_min
     return min(widest, bits & -bits) if bits else widest
 
 
