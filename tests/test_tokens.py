@@ -412,23 +412,34 @@ def test_triton_mixed_dtypes_follow_promotion(device, poison):
         assert_close(got, want, torch.float16, GRAD_TOL, "mixed grads")
 
 
-def _odd_batch_stride(t):
-    """``t`` ``[1, L, C]`` as a leaf whose batch stride (of a dimension of length one) is 3."""
+def _layout(t, odd_batch_stride: bool):
+    """``t`` ``[B, L, C]`` as a leaf; with ``odd_batch_stride`` (B = 1) its batch stride, of a dimension
+    of length one, is 3."""
+    if not odd_batch_stride:
+        return t
     _, L, C = t.shape
     return t.detach().as_strided((1, L, C), (3, C, 1)).requires_grad_(t.requires_grad)
 
 
+@pytest.mark.parametrize("odd", [False, True], ids=["contiguous", "odd-batch-stride"])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-def test_triton_vector_hints_at_a_width_of_eight(dtype, device, poison):
-    """C = 72 (a multiple of 8, not of 16, as EDT-S's 312 and EDT-XL's 936): the launchers pass
-    ALIGN = 16 bytes of elements and the kernels read rows as vectors.  The batch stride of a
-    length-one batch is not a multiple of it (3) and must not matter."""
-    from edt_kernels.ops._triton_utils import alignment
+def test_triton_vector_hints_at_a_width_of_eight(dtype, odd, device, poison, monkeypatch):
+    """C = 72 (a multiple of 8, not of 16, as EDT-S's 312 and EDT-XL's 936): the launchers pass ALIGN =
+    16 bytes of elements and the kernels read rows as vectors.  A length-one batch whose stride is 3
+    turns the hints off (ALIGN 1) and gives the same results."""
+    from edt_kernels.ops import _triton_utils
 
+    passed = []
+
+    def recording(itemsize, *values):
+        passed.append(_triton_utils.common_alignment(itemsize, *values))
+        return passed[-1]
+
+    for mod in (gather_scatter, masked_shortcut, random_masking, unshuffle):
+        monkeypatch.setattr(mod, "common_alignment", recording)
     gen = torch.Generator().manual_seed(72)
-    B, L, C, K = 1, 19, 72, 11
-    x = _odd_batch_stride(_rand((B, L, C), dtype, gen, device))
-    assert x.stride(0) == 3 and alignment(x) == 16 // x.element_size()
+    B, L, C, K = (1 if odd else 2), 19, 72, 11
+    x = _layout(_rand((B, L, C), dtype, gen, device), odd)
     ids_keep, ids_restore = _perm_ids(B, L, K, gen, device)
     (x64,) = _f64(x)
     for name, fn, ref_fn in [
@@ -443,8 +454,8 @@ def test_triton_vector_hints_at_a_width_of_eight(dtype, device, poison):
         d = _rand(out.shape, dtype, gen, device, requires_grad=False)
         assert_close(_grads(out, [x], d)[0], _grads(ref, [x64], d.double())[0], dtype, GRAD_TOL, name + " dx")
 
-    y = _odd_batch_stride(_rand((B, K, C), dtype, gen, device))
-    mt, pos = _rand((1, 1, C), dtype, gen, device), _odd_batch_stride(_rand((1, L, C), dtype, gen, device))
+    y = _layout(_rand((B, K, C), dtype, gen, device), odd)
+    mt, pos = _rand((1, 1, C), dtype, gen, device), _layout(_rand((1, L, C), dtype, gen, device), odd)
     y64, mt64, pos64 = _f64(y, mt, pos)
     out = edt_kernels.unshuffle_with_mask_token(y, ids_restore, mt, pos, backend="triton")
     ref = reference_unshuffle_with_mask_token(y64, ids_restore, mt64, pos64)
@@ -461,6 +472,8 @@ def test_triton_vector_hints_at_a_width_of_eight(dtype, device, poison):
     want = reference_random_masking(x, 0.37, torch.Generator(gen_kind).manual_seed(7))
     for g, w, n in zip(got, want, ["x_kept", "mask", "ids_restore", "ids_keep"]):
         assert torch.equal(g, w), n
+    widest = 16 // x.element_size()
+    assert len(passed) >= 8 and (1 in passed if odd else set(passed) == {widest}), passed
 
 
 def test_alignment_is_the_widest_vector_every_row_starts_on():

@@ -100,14 +100,13 @@ def promote(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def alignment(*ts: torch.Tensor) -> int:
-    """The widest vector (elements, at most 16 bytes of the narrowest dtype) that
-    the rows of every tensor start on relative to its pointer: each last-dim size
-    and each stride of a dimension longer than one is a multiple of it, and the
-    last dim is contiguous.  The launchers pass it as ``ALIGN`` to kernels that
-    call :func:`multiple_of` on those sizes and strides; 1 disables the hints.
-    The pointers are Triton's: it specialises each argument on 16-byte alignment,
-    and an unaligned pointer keeps the accesses scalar whatever the hints say.
+def common_alignment(itemsize: int, *values: int) -> int:
+    """The widest vector (elements, at most 16 bytes of ``itemsize``) that every
+    size and stride in ``values`` is a multiple of.  The launchers pass it as
+    ``ALIGN`` to kernels that call :func:`multiple_of` on those values; 1
+    disables the hints.  The pointers are Triton's: it specialises each pointer
+    argument on 16-byte alignment, and an unaligned pointer keeps the accesses
+    scalar whatever the hints say.
 
     Triton also specialises integer arguments divisible by 16, so the hints
     matter at widths that are multiples of 8 but not of 16 (EDT-S's 312,
@@ -116,21 +115,27 @@ def alignment(*ts: torch.Tensor) -> int:
     sm_90 profile that keeps the attention main loops at D = 64 up to 8 %
     shorter (SASS counted) and costs a token kernel 8 to 32 integer
     instructions, off the critical path of a memory-bound kernel."""
-    bits = 0  # OR of every value that must be a multiple: its lowest set bit is their common power of two
-    elt_min = 16
+    bits = 0  # OR of the values: its lowest set bit is their common power of two
+    for v in values:
+        bits |= v
+    widest = 16 // itemsize
+    return min(widest, bits & -bits) if bits else widest
+
+
+def alignment(*ts: torch.Tensor) -> int:
+    """:func:`common_alignment` of tensors whose last dim is contiguous (1
+    otherwise): of each last-dim size and each stride of a dimension longer than
+    one, at most 16 bytes of the narrowest dtype."""
+    values = []
+    itemsize = 16
     for t in ts:
         stride, shape = t.stride(), t.shape
         if stride[-1] != 1 and shape[-1] > 1:
             return 1
-        elt = t.element_size()
-        if elt < elt_min:
-            elt_min = elt
-        bits |= shape[-1]
-        for i in range(len(stride) - 1):
-            if shape[i] > 1:
-                bits |= stride[i]
-    widest = 16 // elt_min
-    return min(widest, bits & -bits) if bits else widest
+        itemsize = min(itemsize, t.element_size())
+        values.append(shape[-1])
+        values += [stride[i] for i in range(len(stride) - 1) if shape[i] > 1]
+    return common_alignment(itemsize, *values)
 
 
 @triton.jit

@@ -15,8 +15,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, rows_per_program, tile_config,
-    tl, triton, unit_stride,
+    cdiv, check_launchable, common_alignment, dispatch, multiple_of, promote, register_op, rows_per_program,
+    tile_config, tl, triton, unit_stride,
 )
 from ..reference.adaln import reference_gated_residual
 from .layernorm_modulate import _check_adaln_rows
@@ -97,11 +97,11 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
         return out
     block_c, block_t, num_warps = tile_config(C)
     grid = (cdiv(L, block_t), cdiv(C, block_c), B)
+    strides = (x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1), out.stride(0), out.stride(1))
     _gated_residual_fwd_kernel[grid](
-        x, gate, y, out, L, C,
-        x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
-        out.stride(0), out.stride(1),
-        ALIGN=alignment(x, gate, y, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        x, gate, y, out, L, C, *strides,
+        ALIGN=common_alignment(x.element_size(), C, *strides), BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return out
 
@@ -121,11 +121,12 @@ def gated_residual_backward(dout: torch.Tensor, gate: torch.Tensor, y: torch.Ten
     rows = rows_per_program(L, B * n_c, block_t)
     P = cdiv(L, rows)
     dgate_part = _tu.empty_output((B, P, C), torch.float32, y.device)
+    strides = (dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
+               dgate_part.stride(0), dgate_part.stride(1))
     _gated_residual_bwd_kernel[(P, n_c, B)](
-        dout, gate, y, dy, dgate_part, L, C, rows,
-        dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
-        dgate_part.stride(0), dgate_part.stride(1),
-        ALIGN=alignment(dout, gate, y, dgate_part), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        dout, gate, y, dy, dgate_part, L, C, rows, *strides,
+        ALIGN=common_alignment(y.element_size(), C, *strides), BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return dy, dgate_part.sum(1)
 

@@ -21,8 +21,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    alignment, cdiv, check_launchable, dispatch, multiple_of, next_power_of_2, register_op, tile_config, tl, triton,
-    unit_stride,
+    cdiv, check_launchable, common_alignment, dispatch, multiple_of, next_power_of_2, register_op, tile_config, tl,
+    triton, unit_stride,
 )
 from ..reference.tokens import reference_gather_tokens, reference_scatter_tokens
 
@@ -125,7 +125,8 @@ def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     _gather_rows_kernel[grid](
         x, ids, out, L, K, C,
         x.stride(0), x.stride(1), ids.stride(0), out.stride(0), out.stride(1),
-        ALIGN=alignment(x, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        ALIGN=common_alignment(x.element_size(), C, x.stride(0), x.stride(1), out.stride(0), out.stride(1)),
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
 
@@ -147,13 +148,13 @@ def unshuffle_rows(src: torch.Tensor, inv: torch.Tensor, fill: Optional[torch.Te
         pos = unit_stride(pos.reshape(L, C))
     block_c, block_t, num_warps = tile_config(C)
     grid = (cdiv(L, block_t), cdiv(C, block_c), B)
+    sb, sl, pl, ob, ol = src.stride(0), src.stride(1), pos.stride(0) if pos is not None else 0, out.stride(0), \
+        out.stride(1)
     _unshuffle_rows_kernel[grid](
         src, inv, fill if fill is not None else src, pos if pos is not None else src, out,
-        L, K, C,
-        src.stride(0), src.stride(1), inv.stride(0), pos.stride(0) if pos is not None else 0,
-        out.stride(0), out.stride(1),
+        L, K, C, sb, sl, inv.stride(0), pl, ob, ol,
         HAS_FILL=fill is not None, HAS_POS=pos is not None,
-        ALIGN=alignment(*(t for t in (src, fill, pos, out) if t is not None)),
+        ALIGN=common_alignment(src.element_size(), C, sb, sl, pl, ob, ol),
         BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out

@@ -25,8 +25,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, row_config, rows_per_program,
-    tl, triton, unit_stride,
+    cdiv, check_launchable, common_alignment, dispatch, multiple_of, promote, register_op, row_config,
+    rows_per_program, tl, triton, unit_stride,
 )
 from ..reference.adaln import reference_layernorm_modulate
 
@@ -188,15 +188,15 @@ def ln_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         keep = unit_stride(keep)
     block_n, block_t, num_warps = row_config(N)
     grid = (cdiv(T, block_t), B)
+    xs, ms, os_ = (x.stride(0), x.stride(1)), (shift.stride(0), scale.stride(0)), (out.stride(0), out.stride(1))
     _ln_modulate_fwd_kernel[grid](
         x, shift, scale, keep if keep is not None else x, out,
-        T, N, C, w_out,
-        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
-        keep.stride(0) if keep is not None else 0, out.stride(0), out.stride(1),
+        T, N, C, w_out, *xs, *ms, keep.stride(0) if keep is not None else 0, *os_,
         float(eps),
         MERGE=bool(merge_width), HAS_KEEP=keep is not None,
         KEEP_SOURCE=keep is not None and bool(merge_width) and keep.shape[1] == L,
-        ALIGN=alignment(x, shift, scale, out), BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        ALIGN=common_alignment(x.element_size(), C, *xs, *ms, *os_),
+        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return out
 
@@ -221,16 +221,15 @@ def ln_modulate_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
     P = cdiv(T, rows)
     part = _tu.empty_output((B, P, 2, N), torch.float32, x.device)  # [:, :, 0] dshift, [:, :, 1] dscale
     dshift_part, dscale_part = part.unbind(2)
+    rows_s = (dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), scale.stride(0))
+    ps = (dshift_part.stride(0), dshift_part.stride(1))  # dscale_part alike
     _ln_modulate_bwd_kernel[(P, B)](
         dout, x, scale, keep if keep is not None else x, dx, dshift_part, dscale_part,
-        T, N, C, w_out, rows,
-        dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), scale.stride(0),
-        keep.stride(0) if keep is not None else 0,
-        dshift_part.stride(0), dshift_part.stride(1),
+        T, N, C, w_out, rows, *rows_s, keep.stride(0) if keep is not None else 0, *ps,
         float(eps),
         MERGE=bool(merge_width), HAS_KEEP=keep is not None,
         KEEP_SOURCE=keep is not None and bool(merge_width) and keep.shape[1] == L,
-        ALIGN=alignment(dout, x, scale, dx, dshift_part, dscale_part),
+        ALIGN=common_alignment(x.element_size(), C, *rows_s, *ps),
         BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return dx, part.sum(1)

@@ -15,7 +15,7 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, tile_config, tl, triton,
+    cdiv, check_launchable, common_alignment, dispatch, multiple_of, promote, register_op, tile_config, tl, triton,
     unit_stride,
 )
 from ..reference.tokens import reference_masked_shortcut
@@ -113,11 +113,11 @@ def masked_shortcut_forward(x: torch.Tensor, x_before: torch.Tensor, mask: torch
         return out
     block_c, block_t, num_warps = tile_config(C)
     grid = (cdiv(L, block_t), cdiv(C, block_c), B)
+    xs, bs, os_ = (x.stride(0), x.stride(1)), (xb.stride(0), xb.stride(1)), (out.stride(0), out.stride(1))
     _masked_shortcut_fwd_kernel[grid](
-        x, xb, m, out, L, C,
-        x.stride(0), x.stride(1), xb.stride(0), xb.stride(1), m.stride(0),
-        out.stride(0), out.stride(1),
-        ALIGN=alignment(x, xb, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        x, xb, m, out, L, C, *xs, *bs, m.stride(0), *os_,
+        ALIGN=common_alignment(x.element_size(), C, *xs, *bs, *os_), BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return out
 
@@ -137,13 +137,13 @@ def masked_shortcut_backward(dout: torch.Tensor, x: torch.Tensor, x_before: torc
     n_c = cdiv(C, block_c)
     dm_part = _tu.empty_output((n_c, B, L), torch.float32, x.device) if need_dmask else dx
     if dx.numel():
+        rows = (dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), xb.stride(0), xb.stride(1))
+        gs = (dx.stride(0), dx.stride(1))  # dx and dx_before alike
         _masked_shortcut_bwd_kernel[(cdiv(L, block_t), n_c, B)](
-            dout, x, xb, m, dx, dxb, dm_part, L, C,
-            dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), xb.stride(0), xb.stride(1),
-            m.stride(0), dx.stride(0), dx.stride(1),
+            dout, x, xb, m, dx, dxb, dm_part, L, C, *rows, m.stride(0), *gs,
             dm_part.stride(0) if need_dmask else 0, dm_part.stride(1) if need_dmask else 0,
-            NEED_DMASK=need_dmask, ALIGN=alignment(dout, x, xb, dx, dxb), BLOCK_T=block_t, BLOCK_C=block_c,
-            num_warps=num_warps,
+            NEED_DMASK=need_dmask, ALIGN=common_alignment(dout.element_size(), C, *rows, *gs),
+            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
         )
     if x_before.shape[0] != B:
         dxb = dxb.sum(0, keepdim=True)

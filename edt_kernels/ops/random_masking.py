@@ -25,8 +25,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    alignment, cdiv, check_launchable, dispatch, multiple_of, next_power_of_2, register_op, tile_config, tl, triton,
-    unit_stride,
+    cdiv, check_launchable, common_alignment, dispatch, multiple_of, next_power_of_2, register_op, tile_config, tl,
+    triton, unit_stride,
 )
 from ..reference.tokens import reference_random_masking
 from .gather_scatter import _scatter_tokens_op
@@ -137,7 +137,8 @@ def masking_gather(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int
         x, ids_shuffle, out, mask, restore, L, K, C,
         x.stride(0), x.stride(1), ids_shuffle.stride(0), out.stride(0), out.stride(1),
         mask.stride(0), restore.stride(0),
-        ALIGN=alignment(x, out), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        ALIGN=common_alignment(x.element_size(), C, x.stride(0), x.stride(1), out.stride(0), out.stride(1)),
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out, mask, restore
 

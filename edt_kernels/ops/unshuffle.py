@@ -20,8 +20,8 @@ from .. import _validation as V
 from ..backends import OpCall
 from . import _triton_utils as _tu
 from ._triton_utils import (
-    alignment, cdiv, check_launchable, dispatch, multiple_of, promote, register_op, rows_per_program, tile_config,
-    tl, triton, unit_stride,
+    cdiv, check_launchable, common_alignment, dispatch, multiple_of, promote, register_op, rows_per_program,
+    tile_config, tl, triton, unit_stride,
 )
 from ..reference.tokens import reference_unshuffle_with_mask_token
 from .gather_scatter import unshuffle_rows
@@ -106,12 +106,12 @@ def unshuffle_backward(dout: torch.Tensor, inv: torch.Tensor, len_keep: int, nee
     n_b = cdiv(B, b_per_prog)
     dfill_part = _tu.empty_output((n_b, n_t, C), torch.float32, dout.device)
     dpos_part = _tu.empty_output((n_b, L, C), torch.float32, dout.device) if need_dpos else dfill_part
+    ds = (dout.stride(0), dout.stride(1))
+    rest = (dsrc.stride(0), dsrc.stride(1), dfill_part.stride(0), dfill_part.stride(1), dpos_part.stride(0),
+            dpos_part.stride(1))
     _unshuffle_bwd_kernel[(n_t, n_c, n_b)](
-        dout, inv, dsrc, dfill_part, dpos_part,
-        B, L, K, C, b_per_prog,
-        dout.stride(0), dout.stride(1), inv.stride(0), dsrc.stride(0), dsrc.stride(1),
-        dfill_part.stride(0), dfill_part.stride(1), dpos_part.stride(0), dpos_part.stride(1),
-        HAS_POS=need_dpos, ALIGN=alignment(dout, dsrc, dfill_part, dpos_part),
+        dout, inv, dsrc, dfill_part, dpos_part, B, L, K, C, b_per_prog, *ds, inv.stride(0), *rest,
+        HAS_POS=need_dpos, ALIGN=common_alignment(dout.element_size(), C, *ds, *rest),
         BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     dfill = dfill_part.sum((0, 1)).reshape(1, 1, C)
