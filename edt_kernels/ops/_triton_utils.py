@@ -126,16 +126,17 @@ def alignment(*ts: torch.Tensor) -> int:
     """:func:`common_alignment` of tensors whose last dim is contiguous (1
     otherwise): of each last-dim size and each stride of a dimension longer than
     one, at most 16 bytes of the narrowest dtype."""
-    values = []
-    itemsize = 16
+    bits, itemsize = 0, 16  # the OR of the values has their common power of two
     for t in ts:
         stride, shape = t.stride(), t.shape
         if stride[-1] != 1 and shape[-1] > 1:
             return 1
         itemsize = min(itemsize, t.element_size())
-        values.append(shape[-1])
-        values += [stride[i] for i in range(len(stride) - 1) if shape[i] > 1]
-    return common_alignment(itemsize, *values)
+        bits |= shape[-1]
+        for i in range(len(stride) - 1):
+            if shape[i] > 1:
+                bits |= stride[i]
+    return common_alignment(itemsize, bits)
 
 
 @triton.jit
