@@ -13,7 +13,8 @@ included, without timing a kernel:
   before triton is imported; CPU tensors) every ``@triton.jit`` function's ``run`` is replaced
   by a recorder that counts the launch and returns at once (:func:`recorded_launches`), so the
   host time of a Triton-path call is the launchers, the custom op, autograd and dispatch alone.
-  The outputs of such a call are left unwritten; only host-side work is meaningful.
+  The outputs of such a call are left unwritten; only host-side work is meaningful.  In a model
+  step MDTv2's masking kernels still run, their time taken out (:data:`EXECUTED`).
 * **Device launches** (:class:`OpCounter`): every ATen op that reaches the dispatcher below
   autograd (a ``TorchDispatchMode``), except the ones that launch nothing on a GPU: views and
   other metadata-only ops (``OpOverload.is_view``, ``detach``, ``alias``, ``_unsafe_view``,

@@ -142,12 +142,13 @@ def alignment(*ts: torch.Tensor) -> int:
 @triton.jit
 def multiple_of(value, ALIGN: tl.constexpr):
     """``value`` (a size or stride the launcher found to be a multiple of ALIGN,
-    see :func:`alignment`) in a form the compiler's alignment analysis reads:
-    ``(value // ALIGN) * ALIGN`` is ``value`` and carries its divisibility, which
-    a hint on a kernel argument does not.  Tiles whose rows start on multiples of
-    ALIGN elements then load and store as vectors, and masks such as ``c < C``
-    stay constant over a vector.  A stride of a dimension of length one may not
-    be a multiple: it only ever multiplies index 0."""
+    see :func:`common_alignment`) in a form the compiler's alignment analysis
+    reads: ``(value // ALIGN) * ALIGN`` is ``value`` and carries its
+    divisibility, which a hint on a kernel argument does not.  Tiles whose rows
+    start on multiples of ALIGN elements then load and store as vectors, and
+    masks such as ``c < C`` stay constant over a vector.  :func:`alignment`
+    leaves out the strides of dimensions of length one, which only ever
+    multiply index 0: those may not be multiples."""
     if ALIGN > 1:
         value = (value // ALIGN) * ALIGN
     return value
