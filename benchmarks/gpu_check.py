@@ -1,11 +1,13 @@
 """One-shot GPU check of the Triton kernels: correctness and the timings that settle the static profile.
 
-    python -m benchmarks.gpu_check --out DIR [--dry-run] [--budget-s 420]
+    python -m benchmarks.gpu_check --out DIR [--dry-run] [--parts ...] [--budget-s 300] [--steps-budget-s 240]
 
-Meant for a fresh H100/H200 (torch + triton installed, nothing downloaded), in
-well under 8 minutes including Triton's compile time (the forward autotuner
-compiles at most four configs per specialisation).  Writes ``DIR/gpu_check.json``
-and ``DIR/gpu_check.md``.
+Meant for a fresh H100/H200 (torch + triton installed, nothing downloaded).  The
+default budgets (300 s for the correctness, kernel and model sections, 240 s
+more for the compiled steps, Triton's and Inductor's compile times included) fit
+one 10-minute call on a lent machine; ``--parts`` reruns a part in a second one.
+``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` are rewritten whole after every
+section and every compiled-step mode, so a run cut short keeps what it finished.
 
 Sections, each with its own time budget and ``try/except`` (a failure is
 recorded with its error text, never turned into a number):
@@ -24,10 +26,10 @@ recorded with its error text, never turned into a number):
 * token / adaLN bandwidth at C=1152 and C=936 vs a device copy;
 * EDT-XL/2 vs MDTv2-XL/2: one training step and one CFG step at batch 32;
 * compiled steps: EDT-S/B/XL and MDTv2-S/B/XL at batch 32, the trainer's step (both
-  passes, loss, backward) and a CFG step, eager vs ``torch.compile`` vs CUDA graphs
-  (``reduce-overhead``), each with the GPU's idle fraction within the step from
-  ``torch.profiler`` (1 - device-busy time / wall time: near 0 means the GPU is fed,
-  large means the step is host-bound); its own budget (``--steps-budget-s``).
+  passes, loss, backward) and a CFG step, eager vs CUDA graphs (``reduce-overhead``)
+  vs ``torch.compile``, in that order, each with the GPU's idle fraction within the
+  step from ``torch.profiler`` (1 - device-busy time / wall time: near 0 means the
+  GPU is fed, large means the step is host-bound); its own budget (``--steps-budget-s``).
 
 Each timing sits beside its static estimate from ``benchmarks/profiling/sm90_profile.py``
 (``benchmarks/results/sm90-static/sm90_profile.json``) where one applies.
@@ -51,13 +53,21 @@ import time
 import traceback
 
 PROFILE = pathlib.Path(__file__).resolve().parent / "results" / "sm90-static" / "sm90_profile.json"
+PARTS = {  # --parts: groups of sections
+    "correctness": ("correctness: attention", "correctness: token/adaLN"),
+    "kernels": ("timing: attention forward", "timing: attention backward", "timing: MDT masked",
+                "timing: token/adaLN bandwidth"),
+    "models": ("timing: models",),
+    "steps": ("timing: compiled steps",),
+}
 
 
 class Ctx:
-    def __init__(self, dry: bool, budget_s: float):
+    def __init__(self, dry: bool, budget_s: float, out: pathlib.Path):
         import torch
         self.torch = torch
         self.dry = dry
+        self.out = out
         self.dev = torch.device("cpu" if dry else "cuda")
         self.deadline = time.time() + budget_s
         self.sections = {}
@@ -105,8 +115,11 @@ class Ctx:
         left = self.deadline - start
         if left <= 0:
             self.sections[name] = dict(error="skipped: the overall time budget is spent")
+            self.flush()
             return
         rows = []
+        # what a process killed inside this section leaves on disk (see flush)
+        self.sections[name] = dict(rows=rows, error="unfinished: the process ended inside this section")
         try:
             fn(rows, start + min(budget_s, left))
             self.sections[name] = dict(rows=rows, seconds=round(time.time() - start, 1))
@@ -114,7 +127,13 @@ class Ctx:
             self.sections[name] = dict(rows=rows, error=f"{type(exc).__name__}: {exc}",
                                        traceback=traceback.format_exc()[-2000:],
                                        seconds=round(time.time() - start, 1))
+        self.flush()
         print(f"[{name}] {self.sections[name].get('error', 'ok')} ({time.time() - start:.1f} s)", flush=True)
+
+    def flush(self):
+        """Rewrites the results so far: a run cut short (a device call's time limit) keeps every section
+        it finished, and the rows of the one it was in, marked unfinished."""
+        write(self, self.out)
 
 
 def _over(deadline):
@@ -546,7 +565,8 @@ def timing_compiled_steps(c: Ctx, rows, deadline):
     B = 2 if c.dry else 32
     res = 8 if c.dry else 32
     names = STEP_MODELS[:2] if c.dry else STEP_MODELS
-    modes = ("none", "default") if c.dry else ("none", "default", "reduce-overhead")
+    # CUDA graphs right after eager: the pair the host-cost targets compare, first should the budget run out
+    modes = ("none", "default") if c.dry else ("none", "reduce-overhead", "default")
     diffusion = create_diffusion("")
     for name in names:
         reg = em.EDT_models if name.startswith("EDT") else em.MDTv2_models
@@ -606,6 +626,7 @@ def timing_compiled_steps(c: Ctx, rows, deadline):
                 rows.append(dict(model=name, mode=mode, error=f"{type(exc).__name__}: {exc}"[:500]))
             finally:
                 torch._dynamo.reset()
+                c.flush()
         del model, loss
 
 
@@ -626,11 +647,17 @@ def run_info(c: Ctx):
                                      if c.dry else "CUDA-event timings, median of repeats after warm-up"))
 
 
+def _replace(path: pathlib.Path, text: str) -> None:
+    """``path`` gets ``text`` whole or not at all (a kill between two flushes leaves the previous one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write(c: Ctx, out: pathlib.Path):
     out.mkdir(parents=True, exist_ok=True)
     info = run_info(c)
-    (out / "gpu_check.json").write_text(json.dumps(dict(info=info, sections=c.sections), indent=1,
-                                                   default=str) + "\n")
+    _replace(out / "gpu_check.json", json.dumps(dict(info=info, sections=c.sections), indent=1, default=str) + "\n")
     lines = [f"# gpu_check: {info['device']}", "", " · ".join(f"{k} {v}" for k, v in info.items()), ""]
     for name, sec in c.sections.items():
         lines += [f"## {name}", ""]
@@ -640,17 +667,21 @@ def write(c: Ctx, out: pathlib.Path):
             lines.append("- " + ", ".join(f"{k}={(f'{v:.4g}' if isinstance(v, float) else v)}"
                                           for k, v in r.items()))
         lines.append("")
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    _replace(out / "gpu_check.md", "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="overall time budget (default 420 s)")
-    ap.add_argument("--steps-budget-s", type=float, default=300.0,
-                    help="budget of the compiled-steps section, on top of --budget-s (eager / compiled / CUDA "
-                         "graphs, S then B then XL; what does not fit is recorded as skipped; default 300 s)")
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="time budget of the correctness, kernel and model sections together (default 300 s)")
+    ap.add_argument("--steps-budget-s", type=float, default=240.0,
+                    help="budget of the compiled-steps section, on top of --budget-s (eager / CUDA graphs / "
+                         "compiled, S then B then XL; what does not fit is recorded as skipped; default 240 s)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="which sections run (default all): " + "; ".join(f"{k}: {', '.join(v)}"
+                                                                          for k, v in PARTS.items()))
     a = ap.parse_args(argv)
     if a.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -665,18 +696,24 @@ def main(argv=None) -> int:
         print(f"error: the Triton kernels cannot run here{' (--dry-run: interpreter)' if a.dry_run else ''}: "
               f"{why}", file=sys.stderr)
         return 2
-    c = Ctx(a.dry_run, a.budget_s)
-    c.section("correctness: attention", 120, lambda r, d: correctness_attention(c, r, d))
-    c.section("correctness: token/adaLN", 60, lambda r, d: correctness_tokens(c, r, d))
-    c.section("timing: attention forward", 90, lambda r, d: timing_forward(c, r, d))
-    c.section("timing: attention backward", 60, lambda r, d: timing_backward(c, r, d))
-    c.section("timing: MDT masked", 45, lambda r, d: timing_masked(c, r, d))
-    c.section("timing: token/adaLN bandwidth", 20, lambda r, d: timing_tokens(c, r, d))
-    c.section("timing: models", 120, lambda r, d: timing_models(c, r, d))
-    c.deadline = max(c.deadline, time.time()) + a.steps_budget_s  # its own budget, beyond --budget-s
-    c.section("timing: compiled steps", a.steps_budget_s,
-              lambda r, d: timing_compiled_steps(c, r, d))
-    write(c, a.out)
+    c = Ctx(a.dry_run, a.budget_s, a.out)
+    sections = {  # name: (section budget s, function), in the order they run
+        "correctness: attention": (120, correctness_attention),
+        "correctness: token/adaLN": (60, correctness_tokens),
+        "timing: attention forward": (90, timing_forward),
+        "timing: attention backward": (60, timing_backward),
+        "timing: MDT masked": (45, timing_masked),
+        "timing: token/adaLN bandwidth": (20, timing_tokens),
+        "timing: models": (120, timing_models),
+        "timing: compiled steps": (a.steps_budget_s, timing_compiled_steps),
+    }
+    chosen = {name for part in a.parts for name in PARTS[part]}
+    for name, (budget, fn) in sections.items():
+        if name not in chosen:
+            continue
+        if name == "timing: compiled steps":
+            c.deadline = max(c.deadline, time.time()) + a.steps_budget_s  # its own budget, beyond --budget-s
+        c.section(name, budget, lambda r, d, fn=fn: fn(c, r, d))
     bad = [n for n, s in c.sections.items() if s.get("error")]
     bad += [f"{r.get('op')} {r.get('tensor', '')}" for n, s in c.sections.items() for r in s.get("rows", [])
             if r.get("ok") is False]

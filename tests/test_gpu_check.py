@@ -52,3 +52,42 @@ def test_dry_run_where_the_interpreter_cannot_run_states_why_once(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: the Triton kernels cannot run here (--dry-run"), lines
     assert "numpy<2.4" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_results_are_on_disk_after_every_section(tmp_path):
+    """A run cut short (a device call's time limit) keeps every finished section, and the rows of the
+    one it was in, marked unfinished; the files are replaced whole."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_check
+
+    c = gpu_check.Ctx(True, 60.0, tmp_path)
+    c.section("first", 10, lambda rows, deadline: rows.append(dict(x=1)))
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["first"]["rows"] == [{"x": 1}]
+    seen = {}
+
+    def inner(rows, deadline):
+        rows.append(dict(y=2))
+        c.flush()  # what a kill right here would leave
+        seen.update(json.loads((tmp_path / "gpu_check.json").read_text())["sections"])
+
+    c.section("second", 10, inner)
+    assert seen["first"]["rows"] == [{"x": 1}]
+    assert seen["second"]["rows"] == [{"y": 2}] and seen["second"]["error"].startswith("unfinished")
+    final = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["second"]
+    assert final["rows"] == [{"y": 2}] and "error" not in final
+    assert "second" in (tmp_path / "gpu_check.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+
+
+def test_parts_runs_only_the_chosen_sections(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--parts", "correctness",
+                           "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    secs = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert set(secs) == {"correctness: attention", "correctness: token/adaLN"}
+    assert all(r["ok"] for s in secs.values() for r in s["rows"])
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--parts", "speed",
+                          "--out", str(tmp_path / "x")], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--parts" in bad.stderr and not (tmp_path / "x").exists()
