@@ -69,6 +69,7 @@ class Ctx:
         self.dry = dry
         self.out = out
         self.dev = torch.device("cpu" if dry else "cuda")
+        self.info = run_info(self)  # the run's start, device, versions and commit: one read for every flush
         self.deadline = time.time() + budget_s
         self.sections = {}
         self.static = self._load_static()
@@ -656,7 +657,7 @@ def _replace(path: pathlib.Path, text: str) -> None:
 
 def write(c: Ctx, out: pathlib.Path):
     out.mkdir(parents=True, exist_ok=True)
-    info = run_info(c)
+    info = c.info
     _replace(out / "gpu_check.json", json.dumps(dict(info=info, sections=c.sections), indent=1, default=str) + "\n")
     lines = [f"# gpu_check: {info['device']}", "", " · ".join(f"{k} {v}" for k, v in info.items()), ""]
     for name, sec in c.sections.items():
