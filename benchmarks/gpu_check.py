@@ -236,9 +236,12 @@ def correctness_tokens(c: Ctx, rows, deadline):
 
             ids = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
             keep_ids, restore = ids[:, :K].contiguous(), torch.argsort(ids, dim=1)
-            cases = {  # name: (kernel call, float64 reference, inputs)
+            cases = {  # name: (kernel call, float64 reference, inputs[, the first input unaligned])
                 "gather_tokens": (lambda x, i: ek.gather_tokens(x, i, backend=T), rtok.reference_gather_tokens,
                                   [rnd(B, L, C), keep_ids]),
+                # hinted strides, x 2 bytes past a 16-byte boundary: Triton must keep the accesses scalar
+                "gather_tokens, unaligned x": (lambda x, i: ek.gather_tokens(x, i, backend=T),
+                                               rtok.reference_gather_tokens, [rnd(B, L, C), keep_ids], True),
                 "scatter_tokens": (lambda y, i: ek.scatter_tokens(y, i, L, backend=T),
                                    lambda y, i: rtok.reference_scatter_tokens(y, i, L), [rnd(B, K, C), keep_ids]),
                 "unshuffle_with_mask_token": (lambda *a: ek.unshuffle_with_mask_token(*a, backend=T),
@@ -255,10 +258,10 @@ def correctness_tokens(c: Ctx, rows, deadline):
                 "gated_residual": (lambda *a: ek.gated_residual(*a, backend=T), radaln.reference_gated_residual,
                                    [rnd(B, L, C), rnd(B, C), rnd(B, L, C)]),
             }
-            for name, (fn, ref_fn, inputs) in cases.items():
+            for name, (fn, ref_fn, inputs, *unaligned) in cases.items():
                 _over(deadline)
                 ins = [t.to(c.dev, dt).requires_grad_() if t.is_floating_point() else t.to(c.dev) for t in inputs]
-                if name == "gather_tokens":  # x 2 bytes past a 16-byte boundary: hinted strides, unaligned pointer
+                if unaligned:
                     x = torch.empty(ins[0].numel() + 1, device=c.dev, dtype=dt)[1:].view(ins[0].shape)
                     ins[0] = x.copy_(ins[0].detach()).requires_grad_()
                 ins64 = [t.detach().cpu().double().requires_grad_() if t.is_floating_point() else t.cpu()
