@@ -177,12 +177,10 @@ def saved_activation_bytes(fn, params: Sequence[torch.Tensor]):
 
     with _selective_caches() as caches, torch.autograd.graph.saved_tensors_hooks(add, lambda t: t):
         out = fn()
-    for cache in caches:
-        for per_op in cache.values():
-            for entry in per_op.values():
-                for leaf in tree_leaves(entry):
-                    if isinstance(getattr(leaf, "val", None), torch.Tensor):
-                        add(leaf.val)
+    for cache in caches:  # op -> its outputs (a list or, in newer torch, a dict by call index)
+        for leaf in tree_leaves(dict(cache)):
+            if isinstance(getattr(leaf, "val", None), torch.Tensor):
+                add(leaf.val)
     return out, sum(seen.values())
 
 
