@@ -355,6 +355,26 @@ def test_memory_bench_tiny_models(monkeypatch):
     assert all(r["met"] == (r["value"] <= BMEM.TARGET_TIME_CKPT) for r in times)
 
 
+def test_memory_bench_counts_what_selective_checkpointing_caches(monkeypatch):
+    """The outputs selective checkpointing keeps (matmuls, attention) live in its own cache, not in
+    autograd's saved tensors: the instrument adds them, whatever container the installed torch keeps
+    them in."""
+    import contextlib
+
+    from benchmarks import test_bench_memory as BMEM
+    from test_checkpointing import _model
+    from test_models import EAGER
+
+    model = _model("EDT", "selective", EAGER, torch.float32)
+    x = torch.randn(2, model.in_channels, model.input_size, model.input_size)
+    t, y = torch.tensor([1, 2]), torch.tensor([0, 1])
+    params = list(model.parameters())
+    _, counted = BMEM.saved_activation_bytes(lambda: model(x, t, y), params)
+    monkeypatch.setattr(BMEM, "_selective_caches", lambda: contextlib.nullcontext([]))
+    _, autograd_only = BMEM.saved_activation_bytes(lambda: model(x, t, y), params)
+    assert counted > autograd_only > 0
+
+
 def test_memory_budget_is_computed_from_the_rows():
     """The EDT-XL batch-32 budget: parameters' training state + kept activations + the recomputed
     first-stage block and its gradients, from the measured MiB per image."""
