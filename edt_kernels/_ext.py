@@ -39,6 +39,8 @@ from typing import List, Optional
 
 import torch
 
+from ._tracing import constant_while_traced
+
 __all__ = [
     "CSRC_DIR",
     "CPU_SOURCES",
@@ -195,6 +197,7 @@ def _build_unavailable_reason(kind: str) -> Optional[str]:
     return None
 
 
+@constant_while_traced  # see _load
 def unavailable_reason(kind: str = "cpu") -> Optional[str]:
     """Why the extension (``kind`` "cpu" or "cuda") cannot be had here, without
     building or loading it: the recorded load error once it was tried, else
@@ -303,16 +306,14 @@ def _load_one(kind: str) -> None:
     torch.ops.edt_kernels_cpp.source_hash()  # the schemas are registered
 
 
+# torch.compile traces the backend choice, and Dynamo can trace neither the file-system checks nor a
+# build, a load or a lock: while a graph is traced, these two answers are computed eagerly, once, and
+# are constants of the graph.  A first call inside torch.compile builds and loads the extension as an
+# eager one does, and "auto" picks the same backend compiled as eager.
+@constant_while_traced
 def _load(kind: str) -> Optional[str]:
-    # Fast path without the lock once settled: torch.compile traces the backend
-    # choice, and dynamo cannot trace entering a lock.
-    if kind in _state:
+    if kind in _state:  # fast path, without the lock, once settled
         return _state[kind]
-    if torch.compiler.is_compiling():
-        # Building/loading is a side effect dynamo cannot trace: inside a compiled
-        # region an unsettled extension is "not offered" ("auto" then takes torch).
-        return ("not loaded yet inside torch.compile: call edt_kernels._ext.cpu_extension_error() "
-                "or run once eagerly before compiling")
     with _lock:
         if kind not in _state:
             try:

@@ -22,6 +22,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._tracing import constant_while_traced
+
 GridLike = Union[int, Tuple[int, int]]
 
 __all__ = [
@@ -167,6 +169,7 @@ def cached_amm_offset_table(grid: GridLike, amm: Union[bool, AMM] = True, device
                                 str(torch.device(device)) if device is not None else "cpu", dtype)
 
 
+@constant_while_traced  # a constant of a compiled graph, not rebuilt and copied per call
 @lru_cache(maxsize=256)
 def _amm_offset_table_on(rows: int, cols: int, period: float, radius2: int, amplitude: float,
                          device: str, dtype: torch.dtype) -> torch.Tensor:

@@ -123,6 +123,60 @@ def test_available_backends_tell_the_truth(monkeypatch):
     assert _ext._state == {}  # nothing was built or loaded
 
 
+def _traced_targets(fn, *args):
+    """The functions in the graph torch.compile(fullgraph=True) makes of ``fn(*args)``, called once."""
+    import torch._dynamo as dynamo
+
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    dynamo.reset()
+    try:
+        torch.compile(fn, backend=record, fullgraph=True)(*args)
+    finally:
+        dynamo.reset()
+    return targets
+
+
+def _attention_args():
+    q = torch.randn(1, 2, 16, 8)
+    return q, torch.randn_like(q), torch.randn_like(q), torch.randn(49, 2)
+
+
+def _auto_attention(q, k, v, table):
+    return edt_kernels.amm_attention(q, k, v, rel_pos_bias=table, grid=4)
+
+
+def test_a_first_call_inside_torch_compile_loads_the_extension(monkeypatch):
+    """Nothing loaded yet and the first call traced by torch.compile: the extension is loaded then,
+    eagerly, and "auto" puts the same C++ kernel in the graph as an eager call runs (Dynamo traces
+    neither the build, the lock nor the file checks: fullgraph holds)."""
+    from edt_kernels import _ext
+
+    if _ext.cpu_extension_error() is not None:
+        pytest.skip(f"C++ extension unavailable: {_ext.cpu_extension_error()}")
+    monkeypatch.setattr(_ext, "_state", {})
+    assert any("amm_attention_cpp_fwd" in t for t in _traced_targets(_auto_attention, *_attention_args()))
+    assert _ext._state == {"cpu": None}
+
+
+def test_inside_torch_compile_a_missing_compiler_is_a_reason(monkeypatch):
+    """The same cold start with no compiler: "auto" takes another backend and the reason is
+    recorded, as an eager call does (no build was started)."""
+    from edt_kernels import _ext
+
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(_ext, "_prebuilt", lambda module: None)
+    monkeypatch.setenv("CXX", "no-such-compiler-edt")
+    monkeypatch.delenv("EDT_KERNELS_JIT", raising=False)
+    targets = _traced_targets(_auto_attention, *_attention_args())
+    assert targets and not any("cpp" in t for t in targets)
+    assert list(_ext._state) == ["cpu"] and "no C++ compiler found" in _ext._state["cpu"]
+
+
 def test_triton_import_error_is_a_reason(monkeypatch, kernels_env):
     from edt_kernels import _triton_support
 

@@ -84,6 +84,8 @@ class AttentionInputs:
             return None
         # float64 inputs get the float64 AMM; every other dtype computes with the float32 one
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        if torch.compiler.is_compiling():  # a constant of the graph, with no guard on this cache
+            return cached_amm_offset_table((self.rows, self.cols), self.amm, device=self.device, dtype=dtype)
         key = (self.rows, self.cols, self.amm, self.q.device, dtype)
         table = _amm_tables.get(key)
         if table is None:

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .._validation import coerce_amm, infer_grid
-from ..amm import AMM, GridLike, amm_offset_table, normalize_grid, relative_position_index
+from ..amm import AMM, GridLike, amm_offset_table, cached_amm_offset_table, normalize_grid, relative_position_index
 
 __all__ = ["reference_attention", "reference_attention_lse", "eager_attention", "eager_rel_pos_bias",
            "eager_modulation"]
@@ -62,7 +62,7 @@ def reference_modulation(q, *, grid=None, positions=None, amm=None, modulation=N
     if amm is not None:
         rows, cols = normalize_grid(grid if grid is not None else _square_side(N))
         pos = _positions_or_arange(positions, N, q.device)
-        table = amm_offset_table((rows, cols), amm, device=q.device, dtype=torch.float64)
+        table = cached_amm_offset_table((rows, cols), amm, device=q.device, dtype=torch.float64)  # read-only
         w = table[relative_position_index((rows, cols), pos)].to(q.dtype)  # [N, N] or [B, N, N]
         if w.dim() == 3:
             w = w[:, None]
