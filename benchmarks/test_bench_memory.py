@@ -124,17 +124,13 @@ def partition_backend(saved: Optional[list] = None):
 def _compiled_loss(loss_mod, batch: int, device):
     """fn(x, y, t, noise, noise2) = the training loss compiled whole by
     :func:`partition_backend`, its random draws made ahead from the global RNG
-    (the draws the uncompiled forward makes after the same seed).  The
-    diffusion's device tables are filled first by one forward without grad:
-    their first fill is a side effect Dynamo would guard on and compile twice.
-    Dynamo's caches are cleared first: the model is compiled afresh with static
-    shapes, as a training job compiles its one model (after other models'
-    columns Dynamo would otherwise mark the changed sizes dynamic)."""
+    (the draws the uncompiled forward makes after the same seed).  Dynamo's
+    caches are cleared first: the model is compiled afresh with static shapes,
+    as a training job compiles its one model (after other models' columns
+    Dynamo would otherwise mark the changed sizes dynamic)."""
     torch._dynamo.reset()  # noqa: SLF001
     U.configure_compile()
     compiled = torch.compile(loss_mod, backend=partition_backend(), fullgraph=True)
-    with torch.no_grad():
-        loss_mod(*_fixed_inputs(loss_mod.model, device), draws=loss_mod.draw_ahead(batch, None, device))
 
     def fn(*inputs):
         return compiled(*inputs, draws=loss_mod.draw_ahead(inputs[0].shape[0], None, inputs[0].device))

@@ -64,7 +64,8 @@ def test_drawn_ahead_forward_is_bit_equal_to_drawing_in_it(family):
 @pytest.mark.parametrize("family", ["MDTv2", "EDT"])
 def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family):
     """fullgraph=True (a graph break raises) for the training step (full + masked pass) and
-    forward_with_cfg; MDTv2: at most 8 graphs over 100 steps of new kept-token counts."""
+    forward_with_cfg; MDTv2: at most 8 graphs over 100 steps of new kept-token counts; EDT: one
+    graph, though its first step is traced with the diffusion's device tables not yet made."""
     import torch._dynamo as dynamo
 
     model, loss = _loss(family)
@@ -72,7 +73,7 @@ def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family)
     try:
         graphs = _GraphCounter()
         train = torch.compile(loss, fullgraph=True, backend=graphs)
-        steps = 100 if family == "MDTv2" else 2
+        steps = 100 if family == "MDTv2" else 3
         kept = set()
         for s in range(steps):
             x, y, t, n1, n2 = _inputs(s)
@@ -82,7 +83,7 @@ def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family)
             train(x, y, t, n1, n2, draws)[0].backward()
         if family == "MDTv2":
             assert len(kept) >= 3, kept  # the count did change from step to step
-        assert graphs.graphs <= 8, graphs.graphs
+        assert graphs.graphs <= (8 if family == "MDTv2" else 1), graphs.graphs
         model.eval()
         cfg_graphs = _GraphCounter()
         cfg = torch.compile(model.forward_with_cfg, fullgraph=True, backend=cfg_graphs)
@@ -91,6 +92,76 @@ def test_whole_step_traces_as_one_graph_and_mdt_kept_counts_stay_bounded(family)
         assert cfg_graphs.graphs == 1
     finally:
         dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_amm_table_is_a_constant_of_the_compiled_sampling_step(backend, monkeypatch, kernels_env):
+    """EDT's forward_with_cfg (AMM on) compiled before any AMM table was made: the table is made
+    once, eagerly, while the graph is traced, and is a constant of it.  Dynamo never traces the
+    table's construction (here it would raise: fullgraph), so no graph rebuilds the table and
+    copies it to the device per call; one graph serves every call, with eager's numbers."""
+    import torch._dynamo as dynamo
+    from edt_kernels import amm
+    from edt_kernels.ops import _attention_op
+
+    kernels_env("EDT_KERNELS_BACKEND", None if backend == "auto" else backend)
+    made = []
+
+    def build_untraceable(*args):
+        torch._dynamo.graph_break()  # a no-op when run eagerly; a traced call fails under fullgraph
+        made.append(args)
+        return build(*args)
+
+    build = amm._amm_offset_table_cpu
+    monkeypatch.setattr(amm, "_amm_offset_table_cpu", build_untraceable)
+    monkeypatch.setattr(_attention_op, "_amm_tables", {})
+    amm._amm_offset_table_on.__wrapped__.cache_clear()
+    model, _ = _loss("EDT")
+    model.eval()
+    x, y, t, _, _ = _inputs(1)
+    args = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), 1.5)
+    graphs = _GraphCounter()
+    dynamo.reset()
+    try:
+        step = torch.compile(model.forward_with_cfg, fullgraph=True, backend=graphs)
+        with torch.no_grad():
+            got = [step(*args) for _ in range(2)]
+    finally:
+        dynamo.reset()
+        amm._amm_offset_table_on.__wrapped__.cache_clear()  # no table made by the patched builder stays
+    assert graphs.graphs == 1 and len(made) >= 1
+    with torch.no_grad():
+        want = model.forward_with_cfg(*args)
+    for out in got:
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_constant_while_traced_gives_each_traced_call_its_constant():
+    """Two different tensors of one function, and one of them twice, in one graph through
+    AOTAutograd; made once per traced call, never per call of the compiled function."""
+    import torch._dynamo as dynamo
+    from edt_kernels._tracing import constant_while_traced
+
+    made = []
+
+    @constant_while_traced
+    def table(n: int, scale: float = 1.0) -> torch.Tensor:
+        made.append(n)
+        return torch.arange(n, dtype=torch.float32) * scale
+
+    def f(x):
+        return x * table(3).sum() + x * table(4, scale=2.0).sum() + x * table(3)[1]
+
+    x = torch.ones(2)
+    dynamo.reset()
+    try:
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        got = [compiled(x) for _ in range(3)]
+    finally:
+        dynamo.reset()
+    assert made == [3, 4, 3]
+    for out in got:
+        assert torch.equal(out, f(x))
 
 
 def test_compiled_step_matches_eager():

@@ -114,6 +114,21 @@ def test_q_sample_moments(base):
         base.q_sample(x0[:2], t[:3])
 
 
+@pytest.mark.parametrize("copy_with", ["pickle", "deepcopy"])
+def test_a_copied_diffusion_reads_its_own_tables(copy_with):
+    """A pickled or deep-copied diffusion gathers from its own schedule, not the original's."""
+    import copy
+    import pickle
+
+    original = create_diffusion("250")
+    x0, t = torch.full((2, 1, 1, 1), 0.5, dtype=torch.float64), torch.tensor([3, 200])
+    noise = torch.zeros_like(x0)
+    original.q_sample(x0, t, noise=noise)  # its device tables made
+    twin = pickle.loads(pickle.dumps(original)) if copy_with == "pickle" else copy.deepcopy(original)
+    twin.sqrt_alphas_cumprod = twin.sqrt_alphas_cumprod * 0.5
+    assert torch.equal(twin.q_sample(x0, t, noise=noise), original.q_sample(x0, t, noise=noise) * 0.5)
+
+
 @pytest.mark.parametrize("spec,count", [("250", 250), ("ddim50", 50), ("10,15,20", 45), ([5, 5], 10)])
 def test_respacing_keeps_alphas_cumprod(base, spec, count):
     steps = space_timesteps(T, spec)

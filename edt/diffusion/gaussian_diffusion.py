@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from edt_kernels import diffusion_loss
+from edt_kernels._tracing import constant_while_traced
 from edt_kernels.reference.diffusion_loss import COEF_COLUMNS
 
 from ..utils import progress_bar
@@ -58,6 +59,8 @@ LINEAR_BETA_START = 1e-4
 LINEAR_BETA_END = 2e-2
 #: Half a quantisation bin of 8-bit data mapped to [-1, 1] (discretised decoder NLL).
 HALF_BIN = 1.0 / 255.0
+#: The name of the fused loss's per-timestep coefficient table among the device tables.
+LOSS_COEFFICIENTS = "loss coefficients"
 
 
 class ModelMeanType(enum.Enum):
@@ -249,6 +252,21 @@ class GaussianDiffusion:
         self.mse_loss_weight_type = mse_loss_weight_type
         self.mse_loss_weight = mse_loss_weights(self.alphas_cumprod, model_mean_type, mse_loss_weight_type)
         self._device_cache: Dict[Any, torch.Tensor] = {}
+        self._bind_device_table()
+
+    def _bind_device_table(self) -> None:
+        # A constant of a compiled step: no copy to the device per call, no recompile when the
+        # cache fills (bound to this object: the constant's arguments are then plain values).
+        self._device_table = constant_while_traced(self._make_device_table)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__, _device_cache={})
+        del state["_device_table"]  # a closure over this object, bound again by __setstate__
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind_device_table()
 
     # -- gathering schedule values --------------------------------------------
     def _extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -257,15 +275,26 @@ class GaussianDiffusion:
         float32 (as ADM does), or float64 when ``like`` is float64.
         """
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        key = (name, t.device, dtype)
-        table = self._device_cache.get(key)
-        if table is None:
-            table = torch.from_numpy(np.asarray(getattr(self, name))).to(device=t.device, dtype=dtype)
-            self._device_cache[key] = table
-        out = table[t.long()]
+        out = self._device_table(name, t.device, dtype)[t.long()]
         while out.ndim < like.ndim:
             out = out[..., None]
         return out.expand(like.shape)
+
+    def _make_device_table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The schedule array ``name``, or the fused loss's ``[T, K]`` columns (``LOSS_COEFFICIENTS``),
+        on ``device`` in ``dtype``: made on the first call and kept."""
+        key = (name, device, dtype)
+        table = self._device_cache.get(key)
+        if table is None:
+            if name == LOSS_COEFFICIENTS:
+                first = np.zeros(self.num_timesteps)
+                first[0] = 1.0
+                values = np.stack([first if column == "first_step" else np.asarray(getattr(self, column), np.float64)
+                                   for column in COEF_COLUMNS], axis=1)
+            else:
+                values = np.asarray(getattr(self, name))
+            table = self._device_cache[key] = torch.from_numpy(values).to(device=device, dtype=dtype)
+        return table
 
     def _check_t(self, t: torch.Tensor, batch: int) -> None:
         if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != batch:
@@ -511,16 +540,7 @@ class GaussianDiffusion:
     def _loss_coefficients(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[B, K]``: the schedule values of each sample's timestep that the fused loss
         reads (columns ``edt_kernels.reference.diffusion_loss.COEF_COLUMNS``), one gather."""
-        key = ("loss coefficients", t.device, dtype)
-        table = self._device_cache.get(key)
-        if table is None:
-            first = np.zeros(self.num_timesteps)
-            first[0] = 1.0
-            columns = [first if name == "first_step" else np.asarray(getattr(self, name), dtype=np.float64)
-                       for name in COEF_COLUMNS]
-            table = torch.from_numpy(np.stack(columns, axis=1)).to(device=t.device, dtype=dtype)
-            self._device_cache[key] = table
-        return table[t.long()]
+        return self._device_table(LOSS_COEFFICIENTS, t.device, dtype)[t.long()]
 
     def training_losses(self, model: Callable, x_start: torch.Tensor, t: torch.Tensor,
                         model_kwargs: Optional[dict] = None, noise: Optional[torch.Tensor] = None,
