@@ -431,7 +431,7 @@ def compute_activations(images, network: Callable[[torch.Tensor], Dict[str, torc
         batches = (images[s:s + batch_size] for s in range(0, n, batch_size))
     outs: Dict[str, list] = {}
     for batch in progress_bar(batches, total=math.ceil(n / batch_size), desc=desc, disable=not progress):
-        batch = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+        batch = torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(device)  # read-only arrays copied
         for key, value in network(batch).items():
             outs.setdefault(key, []).append(value.double().cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
