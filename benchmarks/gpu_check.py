@@ -653,9 +653,9 @@ def run_info(c: Ctx):
 
 def _replace(path: pathlib.Path, text: str) -> None:
     """``path`` gets ``text`` whole or not at all (a kill between two flushes leaves the previous one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from edt.utils import atomic_write
+
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write(c: Ctx, out: pathlib.Path):
