@@ -53,7 +53,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/flip.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
@@ -114,6 +113,28 @@ void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q) {
               " must have q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
 }
 
+// The columns of a [n, c] (or [n]) floating-point tensor as the rows of a new
+// contiguous [c, n] (or [n]) tensor of dtype acc, each reversed and multiplied by mul
+// (in acc): dst[j, n - 1 - i] = acc(src[i, j]) * mul.  One allocation and one
+// pass, read through src's strides; the tables are a few thousand values.
+at::Tensor reversed_columns(const at::Tensor& src, at::ScalarType acc, double mul) {
+  const int64_t n = src.size(0), c = src.dim() == 2 ? src.size(1) : 1;
+  const int64_t s0 = src.stride(0), s1 = src.dim() == 2 ? src.stride(1) : 0;
+  const auto options = src.options().dtype(acc);
+  at::Tensor dst = src.dim() == 2 ? at::empty({c, n}, options) : at::empty({n}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "reversed_columns", [&] {
+    using out_t = scalar_t;
+    out_t* d = dst.data_ptr<out_t>();
+    const out_t m = static_cast<out_t>(mul);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "reversed_columns_src", [&] {
+      const scalar_t* p = src.const_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < c; ++j)
+        for (int64_t i = 0; i < n; ++i) d[j * n + (n - 1 - i)] = static_cast<out_t>(p[i * s0 + j * s1]) * m;
+    });
+  });
+  return dst;
+}
+
 Dense4 make_dense4(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t N) {
   TORCH_CHECK(t.dim() == 4, "edt_kernels cpp amm_attention: ", name,
               " must be 4-d broadcastable to [B, H, N, N], got ", t.sizes());
@@ -161,7 +182,7 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 ", ", g.H, "] tensor, got ", t.sizes(), " on ", t.device());
     TORCH_CHECK(t.is_floating_point(), "edt_kernels cpp amm_attention: table must be floating point, got ",
                 t.scalar_type());
-    g.tab = t.to(acc).mul(cpu::kLog2e).t().flip({1}).contiguous();  // [H, rows_t], reversed, base 2
+    g.tab = reversed_columns(t, acc, cpu::kLog2e);  // [H, rows_t], reversed, base 2
     g.tab_rows = t.size(0);
   }
   if (has_amm) {
@@ -169,7 +190,9 @@ Geometry prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(a.device().is_cpu() && a.dim() == 1 && a.size(0) == R,
                 "edt_kernels cpp amm_attention: amm_table must be a CPU [(2*rows-1)*(2*cols-1)] = [", R,
                 "] tensor, got ", a.sizes(), " on ", a.device());
-    g.amm = a.to(acc).flip({0}).contiguous();  // reversed
+    TORCH_CHECK(a.is_floating_point(), "edt_kernels cpp amm_attention: amm_table must be floating point, got ",
+                a.scalar_type());
+    g.amm = reversed_columns(a, acc, 1.0);  // reversed
     g.amm_rows = R;
   }
   if (has_table || has_amm) {

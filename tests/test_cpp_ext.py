@@ -184,14 +184,16 @@ def test_official_attention_fixture(with_amm):
 def test_strided_views_are_read_in_place(dtype):
     """The usual qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4) views (read
     in place by the GEMMs, row stride 3 H D), and a head dim with non-unit
-    stride, give the same result as contiguous inputs."""
+    stride, and a table stored transposed (the kernel packs it through its
+    strides), give the same result as contiguous inputs."""
     B, N, H, D = 2, 64, 3, 52
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(B, N, 3, H, D, generator=g, dtype=torch.float64).to(dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     vt = torch.randn(B, H, D, N, generator=g, dtype=torch.float64).to(dtype).transpose(-1, -2)  # stride_d = N
     assert not q.is_contiguous() and vt.stride(-1) != 1
-    table = torch.randn(15 * 15, H, dtype=torch.float64).to(dtype)
+    table = torch.randn(H, 15 * 15, generator=g, dtype=torch.float64).to(dtype).t()
+    assert table.stride() == (1, 15 * 15)
     out = amm_attention(q, k, vt, rel_pos_bias=table, grid=8, amm=True, backend="cpp")
     ref = reference_attention(q.contiguous().double(), k.contiguous().double(), vt.contiguous().double(),
                               rel_pos_bias=table.double(), grid=8, amm=True)
