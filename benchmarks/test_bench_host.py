@@ -38,6 +38,16 @@ included, without timing a kernel:
   read (``host_reads``): it reads host memory, never the device's.  That those draws read no
   device tensor is checked once per model by drawing them for the ``meta`` device, where any
   value read of a device tensor raises (:func:`check_host_draws`).
+* **Host tensors in a step** (:class:`HostTensors`, model steps): the step run once more with
+  the model and its inputs on the ``meta`` device (no data: nothing computes, but every
+  tensor says where it lives), counting, on a warm call, the ops that read or make a host
+  (CPU) tensor of at least one dimension.  On a GPU each is a copy between host and device (a
+  copy from pageable host memory waits for the device: a sync that the counts above cannot
+  see on a CPU run) or host work inside the step, and a host tensor in a compiled step keeps
+  Inductor from capturing it as one CUDA graph.  0-dim host tensors are scalars to PyTorch and
+  are not counted; nor are the draws made ahead (:func:`host_draws`).  The kernels do not run
+  on ``meta``: the kernels path is measured with the PyTorch references in their place (their
+  own per-call device work is the launch count above).
 * **Host µs**: ``time.perf_counter_ns`` around each call (no counter active), ``inner`` calls
   per case per round in ``rounds`` interleaved rounds (every case once per round, so that a
   busy machine's drift hits all cases alike); the median over all calls is reported (a call
@@ -89,6 +99,7 @@ from typing import AbstractSet, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from benchmarks import harness as U
 
@@ -275,6 +286,33 @@ def count(fn: Callable[[], object]) -> OpCounter:
     with c.active():
         fn()
     return c
+
+
+class HostTensors(TorchDispatchMode):
+    """Counts the ops that read or make a host (CPU) tensor of at least one dimension, by op name,
+    outside :func:`host_draws` (see the module docstring); run it on a step whose tensors live on
+    the ``meta`` device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not _HostDraws.active and any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0
+                                         for t in tree_leaves((args, kwargs, out))):
+            self.ops[func._schema.name.split("::")[-1]] += 1
+        return out
+
+
+def host_tensors(fn: Callable[[], object]) -> Counter:
+    """:class:`HostTensors`' count of one warm call of ``fn`` (one call first makes the per-device
+    tables and caches, which a step builds once)."""
+    fn()
+    with HostTensors() as m:
+        fn()
+    return m.ops
 
 
 # ----------------------------------------------------------------------------- timing
@@ -531,8 +569,9 @@ def build_model(family: str, size: str, backend: str, overrides: Optional[dict] 
     return factory(backend=backend, **(tiny_width(family, size) if overrides is None else overrides))
 
 
-def step_fns(model, family: str, seed: int = 0):
-    """(train(), cfg()) closures over fixed inputs: a training step and a CFG sampling step."""
+def step_fns(model, family: str, seed: int = 0, device: Optional[torch.device] = None):
+    """(train(), cfg(), loss): closures over fixed inputs, a training step and a CFG sampling step,
+    and the training loss module; the inputs on ``device`` (default: the CPU)."""
     from edt.diffusion import create_diffusion
     from edt.train import DiffusionTrainingLoss
 
@@ -542,9 +581,11 @@ def step_fns(model, family: str, seed: int = 0):
     y = torch.randint(0, model.num_classes, (BATCH,), generator=g)
     t = torch.randint(0, 1000, (BATCH,), generator=g)
     noise, noise2 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    if device is not None:
+        x, y, t, noise, noise2 = (a.to(device) for a in (x, y, t, noise, noise2))
     loss = DiffusionTrainingLoss(model, create_diffusion(""), "edt" if family == "EDT" else "mdt")
     x2 = torch.cat([x, x])
-    t2 = torch.full((2 * BATCH,), 500)
+    t2 = torch.full((2 * BATCH,), 500, device=x.device)
     y2 = torch.cat([y, torch.full_like(y, model.num_classes)])
 
     def train(loss_fn=loss):
@@ -616,11 +657,13 @@ def compile_stats(model, family: str, which: str, steps: int) -> Dict:
 
 MODEL_COLUMNS = [("model", "model"), ("step", "step"), ("path", "path"), ("launches", "device launches"),
                  ("triton", "of which Triton"), ("syncs", "host syncs"),
+                 ("host_tensors", "ops on host tensors (meta run)"),
                  ("host_reads", "host-drawn values read (CPU generator, before the step)"),
                  ("ms", "host ms / step"),
                  ("vs_eager", "launches / authors'"), ("graphs", "graphs (step 1)"),
                  ("graph_breaks", "graph breaks (step 1)"), ("recompiles", "recompiles"), ("spread", "spread"),
-                 ("sync_detail", "syncs by op"), ("break_reasons", "break reasons"), ("note", "note")]
+                 ("sync_detail", "syncs by op"), ("host_tensor_detail", "host-tensor ops by op"),
+                 ("break_reasons", "break reasons"), ("note", "note")]
 
 
 def run_models(families: Sequence[str] = FAMILIES, sizes: Sequence[str] = SIZES, rounds: int = 5,
@@ -638,12 +681,18 @@ def run_models(families: Sequence[str] = FAMILIES, sizes: Sequence[str] = SIZES,
                 built[backend] = model
                 train, cfg, loss = step_fns(model, family)
                 check_host_draws(model, loss)
+                meta = build_model(family, size, "torch" if backend == "triton" else backend,
+                                   (overrides or {}).get(family)).to("meta")
+                on_meta = dict(zip(("train", "cfg sample"), step_fns(meta, family, device=torch.device("meta"))))
                 for step, fn in (("train", train), ("cfg sample", cfg)):
                     row = {"_key": [name, step, path], "model": name, "step": step, "path": path}
                     c = count(fn)
+                    host = host_tensors(on_meta[step])
                     row.update(launches=c.n_launches, syncs=c.n_syncs, host_reads=c.n_host_reads,
                                triton=sum(n for k, n in c.launches.items() if k.startswith("triton.")),
-                               sync_detail=", ".join(f"{k}×{n}" for k, n in c.syncs.items()) or None)
+                               sync_detail=", ".join(f"{k}×{n}" for k, n in c.syncs.items()) or None,
+                               host_tensors=sum(host.values()),
+                               host_tensor_detail=", ".join(f"{k}×{n}" for k, n in host.items()) or None)
                     if backend == "triton" and compile_steps:
                         with recorded_launches():
                             row.update(compile_stats(model, family, "train" if step == "train" else "cfg",
@@ -681,6 +730,11 @@ def _model_notes(rounds: int, compile_steps: int) -> List[str]:
             "which sizes the step's kept-token count): host memory, no device read on a GPU (checked by "
             "drawing them for the meta device); the position and id value checks are opt-in "
             "(edt_kernels.set_check_values).",
+            "ops on host tensors: the step once more on the meta device, warm, counting the ops that read or "
+            "make a host tensor of at least one dimension (on a GPU a copy between host and device, which "
+            "waits for the device from pageable memory, or host work; a host tensor also keeps a compiled "
+            "step from being one CUDA graph); the kernels path with the PyTorch references in the kernels' "
+            "place (they do not run on meta).",
             "baseline beside it in benchmarks/results/host-cost-baseline/ (the code before the host-cost changes)."]
 
 
@@ -698,6 +752,10 @@ def summarize_models(sec: U.Section) -> List[Dict]:
     if kern:
         s = max(r.get("syncs", 0) for r in kern)
         t.append({"target": "0 host syncs in EDT and MDTv2 steps (max over rows)", "value": s, "met": s == 0})
+        h = [r["host_tensors"] for r in kern if r.get("host_tensors") is not None]
+        if h:
+            t.append({"target": "0 ops on host tensors in EDT and MDTv2 steps (meta run, max over rows)",
+                      "value": max(h), "met": max(h) == 0})
         tr = [r for r in kern if r["step"] == "train" and r.get("graph_breaks") is not None]
         if tr:
             b = max(r["graph_breaks"] for r in tr)
