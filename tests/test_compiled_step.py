@@ -1,10 +1,12 @@
 """The training and sampling steps of EDT and MDTv2 drawn ahead and compiled whole
 (``torch.compile(fullgraph=True)``) on tiny models: the same numbers as eager, no graph break,
 and a bounded number of graphs for MDT's varying kept-token count."""
+import contextlib
+
 import pytest
 import torch
 
-from benchmarks.test_bench_host import _GraphCounter
+from benchmarks.test_bench_host import HostTensors, _GraphCounter
 from edt.diffusion import create_diffusion
 from edt.models import EDT_models, MDTv2_models
 from edt.train import DiffusionTrainingLoss
@@ -187,6 +189,82 @@ def test_compiled_step_matches_eager():
     finally:
         dynamo.reset()
     assert list(model.state_dict()) == keys
+
+
+def _host_placeholders_and_nodes(graphs) -> list:
+    """The nodes of FX graphs whose value is a host (CPU) tensor of at least one dimension."""
+    found = []
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            vals = node.meta.get("val")
+            for v in vals if isinstance(vals, (list, tuple)) else [vals]:
+                if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dim() > 0:
+                    found.append(f"{node.op} {node.target} {tuple(v.shape)}")
+    return found
+
+
+@pytest.mark.parametrize("family", ["EDT", "MDTv2"])
+def test_steps_read_and_make_no_host_tensor(family):
+    """Model, inputs and draws on the meta device, where a tensor has no data but says where it
+    lives: after a first step has made the per-device tables, the eager training step (both
+    passes, the loss, backward) and the CFG sampling loop read and make no host tensor; nor do
+    the compiled training and CFG graphs (AOTAutograd's forward and backward), the way
+    Inductor's CUDA-graph check reads them.  On a GPU such a tensor is a copy between host and
+    device (from pageable memory it waits for the device) or host work inside the step, and in
+    a compiled step it keeps the step from being one CUDA graph.  The PyTorch references stand
+    in for the kernels, which do not run on meta."""
+    import torch._dynamo as dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    meta = torch.device("meta")
+    model, loss = _loss(family)
+    model.backend = "torch"
+    model.to(meta)
+    x, y, t, n1, n2 = (a.to(meta) for a in _inputs(0))
+
+    def train_step(fn, watch=True):
+        draws = loss.draw_ahead(B, torch.Generator().manual_seed(100), meta)  # before the step, as edt.train
+        with HostTensors() if watch else contextlib.nullcontext() as seen:
+            fn(x, y, t, n1, n2, draws)[0].backward()
+        return seen.ops if watch else None
+
+    train_step(loss)  # makes the diffusion's device tables
+    assert train_step(loss) == {}
+
+    sampler = create_diffusion("4")
+    cfg_args = (torch.cat([y, torch.full_like(y, 10)]), 1.5)
+    model.eval()
+
+    def sample_loop():
+        z = torch.zeros(2 * B, 4, 8, 8, device=meta)
+        with torch.no_grad(), HostTensors() as seen:
+            sampler.p_sample_loop(model.forward_with_cfg, tuple(z.shape), z, clip_denoised=False,
+                                  model_kwargs=dict(y=cfg_args[0], cfg_scale=cfg_args[1]), device=meta)
+        return seen.ops
+
+    sample_loop()
+    assert sample_loop() == {}
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    dynamo.reset()
+    try:
+        model.train()
+        train_step(torch.compile(loss, fullgraph=True, backend=backend), watch=False)  # Dynamo refuses the mode
+        model.eval()
+        with torch.no_grad():
+            torch.compile(model.forward_with_cfg, fullgraph=True, backend=backend)(
+                torch.cat([x, x]), torch.cat([t, t]), *cfg_args)
+    finally:
+        dynamo.reset()
+    assert len(graphs) >= 3  # training forward and backward, CFG forward
+    assert _host_placeholders_and_nodes(graphs) == []
 
 
 def test_compile_mode_is_checked():

@@ -281,8 +281,9 @@ class GaussianDiffusion:
         return out.expand(like.shape)
 
     def _make_device_table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The schedule array ``name``, or the fused loss's ``[T, K]`` columns (``LOSS_COEFFICIENTS``),
-        on ``device`` in ``dtype``: made on the first call and kept."""
+        """The per-step array ``name`` (a schedule array, or a respaced process's ``timestep_map``),
+        or the fused loss's ``[T, K]`` columns (``LOSS_COEFFICIENTS``), on ``device`` in ``dtype``:
+        made on the first call and kept."""
         key = (name, device, dtype)
         table = self._device_cache.get(key)
         if table is None:

@@ -50,14 +50,18 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
 
 
 class _MappedModel:
-    """Calls the model with the original timestep numbers of the kept steps."""
+    """Calls the model with the original timestep numbers of the kept steps.
 
-    def __init__(self, model: Callable, timestep_map: torch.Tensor):
+    ``timestep_map(device)`` gives the kept steps as a tensor on ``device``, made there once:
+    a step reads it where ``t`` lives, with no copy from the host per call (a copy that would
+    wait for the device, and a host tensor in a compiled step, which CUDA graphs cannot take)."""
+
+    def __init__(self, model: Callable, timestep_map: Callable[[torch.device], torch.Tensor]):
         self.model = model
         self.timestep_map = timestep_map
 
     def __call__(self, x, t, **kwargs):
-        table = self.timestep_map.to(device=t.device)
+        table = self.timestep_map(t.device)
         return self.model(x, table[t.long()].to(t.dtype), **kwargs)
 
     def parameters(self):  # lets the sampler find the model's device
@@ -82,12 +86,15 @@ class SpacedDiffusion(GaussianDiffusion):
             new_betas.append(1.0 - abar / last)
             last = abar
         super().__init__(betas=np.array(new_betas), **kwargs)
-        self._map_tensor = torch.tensor(keep, dtype=torch.long)
+
+    def _timestep_map_on(self, device: torch.device) -> torch.Tensor:
+        """``timestep_map`` as int64 on ``device`` (one of the diffusion's device tables)."""
+        return self._device_table("timestep_map", device, torch.long)
 
     def _wrap(self, model):
         if model is None or isinstance(model, _MappedModel):
             return model
-        return _MappedModel(model, self._map_tensor)
+        return _MappedModel(model, self._timestep_map_on)
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap(model), *args, **kwargs)
