@@ -29,7 +29,9 @@ recorded with its error text, never turned into a number):
   passes, loss, backward) and a CFG step, eager vs CUDA graphs (``reduce-overhead``)
   vs ``torch.compile``, in that order, each with the GPU's idle fraction within the
   step from ``torch.profiler`` (1 - device-busy time / wall time: near 0 means the
-  GPU is fed, large means the step is host-bound); its own budget (``--steps-budget-s``).
+  GPU is fed, large means the step is host-bound), and for ``reduce-overhead`` the graphs
+  Inductor declined to capture as CUDA graphs (``cudagraph_skips``: 0, or the row is not a
+  CUDA-graph time); its own budget (``--steps-budget-s``).
 
 Each timing sits beside its static estimate from ``benchmarks/profiling/sm90_profile.py``
 (``benchmarks/results/sm90-static/sm90_profile.json``) where one applies.
@@ -563,6 +565,7 @@ def timing_compiled_steps(c: Ctx, rows, deadline):
     from edt.diffusion import create_diffusion
     from edt.train import DiffusionTrainingLoss
     from edt.utils import compile_step
+    from torch._dynamo.utils import counters
 
     if c.dry:
         os.environ["EDT_KERNELS_BACKEND"] = "torch"
@@ -617,15 +620,20 @@ def timing_compiled_steps(c: Ctx, rows, deadline):
                         cfg_fn(x2, t2, y2, 1.5)
 
                 for step, fn in (("train", train_step), ("cfg", cfg_step)):
+                    skips = counters["inductor"]["cudagraph_skips"]
                     t0 = time.time()
                     for _ in range(1 if c.dry else 3):  # compilation, autotuning, CUDA-graph recording
                         fn()
                     warm_s = time.time() - t0
                     ms = c.time_ms(fn, warmup=1, repeats=10)
                     base.setdefault(step, ms)
+                    # graphs Inductor declined to capture (a host tensor, a mutated input, ...): with any,
+                    # the reduce-overhead row is not a CUDA-graph time
+                    skipped = counters["inductor"]["cudagraph_skips"] - skips
                     rows.append(dict(model=name, step=step, mode=mode, batch=B, ms=ms,
                                      speedup_vs_eager=base[step] / ms, warmup_s=round(warm_s, 1),
-                                     idle_fraction=_idle_fraction(c, fn, 1 if c.dry else 5)))
+                                     idle_fraction=_idle_fraction(c, fn, 1 if c.dry else 5),
+                                     cudagraph_skips=skipped if mode == "reduce-overhead" else None))
             except Exception as exc:  # recorded per (model, mode), never a number
                 rows.append(dict(model=name, mode=mode, error=f"{type(exc).__name__}: {exc}"[:500]))
             finally:

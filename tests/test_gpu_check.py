@@ -31,6 +31,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert not steps.get("error") and not any("error" in r for r in steps["rows"]), steps
     assert {(r["model"], r["mode"]) for r in steps["rows"]} == {
         (m, mode) for m in ("EDT-S/2", "MDTv2-S/2") for mode in ("none", "default")}
+    assert all(r["cudagraph_skips"] is None for r in steps["rows"])  # counted for reduce-overhead only
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
 
 
