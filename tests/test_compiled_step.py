@@ -209,13 +209,14 @@ def test_steps_read_and_make_no_host_tensor(family):
     lives: after a first step has made the per-device tables, the eager training step (both
     passes, the loss, backward) and the CFG sampling loop read and make no host tensor; nor do
     the compiled training and CFG graphs (AOTAutograd's forward and backward), the way
-    Inductor's CUDA-graph check reads them.  On a GPU such a tensor is a copy between host and
+    Inductor's CUDA-graph check reads them, and no compiled step mutates its inputs.  On a GPU such a tensor is a copy between host and
     device (from pageable memory it waits for the device) or host work inside the step, and in
     a compiled step it keeps the step from being one CUDA graph.  The PyTorch references stand
     in for the kernels, which do not run on meta."""
     import torch._dynamo as dynamo
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
 
     meta = torch.device("meta")
     model, loss = _loss(family)
@@ -246,10 +247,12 @@ def test_steps_read_and_make_no_host_tensor(family):
     sample_loop()
     assert sample_loop() == {}
 
-    graphs = []
+    graphs, mutated = [], []
 
     def keep(gm, example_inputs):
         graphs.append(gm)
+        info = TracingContext.try_get().fw_metadata.input_info  # AOTAutograd applies mutations outside the graph
+        mutated.extend(i for i, inp in enumerate(info) if inp.mutates_data or inp.mutates_metadata)
         return make_boxed_func(gm.forward)
 
     backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
@@ -265,6 +268,7 @@ def test_steps_read_and_make_no_host_tensor(family):
         dynamo.reset()
     assert len(graphs) >= 3  # training forward and backward, CFG forward
     assert _host_placeholders_and_nodes(graphs) == []
+    assert mutated == []  # Inductor's other reason to leave a step out of CUDA graphs
 
 
 def test_compile_mode_is_checked():
