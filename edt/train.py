@@ -493,9 +493,10 @@ class Run:
     model: nn.Module
     ema: nn.Module
     opt: torch.optim.Optimizer
+    #: DistributedDataParallel around ``step_fn``'s module with several processes, else ``loss_module``
     ddp: nn.Module
     loss_module: "DiffusionTrainingLoss"
-    #: ``ddp``, compiled with ``--compile``
+    #: ``loss_module``, compiled with ``--compile``, inside ``ddp`` with several processes
     step_fn: Any
     diffusion: Any
     schedule_sampler: Any
@@ -607,15 +608,19 @@ def setup(args: argparse.Namespace, d: Dist) -> Run:
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     loss_module = DiffusionTrainingLoss(model, diffusion, strategy)
     opt = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    # The loss module is compiled and DDP wraps the compiled module: DDP's own forward (its
+    # bookkeeping before and after the model) stays eager, since Dynamo cannot trace it whole, and
+    # the step inside is one graph (with several processes, Dynamo's DDP optimizer cuts it at the
+    # gradient buckets so that the all-reduces overlap the backward).
+    step_fn = compile_step(loss_module, args.compile, device, fullgraph=family in ("edt", "mdt"))
     if d.distributed:
-        ddp = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+        ddp = step_fn = nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=[device.index] if device.type == "cuda" else None,
             # MDT's side interpolater only runs in the masked pass
             find_unused_parameters=strategy == "none" and family != "edt")
     else:
         ddp = loss_module
     amp = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
-    step_fn = compile_step(ddp, args.compile, device, fullgraph=family in ("edt", "mdt"))
     run = Run(args=args, d=d, model=model, ema=ema, opt=opt, ddp=ddp, loss_module=loss_module, step_fn=step_fn,
               diffusion=diffusion,
               schedule_sampler=schedule_sampler, strategy=strategy, loader=loader, sampler=sampler,

@@ -250,6 +250,42 @@ def test_ddp_two_process_step_equals_single_process(tmp_path, grad_checkpoint):
     assert losses and f"loss {single['history'][-1]['loss']:.4f}" in losses[0]
 
 
+_AOT_EAGER_TRAIN = """
+import sys
+import torch
+real = torch.compile
+def aot_eager(fn, **kw):  # Inductor takes minutes per graph on this CPU; the tracing is the same
+    kw.pop("mode", None)
+    return real(fn, backend="aot_eager", **kw)
+torch.compile = aot_eager
+from edt.train import console_main
+sys.exit(console_main(sys.argv[1:]))
+"""
+
+
+def test_ddp_with_compile_runs_the_compiled_step_inside_ddp(tmp_path):
+    """2 gloo processes with ``--compile default``: DDP wraps the compiled loss module, whose step
+    is one graph (``fullgraph=True``); compiling DDP itself fails at the first step (Dynamo cannot
+    trace DDP's own forward whole). The checkpoint equals the eager DDP run's (torch.compile with
+    the aot_eager backend here: the same tracing and autograd, no code generation)."""
+    script = tmp_path / "train_aot_eager.py"
+    script.write_text(_AOT_EAGER_TRAIN)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    common = ("--synthetic", "--synthetic-size", "32", "--log-every", "1")
+    ckpts = {}
+    for name, extra in (("compiled", ("--compile", "default")), ("eager", ())):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               str(script), *cli(tmp_path / name, *common, *extra, steps=2)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpts[name] = load(tmp_path / name / "checkpoints/0000002.pt")
+    for key in ("model", "ema"):
+        for n, v in ckpts["eager"][key].items():
+            torch.testing.assert_close(ckpts["compiled"][key][n], v, rtol=0, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
