@@ -493,10 +493,8 @@ class Run:
     model: nn.Module
     ema: nn.Module
     opt: torch.optim.Optimizer
-    #: DistributedDataParallel around ``step_fn``'s module with several processes, else ``loss_module``
-    ddp: nn.Module
     loss_module: "DiffusionTrainingLoss"
-    #: ``loss_module``, compiled with ``--compile``, inside ``ddp`` with several processes
+    #: ``loss_module``, compiled with ``--compile``, inside DistributedDataParallel with several processes
     step_fn: Any
     diffusion: Any
     schedule_sampler: Any
@@ -614,14 +612,12 @@ def setup(args: argparse.Namespace, d: Dist) -> Run:
     # gradient buckets so that the all-reduces overlap the backward).
     step_fn = compile_step(loss_module, args.compile, device, fullgraph=family in ("edt", "mdt"))
     if d.distributed:
-        ddp = step_fn = nn.parallel.DistributedDataParallel(
+        step_fn = nn.parallel.DistributedDataParallel(
             step_fn, device_ids=[device.index] if device.type == "cuda" else None,
             # MDT's side interpolater only runs in the masked pass
             find_unused_parameters=strategy == "none" and family != "edt")
-    else:
-        ddp = loss_module
     amp = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
-    run = Run(args=args, d=d, model=model, ema=ema, opt=opt, ddp=ddp, loss_module=loss_module, step_fn=step_fn,
+    run = Run(args=args, d=d, model=model, ema=ema, opt=opt, loss_module=loss_module, step_fn=step_fn,
               diffusion=diffusion,
               schedule_sampler=schedule_sampler, strategy=strategy, loader=loader, sampler=sampler,
               steps_per_epoch=steps_per_epoch, local_batch=local_batch, max_steps=max_steps, amp=amp,
