@@ -191,7 +191,7 @@ def test_compiled_step_matches_eager():
     assert list(model.state_dict()) == keys
 
 
-def _host_placeholders_and_nodes(graphs) -> list:
+def _host_tensor_nodes(graphs) -> list:
     """The nodes of FX graphs whose value is a host (CPU) tensor of at least one dimension."""
     found = []
     for gm in graphs:
@@ -209,9 +209,10 @@ def test_steps_read_and_make_no_host_tensor(family):
     lives: after a first step has made the per-device tables, the eager training step (both
     passes, the loss, backward) and the CFG sampling loop read and make no host tensor; nor do
     the compiled training and CFG graphs (AOTAutograd's forward and backward), the way
-    Inductor's CUDA-graph check reads them, and no compiled step mutates its inputs.  On a GPU such a tensor is a copy between host and
-    device (from pageable memory it waits for the device) or host work inside the step, and in
-    a compiled step it keeps the step from being one CUDA graph.  The PyTorch references stand
+    Inductor's CUDA-graph check reads them, and no compiled step mutates its inputs.  On a GPU
+    such a tensor is a copy between host and device (from pageable memory it waits for the
+    device) or host work inside the step, and in a compiled step it keeps the step from being
+    one CUDA graph.  The PyTorch references stand
     in for the kernels, which do not run on meta."""
     import torch._dynamo as dynamo
     from functorch.compile import make_boxed_func
@@ -267,7 +268,7 @@ def test_steps_read_and_make_no_host_tensor(family):
     finally:
         dynamo.reset()
     assert len(graphs) >= 3  # training forward and backward, CFG forward
-    assert _host_placeholders_and_nodes(graphs) == []
+    assert _host_tensor_nodes(graphs) == []
     assert mutated == []  # Inductor's other reason to leave a step out of CUDA graphs
 
 
