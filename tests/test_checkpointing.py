@@ -8,7 +8,8 @@ import torch
 
 from edt.models import EDT, MDTv2
 from edt.models.checkpointing import CheckpointSetting, parse_checkpoint, run_block
-from test_models import EAGER, TINY, TRITON_CASES, _randomize_
+from helpers.model_runs import randomize_
+from test_models import EAGER, TINY, TRITON_CASES
 
 SETTINGS = ["all", 2, "selective"]
 
@@ -17,7 +18,7 @@ def _model(kind, checkpoint, backend, dtype, **overrides):
     cls, config = TINY[kind]
     torch.manual_seed(0)
     model = cls(**dict(config, **overrides), backend=backend, checkpoint=checkpoint)
-    _randomize_(model)
+    randomize_(model)
     return model.to(dtype).train()
 
 
@@ -129,7 +130,7 @@ def test_compiled_checkpointed_blocks(setting):
     test fast) of checkpointed blocks: the results of the uncompiled run."""
     torch._dynamo.reset()
     ref_model, model = _Blocks(None), _Blocks(setting)
-    _randomize_(ref_model)
+    randomize_(ref_model)
     model.load_state_dict(ref_model.state_dict())
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(2, 16, 16, generator=g), torch.randn(2, 16, generator=g)

@@ -2,16 +2,18 @@
 (``torch.compile(fullgraph=True)``) on tiny models: the same numbers as eager, no graph break,
 and a bounded number of graphs for MDT's varying kept-token count."""
 import contextlib
+from collections import Counter
 
 import pytest
 import torch
 
-from benchmarks.test_bench_host import HostTensors, _GraphCounter
+from benchmarks.test_bench_host import HostTensors, _GraphCounter, recorded_launches
 from edt.diffusion import create_diffusion
 from edt.models import EDT_models, MDTv2_models
 from edt.train import DiffusionTrainingLoss
 from edt.utils import compile_step
-from tests.helpers.model_runs import assert_same_run
+from edt_kernels._triton_support import triton_unavailable_reason
+from tests.helpers.model_runs import assert_same_run, randomize_
 from tests.tolerances import GRAD_TOL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,10 +23,11 @@ B = 2
 # interpreter runs them here).  MDTv2 on the PyTorch references ("torch"): its masked blocks take
 # tens of seconds a step in the interpreter, and its 100-step test is about the kept counts.
 TINY = {
-    "EDT": lambda: EDT_models["EDT-S/2"](input_size=8, hidden_size=16, dims=[16, 24, 32, 24, 16],
-                                         num_heads=[2, 2, 2, 2, 2], num_classes=10),
-    "MDTv2": lambda: MDTv2_models["MDTv2-S/2"](input_size=8, hidden_size=16, depth=4, num_heads=2,
-                                               decode_layer=2, num_classes=10, backend="torch"),
+    "EDT": lambda backend="auto": EDT_models["EDT-S/2"](input_size=8, hidden_size=16, dims=[16, 24, 32, 24, 16],
+                                                        num_heads=[2, 2, 2, 2, 2], num_classes=10,
+                                                        backend=backend),
+    "MDTv2": lambda backend="torch": MDTv2_models["MDTv2-S/2"](input_size=8, hidden_size=16, depth=4, num_heads=2,
+                                                               decode_layer=2, num_classes=10, backend=backend),
 }
 
 
@@ -35,9 +38,11 @@ def _inputs(seed: int):
             torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g))
 
 
-def _loss(family: str):
+def _loss(family: str, **kw):
+    """A tiny model with non-zero weights everywhere (so every parameter has a gradient) and its training loss."""
     torch.manual_seed(0)
-    model = TINY[family]().train()
+    model = TINY[family](**kw).train()
+    randomize_(model)
     return model, DiffusionTrainingLoss(model, create_diffusion(""), "edt" if family == "EDT" else "mdt")
 
 
@@ -166,29 +171,56 @@ def test_constant_while_traced_gives_each_traced_call_its_constant():
         assert torch.equal(out, f(x))
 
 
-def test_compiled_step_matches_eager():
-    """Inductor (compile_step's default mode) on EDT's training step (forward, loss, backward; the
+class _Everything:
+    """Every kernel name: ``recorded_launches`` counts each launch and runs it."""
+
+    def __contains__(self, name) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("family,kernels", [("EDT", "auto"), ("EDT", "triton"), ("MDTv2", "triton")])
+def test_compiled_step_matches_eager(family, kernels, kernels_env):
+    """Inductor (compile_step's default mode) on the training step (forward, loss, backward; the
     custom ops in the graph) and on forward_with_cfg: eager's numbers; the module's state_dict
-    keys are untouched.  (Inductor costs minutes on this CPU per graph pair: one model here.)"""
+    keys are untouched.  ``auto`` takes the C++ kernels on this CPU; ``triton`` the Triton custom
+    ops that a GPU's compiled step calls (run by the interpreter here), with MDT's masked pass and
+    its kept positions.  (Inductor costs minutes on this CPU per graph pair: one model each.)"""
     import torch._dynamo as dynamo
 
-    model, loss = _loss("EDT")
+    if kernels == "triton":
+        why = triton_unavailable_reason()
+        if why:
+            pytest.skip(why)
+        kernels_env("EDT_KERNELS_BACKEND", "triton")
+    model, loss = _loss(family, backend="auto")
     keys = list(model.state_dict())
     atol = GRAD_TOL[torch.float32][0]
+    launches = Counter()
     dynamo.reset()
     try:
         compiled = compile_step(loss, "reduce-overhead", torch.device("cpu"))  # = default on the CPU
-        assert_same_run(_step(loss, compiled, 0), _step(loss, loss, 0), atol)
+        with recorded_launches(launches, execute=_Everything()):
+            got = _step(loss, compiled, 0)
+        want = _step(loss, loss, 0)
+        silent = [n for n, g in want[1].items() if g is not None and not g.any()]
+        assert not silent, f"parameters the comparison cannot see (zero gradient): {silent}"
+        assert_same_run(got, want, atol)
         model.eval()
         x, y, t, _, _ = _inputs(1)
         args = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), 1.5)
         with torch.no_grad():
             want = model.forward_with_cfg(*args)
-            got = compile_step(model.forward_with_cfg, "default", torch.device("cpu"))(*args)
+            with recorded_launches(launches, execute=_Everything()):
+                got = compile_step(model.forward_with_cfg, "default", torch.device("cpu"))(*args)
         torch.testing.assert_close(got, want, atol=atol, rtol=atol)
     finally:
         dynamo.reset()
     assert list(model.state_dict()) == keys
+    attention = {k for k in launches if k.startswith("triton._amm_attn_")}
+    if kernels == "triton":  # the compiled graphs ran the Triton attention, forward and backward
+        assert {"triton._amm_attn_fwd_kernel", "triton._amm_attn_bwd_dq_kernel"} <= attention, launches
+    else:
+        assert not attention, launches
 
 
 def _host_tensor_nodes(graphs) -> list:

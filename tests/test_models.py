@@ -24,6 +24,7 @@ from edt.models import (
 )
 from conftest import load_fixture
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
+from helpers.model_runs import randomize_
 
 FIXTURE_ATOL = 1e-4  # fixtures README: float32 model outputs agree to < 1e-4 max abs
 # The authors' code path (materialised bias and AMM, plain-PyTorch token/adaLN work).
@@ -69,20 +70,11 @@ def _assert_grads_close(grads_f, grads_p, rel: float, all_used: bool = True) -> 
                                             f"(float noise allowed {noise:.3g})")
 
 
-def _randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero weights everywhere (the published init zeroes adaLN gates and
-    the output layer, which would hide most of the network from a test)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def _pair(kind: str, **overrides):
     """(kernel model on backend "auto", the same weights on the eager backend)."""
     cls, config = TINY[kind]
     fused = cls(**dict(config, **overrides), backend="auto")
-    _randomize_(fused)
+    randomize_(fused)
     plain = cls(**dict(config, **overrides), backend=EAGER)
     plain.load_state_dict(fused.state_dict())
     return fused, plain
@@ -496,7 +488,7 @@ def test_mdt_sort_kept_same_output_and_mask(backend, monkeypatch, kernels_env):
         assert models[sort].config["sort_kept"] is sort
         if backend == "triton":
             models[sort].backend = "triton"
-    _randomize_(models[True])
+    randomize_(models[True])
     models[False].load_state_dict(models[True].state_dict())
     x, t, y = _inputs(models[True], batch=2 if backend == "triton" else 3)
     x = x.to(dtype)

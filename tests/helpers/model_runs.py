@@ -1,6 +1,7 @@
-"""One forward + backward of a model under a random linear loss, and the
+"""One forward + backward of a model under a random linear loss, the
 comparison of two such runs (the patched-vs-original tests of
-``test_patch.py`` and ``test_diffusers.py``)."""
+``test_patch.py`` and ``test_diffusers.py``), and weights that let a test see
+the whole network."""
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,6 +26,15 @@ def run(model: torch.nn.Module, *args, manual_seed: Optional[int] = None, **kwar
     grads = {"x": x.grad}
     grads.update({n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()})
     return out.detach(), grads
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero weights everywhere (the published init zeroes adaLN gates and
+    the output layer, which would hide most of the network from a test)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def assert_same_run(a: Run, b: Run, atol: float) -> None:
