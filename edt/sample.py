@@ -292,7 +292,9 @@ def sample(args, d) -> Dict:
         load_state_dict_strict(model, state_dict, args.ckpt)
     elif d.rank == 0:
         print("warning: no --ckpt given, sampling from random weights", file=sys.stderr)
-    model = model.to(device).eval()
+    # frozen: a sampler takes no gradient, and the attention kernels re-use their per-offset tables
+    # from step to step only for tables that take none
+    model = model.to(device).eval().requires_grad_(False)
     if args.amm is not None:
         if not hasattr(model, "set_amm"):
             raise ValueError(f"--amm/--no-amm: model {model_name} has no AMM switch (set_amm)")

@@ -667,29 +667,46 @@ def test_dtable_atomics_at_b32_h16_n256(monkeypatch):
 
 
 def test_grid_tables_built_once_per_table_version(monkeypatch):
-    """The per-offset table and grid indices are built by one launch, re-used by the next forward
-    and by the backward while the table is unchanged, and built again after an in-place update."""
+    """The per-offset table and grid indices are built by one launch.  A table that takes a
+    gradient: the backward re-uses the forward's tables, every forward builds them again (a fused
+    optimizer step writes the table without bumping its version), and the results follow each
+    optimizer step.  A frozen table: the next forward re-uses them, an in-place update rebuilds."""
     builds = []
     build = triton_op._build_grid
     monkeypatch.setattr(triton_op, "_build_grid", lambda *a: builds.append(1) or build(*a))
     triton_op._grid_cache.clear()
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 2, 16, 8, generator=g, device=DEV).requires_grad_(True) for _ in range(3))
-    table = torch.randn(49, 2, generator=g, device=DEV).requires_grad_(True)
+    table = torch.nn.Parameter(torch.randn(49, 2, generator=g, device=DEV))
     kw = dict(rel_pos_bias=table, grid=4, amm=True)
-    out = amm_attention(q, k, v, backend="triton", **kw)
-    assert torch.equal(amm_attention(q, k, v, backend="triton", **kw), out) and len(builds) == 1
-    grads = torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
-    assert len(builds) == 1  # the backward found the forward's tables
-    ref = reference_attention(q, k, v, **kw)
-    ref_grads = torch.autograd.grad(ref, (q, k, v, table), torch.ones_like(ref))
-    for a, b in zip(grads, ref_grads):
-        assert_close(a, b, torch.float32, GRAD_TOL, "grad")
+    opt = torch.optim.AdamW([table], lr=0.5, fused=True)
+    for step in range(3):
+        out = amm_attention(q, k, v, backend="triton", **kw)
+        assert len(builds) == 2 * step + 1
+        grads = torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
+        assert len(builds) == 2 * step + 1  # the backward found the forward's tables
+        ref = reference_attention(q, k, v, **kw)
+        ref_grads = torch.autograd.grad(ref, (q, k, v, table), torch.ones_like(ref))
+        assert_close(out.detach(), ref.detach(), torch.float32, FWD_TOL, f"out, step {step}")
+        for a, b in zip(grads, ref_grads):
+            assert_close(a, b, torch.float32, GRAD_TOL, f"grad, step {step}")
+        table.grad = grads[3]
+        version = table._version
+        opt.step()
+        with torch.no_grad():
+            assert_close(amm_attention(q, k, v, backend="triton", **kw), reference_attention(q, k, v, **kw),
+                         torch.float32, FWD_TOL, f"no-grad out after step {step}")
+        assert table._version == version and len(builds) == 2 * step + 2  # the fused step: no version bump
+    frozen = table.detach().clone()
+    kw = dict(rel_pos_bias=frozen, grid=4, amm=True)
     with torch.no_grad():
-        table.mul_(2.0)
-    out2 = amm_attention(q, k, v, backend="triton", **kw)
-    assert len(builds) == 2
-    assert_close(out2.detach(), reference_attention(q, k, v, **kw).detach(), torch.float32, FWD_TOL, "out")
+        n = len(builds)
+        out = amm_attention(q, k, v, backend="triton", **kw)
+        assert torch.equal(amm_attention(q, k, v, backend="triton", **kw), out) and len(builds) == n + 1
+        frozen.mul_(2.0)
+        out2 = amm_attention(q, k, v, backend="triton", **kw)
+    assert len(builds) == n + 2
+    assert_close(out2, reference_attention(q, k, v, **kw), torch.float32, FWD_TOL, "out after mul_")
 
 
 def test_positions_out_of_range_unchecked_by_default(monkeypatch):

@@ -209,12 +209,13 @@ def _fold_scale(scale: float) -> bool:
 
 class _GridCache:
     """Grid tables derived from source tensors (table, AMM, positions), reused while every source
-    is the same live object with the same version counter and data pointer: inference re-uses them
-    from call to call, the backward re-uses the forward's, and an in-place update (an optimizer
-    step) makes the next call build them again.  Sources are held by weak references; inference
-    tensors (no version counter) are never cached, nor is anything built under CUDA-graph capture
-    (the graph must rebuild the tables it reads at every replay).  A write through ``.data``
-    bypasses the version counter: after one, call ``_grid_cache.clear()``."""
+    is the same live object with the same version counter and data pointer.  Who may reuse an
+    entry (:func:`_grid_args`): the backward, the forward's tables; a later call, only when no
+    source takes a gradient (a frozen table, the AMM, positions), since a fused optimizer step
+    (``fused=True``) writes parameters without bumping their version counter.  Sources are held by
+    weak references; inference tensors (no version counter) are never cached, nor is anything
+    built under CUDA-graph capture (the graph must rebuild the tables it reads at every replay).
+    A write through ``.data`` bypasses the version counter: after one, call ``_grid_cache.clear()``."""
 
     LIMIT = 512  # entries; dead ones are dropped first when it is reached
 
@@ -287,7 +288,7 @@ def _build_grid(table, positions, amm_table, rows, cols, scale, H, device, fold)
     return tab, tab2, u
 
 
-def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fold=True, q=None):
+def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, backward=False, q=None):
     """Per-call tables of the grid terms (float32/int32, so exactness is kept):
 
     - ``tab``: the per-offset table, head-major ``[H, n_table]``: with table and
@@ -298,15 +299,16 @@ def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fol
     - ``u``: each token's grid index ``row * (2 cols - 1) + col`` (int32,
       ``[B, N]`` with per-batch positions, else ``[N]`` with batch stride 0).
     The kernels gather ``tab[h, idx_off + u_j - u_i]``, i.e. offset ``u_i - u_j``.
-    ``fold=False`` keeps the scale unfolded whatever its value (the backward's form).
+    ``backward=True``: the backward's form (the scale unfolded whatever its value).
 
     Both tables and ``u`` come from one launch of ``_amm_attn_grid_kernel`` and are kept in
     ``_grid_cache`` (see there): a forward builds the backward's table too, and the backward
-    finds it.  Without positions ``u`` is the same for every call of a given ``(N, cols)`` and
+    finds it; a forward reuses a table built by an earlier call only when no source takes a
+    gradient.  Without positions ``u`` is the same for every call of a given ``(N, cols)`` and
     built once per device."""
     has_grid = table is not None or amm_table is not None
     fold_fwd = _fold_scale(scale)
-    fold = fold and fold_fwd
+    fold = fold_fwd and not backward
     n_table = (2 * rows - 1) * (2 * cols - 1)
     idx_off = (rows - 1) * (2 * cols - 1) + (cols - 1)
     tab, u, stride_th, stride_ub = None, None, 0, 0
@@ -314,7 +316,8 @@ def _grid_args(table, positions, amm_table, rows, cols, scale, H, N, device, fol
         sources = (table, amm_table, positions)
         params = (rows, cols, float(scale), H, N, device)
         cache = _cacheable(sources, q if q is not None else table if table is not None else amm_table)
-        got = _grid_cache.get(sources, params) if cache else None
+        reuse = cache and (backward or not any(t is not None and t.requires_grad for t in sources))
+        got = _grid_cache.get(sources, params) if reuse else None
         if got is None:
             got = _build_grid(table, positions, amm_table, rows, cols, scale, H, device, fold_fwd)
             if cache:
@@ -471,7 +474,7 @@ def amm_attention_backward(dout, q, k, v, out, lse, table, positions, amm_table,
     # The backward kernels take the unfolded scores (scaled dot + table * log2 e): in their
     # SASS the fold saves nothing, and this form keeps the table gradient's rounding noise
     # lower (it sums dS terms that cancel, e.g. to exactly 0 on a 1 x 1 grid).
-    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, fold=False, q=q)
+    g = _grid_args(table, positions, amm_table, rows, cols, scale, H, N, q.device, backward=True, q=q)
     flags, _ = _flags(g, q, bias, modulation, amm_table, table, D, alignment(q, k, v, dout))
     width = flags["BLOCK_D"] + flags["BLOCK_D2"]
     ptrs = (_dummy(g["tab"], q), _dummy(g["u"], q), _dummy(bias, q), _dummy(modulation, q))
