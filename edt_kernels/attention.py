@@ -119,6 +119,8 @@ def _plan(q, k, v, scale, rel_pos_bias, grid, positions, amm, bias, modulation, 
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
 
     for name, t in (("rel_pos_bias", rel_pos_bias), ("positions", positions), ("bias", bias),
                     ("modulation", modulation)):
@@ -136,7 +138,7 @@ def _plan(q, k, v, scale, rel_pos_bias, grid, positions, amm, bias, modulation, 
             rows = cols = infer_grid(N, f"N = {n_name}")
         else:  # the grid is unused: the square side when there is one, else one row
             side = math.isqrt(N)
-            rows, cols = (side, side) if side * side == N else (1, N)
+            rows, cols = (side, side) if side * side == N and N > 0 else (1, max(N, 1))
     else:
         rows, cols = normalize_grid(grid)
     if positions is None and uses_grid and rows * cols != N:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._validation import coerce_amm
+from ._validation import check_tensor, coerce_amm
 from .amm import KEEP, AMMLike, GridLike, normalize_grid, num_offsets, relative_position_index
 from .attention import amm_attention_qkvpacked
 
@@ -137,8 +137,10 @@ class AMMAttention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, proj_bias: bool = True,
                  backend: str = "auto", persistent_index: bool = False, rel_pos_first: bool = False):
         super().__init__()
-        if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
-            raise ValueError(f"dim must be a multiple of num_heads, got dim={dim!r}, num_heads={num_heads!r}")
+        if (not isinstance(dim, int) or not isinstance(num_heads, int) or dim < 1 or num_heads < 1
+                or dim % num_heads):
+            raise ValueError(f"dim must be a positive multiple of num_heads (a positive int), got dim={dim!r}, "
+                             f"num_heads={num_heads!r}")
         if attn_drop != 0:
             raise ValueError(f"attn_drop must be 0: the fused attention has no dropout on the "
                              f"attention weights (got {attn_drop})")
@@ -181,6 +183,7 @@ class AMMAttention(nn.Module):
         (``KEEP``, the default, keeps the module's setting; ``None``/``False``
         switches it off; ``True``/``AMM(...)`` switches it on).
         """
+        check_tensor("x", x, 3, "[B, N, C]")
         B, N, C = x.shape  # (B, N, C)
         if C != self.dim:
             raise ValueError(f"x must be [B, N, C] with C = {self.dim}, got {list(x.shape)}")

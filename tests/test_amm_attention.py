@@ -15,7 +15,7 @@ from helpers.attention_cases import attention_kwargs, cast
 from tolerances import FWD_TOL, GRAD_TOL, assert_close
 
 import edt_kernels
-from edt_kernels import AMM, amm_attention, modulation_matrix, reference_attention
+from edt_kernels import AMM, amm_attention, amm_attention_qkvpacked, modulation_matrix, reference_attention
 from edt_kernels.attention import select_backend, validate_inputs
 from edt_kernels.ops import amm_attention as triton_op
 
@@ -448,6 +448,8 @@ def _qkv(B=2, H=2, N=16, D=8, **kw):
     (lambda a: {"modulation": torch.randn(1, 1, 1, 2, 16, 16)}, ValueError, "modulation must have at most 4"),
     (lambda a: {"amm": "yes"}, TypeError, "amm must be"),
     (lambda a: {"scale": "0.1"}, TypeError, "scale must be a float"),
+    (lambda a: {"scale": float("nan")}, ValueError, "scale must be finite"),
+    (lambda a: {"scale": float("inf")}, ValueError, "scale must be finite"),
     (lambda a: {"grid": (4, 0)}, ValueError, "grid must be positive"),
     (lambda a: {"amm": True, "grid": (2, 8)}, ValueError, "square grids"),
     (lambda a: {"rel_pos_bias": [1.0]}, TypeError, "rel_pos_bias must be a torch.Tensor"),
@@ -459,6 +461,17 @@ def test_bad_input_raises(mutate, exc, match):
     args.update(mutate(args))
     with pytest.raises(exc, match=match):
         amm_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "eager", "cpp", "triton"])
+def test_no_tokens_gives_an_empty_output(backend):
+    """N = 0 with no grid term (no table, no AMM): an empty output on every backend."""
+    if backend not in ("auto", *edt_kernels.available_backends()):
+        pytest.skip(f"{backend} not available here")
+    q = torch.randn(2, 2, 0, 8, device=DEV if backend == "triton" else "cpu")
+    assert amm_attention(q, q, q, backend=backend).shape == (2, 2, 0, 8)
+    qkv = torch.randn(2, 0, 3, 2, 8, device=q.device)
+    assert amm_attention_qkvpacked(qkv, backend=backend).shape == (2, 0, 2, 8)
 
 
 def test_amm_config_validation():

@@ -599,6 +599,21 @@ def test_fused_loss_bad_input_names_the_argument():
         edt_kernels.diffusion_loss(out, x, x, x[:, :3], coef)
     with pytest.raises(ValueError, match="coef must be"):
         edt_kernels.diffusion_loss(out, x, x, x, coef[:, :5])
+    with pytest.raises(ValueError, match="output must be .* positive"):
+        edt_kernels.diffusion_loss(torch.zeros(2, 0, 4, 4), x[:, :0], x[:, :0], x[:, :0], coef)
+    with pytest.raises(TypeError, match="vb_scale must be a number"):
+        edt_kernels.diffusion_loss(out, x, x, x, coef, vb_scale="1")
+    with pytest.raises(ValueError, match="vb_scale must be finite"):
+        edt_kernels.diffusion_loss(out, x, x, x, coef, vb_scale=float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "eager"])
+def test_fused_loss_of_an_empty_batch_is_empty(backend):
+    import edt_kernels
+
+    x = torch.zeros(0, 4, 4, 4)
+    loss = edt_kernels.diffusion_loss(torch.zeros(0, 8, 4, 4), x, x, x, torch.zeros(0, 8), backend=backend)
+    assert loss.shape == (0,)
 
 
 def test_mse_loss_weight_type_validation():

@@ -39,7 +39,6 @@ def _leafify(ts):
 def test_mlp_float64_forward_and_gradients(bias):
     args = _leafify(_mlp_inputs(torch.float64, bias))
     ref_args = _leafify(args)
-    out = torch.full((2, 7, 20), float("nan"), dtype=torch.float64)  # poisoned: the op must produce it
     out = mlp_gelu_tanh(*args)
     ref = reference_mlp_gelu_tanh(*ref_args)
     assert torch.equal(out, ref)  # same ops in the same order
@@ -77,8 +76,18 @@ def test_mlp_bad_input():
         mlp_gelu_tanh(x, w1.t(), b1, w2, b2)
     with pytest.raises(ValueError, match="b2"):
         mlp_gelu_tanh(x, w1, b1, w2, b1)
-    with pytest.raises(TypeError, match="x"):
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         mlp_gelu_tanh([1.0], w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        mlp_gelu_tanh(x.long(), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="x must be"):
+        mlp_gelu_tanh(torch.tensor(1.0), w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="b1 must be a torch.Tensor"):
+        mlp_gelu_tanh(x, w1, b1.tolist(), w2, b2)
+    with pytest.raises(TypeError, match="w1 must have the dtype of x"):
+        mlp_gelu_tanh(x, w1.double(), b1, w2, b2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the weights itself
+        assert mlp_gelu_tanh(x.detach().bfloat16(), w1, b1, w2, b2).dtype == torch.bfloat16
 
 
 def _ln_inputs(dtype):

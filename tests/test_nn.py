@@ -218,6 +218,9 @@ def test_amm_attention_published_amm_matches_published_formula():
 def test_amm_attention_bad_arguments():
     with pytest.raises(ValueError, match="multiple of num_heads"):
         AMMAttention(10, 3, grid=GRID)
+    for dim in (0, -8):
+        with pytest.raises(ValueError, match="positive multiple of num_heads"):
+            AMMAttention(dim, 8, grid=GRID)
     with pytest.raises(ValueError, match="attn_drop must be 0"):
         AMMAttention(DIM, HEADS, grid=GRID, attn_drop=0.1)
     with pytest.raises(ValueError, match="grid .* is required"):
@@ -227,6 +230,10 @@ def test_amm_attention_bad_arguments():
     attn = AMMAttention(DIM, HEADS, grid=GRID)
     with pytest.raises(ValueError, match=f"C = {DIM}"):
         attn(torch.randn(2, N, DIM + 1))
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor \[B, N, C\]"):
+        attn(None)
+    with pytest.raises(ValueError, match=r"x must be \[B, N, C\]"):
+        attn(torch.randn(N, DIM))
     with pytest.raises(ValueError, match="N = qkv.shape\\[1\\] = 15 must equal rows\\*cols"):
         attn(torch.randn(2, 15, DIM))
 

@@ -129,7 +129,7 @@ def diffusion_loss_forward(output: torch.Tensor, x_start: torch.Tensor, x_t: tor
     output, x_start, x_t, noise = (t.contiguous() for t in (output, x_start, x_t, noise))
     coef = coef.contiguous()
     B = output.shape[0]
-    N = x_start[0].numel()
+    N = x_start[0].numel() if B else 0
     loss = _tu.empty_output((B,), torch.float32, output.device)
     grad = (_tu.empty_output(output.shape, output.dtype, output.device) if need_grad
             else output.new_empty((0,)))
@@ -193,8 +193,13 @@ def diffusion_loss(output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tenso
     differentiable in ``output`` only.
     """
     V.check_tensor("output", output, None, "[B, 2C, ...]")
-    if output.dim() < 2 or output.shape[1] % 2:
-        raise ValueError(f"output must be [B, 2C, ...] (eps, then v), got shape {list(output.shape)}")
+    if output.dim() < 2 or output.shape[1] % 2 or 0 in output.shape[1:]:
+        raise ValueError(f"output must be [B, 2C, ...] (eps, then v) with C and every other size past B "
+                         f"positive, got shape {list(output.shape)}")
+    if isinstance(vb_scale, bool) or not isinstance(vb_scale, (int, float)):
+        raise TypeError(f"vb_scale must be a number, got {type(vb_scale).__name__}")
+    if not math.isfinite(vb_scale):
+        raise ValueError(f"vb_scale must be finite, got {vb_scale}")
     for name, t in (("x_start", x_start), ("x_t", x_t), ("noise", noise)):
         V.check_tensor(name, t, output.dim(), "[B, C, ...]", device=output.device)
         V.check_shape(name, t, (output.shape[0], output.shape[1] // 2, *output.shape[2:]), "[B, C, ...]")

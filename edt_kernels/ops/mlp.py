@@ -74,16 +74,21 @@ def mlp_gelu_tanh(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
 
     Returns ``[..., C_out]``; differentiable in every input.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"x must be a tensor [..., C], got {type(x).__name__}")
+    V.check_tensor("x", x, None, "[..., C]")
+    if x.dim() < 1:
+        raise ValueError(f"x must be [..., C] (at least one dimension), got shape {list(x.shape)}")
     V.check_tensor("w1", w1, 2, "[H, C]", device=x.device)
     V.check_tensor("w2", w2, 2, "[C_out, H]", device=x.device)
     if w1.shape[1] != x.shape[-1] or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"w1 must be [H, C={x.shape[-1]}] and w2 [C_out, H], got w1 {list(w1.shape)}, "
                          f"w2 {list(w2.shape)}")
     for name, b, n in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
+        V.check_tensor(name, b, 1, f"[{n}]", device=x.device, allow_none=True)
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"{name} must be [{n}] or None, got {list(b.shape)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):  # autocast casts them itself
+        if t is not None and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
     return dispatch("mlp_gelu_tanh", backend, OpCall((x, w1, b1, w2, b2), x=x))
 
 # ============================================================================ backends
