@@ -488,6 +488,7 @@ def timing_models(c: Ctx, rows, deadline):
     torch = c.torch
     import edt.models as em  # lazily: the public registries and forward(x, t, y) only
     import edt_kernels
+    from edt.utils import frozen
     if c.dry:  # attention through the PyTorch reference on the CPU (no C++ extension build)
         edt_kernels.set_backend("torch")
     B = 2 if c.dry else 32
@@ -508,7 +509,7 @@ def timing_models(c: Ctx, rows, deadline):
             (out.float() ** 2).mean().backward()
 
         def cfg_step():
-            with torch.no_grad(), ctx:
+            with torch.no_grad(), frozen(model), ctx:  # as edt.sample's model
                 model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 1000)]))
 
         ms = c.time_ms(train_step, warmup=1, repeats=3)
@@ -569,7 +570,7 @@ def timing_compiled_steps(c: Ctx, rows, deadline):
     import edt.models as em
     from edt.diffusion import create_diffusion
     from edt.train import DiffusionTrainingLoss
-    from edt.utils import compile_step
+    from edt.utils import compile_step, frozen
     from torch._dynamo.utils import counters
 
     if c.dry:
@@ -621,7 +622,7 @@ def timing_compiled_steps(c: Ctx, rows, deadline):
                     if mode == "reduce-overhead":
                         torch.compiler.cudagraph_mark_step_begin()
                     model.eval()
-                    with torch.no_grad(), amp:
+                    with torch.no_grad(), frozen(model), amp:  # as edt.sample's model
                         cfg_fn(x2, t2, y2, 1.5)
 
                 for step, fn in (("train", train_step), ("cfg", cfg_step)):

@@ -574,6 +574,7 @@ def step_fns(model, family: str, seed: int = 0, device: Optional[torch.device] =
     and the training loss module; the inputs on ``device`` (default: the CPU)."""
     from edt.diffusion import create_diffusion
     from edt.train import DiffusionTrainingLoss
+    from edt.utils import frozen
 
     g = torch.Generator().manual_seed(seed)
     C, S = model.in_channels, model.input_size
@@ -599,7 +600,7 @@ def step_fns(model, family: str, seed: int = 0, device: Optional[torch.device] =
 
     def cfg(fwd=model.forward_with_cfg):
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), frozen(model):  # as edt.sample's model (and edt.train's EMA copy)
             return fwd(x2, t2, y2, 1.5)
     return train, cfg, loss
 

@@ -4,6 +4,7 @@ No hard dependencies beyond torch and numpy: tqdm and PIL are used when installe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
@@ -206,6 +207,21 @@ def compile_step(fn: Callable, mode: str, device: torch.device, fullgraph: bool 
     if mode == "reduce-overhead" and device.type != "cuda":
         mode = "default"
     return torch.compile(fn, fullgraph=fullgraph, mode=None if mode == "default" else mode)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """``model``'s parameters take no gradient inside the block, and take again after it those that
+    did: a sampling step of a model in training runs as a frozen sampler's does (the attention
+    kernels re-use a packed table from call to call only for a table that takes no gradient)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------

@@ -307,3 +307,37 @@ def test_steps_read_and_make_no_host_tensor(family):
 def test_compile_mode_is_checked():
     with pytest.raises(ValueError, match="compile mode"):
         compile_step(torch.nn.Linear(2, 2), "fast", torch.device("cpu"))
+
+
+def test_frozen_sampling_step_packs_each_table_once(monkeypatch):
+    """``frozen(model)`` (the benchmarks' CFG steps, as edt.sample's frozen model): inside it no
+    parameter takes a gradient, so a second sampling step re-uses every packed attention table;
+    after it (also after an error) exactly the parameters that took one take one again."""
+    from edt.utils import frozen
+    from edt_kernels.ops import amm_attention as triton_op
+
+    if triton_unavailable_reason():
+        pytest.skip(triton_unavailable_reason())
+    builds = []
+    build = triton_op._build_grid
+    monkeypatch.setattr(triton_op, "_build_grid", lambda *a: builds.append(1) or build(*a))
+    model, _ = _loss("EDT", backend="triton")
+    model.eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and len(trainable) < len(list(model.parameters()))  # pos_embed takes none
+    x, y, t, _, _ = _inputs(1)
+    args = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), 1.5)
+    with torch.no_grad():
+        model.forward_with_cfg(*args)
+        unfrozen = len(builds)
+        model.forward_with_cfg(*args)
+        assert len(builds) == 2 * unfrozen > 0  # a trainable table is packed at every call
+        with frozen(model):
+            model.forward_with_cfg(*args)
+            n = len(builds)
+            model.forward_with_cfg(*args)
+            assert len(builds) == n
+    with pytest.raises(RuntimeError, match="inside"), frozen(model):
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError("inside")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
