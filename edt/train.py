@@ -410,11 +410,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.image_size % VAE_DOWNSAMPLE:
         p.error(f"--image-size must be a multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
+    # --max-steps and --epochs are None when not given (the other one, or 400000 steps, applies)
+    for name in ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps", "max_steps", "epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.max_steps is None and args.epochs is None:
         args.max_steps = 400_000
-    for name in ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr:g}")
+    if not args.min_lr >= 0:
+        p.error(f"--min-lr must be >= 0, got {args.min_lr:g}")
+    if not 0 <= args.ema_decay <= 1:
+        p.error(f"--ema-decay must be in [0, 1], got {args.ema_decay:g}")
     if args.preset == "digits" and not args.data_path and "synthetic" not in explicit:
         args.data_path = str(prepare_digits_folder("train"))
     if not args.data_path:

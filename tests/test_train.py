@@ -175,11 +175,25 @@ def test_grad_checkpoint_gives_the_same_weights(tmp_path):
             assert torch.equal(got[name], v), f"--grad-checkpoint {c}: {name} differs"
 
 
-def test_grad_checkpoint_bad_value_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-checkpoint", "most"], "--grad-checkpoint: checkpoint must be"),
+    (["--ema-decay", "5"], "--ema-decay must be in [0, 1], got 5"),
+    (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1], got -0.5"),
+    (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--lr", "-1"], "--lr must be > 0, got -1"),  # Adan, the recipe's optimiser
+    (["--lr", "0", "--optimizer", "adamw"], "--lr must be > 0, got 0"),
+    (["--min-lr", "-0.0001", "--lr-schedule", "linear"], "--min-lr must be >= 0, got -0.0001"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flag_value_is_a_usage_error(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
-        train.main(cli(tmp_path, "--synthetic", "--grad-checkpoint", "most"))
+        train.main(cli(tmp_path, "--synthetic", *flags))
     assert e.value.code == 2
-    assert "error: --grad-checkpoint: checkpoint must be" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def _free_port() -> int:
