@@ -100,8 +100,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1 or args.num_sampling_steps < 1 or args.grid_max < 1:
-        p.error("--num-samples, --batch-size, --num-sampling-steps and --grid-max must be >= 1")
+    # --num-classes and --image-size are None when not given (the checkpoint's value applies)
+    for name in ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow", "num_classes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.image_size is not None and (args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE):
+        p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     return args
 
 
@@ -280,8 +285,8 @@ def sample(args, d) -> Dict:
             raise ValueError(f"--model-kwargs is not valid JSON: {e}") from None
     else:
         model_kwargs = dict(train_args.get("model_kwargs") or {})
-    image_size = args.image_size or train_args.get("image_size") or 256
-    num_classes = args.num_classes or train_args.get("num_classes") or 1000
+    image_size = args.image_size if args.image_size is not None else train_args.get("image_size") or 256
+    num_classes = args.num_classes if args.num_classes is not None else train_args.get("num_classes") or 1000
     if image_size % VAE_DOWNSAMPLE:
         raise ValueError(f"--image-size must be a multiple of {VAE_DOWNSAMPLE}, got {image_size}")
     latent = image_size // VAE_DOWNSAMPLE

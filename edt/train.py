@@ -408,8 +408,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in recipe_values(args.recipe, args.model).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.image_size % VAE_DOWNSAMPLE:
-        p.error(f"--image-size must be a multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
+    if args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE:
+        p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     # --max-steps and --epochs are None when not given (the other one, or 400000 steps, applies)
     for name in ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps", "max_steps", "epochs"):
         value = getattr(args, name)

@@ -159,6 +159,24 @@ def test_bad_arguments(ckpt, tmp_path):
             run(ckpt, tmp_path, "--vae", str(tmp_path))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "0"], "--image-size must be a positive multiple of 8, got 0"),
+    (["--image-size", "-8"], "--image-size must be a positive multiple of 8, got -8"),
+    (["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+    (["--num-classes", "-3"], "--num-classes must be >= 1, got -3"),
+    (["--grid-nrow", "0"], "--grid-nrow must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flag_value_is_a_usage_error(ckpt, tmp_path, capsys, flags, message):
+    """A value given (0 too) is the value used: out of range, it is one error line, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, tmp_path / "out", "--num-samples", "2", *flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {message}"], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_write_png_roundtrip(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     write_png(tmp_path / "x.png", img)

@@ -186,6 +186,7 @@ def test_grad_checkpoint_gives_the_same_weights(tmp_path):
     (["--lr", "-1"], "--lr must be > 0, got -1"),  # Adan, the recipe's optimiser
     (["--lr", "0", "--optimizer", "adamw"], "--lr must be > 0, got 0"),
     (["--min-lr", "-0.0001", "--lr-schedule", "linear"], "--min-lr must be >= 0, got -0.0001"),
+    (["--image-size", "0"], "--image-size must be a positive multiple of 8, got 0"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_flag_value_is_a_usage_error(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
