@@ -5,12 +5,13 @@ happens then)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 from .distributed import exit_status_of_peer_failure
 
-__all__ = ["ArgumentParser", "HelpFormatter", "run_command"]
+__all__ = ["ArgumentParser", "HelpFormatter", "run_command", "json_object"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,6 +33,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def json_object(flag: str, text: str) -> dict:
+    """``text`` (the value of ``flag``) parsed as a JSON object; ``ValueError`` naming ``flag`` when it
+    is not valid JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {type(value).__name__} {text!r}")
+    return value
 
 
 def run_command(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]]) -> int:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, json_object, run_command
 from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
@@ -100,6 +100,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.model_kwargs is not None:
+        try:
+            args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
+        except ValueError as e:
+            p.error(str(e))
     # --num-classes and --image-size are None when not given (the checkpoint's value applies)
     for name in ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow", "num_classes"):
         value = getattr(args, name)
@@ -278,13 +283,7 @@ def sample(args, d) -> Dict:
     device = d.device
     state_dict, train_args = (load_weights(args.ckpt, not args.no_ema) if args.ckpt else (None, {}))
     model_name = args.model or train_args.get("model") or DEFAULT_MODEL
-    if args.model_kwargs is not None:
-        try:
-            model_kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model-kwargs is not valid JSON: {e}") from None
-    else:
-        model_kwargs = dict(train_args.get("model_kwargs") or {})
+    model_kwargs = dict(args.model_kwargs if args.model_kwargs is not None else train_args.get("model_kwargs") or {})
     image_size = args.image_size if args.image_size is not None else train_args.get("image_size") or 256
     num_classes = args.num_classes if args.num_classes is not None else train_args.get("num_classes") or 1000
     if image_size % VAE_DOWNSAMPLE:

@@ -59,7 +59,6 @@ last good one.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import signal
 import sys
@@ -76,7 +75,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, json_object
 from .data import LatentFolder, SyntheticLatents
 from .digits import DIGITS_MODELS, DIGITS_SIZE, prepare_digits_folder
 from .diffusion import create_diffusion, create_named_schedule_sampler
@@ -393,12 +392,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                 setattr(args, key, deepcopy(value))
         if "data_path" in explicit:
             args.synthetic = False
-    try:
-        args.model_kwargs = json.loads(args.model_kwargs) if isinstance(args.model_kwargs, str) else args.model_kwargs
-    except json.JSONDecodeError as e:
-        p.error(f"--model-kwargs is not valid JSON: {e}")
-    if not isinstance(args.model_kwargs, dict):
-        p.error("--model-kwargs must be a JSON object")
+    if isinstance(args.model_kwargs, str):  # a preset's is a dict already
+        try:
+            args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
+        except ValueError as e:
+            p.error(str(e))
     try:
         parse_checkpoint(args.grad_checkpoint)
     except (TypeError, ValueError) as e:

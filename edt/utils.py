@@ -166,7 +166,8 @@ def model_family(name: str) -> str:
 def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bool = True, **kwargs):
     """Instantiate a registered model, or a ``package.module:factory`` one.
 
-    Unknown names raise ``ValueError`` listing the valid ones.
+    Unknown names raise ``ValueError`` listing the valid ones, and so do constructor arguments
+    (``kwargs``) the model does not take.
     """
     if ":" in name:
         import importlib
@@ -183,7 +184,14 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
             raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(all_models))} "
                              f"(or 'package.module:factory')")
         factory = all_models[name]
-    return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+    try:
+        return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+    except TypeError as e:
+        if not kwargs:  # the arguments every model takes: not the caller's mistake
+            raise
+        raise ValueError(f"model {name!r} cannot be built with the constructor arguments "
+                         f"{', '.join(sorted(kwargs))} ({e}); expected --model-kwargs that this model "
+                         f"takes") from None
 
 
 # ---------------------------------------------------------------------------

@@ -365,9 +365,18 @@ def test_missing_or_empty_data_path(tmp_path):
         train.main(cli(tmp_path / "run", "--data-path", str(tmp_path / "empty")))
 
 
-def test_unknown_model_lists_valid_names(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown model 'EDT-M/2'.*EDT-S/2.*MDTv2-XL/2"):
-        train.main(cli(tmp_path, "--synthetic", model="EDT-M/2"))
+@pytest.mark.parametrize("model, kwargs, message", [
+    ("EDT-M/2", EDT_TINY, r"unknown model 'EDT-M/2'.*EDT-S/2.*MDTv2-XL/2"),
+    ("EDT-S/2", dict(EDT_TINY, bogus=1), r"model 'EDT-S/2' cannot be built with the constructor arguments "
+                                         r"backend, bogus, dims, .*unexpected keyword argument 'bogus'"),
+    ("MDTv2-S/2", EDT_TINY, r"model 'MDTv2-S/2' cannot be built .*unexpected keyword argument 'dims'.*; "
+                            r"expected --model-kwargs that this model takes$"),
+], ids=["unknown", "bogus-kwarg", "kwargs-of-another-model"])
+def test_model_that_cannot_be_built_is_one_error_line(tmp_path, capsys, model, kwargs, message):
+    code = train.console_main(cli(tmp_path / "run", "--synthetic", model=model, kwargs=kwargs))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.match(f"error: {message}", err[0]), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_dataset_smaller_than_a_batch(tmp_path):
