@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, check_output_path, run_command
 from .data import VAE_SCALE_FACTOR
 from .distributed import process_group
 from .utils import atomic_write, progress_bar
@@ -132,6 +132,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     if args.batch_size < 1 or args.num_workers < 0:
         p.error("--batch-size must be >= 1 and --num-workers >= 0")
+    try:
+        check_output_path("--features-path", args.features_path)
+    except ValueError as e:
+        p.error(str(e))
     if args.name is None:
         args.name = f"imagenet{args.image_size}"
     return args

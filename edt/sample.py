@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import ArgumentParser, json_object, run_command
+from .cli import ArgumentParser, check_output_path, json_object, run_command
 from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
@@ -100,11 +100,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.model_kwargs is not None:
-        try:
+    try:
+        if args.model_kwargs is not None:
             args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
-        except ValueError as e:
-            p.error(str(e))
+        check_output_path("--out-dir", args.out_dir)
+    except ValueError as e:
+        p.error(str(e))
     # --num-classes and --image-size are None when not given (the checkpoint's value applies)
     for name in ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow", "num_classes"):
         value = getattr(args, name)

@@ -75,7 +75,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
-from .cli import ArgumentParser, json_object
+from .cli import ArgumentParser, check_output_path, json_object
 from .data import LatentFolder, SyntheticLatents
 from .digits import DIGITS_MODELS, DIGITS_SIZE, prepare_digits_folder
 from .diffusion import create_diffusion, create_named_schedule_sampler
@@ -421,6 +421,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--min-lr must be >= 0, got {args.min_lr:g}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must be in [0, 1], got {args.ema_decay:g}")
+    try:
+        check_output_path("--results-dir", args.results_dir)
+    except ValueError as e:
+        p.error(str(e))
     if args.preset == "digits" and not args.data_path and "synthetic" not in explicit:
         args.data_path = str(prepare_digits_folder("train"))
     if not args.data_path:

@@ -158,13 +158,18 @@ def test_two_ranks_share_the_images(assets, tmp_path):
 def _error_cases(assets, tmp_path):
     data, vae_dir = assets
     (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("")
     return {"no-data": (cli(tmp_path / "missing", vae_dir, tmp_path / "o"), "is not a directory"),
             "no-vae": (cli(data, tmp_path / "novae", tmp_path / "o"), "--vae"),
             "bad-size": (cli(data, vae_dir, tmp_path / "o") + ["--image-size", "30"], "multiple of 8"),
-            "empty": (cli(tmp_path / "empty", vae_dir, tmp_path / "o"), "no images")}
+            "empty": (cli(tmp_path / "empty", vae_dir, tmp_path / "o"), "no images"),
+            "features-path-is-a-file": (cli(data, vae_dir, tmp_path / "a_file"),
+                                        f"--features-path '{tmp_path / 'a_file'}' is a file; expected a directory"),
+            "features-path-under-a-file": (cli(data, vae_dir, tmp_path / "a_file" / "o"),
+                                           f"'{tmp_path / 'a_file'}' is a file; expected a directory there")}
 
 
-@pytest.mark.parametrize("case", ["no-data", "bad-size"])
+@pytest.mark.parametrize("case", ["no-data", "bad-size", "features-path-is-a-file", "features-path-under-a-file"])
 def test_cli_errors_are_one_line(assets, tmp_path, case):
     args, message = _error_cases(assets, tmp_path)[case]
     proc = subprocess.run([sys.executable, "-m", "edt.extract_features", *args], cwd=REPO, capture_output=True,

@@ -171,14 +171,18 @@ def test_bad_arguments(ckpt, tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object, got list '[1]'"),
     (["--model-kwargs", "{dims"], "--model-kwargs is not valid JSON: Expecting property name"),
+    (["--out-dir", "TMP/a_file"], "--out-dir 'TMP/a_file' is a file; expected a directory"),
+    (["--out-dir", "TMP/a_file/samples"], "--out-dir 'TMP/a_file/samples': 'TMP/a_file' is a file"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_flag_value_is_a_usage_error(ckpt, tmp_path, capsys, flags, message):
-    """A value given (0 too) is the value used: out of range, it is one error line, exit 2."""
+    """A value given (0 too) is the value used: out of range, it is one error line, exit 2, before
+    anything is written (TMP: a folder that holds a_file)."""
+    (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as e:
-        run(ckpt, tmp_path / "out", "--num-samples", "2", *flags)
+        run(ckpt, tmp_path / "out", "--num-samples", "2", *(f.replace("TMP", str(tmp_path)) for f in flags))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert len(err) == 1 and err[0].startswith(f"error: {message.replace('TMP', str(tmp_path))}"), err
     assert not (tmp_path / "out").exists()
 
 

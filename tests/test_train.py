@@ -187,13 +187,17 @@ def test_grad_checkpoint_gives_the_same_weights(tmp_path):
     (["--lr", "0", "--optimizer", "adamw"], "--lr must be > 0, got 0"),
     (["--min-lr", "-0.0001", "--lr-schedule", "linear"], "--min-lr must be >= 0, got -0.0001"),
     (["--image-size", "0"], "--image-size must be a positive multiple of 8, got 0"),
+    (["--results-dir", "TMP/a_file"], "--results-dir 'TMP/a_file' is a file; expected a directory"),
+    (["--results-dir", "TMP/a_file/run"], "--results-dir 'TMP/a_file/run': 'TMP/a_file' is a file"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_flag_value_is_a_usage_error(tmp_path, capsys, flags, message):
+    """One error line, exit 2, before anything is written (TMP: a folder that holds a_file)."""
+    (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as e:
-        train.main(cli(tmp_path, "--synthetic", *flags))
+        train.main(cli(tmp_path, "--synthetic", *(f.replace("TMP", str(tmp_path)) for f in flags)))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert len(err) == 1 and err[0].startswith(f"error: {message.replace('TMP', str(tmp_path))}"), err
     assert not (tmp_path / "checkpoints").exists()
 
 
