@@ -20,7 +20,9 @@ makes the chunks c = r, r + W, ... Each finished chunk is written to
 ``OUT/shards/<c>.npz`` at once, whole or not at all (a temporary file, fsynced
 and renamed); a run that finds a chunk on disk skips it, so a run killed at any
 moment continues where it stopped when the same command is run again (the settings are recorded in
-``OUT/shards/config.json``, and a run with other settings is refused). A
+``OUT/shards/config.json``, and a run with other settings is refused). Without
+``--no-image-folder`` a run also writes the PNGs missing from ``OUT/images/``
+of the chunks it finds done, from their shards. A
 chunk's noise comes from a generator seeded by (seed, chunk): the samples do
 not depend on the number of processes.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -222,7 +225,8 @@ def _run_config(args, model_name: str, model_kwargs: dict, image_size: int, num_
 
 def _discard_earlier_run(out_dir: Path) -> None:
     """--overwrite: remove the files an earlier run of edt.sample wrote (nothing else)."""
-    for pattern in ("shards/[0-9]*.npz", "shards/*" + TMP_SUFFIX, "shards/config.json", "images/[0-9]*.png"):
+    for pattern in ("shards/[0-9]*.npz", "shards/*" + TMP_SUFFIX, "shards/config.json", "images/[0-9]*.png",
+                    "images/[0-9]*.png" + TMP_SUFFIX):
         for f in out_dir.glob(pattern):
             f.unlink()
 
@@ -263,6 +267,18 @@ def _read_shard(path: Path, size: int):
     except Exception:  # noqa: BLE001 - a half-written zip raises BadZipFile, OSError, ValueError, ...
         return None
     return (images, labels) if len(images) == size and len(labels) == size else None
+
+
+def _write_images(image_dir: Path, lo: int, images: np.ndarray, missing_only: bool = False) -> None:
+    """IMAGES/<lo + i>.png for every image i (only those not there with ``missing_only``). Each is
+    written under a temporary name and renamed, so a PNG that exists is a whole one."""
+    for i, image in enumerate(images):
+        path = image_dir / f"{lo + i:06d}.png"
+        if missing_only and path.exists():
+            continue
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        write_png(tmp, image)
+        os.replace(tmp, path)
 
 
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -325,14 +341,16 @@ def sample(args, d) -> Dict:
     for c in bar:
         lo, hi = c * bs, min(n, (c + 1) * bs)
         path = shards / f"{c:06d}.npz"
-        if _read_shard(path, hi - lo) is not None:
+        done = _read_shard(path, hi - lo)
+        if done is not None:
             resumed += 1
+            if not args.no_image_folder:  # the run that made it may have written no PNGs
+                _write_images(image_dir, lo, done[0], missing_only=True)
             continue
         images = sample_chunk(step_fns, diffusion, decode, args, labels[lo:hi], c, in_channels, latent, num_classes,
                               device, progress=not args.no_progress and n <= bs)
         if not args.no_image_folder:
-            for i, image in enumerate(images):
-                write_png(image_dir / f"{lo + i:06d}.png", image)
+            _write_images(image_dir, lo, images)
         _write_shard(path, images, labels[lo:hi].numpy())
         made += 1
     if d.distributed:

@@ -98,7 +98,7 @@ def write_png(path, image: np.ndarray) -> None:
     except ImportError:
         Image = None
     if Image is not None:
-        Image.fromarray(image).save(str(path))
+        Image.fromarray(image).save(str(path), format="PNG")  # whatever the file name's suffix
         return
     h, w = image.shape[:2]
     rows = np.ascontiguousarray(image).reshape(h, -1)

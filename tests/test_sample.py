@@ -231,6 +231,20 @@ def test_image_folder_and_labels(ckpt, tmp_path):
     # a chunk's samples depend on (seed, chunk) only: batch 1 makes other chunks, batch 2 twice as many
     again = run(ckpt, tmp_path / "b", "--num-samples", "5", "--batch-size", "2", "--seed", "3", "--no-image-folder")
     assert np.array_equal(again["images"], out["images"]) and not (tmp_path / "b/images").exists()
+    # the same run again with the image folder: the PNGs of the chunks found done come from their shards,
+    # and only the missing ones are written
+    resumed = run(ckpt, tmp_path / "b", "--num-samples", "5", "--batch-size", "2", "--seed", "3")
+    assert resumed["resumed"] == 3 and resumed["made"] == 0
+    names = [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "b/images").iterdir()) == names
+    for i in range(5):
+        assert np.array_equal(read_png(tmp_path / f"b/images/{i:06d}.png"), out["images"][i])
+    (tmp_path / "b/images/000003.png").unlink()
+    kept = (tmp_path / "b/images/000000.png").stat().st_mtime_ns
+    run(ckpt, tmp_path / "b", "--num-samples", "5", "--batch-size", "2", "--seed", "3")
+    assert sorted(p.name for p in (tmp_path / "b/images").iterdir()) == names
+    assert np.array_equal(read_png(tmp_path / "b/images/000003.png"), out["images"][3])
+    assert (tmp_path / "b/images/000000.png").stat().st_mtime_ns == kept
 
 
 def test_interrupted_sampling_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch):
