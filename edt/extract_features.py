@@ -25,7 +25,10 @@ interruptions.
 Rank r of W encodes the images i = r, r + W, ...; an image whose two files
 already exist is skipped, and each file is written whole or not at all (a
 temporary file, fsynced and renamed), so a run killed at any moment is resumed
-by running the same command again.
+by running the same command again. The settings that determine the features
+(data folder and its classes and image count, VAE, image size, seed, flip) are
+recorded in ``FEATURES/<name>_config.json``, and a run with other settings is
+refused.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cli import ArgumentParser, check_output_path, run_command
 from .data import VAE_SCALE_FACTOR
 from .distributed import process_group
-from .utils import atomic_write, progress_bar
+from .utils import atomic_write, check_run_config, progress_bar
 
 __all__ = ["main", "parse_args", "ImageFolderPIL", "center_crop_arr", "IMG_EXTENSIONS"]
 
@@ -161,19 +164,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Extract; returns ``{"written", "skipped", "total", "features_dir", "labels_dir"}`` (this rank's counts)."""
     args = parse_args(argv)
     with process_group(args.device, barrier_on_exit=True) as d:
-        return _extract(args, d.rank, d.world, d.device)
+        return _extract(args, d)
 
 
-def _extract(args, rank: int, world: int, device: torch.device) -> dict:
+def _run_config(args, dataset: ImageFolderPIL) -> dict:
+    """What determines the features: a resumed run must match it."""
+    return {"data_path": str(Path(args.data_path).resolve()), "classes": dataset.classes,
+            "num_images": len(dataset), "vae": str(Path(args.vae).resolve()), "image_size": args.image_size,
+            "seed": args.seed, "flip": not args.no_flip}
+
+
+def _extract(args, d) -> dict:
+    rank, world, device = d.rank, d.world, d.device
     dataset = ImageFolderPIL(args.data_path, args.image_size, seed=args.seed, flip=not args.no_flip)
+    vae = load_vae(args.vae, device)
     out = Path(args.features_path)
+    check_run_config(out / f"{args.name}_config.json", _run_config(args, dataset), d,
+                     f"{args.name}_features/ and {args.name}_labels/ of another extraction",
+                     "or another --features-path or --name")
     feat_dir, lab_dir = out / f"{args.name}_features", out / f"{args.name}_labels"
     feat_dir.mkdir(parents=True, exist_ok=True)
     lab_dir.mkdir(parents=True, exist_ok=True)
     mine = [i for i in range(rank, len(dataset), world)
             if not ((feat_dir / f"{i}.npy").is_file() and (lab_dir / f"{i}.npy").is_file())]
     skipped = len(range(rank, len(dataset), world)) - len(mine)
-    vae = load_vae(args.vae, device)
     loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     written = 0

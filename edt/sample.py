@@ -38,7 +38,6 @@ stored in a checkpoint of ``edt.train``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -55,8 +54,8 @@ from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
 from .models import load_state_dict_strict
 from .models.common import CFG_CHANNELS
-from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, compile_step, latents_to_uint8, \
-    load_checkpoint_file, make_grid, pixels_to_uint8, progress_bar, write_png
+from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, check_run_config, compile_step, \
+    latents_to_uint8, load_checkpoint_file, make_grid, pixels_to_uint8, progress_bar, write_png
 
 __all__ = ["main", "console_main", "parse_args", "load_weights", "sample_chunk"]
 
@@ -233,30 +232,10 @@ def _discard_earlier_run(out_dir: Path) -> None:
 
 def _check_shard_dir(shards: Path, config: dict, d, overwrite: bool = False) -> None:
     """Rank 0 records the run's settings in SHARDS/config.json; a resumed run must match them."""
-    path = shards / "config.json"
-    error = None
-    if d.rank == 0:
-        if overwrite:
-            _discard_earlier_run(shards.parent)
-        shards.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, ValueError):
-                old = None
-            if old != json.loads(json.dumps(config)):
-                diff = sorted(k for k in config if not isinstance(old, dict) or old.get(k) != config[k])
-                error = (f"{shards}: holds the shards of another sampling run (differs in: "
-                         f"{', '.join(diff) or 'format'}); expected the same settings to resume it, "
-                         f"--overwrite to discard it, or another --out-dir")
-        else:
-            atomic_write(path, lambda f: f.write(json.dumps(config, indent=1).encode()))
-    if d.distributed:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise ValueError(error)
+    if overwrite and d.rank == 0:
+        _discard_earlier_run(shards.parent)
+    check_run_config(shards / "config.json", config, d, "the shards of another sampling run",
+                     "--overwrite to discard it, or another --out-dir")
 
 
 def _read_shard(path: Path, size: int):

@@ -4,6 +4,7 @@ No hard dependencies beyond torch and numpy: tqdm and PIL are used when installe
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8", "atomic_write",
-           "TMP_SUFFIX"]
+           "TMP_SUFFIX", "check_run_config"]
 
 
 class _SimpleProgress:
@@ -244,6 +245,43 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# The settings of a resumable run
+# ---------------------------------------------------------------------------
+
+def check_run_config(path, config: dict, d, holds: str, otherwise: str) -> None:
+    """Record a resumable run's settings (``config``, JSON values) in ``path``, or check them
+    against the ones recorded there.
+
+    Rank 0 writes ``path`` (and its folder) when it is absent, else compares; a difference raises
+    ``ValueError`` on every rank of ``d`` (an :class:`edt.distributed.Dist`): ``"<folder>: holds
+    <holds> (differs in: <keys>); expected the same settings to resume it, <otherwise>"``."""
+    path = Path(path)
+    config = json.loads(json.dumps(config))
+    error = None
+    if d.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != config:
+                diff = sorted(k for k in config if not isinstance(old, dict) or old.get(k) != config[k])
+                error = (f"{path.parent}: holds {holds} (differs in: {', '.join(diff) or 'format'}); "
+                         f"expected the same settings to resume it, {otherwise}")
+        else:
+            atomic_write(path, lambda f: f.write(json.dumps(config, indent=1).encode()))
+    if d.distributed:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
 
 
 # ---------------------------------------------------------------------------

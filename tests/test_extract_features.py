@@ -1,5 +1,6 @@
 """python -m edt.extract_features on a few generated images and a tiny random AutoencoderKL."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -136,6 +137,27 @@ def test_extract_resumes_skipping_written_files(assets, tmp_path):
     for i in (2, 5):
         np.testing.assert_array_equal(again[i], feats[i])
     assert sorted(p.name for p in fdir.iterdir()) == [f"{i}.npy" for i in range(6)]  # no temporary files left
+
+
+@pytest.mark.parametrize("change, differs", [
+    (["--seed", "1"], "seed"),
+    (["--no-flip"], "flip"),
+    (["--image-size", "16", "--name", f"imagenet{SIZE}"], "image_size"),
+    (["--data-path", "OTHER"], "data_path"),  # a copy of the same images, elsewhere
+], ids=["seed", "no-flip", "image-size", "data-path"])
+def test_resume_with_other_settings_is_refused(assets, tmp_path, change, differs):
+    """The features of another extraction are not mixed in: a rerun into the same folder with other
+    settings is refused, and nothing there is touched."""
+    data, vae_dir = assets
+    out = tmp_path / "out"
+    main(cli(data, vae_dir, out))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    change = [str(make_image_folder(tmp_path / "other")) if c == "OTHER" else c for c in change]
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))}: holds imagenet{SIZE}_features/ and imagenet{SIZE}_labels/ "
+                                         rf"of another extraction \(differs in: {differs}\); expected the same "
+                                         rf"settings to resume it, or another --features-path or --name$"):
+        main(cli(data, vae_dir, out, *change))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
 def test_two_ranks_share_the_images(assets, tmp_path):
