@@ -116,6 +116,28 @@ class ImageFolderPIL(Dataset):
         return x, label, index
 
 
+class _ReadErrorsAsItems(Dataset):
+    """The items of ``dataset`` at ``indices`` as ``(x, label, index, error)``: ``error`` is "", or
+    the message of the ``ValueError`` that reading the image raised (x then zeros). A loader's
+    worker process hands an exception to the main process as a many-line traceback; as an item,
+    the message alone gets there, and the main process raises it as with ``--num-workers 0``."""
+
+    def __init__(self, dataset: ImageFolderPIL, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        index = self.indices[k]
+        try:
+            x, label, _ = self.dataset[index]
+        except ValueError as e:
+            size = self.dataset.image_size
+            return torch.zeros(3, size, size), -1, index, str(e)
+        return x, label, index, ""
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = ArgumentParser("python -m edt.extract_features", __doc__)
     p.add_argument("--data-path", required=True, help="ImageFolder root: DATA/<class>/<image>")
@@ -188,11 +210,14 @@ def _extract(args, d) -> dict:
     mine = [i for i in range(rank, len(dataset), world)
             if not ((feat_dir / f"{i}.npy").is_file() and (lab_dir / f"{i}.npy").is_file())]
     skipped = len(range(rank, len(dataset), world)) - len(mine)
-    loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
+    loader = DataLoader(_ReadErrorsAsItems(dataset, mine), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     written = 0
     bar = progress_bar(loader, total=len(loader), desc=f"rank {rank} encoding", disable=args.no_progress)
-    for x, y, idx in bar:
+    for x, y, idx, errors in bar:
+        error = next((e for e in errors if e), None)
+        if error:
+            raise ValueError(error)
         posterior = vae.encode(x.to(device)).latent_dist
         # latent_dist.sample() is mean + std * N(0, I); the noise of image i comes from its own seed
         eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(

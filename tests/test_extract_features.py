@@ -181,10 +181,15 @@ def _error_cases(assets, tmp_path):
     data, vae_dir = assets
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     (tmp_path / "a_file").write_text("")
+    corrupt = make_image_folder(tmp_path / "corrupt") / "dog" / "1.png"
+    corrupt.write_bytes(b"not a png")
     return {"no-data": (cli(tmp_path / "missing", vae_dir, tmp_path / "o"), "is not a directory"),
             "no-vae": (cli(data, tmp_path / "novae", tmp_path / "o"), "--vae"),
             "bad-size": (cli(data, vae_dir, tmp_path / "o") + ["--image-size", "30"], "multiple of 8"),
             "empty": (cli(tmp_path / "empty", vae_dir, tmp_path / "o"), "no images"),
+            # read in a loader's worker process: its one line all the same
+            "unreadable-image": (cli(tmp_path / "corrupt", vae_dir, tmp_path / "o", "--num-workers", "1"),
+                                 f"^{re.escape(str(corrupt))}: cannot read the image \\(cannot identify image file"),
             "features-path-is-a-file": (cli(data, vae_dir, tmp_path / "a_file"),
                                         f"--features-path '{tmp_path / 'a_file'}' is a file; expected a directory"),
             "features-path-under-a-file": (cli(data, vae_dir, tmp_path / "a_file" / "o"),
@@ -201,9 +206,10 @@ def test_cli_errors_are_one_line(assets, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("case", ["no-data", "no-vae", "empty"])
+@pytest.mark.parametrize("case", ["no-data", "no-vae", "empty", "unreadable-image"])
 def test_bad_inputs_raise_value_error(assets, tmp_path, case):
-    """What the command turns into its one-line error (tested above on two cases)."""
+    """What the command turns into its one-line error (tested above on some cases)."""
     args, message = _error_cases(assets, tmp_path)[case]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         main(args)
+    assert "\n" not in str(err.value), str(err.value)
