@@ -5,12 +5,14 @@ happens then)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .distributed import exit_status_of_peer_failure
 
-__all__ = ["ArgumentParser", "HelpFormatter", "run_command"]
+__all__ = ["ArgumentParser", "HelpFormatter", "run_command", "json_object", "check_output_path"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,6 +34,36 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def json_object(flag: str, text: str) -> dict:
+    """``text`` (the value of ``flag``) parsed as a JSON object; ``ValueError`` naming ``flag`` when it
+    is not valid JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {type(value).__name__} {text!r}")
+    return value
+
+
+def check_output_path(flag: str, path, kind: str = "directory") -> None:
+    """``ValueError`` naming ``flag`` unless ``path`` can be written as ``kind`` ("directory" or
+    "file"): it is one already or is absent, and its nearest existing ancestor is a directory
+    (the missing ones are created). Checked before a command starts its work."""
+    path = Path(path)
+    if path.exists():
+        if kind == "directory" and not path.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} is a file; expected a directory (created when missing)")
+        if kind == "file" and path.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} is a directory; expected a file path")
+        return
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file; expected a directory there")
+            return
 
 
 def run_command(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]]) -> int:

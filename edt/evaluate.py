@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, check_output_path, run_command
 from .utils import progress_bar
 
 __all__ = [
@@ -466,6 +466,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.json:
+        try:
+            check_output_path("--json", args.json, kind="file")
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 

@@ -25,7 +25,10 @@ interruptions.
 Rank r of W encodes the images i = r, r + W, ...; an image whose two files
 already exist is skipped, and each file is written whole or not at all (a
 temporary file, fsynced and renamed), so a run killed at any moment is resumed
-by running the same command again.
+by running the same command again. The settings that determine the features
+(data folder and its classes and image count, VAE, image size, seed, flip) are
+recorded in ``FEATURES/<name>_config.json``, and a run with other settings is
+refused.
 """
 from __future__ import annotations
 
@@ -40,10 +43,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, check_output_path, run_command
 from .data import VAE_SCALE_FACTOR
 from .distributed import process_group
-from .utils import atomic_write, progress_bar
+from .utils import atomic_write, check_run_config, progress_bar
 
 __all__ = ["main", "parse_args", "ImageFolderPIL", "center_crop_arr", "IMG_EXTENSIONS"]
 
@@ -113,6 +116,28 @@ class ImageFolderPIL(Dataset):
         return x, label, index
 
 
+class _ReadErrorsAsItems(Dataset):
+    """The items of ``dataset`` at ``indices`` as ``(x, label, index, error)``: ``error`` is "", or
+    the message of the ``ValueError`` that reading the image raised (x then zeros). A loader's
+    worker process hands an exception to the main process as a many-line traceback; as an item,
+    the message alone gets there, and the main process raises it as with ``--num-workers 0``."""
+
+    def __init__(self, dataset: ImageFolderPIL, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        index = self.indices[k]
+        try:
+            x, label, _ = self.dataset[index]
+        except ValueError as e:
+            size = self.dataset.image_size
+            return torch.zeros(3, size, size), -1, index, str(e)
+        return x, label, index, ""
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = ArgumentParser("python -m edt.extract_features", __doc__)
     p.add_argument("--data-path", required=True, help="ImageFolder root: DATA/<class>/<image>")
@@ -132,6 +157,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     if args.batch_size < 1 or args.num_workers < 0:
         p.error("--batch-size must be >= 1 and --num-workers >= 0")
+    try:
+        check_output_path("--features-path", args.features_path)
+    except ValueError as e:
+        p.error(str(e))
     if args.name is None:
         args.name = f"imagenet{args.image_size}"
     return args
@@ -157,24 +186,38 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Extract; returns ``{"written", "skipped", "total", "features_dir", "labels_dir"}`` (this rank's counts)."""
     args = parse_args(argv)
     with process_group(args.device, barrier_on_exit=True) as d:
-        return _extract(args, d.rank, d.world, d.device)
+        return _extract(args, d)
 
 
-def _extract(args, rank: int, world: int, device: torch.device) -> dict:
+def _run_config(args, dataset: ImageFolderPIL) -> dict:
+    """What determines the features: a resumed run must match it."""
+    return {"data_path": str(Path(args.data_path).resolve()), "classes": dataset.classes,
+            "num_images": len(dataset), "vae": str(Path(args.vae).resolve()), "image_size": args.image_size,
+            "seed": args.seed, "flip": not args.no_flip}
+
+
+def _extract(args, d) -> dict:
+    rank, world, device = d.rank, d.world, d.device
     dataset = ImageFolderPIL(args.data_path, args.image_size, seed=args.seed, flip=not args.no_flip)
+    vae = load_vae(args.vae, device)
     out = Path(args.features_path)
+    check_run_config(out / f"{args.name}_config.json", _run_config(args, dataset), d,
+                     f"{args.name}_features/ and {args.name}_labels/ of another extraction",
+                     "or another --features-path or --name")
     feat_dir, lab_dir = out / f"{args.name}_features", out / f"{args.name}_labels"
     feat_dir.mkdir(parents=True, exist_ok=True)
     lab_dir.mkdir(parents=True, exist_ok=True)
     mine = [i for i in range(rank, len(dataset), world)
             if not ((feat_dir / f"{i}.npy").is_file() and (lab_dir / f"{i}.npy").is_file())]
     skipped = len(range(rank, len(dataset), world)) - len(mine)
-    vae = load_vae(args.vae, device)
-    loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
+    loader = DataLoader(_ReadErrorsAsItems(dataset, mine), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     written = 0
     bar = progress_bar(loader, total=len(loader), desc=f"rank {rank} encoding", disable=args.no_progress)
-    for x, y, idx in bar:
+    for x, y, idx, errors in bar:
+        error = next((e for e in errors if e), None)
+        if error:
+            raise ValueError(error)
         posterior = vae.encode(x.to(device)).latent_dist
         # latent_dist.sample() is mean + std * N(0, I); the noise of image i comes from its own seed
         eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(

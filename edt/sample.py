@@ -20,7 +20,9 @@ makes the chunks c = r, r + W, ... Each finished chunk is written to
 ``OUT/shards/<c>.npz`` at once, whole or not at all (a temporary file, fsynced
 and renamed); a run that finds a chunk on disk skips it, so a run killed at any
 moment continues where it stopped when the same command is run again (the settings are recorded in
-``OUT/shards/config.json``, and a run with other settings is refused). A
+``OUT/shards/config.json``, and a run with other settings is refused). Without
+``--no-image-folder`` a run also writes the PNGs missing from ``OUT/images/``
+of the chunks it finds done, from their shards. A
 chunk's noise comes from a generator seeded by (seed, chunk): the samples do
 not depend on the number of processes.
 
@@ -36,8 +38,8 @@ stored in a checkpoint of ``edt.train``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -46,14 +48,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, check_output_path, json_object, run_command
 from .data import VAE_SCALE_FACTOR
 from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
 from .models import load_state_dict_strict
 from .models.common import CFG_CHANNELS
-from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, compile_step, latents_to_uint8, \
-    load_checkpoint_file, make_grid, pixels_to_uint8, progress_bar, write_png
+from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, check_run_config, compile_step, \
+    latents_to_uint8, load_checkpoint_file, make_grid, pixels_to_uint8, progress_bar, write_png
 
 __all__ = ["main", "console_main", "parse_args", "load_weights", "sample_chunk"]
 
@@ -100,8 +102,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1 or args.num_sampling_steps < 1 or args.grid_max < 1:
-        p.error("--num-samples, --batch-size, --num-sampling-steps and --grid-max must be >= 1")
+    try:
+        if args.model_kwargs is not None:
+            args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
+        check_output_path("--out-dir", args.out_dir)
+    except ValueError as e:
+        p.error(str(e))
+    # --num-classes and --image-size are None when not given (the checkpoint's value applies)
+    for name in ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow", "num_classes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.image_size is not None and (args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE):
+        p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     return args
 
 
@@ -211,37 +224,18 @@ def _run_config(args, model_name: str, model_kwargs: dict, image_size: int, num_
 
 def _discard_earlier_run(out_dir: Path) -> None:
     """--overwrite: remove the files an earlier run of edt.sample wrote (nothing else)."""
-    for pattern in ("shards/[0-9]*.npz", "shards/*" + TMP_SUFFIX, "shards/config.json", "images/[0-9]*.png"):
+    for pattern in ("shards/[0-9]*.npz", "shards/*" + TMP_SUFFIX, "shards/config.json", "images/[0-9]*.png",
+                    "images/[0-9]*.png" + TMP_SUFFIX):
         for f in out_dir.glob(pattern):
             f.unlink()
 
 
 def _check_shard_dir(shards: Path, config: dict, d, overwrite: bool = False) -> None:
     """Rank 0 records the run's settings in SHARDS/config.json; a resumed run must match them."""
-    path = shards / "config.json"
-    error = None
-    if d.rank == 0:
-        if overwrite:
-            _discard_earlier_run(shards.parent)
-        shards.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, ValueError):
-                old = None
-            if old != json.loads(json.dumps(config)):
-                diff = sorted(k for k in config if not isinstance(old, dict) or old.get(k) != config[k])
-                error = (f"{shards}: holds the shards of another sampling run (differs in: "
-                         f"{', '.join(diff) or 'format'}); expected the same settings to resume it, "
-                         f"--overwrite to discard it, or another --out-dir")
-        else:
-            atomic_write(path, lambda f: f.write(json.dumps(config, indent=1).encode()))
-    if d.distributed:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise ValueError(error)
+    if overwrite and d.rank == 0:
+        _discard_earlier_run(shards.parent)
+    check_run_config(shards / "config.json", config, d, "the shards of another sampling run",
+                     "--overwrite to discard it, or another --out-dir")
 
 
 def _read_shard(path: Path, size: int):
@@ -252,6 +246,18 @@ def _read_shard(path: Path, size: int):
     except Exception:  # noqa: BLE001 - a half-written zip raises BadZipFile, OSError, ValueError, ...
         return None
     return (images, labels) if len(images) == size and len(labels) == size else None
+
+
+def _write_images(image_dir: Path, lo: int, images: np.ndarray, missing_only: bool = False) -> None:
+    """IMAGES/<lo + i>.png for every image i (only those not there with ``missing_only``). Each is
+    written under a temporary name and renamed, so a PNG that exists is a whole one."""
+    for i, image in enumerate(images):
+        path = image_dir / f"{lo + i:06d}.png"
+        if missing_only and path.exists():
+            continue
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        write_png(tmp, image)
+        os.replace(tmp, path)
 
 
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -273,15 +279,9 @@ def sample(args, d) -> Dict:
     device = d.device
     state_dict, train_args = (load_weights(args.ckpt, not args.no_ema) if args.ckpt else (None, {}))
     model_name = args.model or train_args.get("model") or DEFAULT_MODEL
-    if args.model_kwargs is not None:
-        try:
-            model_kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model-kwargs is not valid JSON: {e}") from None
-    else:
-        model_kwargs = dict(train_args.get("model_kwargs") or {})
-    image_size = args.image_size or train_args.get("image_size") or 256
-    num_classes = args.num_classes or train_args.get("num_classes") or 1000
+    model_kwargs = dict(args.model_kwargs if args.model_kwargs is not None else train_args.get("model_kwargs") or {})
+    image_size = args.image_size if args.image_size is not None else train_args.get("image_size") or 256
+    num_classes = args.num_classes if args.num_classes is not None else train_args.get("num_classes") or 1000
     if image_size % VAE_DOWNSAMPLE:
         raise ValueError(f"--image-size must be a multiple of {VAE_DOWNSAMPLE}, got {image_size}")
     latent = image_size // VAE_DOWNSAMPLE
@@ -320,14 +320,16 @@ def sample(args, d) -> Dict:
     for c in bar:
         lo, hi = c * bs, min(n, (c + 1) * bs)
         path = shards / f"{c:06d}.npz"
-        if _read_shard(path, hi - lo) is not None:
+        done = _read_shard(path, hi - lo)
+        if done is not None:
             resumed += 1
+            if not args.no_image_folder:  # the run that made it may have written no PNGs
+                _write_images(image_dir, lo, done[0], missing_only=True)
             continue
         images = sample_chunk(step_fns, diffusion, decode, args, labels[lo:hi], c, in_channels, latent, num_classes,
                               device, progress=not args.no_progress and n <= bs)
         if not args.no_image_folder:
-            for i, image in enumerate(images):
-                write_png(image_dir / f"{lo + i:06d}.png", image)
+            _write_images(image_dir, lo, images)
         _write_shard(path, images, labels[lo:hi].numpy())
         made += 1
     if d.distributed:

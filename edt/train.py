@@ -59,7 +59,6 @@ last good one.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import signal
 import sys
@@ -76,7 +75,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, check_output_path, json_object
 from .data import LatentFolder, SyntheticLatents
 from .digits import DIGITS_MODELS, DIGITS_SIZE, prepare_digits_folder
 from .diffusion import create_diffusion, create_named_schedule_sampler
@@ -393,12 +392,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                 setattr(args, key, deepcopy(value))
         if "data_path" in explicit:
             args.synthetic = False
-    try:
-        args.model_kwargs = json.loads(args.model_kwargs) if isinstance(args.model_kwargs, str) else args.model_kwargs
-    except json.JSONDecodeError as e:
-        p.error(f"--model-kwargs is not valid JSON: {e}")
-    if not isinstance(args.model_kwargs, dict):
-        p.error("--model-kwargs must be a JSON object")
+    if isinstance(args.model_kwargs, str):  # a preset's is a dict already
+        try:
+            args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
+        except ValueError as e:
+            p.error(str(e))
     try:
         parse_checkpoint(args.grad_checkpoint)
     except (TypeError, ValueError) as e:
@@ -408,13 +406,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in recipe_values(args.recipe, args.model).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.image_size % VAE_DOWNSAMPLE:
-        p.error(f"--image-size must be a multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
+    if args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE:
+        p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
+    # --max-steps and --epochs are None when not given (the other one, or 400000 steps, applies)
+    for name in ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps", "max_steps", "epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.max_steps is None and args.epochs is None:
         args.max_steps = 400_000
-    for name in ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr:g}")
+    if not args.min_lr >= 0:
+        p.error(f"--min-lr must be >= 0, got {args.min_lr:g}")
+    if not 0 <= args.ema_decay <= 1:
+        p.error(f"--ema-decay must be in [0, 1], got {args.ema_decay:g}")
+    try:
+        check_output_path("--results-dir", args.results_dir)
+    except ValueError as e:
+        p.error(str(e))
     if args.preset == "digits" and not args.data_path and "synthetic" not in explicit:
         args.data_path = str(prepare_digits_folder("train"))
     if not args.data_path:

@@ -5,6 +5,7 @@ No hard dependencies beyond torch and numpy: tqdm and PIL are used when installe
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import struct
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["progress_bar", "write_png", "make_grid", "latents_to_uint8", "pixels_to_uint8", "atomic_write",
-           "TMP_SUFFIX"]
+           "TMP_SUFFIX", "check_run_config"]
 
 
 class _SimpleProgress:
@@ -99,7 +100,7 @@ def write_png(path, image: np.ndarray) -> None:
     except ImportError:
         Image = None
     if Image is not None:
-        Image.fromarray(image).save(str(path))
+        Image.fromarray(image).save(str(path), format="PNG")  # whatever the file name's suffix
         return
     h, w = image.shape[:2]
     rows = np.ascontiguousarray(image).reshape(h, -1)
@@ -167,7 +168,8 @@ def model_family(name: str) -> str:
 def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bool = True, **kwargs):
     """Instantiate a registered model, or a ``package.module:factory`` one.
 
-    Unknown names raise ``ValueError`` listing the valid ones.
+    Unknown names raise ``ValueError`` listing the valid ones, and so do constructor arguments
+    (``kwargs``) the model does not take.
     """
     if ":" in name:
         import importlib
@@ -184,7 +186,14 @@ def build_model(name: str, *, input_size: int, num_classes: int, learn_sigma: bo
             raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(all_models))} "
                              f"(or 'package.module:factory')")
         factory = all_models[name]
-    return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+    try:
+        return factory(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
+    except TypeError as e:
+        if not kwargs:  # the arguments every model takes: not the caller's mistake
+            raise
+        raise ValueError(f"model {name!r} cannot be built with the constructor arguments "
+                         f"{', '.join(sorted(kwargs))} ({e}); expected --model-kwargs that this model "
+                         f"takes") from None
 
 
 # ---------------------------------------------------------------------------
@@ -252,6 +261,43 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# The settings of a resumable run
+# ---------------------------------------------------------------------------
+
+def check_run_config(path, config: dict, d, holds: str, otherwise: str) -> None:
+    """Record a resumable run's settings (``config``, JSON values) in ``path``, or check them
+    against the ones recorded there.
+
+    Rank 0 writes ``path`` (and its folder) when it is absent, else compares; a difference raises
+    ``ValueError`` on every rank of ``d`` (an :class:`edt.distributed.Dist`): ``"<folder>: holds
+    <holds> (differs in: <keys>); expected the same settings to resume it, <otherwise>"``."""
+    path = Path(path)
+    config = json.loads(json.dumps(config))
+    error = None
+    if d.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != config:
+                diff = sorted(k for k in config if not isinstance(old, dict) or old.get(k) != config[k])
+                error = (f"{path.parent}: holds {holds} (differs in: {', '.join(diff) or 'format'}); "
+                         f"expected the same settings to resume it, {otherwise}")
+        else:
+            atomic_write(path, lambda f: f.write(json.dumps(config, indent=1).encode()))
+    if d.distributed:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
 
 
 # ---------------------------------------------------------------------------

@@ -204,10 +204,15 @@ def _error_cases(tmp_path):
             "bad-array": ([ok, str(tmp_path / "bad.npz"), *inc], "must be uint8"),
             "missing-weights": ([ok, ok, "--inception", str(tmp_path / "none.pth")], "is not a file"),
             "wrong-weights": ([ok, ok, *inc], "not an FID Inception-v3 state dict"),
-            "bad-flag": ([ok, ok, *inc, "--batch-size", "0"], "--batch-size must be >= 1")}
+            "bad-flag": ([ok, ok, *inc, "--batch-size", "0"], "--batch-size must be >= 1"),
+            # refused before the evaluation (the weights are never read)
+            "json-is-a-directory": ([ok, ok, *inc, "--json", str(tmp_path)],
+                                    f"--json '{tmp_path}' is a directory; expected a file path"),
+            "json-under-a-file": ([ok, ok, *inc, "--json", f"{ok}/m.json"],
+                                  f"--json '{ok}/m.json': '{ok}' is a file; expected a directory there")}
 
 
-@pytest.mark.parametrize("case", ["missing-npz", "bad-flag"])
+@pytest.mark.parametrize("case", ["missing-npz", "bad-flag", "json-is-a-directory", "json-under-a-file"])
 def test_cli_errors_are_one_line(tmp_path, case):
     args, message = _error_cases(tmp_path)[case]
     proc = subprocess.run([sys.executable, "-m", "edt.evaluate", *args], cwd=REPO, capture_output=True, text=True,

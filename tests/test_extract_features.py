@@ -1,5 +1,6 @@
 """python -m edt.extract_features on a few generated images and a tiny random AutoencoderKL."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -138,6 +139,27 @@ def test_extract_resumes_skipping_written_files(assets, tmp_path):
     assert sorted(p.name for p in fdir.iterdir()) == [f"{i}.npy" for i in range(6)]  # no temporary files left
 
 
+@pytest.mark.parametrize("change, differs", [
+    (["--seed", "1"], "seed"),
+    (["--no-flip"], "flip"),
+    (["--image-size", "16", "--name", f"imagenet{SIZE}"], "image_size"),
+    (["--data-path", "OTHER"], "data_path"),  # a copy of the same images, elsewhere
+], ids=["seed", "no-flip", "image-size", "data-path"])
+def test_resume_with_other_settings_is_refused(assets, tmp_path, change, differs):
+    """The features of another extraction are not mixed in: a rerun into the same folder with other
+    settings is refused, and nothing there is touched."""
+    data, vae_dir = assets
+    out = tmp_path / "out"
+    main(cli(data, vae_dir, out))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    change = [str(make_image_folder(tmp_path / "other")) if c == "OTHER" else c for c in change]
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))}: holds imagenet{SIZE}_features/ and imagenet{SIZE}_labels/ "
+                                         rf"of another extraction \(differs in: {differs}\); expected the same "
+                                         rf"settings to resume it, or another --features-path or --name$"):
+        main(cli(data, vae_dir, out, *change))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
 def test_two_ranks_share_the_images(assets, tmp_path):
     data, vae_dir = assets
     with socket.socket() as s:
@@ -158,13 +180,23 @@ def test_two_ranks_share_the_images(assets, tmp_path):
 def _error_cases(assets, tmp_path):
     data, vae_dir = assets
     (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("")
+    corrupt = make_image_folder(tmp_path / "corrupt") / "dog" / "1.png"
+    corrupt.write_bytes(b"not a png")
     return {"no-data": (cli(tmp_path / "missing", vae_dir, tmp_path / "o"), "is not a directory"),
             "no-vae": (cli(data, tmp_path / "novae", tmp_path / "o"), "--vae"),
             "bad-size": (cli(data, vae_dir, tmp_path / "o") + ["--image-size", "30"], "multiple of 8"),
-            "empty": (cli(tmp_path / "empty", vae_dir, tmp_path / "o"), "no images")}
+            "empty": (cli(tmp_path / "empty", vae_dir, tmp_path / "o"), "no images"),
+            # read in a loader's worker process: its one line all the same
+            "unreadable-image": (cli(tmp_path / "corrupt", vae_dir, tmp_path / "o", "--num-workers", "1"),
+                                 f"^{re.escape(str(corrupt))}: cannot read the image \\(cannot identify image file"),
+            "features-path-is-a-file": (cli(data, vae_dir, tmp_path / "a_file"),
+                                        f"--features-path '{tmp_path / 'a_file'}' is a file; expected a directory"),
+            "features-path-under-a-file": (cli(data, vae_dir, tmp_path / "a_file" / "o"),
+                                           f"'{tmp_path / 'a_file'}' is a file; expected a directory there")}
 
 
-@pytest.mark.parametrize("case", ["no-data", "bad-size"])
+@pytest.mark.parametrize("case", ["no-data", "bad-size", "features-path-is-a-file", "features-path-under-a-file"])
 def test_cli_errors_are_one_line(assets, tmp_path, case):
     args, message = _error_cases(assets, tmp_path)[case]
     proc = subprocess.run([sys.executable, "-m", "edt.extract_features", *args], cwd=REPO, capture_output=True,
@@ -174,9 +206,10 @@ def test_cli_errors_are_one_line(assets, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("case", ["no-data", "no-vae", "empty"])
+@pytest.mark.parametrize("case", ["no-data", "no-vae", "empty", "unreadable-image"])
 def test_bad_inputs_raise_value_error(assets, tmp_path, case):
-    """What the command turns into its one-line error (tested above on two cases)."""
+    """What the command turns into its one-line error (tested above on some cases)."""
     args, message = _error_cases(assets, tmp_path)[case]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         main(args)
+    assert "\n" not in str(err.value), str(err.value)

@@ -152,11 +152,38 @@ def test_bare_state_dict_and_mismatch(ckpt, tmp_path):
 def test_bad_arguments(ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"--class-labels \[10\] out of range \[0, 10\)"):
         run(ckpt, tmp_path, "--class-labels", "10")
+    # the checkpoint's constructor arguments (an EDT's) do not fit another model
+    with pytest.raises(ValueError, match=r"model 'MDTv2-S/2' cannot be built .*unexpected keyword argument 'dims'"):
+        run(ckpt, tmp_path, "--model", "MDTv2-S/2")
     try:
         import diffusers  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="needs the diffusers package"):
             run(ckpt, tmp_path, "--vae", str(tmp_path))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "0"], "--image-size must be a positive multiple of 8, got 0"),
+    (["--image-size", "-8"], "--image-size must be a positive multiple of 8, got -8"),
+    (["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+    (["--num-classes", "-3"], "--num-classes must be >= 1, got -3"),
+    (["--grid-nrow", "0"], "--grid-nrow must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object, got list '[1]'"),
+    (["--model-kwargs", "{dims"], "--model-kwargs is not valid JSON: Expecting property name"),
+    (["--out-dir", "TMP/a_file"], "--out-dir 'TMP/a_file' is a file; expected a directory"),
+    (["--out-dir", "TMP/a_file/samples"], "--out-dir 'TMP/a_file/samples': 'TMP/a_file' is a file"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flag_value_is_a_usage_error(ckpt, tmp_path, capsys, flags, message):
+    """A value given (0 too) is the value used: out of range, it is one error line, exit 2, before
+    anything is written (TMP: a folder that holds a_file)."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, tmp_path / "out", "--num-samples", "2", *(f.replace("TMP", str(tmp_path)) for f in flags))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message.replace('TMP', str(tmp_path))}"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_write_png_roundtrip(tmp_path):
@@ -204,6 +231,20 @@ def test_image_folder_and_labels(ckpt, tmp_path):
     # a chunk's samples depend on (seed, chunk) only: batch 1 makes other chunks, batch 2 twice as many
     again = run(ckpt, tmp_path / "b", "--num-samples", "5", "--batch-size", "2", "--seed", "3", "--no-image-folder")
     assert np.array_equal(again["images"], out["images"]) and not (tmp_path / "b/images").exists()
+    # the same run again with the image folder: the PNGs of the chunks found done come from their shards,
+    # and only the missing ones are written
+    resumed = run(ckpt, tmp_path / "b", "--num-samples", "5", "--batch-size", "2", "--seed", "3")
+    assert resumed["resumed"] == 3 and resumed["made"] == 0
+    names = [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "b/images").iterdir()) == names
+    for i in range(5):
+        assert np.array_equal(read_png(tmp_path / f"b/images/{i:06d}.png"), out["images"][i])
+    (tmp_path / "b/images/000003.png").unlink()
+    kept = (tmp_path / "b/images/000000.png").stat().st_mtime_ns
+    run(ckpt, tmp_path / "b", "--num-samples", "5", "--batch-size", "2", "--seed", "3")
+    assert sorted(p.name for p in (tmp_path / "b/images").iterdir()) == names
+    assert np.array_equal(read_png(tmp_path / "b/images/000003.png"), out["images"][3])
+    assert (tmp_path / "b/images/000000.png").stat().st_mtime_ns == kept
 
 
 def test_interrupted_sampling_resumes_where_it_stopped(ckpt, tmp_path, monkeypatch):

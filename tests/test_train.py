@@ -175,11 +175,30 @@ def test_grad_checkpoint_gives_the_same_weights(tmp_path):
             assert torch.equal(got[name], v), f"--grad-checkpoint {c}: {name} differs"
 
 
-def test_grad_checkpoint_bad_value_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-checkpoint", "most"], "--grad-checkpoint: checkpoint must be"),
+    (["--ema-decay", "5"], "--ema-decay must be in [0, 1], got 5"),
+    (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1], got -0.5"),
+    (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--lr", "-1"], "--lr must be > 0, got -1"),  # Adan, the recipe's optimiser
+    (["--lr", "0", "--optimizer", "adamw"], "--lr must be > 0, got 0"),
+    (["--min-lr", "-0.0001", "--lr-schedule", "linear"], "--min-lr must be >= 0, got -0.0001"),
+    (["--image-size", "0"], "--image-size must be a positive multiple of 8, got 0"),
+    (["--results-dir", "TMP/a_file"], "--results-dir 'TMP/a_file' is a file; expected a directory"),
+    (["--results-dir", "TMP/a_file/run"], "--results-dir 'TMP/a_file/run': 'TMP/a_file' is a file"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flag_value_is_a_usage_error(tmp_path, capsys, flags, message):
+    """One error line, exit 2, before anything is written (TMP: a folder that holds a_file)."""
+    (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as e:
-        train.main(cli(tmp_path, "--synthetic", "--grad-checkpoint", "most"))
+        train.main(cli(tmp_path, "--synthetic", *(f.replace("TMP", str(tmp_path)) for f in flags)))
     assert e.value.code == 2
-    assert "error: --grad-checkpoint: checkpoint must be" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message.replace('TMP', str(tmp_path))}"), err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def _free_port() -> int:
@@ -350,9 +369,18 @@ def test_missing_or_empty_data_path(tmp_path):
         train.main(cli(tmp_path / "run", "--data-path", str(tmp_path / "empty")))
 
 
-def test_unknown_model_lists_valid_names(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown model 'EDT-M/2'.*EDT-S/2.*MDTv2-XL/2"):
-        train.main(cli(tmp_path, "--synthetic", model="EDT-M/2"))
+@pytest.mark.parametrize("model, kwargs, message", [
+    ("EDT-M/2", EDT_TINY, r"unknown model 'EDT-M/2'.*EDT-S/2.*MDTv2-XL/2"),
+    ("EDT-S/2", dict(EDT_TINY, bogus=1), r"model 'EDT-S/2' cannot be built with the constructor arguments "
+                                         r"backend, bogus, dims, .*unexpected keyword argument 'bogus'"),
+    ("MDTv2-S/2", EDT_TINY, r"model 'MDTv2-S/2' cannot be built .*unexpected keyword argument 'dims'.*; "
+                            r"expected --model-kwargs that this model takes$"),
+], ids=["unknown", "bogus-kwarg", "kwargs-of-another-model"])
+def test_model_that_cannot_be_built_is_one_error_line(tmp_path, capsys, model, kwargs, message):
+    code = train.console_main(cli(tmp_path / "run", "--synthetic", model=model, kwargs=kwargs))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.match(f"error: {message}", err[0]), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_dataset_smaller_than_a_batch(tmp_path):
