@@ -3,7 +3,10 @@
 The reference (torch backend) is checked against the formula written out by
 hand in float64; the Triton kernels (CPU: interpreter) against the reference
 evaluated in float64 on the same inputs, in float32 and float16, forward and
-gradients, with every kernel output pre-filled with NaN.
+gradients, with every kernel output pre-filled with NaN; on one shape with
+the launchers' tiles forced down (``helpers/tiles.py``), so that the kernels
+also run split into several channel blocks and row tiles per program as at
+the model's widths.
 """
 import pytest
 import torch
@@ -12,10 +15,16 @@ import edt_kernels
 from edt_kernels.ops import gated_residual, layernorm_modulate
 from edt_kernels.reference.adaln import reference_gated_residual, reference_layernorm_modulate
 from helpers.poison import poison  # noqa: F401 - fixture
+from helpers.tiles import CHANNELS, ROW_TILES, tile_rows, tiles  # noqa: F401 - fixture
 from tolerances import GRAD_TOL, assert_close
 
 TRITON_DTYPES = [torch.float32, torch.float16]  # the interpreter mishandles bfloat16
 SHAPES = [(2, 37, 52), (3, 16, 100), (1, 5, 936), (2, 50, 117)]  # odd C, L not a power of two
+# The Triton tests' ``shape, tiles`` rows (helpers/tiles.py): SHAPES with the launchers' own tiles (C = 936: two
+# channel blocks), then L = 37 with the tiles forced down: gated_residual in 2 channel blocks of 32 (the second
+# partial) and its backward's token sums in two programs of two row tiles of 16; layernorm_modulate's in two
+# programs of 5 row tiles of 4 (the last tile partial).
+TILED_SHAPES = tile_rows(SHAPES, split=[(2, 37, 52)])
 
 
 def _id(v):
@@ -81,8 +90,8 @@ def test_torch_gated_residual_matches_formula():
 # ============================================================================ triton vs reference
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_triton_layernorm_modulate(shape, dtype, device, poison):
+@pytest.mark.parametrize("shape,tiles", TILED_SHAPES, indirect=["tiles"])
+def test_triton_layernorm_modulate(shape, dtype, device, poison, tiles):
     B, L, C = shape
     gen = torch.Generator().manual_seed(3 * L + C)
     # a large common offset: the statistics must be computed stably in fp32
@@ -95,11 +104,12 @@ def test_triton_layernorm_modulate(shape, dtype, device, poison):
     assert_close(out, ref, dtype, name="layernorm_modulate")
     d = _rand(out.shape, dtype, gen, device, requires_grad=False)
     _assert_grads_close(out, ref, (x, shift, scale), (x64, s64, c64), d, ["dx", "dshift", "dscale"])
+    tiles.check({"_ln_modulate_bwd_kernel": [ROW_TILES]})  # whole rows: no channel blocks
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_triton_gated_residual(shape, dtype, device, poison):
+@pytest.mark.parametrize("shape,tiles", TILED_SHAPES, indirect=["tiles"])
+def test_triton_gated_residual(shape, dtype, device, poison, tiles):
     B, L, C = shape
     gen = torch.Generator().manual_seed(5 * L + C)
     x, gate, y = _rand((B, L, C), dtype, gen, device), _rand((B, C), dtype, gen, device), \
@@ -111,6 +121,7 @@ def test_triton_gated_residual(shape, dtype, device, poison):
     assert_close(out, ref, dtype, name="gated_residual")
     d = _rand(out.shape, dtype, gen, device, requires_grad=False)
     _assert_grads_close(out, ref, (x, gate, y), (x64, g64, y64), d, ["dx", "dgate", "dy"])
+    tiles.check({"_gated_residual_fwd_kernel": [CHANNELS], "_gated_residual_bwd_kernel": [CHANNELS, ROW_TILES]})
 
 
 def test_triton_mixed_dtypes_and_strided_inputs(device, poison):

@@ -8,7 +8,10 @@ Two chains of evidence:
 - the Triton kernels (on CPU through the interpreter) against the references
   evaluated in float64 on the same inputs, in float32 and float16, values and
   gradients, with every kernel output pre-filled with NaN (poison) so that an
-  element the kernel does not write fails the test.
+  element the kernel does not write fails the test.  The shapes include
+  MDTv2-XL's width and one small shape with the launchers' tiles forced down
+  (``helpers/tiles.py``), so that every kernel also runs split into several
+  channel blocks, row tiles or samples per program as at the model's widths.
 """
 import pytest
 import torch
@@ -27,11 +30,20 @@ from edt_kernels.reference.tokens import (
     reference_unshuffle_with_mask_token,
 )
 from helpers.poison import poison  # noqa: F401 - fixture
+from helpers.tiles import CHANNELS, ROW_TILES, SAMPLES, tile_rows, tiles  # noqa: F401 - fixture
 from tolerances import GRAD_TOL, assert_close
 
 TRITON_DTYPES = [torch.float32, torch.float16]  # the interpreter mishandles bfloat16
 SHAPES = [(2, 37, 52), (3, 16, 100), (1, 50, 117)]  # odd C (52 = head dim, 117 = 936 / 8), odd L
 MERGE_CASES = [((4, 6), 13), ((6, 6), 25), ((2, 2), 29)]  # (grid, C): 4C = 52, 100, 116
+# The Triton tests' ``shape, tiles`` rows (helpers/tiles.py): SHAPES and MDTv2-XL's width (3 channel blocks) with
+# the launchers' own tiles, then SPLIT_SHAPE with the tiles forced down: 2 channel blocks of 32, the second one
+# partial, and 2 samples per unshuffle-backward program, the second program's last sample absent.
+WIDE_SHAPE, SPLIT_SHAPE = (1, 6, 1152), (3, 37, 52)
+TILED_SHAPES = tile_rows(SHAPES + [WIDE_SHAPE], split=[SPLIT_SHAPE])
+# ``grid, C, tiles`` rows: the split one's T = 9 merged rows go to two backward programs of two row tiles of 4.
+MERGE_ROWS = ([pytest.param(g, c, "default", id=f"{g[0]}x{g[1]}-{c}") for g, c in MERGE_CASES]
+              + [pytest.param((6, 6), 25, "split", id="6x6-25-split")])
 
 
 def _id(v):
@@ -251,8 +263,8 @@ def test_random_masking_default_generator_and_reference():
 # ============================================================================ triton vs reference
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_triton_gather_scatter(shape, dtype, device, poison):
+@pytest.mark.parametrize("shape,tiles", TILED_SHAPES, indirect=["tiles"])
+def test_triton_gather_scatter(shape, dtype, device, poison, tiles):
     B, L, C = shape
     gen = torch.Generator().manual_seed(L + C)
     K = int(L * 0.7)
@@ -273,11 +285,12 @@ def test_triton_gather_scatter(shape, dtype, device, poison):
     assert_close(out, ref, dtype, name="scatter")
     d = _rand(out.shape, dtype, gen, device, requires_grad=False)
     assert_close(_grads(out, [y], d)[0], _grads(ref, [y64], d.double())[0], dtype, GRAD_TOL, "scatter dy")
+    tiles.check({"_gather_rows_kernel": [CHANNELS], "_unshuffle_rows_kernel": [CHANNELS]})
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_triton_random_masking(shape, dtype, device, poison):
+@pytest.mark.parametrize("shape,tiles", TILED_SHAPES, indirect=["tiles"])
+def test_triton_random_masking(shape, dtype, device, poison, tiles):
     B, L, C = shape
     x = _rand((B, L, C), dtype, torch.Generator().manual_seed(1), device)
     gen_kind = "cuda" if device == "cuda" else "cpu"
@@ -288,6 +301,7 @@ def test_triton_random_masking(shape, dtype, device, poison):
     d = _rand(got[0].shape, dtype, torch.Generator().manual_seed(2), device, requires_grad=False)
     dx = _grads(got[0], [x], d)[0]
     assert torch.equal(dx, _grads(want[0], [x], d)[0])
+    tiles.check({"_masking_gather_kernel": [CHANNELS], "_unshuffle_rows_kernel": [CHANNELS]})
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -323,8 +337,8 @@ def test_triton_random_masking_sort_kept(shape, dtype, ratio, device, poison):
 
 @pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_triton_unshuffle_with_mask_token(shape, dtype, with_pos, device, poison):
+@pytest.mark.parametrize("shape,tiles", TILED_SHAPES, indirect=["tiles"])
+def test_triton_unshuffle_with_mask_token(shape, dtype, with_pos, device, poison, tiles):
     B, L, C = shape
     gen = torch.Generator().manual_seed(B * L + C)
     K = int(L * 0.55)
@@ -343,12 +357,15 @@ def test_triton_unshuffle_with_mask_token(shape, dtype, with_pos, device, poison
                             names):
         assert got.dtype == dtype
         assert_close(got, want, dtype, GRAD_TOL, n)
+    # only a pos-embed gradient has the backward sum samples in one program
+    tiles.check({"_unshuffle_rows_kernel": [CHANNELS],
+                 "_unshuffle_bwd_kernel": [CHANNELS, SAMPLES] if with_pos else [CHANNELS]})
 
 
 @pytest.mark.parametrize("variant", ["float-mask", "bool-mask", "pos-replace"])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=_id)
-def test_triton_masked_shortcut(shape, dtype, variant, device, poison):
+@pytest.mark.parametrize("shape,tiles", tile_rows(SHAPES[:2] + [WIDE_SHAPE], split=[SPLIT_SHAPE]), indirect=["tiles"])
+def test_triton_masked_shortcut(shape, dtype, variant, device, poison, tiles):
     B, L, C = shape
     gen = torch.Generator().manual_seed(L * C)
     x = _rand((B, L, C), dtype, gen, device)
@@ -367,12 +384,13 @@ def test_triton_masked_shortcut(shape, dtype, variant, device, poison):
     ins, ins64 = [x, xb, mask], [x64, xb64, m64]
     for got, want, n in zip(_grads(out, ins, d), _grads(ref, ins64, d.double()), ["dx", "dx_before", "dmask"]):
         assert_close(got, want, dtype, GRAD_TOL, n)
+    tiles.check({"_masked_shortcut_fwd_kernel": [CHANNELS], "_masked_shortcut_bwd_kernel": [CHANNELS]})
 
 
 @pytest.mark.parametrize("keep", ["none", "bool", "float", "bool-source", "float-source"])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("grid,C", MERGE_CASES, ids=_id)
-def test_triton_patch_merge_modulate(grid, C, dtype, keep, device, poison):
+@pytest.mark.parametrize("grid,C,tiles", MERGE_ROWS, indirect=["tiles"])
+def test_triton_patch_merge_modulate(grid, C, dtype, keep, device, poison, tiles):
     H, W = grid
     B = 2
     gen = torch.Generator().manual_seed(7 * H + W + C)
@@ -393,6 +411,7 @@ def test_triton_patch_merge_modulate(grid, C, dtype, keep, device, poison):
     for got, want, n in zip(_grads(out, [x, shift, scale], d), _grads(ref, [x64, s64, c64], d.double()),
                             ["dx", "dshift", "dscale"]):
         assert_close(got, want, dtype, GRAD_TOL, n)
+    tiles.check({"_ln_modulate_bwd_kernel": [ROW_TILES]})
 
 
 def test_triton_mixed_dtypes_follow_promotion(device, poison):
