@@ -417,8 +417,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.max_steps = 400_000
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr:g}")
-    if not args.min_lr >= 0:
-        p.error(f"--min-lr must be >= 0, got {args.min_lr:g}")
+    for name in ("min_lr", "weight_decay", "grad_clip"):  # --grad-clip 0: no clipping
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must be in [0, 1], got {args.ema_decay:g}")
     try:

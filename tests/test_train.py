@@ -186,6 +186,8 @@ def test_grad_checkpoint_gives_the_same_weights(tmp_path):
     (["--lr", "-1"], "--lr must be > 0, got -1"),  # Adan, the recipe's optimiser
     (["--lr", "0", "--optimizer", "adamw"], "--lr must be > 0, got 0"),
     (["--min-lr", "-0.0001", "--lr-schedule", "linear"], "--min-lr must be >= 0, got -0.0001"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0, got -1"),
+    (["--weight-decay", "-0.1", "--optimizer", "adamw"], "--weight-decay must be >= 0, got -0.1"),
     (["--image-size", "0"], "--image-size must be a positive multiple of 8, got 0"),
     (["--results-dir", "TMP/a_file"], "--results-dir 'TMP/a_file' is a file; expected a directory"),
     (["--results-dir", "TMP/a_file/run"], "--results-dir 'TMP/a_file/run': 'TMP/a_file' is a file"),
