@@ -5,6 +5,7 @@ happens then)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+    @contextlib.contextmanager
+    def usage_errors(self):
+        """A ``ValueError`` raised in the block (a check that names its flag) is a usage error."""
+        try:
+            yield
+        except ValueError as e:
+            self.error(str(e))
 
 
 def json_object(flag: str, text: str) -> dict:

@@ -467,10 +467,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     if args.json:
-        try:
+        with p.usage_errors():
             check_output_path("--json", args.json, kind="file")
-        except ValueError as e:
-            p.error(str(e))
     return args
 
 

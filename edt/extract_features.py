@@ -157,10 +157,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     if args.batch_size < 1 or args.num_workers < 0:
         p.error("--batch-size must be >= 1 and --num-workers >= 0")
-    try:
+    with p.usage_errors():
         check_output_path("--features-path", args.features_path)
-    except ValueError as e:
-        p.error(str(e))
     if args.name is None:
         args.name = f"imagenet{args.image_size}"
     return args

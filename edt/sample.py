@@ -102,12 +102,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
+    with p.usage_errors():
         if args.model_kwargs is not None:
             args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
         check_output_path("--out-dir", args.out_dir)
-    except ValueError as e:
-        p.error(str(e))
     # --num-classes and --image-size are None when not given (the checkpoint's value applies)
     for name in ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow", "num_classes"):
         value = getattr(args, name)

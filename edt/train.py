@@ -393,10 +393,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if "data_path" in explicit:
             args.synthetic = False
     if isinstance(args.model_kwargs, str):  # a preset's is a dict already
-        try:
+        with p.usage_errors():
             args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
-        except ValueError as e:
-            p.error(str(e))
     try:
         parse_checkpoint(args.grad_checkpoint)
     except (TypeError, ValueError) as e:
@@ -422,10 +420,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must be in [0, 1], got {args.ema_decay:g}")
-    try:
+    with p.usage_errors():
         check_output_path("--results-dir", args.results_dir)
-    except ValueError as e:
-        p.error(str(e))
     if args.preset == "digits" and not args.data_path and "synthetic" not in explicit:
         args.data_path = str(prepare_digits_folder("train"))
     if not args.data_path:
