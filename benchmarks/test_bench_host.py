@@ -475,6 +475,11 @@ def _detail(c: OpCounter) -> str:
                      for k, n in sorted(c.launches.items(), key=lambda kv: -kv[1]))
 
 
+def _by_op(counts: Counter) -> Optional[str]:
+    """``"op×n, ..."`` of a per-op count, None when empty."""
+    return ", ".join(f"{k}×{n}" for k, n in counts.items()) or None
+
+
 def run_ops(rounds: int = 9, inner: int = 20, record: bool = True, cases=None) -> List[Dict]:
     cases = op_cases() if cases is None else cases
     rows, fns = [], {}
@@ -691,9 +696,8 @@ def run_models(families: Sequence[str] = FAMILIES, sizes: Sequence[str] = SIZES,
                     host = host_tensors(on_meta[step])
                     row.update(launches=c.n_launches, syncs=c.n_syncs, host_reads=c.n_host_reads,
                                triton=sum(n for k, n in c.launches.items() if k.startswith("triton.")),
-                               sync_detail=", ".join(f"{k}×{n}" for k, n in c.syncs.items()) or None,
-                               host_tensors=sum(host.values()),
-                               host_tensor_detail=", ".join(f"{k}×{n}" for k, n in host.items()) or None)
+                               sync_detail=_by_op(c.syncs), host_tensors=sum(host.values()),
+                               host_tensor_detail=_by_op(host))
                     if backend == "triton" and compile_steps:
                         with recorded_launches():
                             row.update(compile_stats(model, family, "train" if step == "train" else "cfg",
