@@ -36,6 +36,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {message}\n")
 
+    def require_at_least(self, args: argparse.Namespace, minimum: float, names: Sequence[str]) -> None:
+        """A usage error for the first of ``names`` (attributes of ``args``) whose value is not
+        ``>= minimum`` (NaN included); None, a flag not given, passes."""
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not value >= minimum:
+                self.error(f"--{name.replace('_', '-')} must be >= {minimum:g}, got {value:g}")
+
     @contextlib.contextmanager
     def usage_errors(self):
         """A ``ValueError`` raised in the block (a check that names its flag) is a usage error."""

@@ -107,10 +107,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             args.model_kwargs = json_object("--model-kwargs", args.model_kwargs)
         check_output_path("--out-dir", args.out_dir)
     # --num-classes and --image-size are None when not given (the checkpoint's value applies)
-    for name in ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow", "num_classes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    p.require_at_least(args, 1, ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow",
+                                 "num_classes"))
     if args.image_size is not None and (args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE):
         p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     return args

@@ -407,17 +407,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE:
         p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
     # --max-steps and --epochs are None when not given (the other one, or 400000 steps, applies)
-    for name in ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps", "max_steps", "epochs"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    p.require_at_least(args, 1, ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps", "max_steps",
+                                 "epochs"))
     if args.max_steps is None and args.epochs is None:
         args.max_steps = 400_000
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr:g}")
-    for name in ("min_lr", "weight_decay", "grad_clip"):  # --grad-clip 0: no clipping
-        if not getattr(args, name) >= 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
+    p.require_at_least(args, 0, ("min_lr", "weight_decay", "grad_clip"))  # --grad-clip 0: no clipping
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must be in [0, 1], got {args.ema_decay:g}")
     with p.usage_errors():
