@@ -39,11 +39,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["LatentFolder", "SyntheticLatents", "find_layout", "VAE_SCALE_FACTOR"]
+__all__ = ["LatentFolder", "SyntheticLatents", "find_layout", "VAE_SCALE_FACTOR", "VAE_DOWNSAMPLE", "latent_size"]
 
 #: Stable Diffusion VAE latent scale (DiT/MDT/EDT multiply encoder samples by it).
 VAE_SCALE_FACTOR = 0.18215
+#: The SD VAE downsamples by 8: a 256px image is a 32x32 latent.
+VAE_DOWNSAMPLE = 8
 _INDEX_RE = re.compile(r"^(\d+)\.npy$")
+
+
+def latent_size(image_size: int) -> int:
+    """The latent side of ``image_size`` px images; ``ValueError`` naming ``--image-size`` unless it
+    is a positive multiple of :data:`VAE_DOWNSAMPLE`."""
+    if image_size < VAE_DOWNSAMPLE or image_size % VAE_DOWNSAMPLE:
+        raise ValueError(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {image_size}")
+    return image_size // VAE_DOWNSAMPLE
 
 
 def _natural_key(name: str):

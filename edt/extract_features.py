@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .cli import ArgumentParser, check_output_path, run_command
-from .data import VAE_SCALE_FACTOR
+from .data import VAE_SCALE_FACTOR, latent_size
 from .distributed import process_group
 from .utils import atomic_write, check_run_config, progress_bar
 
@@ -52,8 +52,6 @@ __all__ = ["main", "parse_args", "ImageFolderPIL", "center_crop_arr", "IMG_EXTEN
 
 #: File extensions read as images (those of torchvision's ImageFolder).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-#: The SD VAE downsamples by 8.
-VAE_DOWNSAMPLE = 8
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
@@ -153,8 +151,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE:
-        p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
+    with p.usage_errors():
+        latent_size(args.image_size)
     if args.batch_size < 1 or args.num_workers < 0:
         p.error("--batch-size must be >= 1 and --num-workers >= 0")
     with p.usage_errors():

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from .cli import ArgumentParser, check_output_path, json_object, run_command
-from .data import VAE_SCALE_FACTOR
+from .data import VAE_SCALE_FACTOR, latent_size
 from .diffusion import create_diffusion
 from .distributed import mix_seed, process_group
 from .models import load_state_dict_strict
@@ -59,7 +59,6 @@ from .utils import COMPILE_MODES, TMP_SUFFIX, atomic_write, build_model, check_r
 
 __all__ = ["main", "console_main", "parse_args", "load_weights", "sample_chunk"]
 
-VAE_DOWNSAMPLE = 8
 DEFAULT_MODEL = "EDT-S/2"
 
 
@@ -109,8 +108,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     # --num-classes and --image-size are None when not given (the checkpoint's value applies)
     p.require_at_least(args, 1, ("num_samples", "batch_size", "num_sampling_steps", "grid_max", "grid_nrow",
                                  "num_classes"))
-    if args.image_size is not None and (args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE):
-        p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
+    if args.image_size is not None:
+        with p.usage_errors():
+            latent_size(args.image_size)
     return args
 
 
@@ -278,9 +278,7 @@ def sample(args, d) -> Dict:
     model_kwargs = dict(args.model_kwargs if args.model_kwargs is not None else train_args.get("model_kwargs") or {})
     image_size = args.image_size if args.image_size is not None else train_args.get("image_size") or 256
     num_classes = args.num_classes if args.num_classes is not None else train_args.get("num_classes") or 1000
-    if image_size % VAE_DOWNSAMPLE:
-        raise ValueError(f"--image-size must be a multiple of {VAE_DOWNSAMPLE}, got {image_size}")
-    latent = image_size // VAE_DOWNSAMPLE
+    latent = latent_size(image_size)
 
     torch.manual_seed(args.seed)
     model = build_model(model_name, input_size=latent, num_classes=num_classes, learn_sigma=True, **model_kwargs)

@@ -76,7 +76,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
 from .cli import ArgumentParser, check_output_path, json_object
-from .data import LatentFolder, SyntheticLatents
+from .data import VAE_DOWNSAMPLE, LatentFolder, SyntheticLatents, latent_size
 from .digits import DIGITS_MODELS, DIGITS_SIZE, prepare_digits_folder
 from .diffusion import create_diffusion, create_named_schedule_sampler
 from .distributed import Dist, exit_status_of_peer_failure, mix_seed, process_group
@@ -90,8 +90,6 @@ __all__ = ["main", "console_main", "parse_args", "DiffusionTrainingLoss", "Shard
            "TrainingDiverged", "RECIPES", "recipe_values", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "edt-train-v1"
-#: The SD VAE downsamples by 8: a 256px image is a 32x32 latent.
-VAE_DOWNSAMPLE = 8
 LATENT_CHANNELS = 4
 #: A non-finite loss is acted on at the next step that is a multiple of this (or a log or
 #: checkpoint step); with several processes stop signals too (one tiny all-reduce), with one at once.
@@ -404,8 +402,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in recipe_values(args.recipe, args.model).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.image_size < VAE_DOWNSAMPLE or args.image_size % VAE_DOWNSAMPLE:
-        p.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
+    with p.usage_errors():
+        latent_size(args.image_size)
     # --max-steps and --epochs are None when not given (the other one, or 400000 steps, applies)
     p.require_at_least(args, 1, ("global_batch_size", "log_every", "ckpt_every", "lr_decay_steps", "max_steps",
                                  "epochs"))
@@ -474,7 +472,7 @@ def read_checkpoint(path: str) -> dict:
 
 def build_dataset(args: argparse.Namespace, d: Dist):
     """The training set, checked on every rank's share before anything is built from it."""
-    latent = args.image_size // VAE_DOWNSAMPLE
+    latent = latent_size(args.image_size)
     in_channels = int(args.model_kwargs.get("in_channels", LATENT_CHANNELS))
     latent_shape = (in_channels, latent, latent)
     if args.synthetic:
