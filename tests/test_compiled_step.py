@@ -244,8 +244,7 @@ def test_steps_read_and_make_no_host_tensor(family):
     Inductor's CUDA-graph check reads them, and no compiled step mutates its inputs.  On a GPU
     such a tensor is a copy between host and device (from pageable memory it waits for the
     device) or host work inside the step, and in a compiled step it keeps the step from being
-    one CUDA graph.  The PyTorch references stand
-    in for the kernels, which do not run on meta."""
+    one CUDA graph.  The PyTorch references stand in for the kernels, which do not run on meta."""
     import torch._dynamo as dynamo
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
